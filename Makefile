@@ -1,0 +1,27 @@
+# Two commands on a fresh machine: `make run` (serve/generate with the bundled model) and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# CPU build of torch, taken from local disk on our machines; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install test run clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+run: $(VENV)/.installed
+	$(VENV)/bin/longreach generate --prompt "The pass key is 7421. Remember it. 7421 is the pass key. What is the pass key? The pass key is" --max-tokens 16
+
+clean:
+	rm -rf $(VENV) build *.egg-info

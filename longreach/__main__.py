@@ -1,0 +1,5 @@
+import sys
+
+from longreach.cli import main
+
+sys.exit(main())
