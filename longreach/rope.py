@@ -261,21 +261,26 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, cfg: RopeConfig):
         super().__init__()
         self.cfg = cfg
-        inv_freq, attention_factor = compute_inv_freq(cfg)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.attention_factor = attention_factor
+        # a plain attribute, not a buffer: the model is built on the meta device and this must stay real
+        with torch.device("cpu"):
+            self._inv_freq, self.attention_factor = compute_inv_freq(cfg)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+
+    def inv_freq(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
+        if self.cfg.is_length_dependent:
+            return compute_inv_freq(self.cfg, seq_len)[0].to(device)
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self._inv_freq.to(device)
+        return self._inv_freq_on[device]
 
     def forward(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) long -> cos, sin: (T, rotary_dim/2) fp32, already scaled by attention_factor.
 
         seq_len: the sequence length the frequencies are chosen for (defaults to max(positions)+1).
         """
-        inv_freq = self.inv_freq
-        if self.cfg.is_length_dependent:
-            if seq_len is None:
-                seq_len = int(positions.max()) + 1 if positions.numel() else 0
-            inv_freq, _ = compute_inv_freq(self.cfg, seq_len)
-            inv_freq = inv_freq.to(positions.device)
+        if self.cfg.is_length_dependent and seq_len is None:
+            seq_len = int(positions.max()) + 1 if positions.numel() else 0
+        inv_freq = self.inv_freq(positions.device, seq_len)
         freqs = positions.to(torch.float32)[:, None] * inv_freq.float()[None, :]  # (T, rotary_dim/2)
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
