@@ -372,7 +372,7 @@ _FWD_CONFIGS = [_config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64,
 _DKDV_CONFIGS = [_config(32, 128, 8, 3), _config(64, 64, 8, 2), _config(32, 64, 4, 3), _config(32, 64, 8, 2),
                  _config(16, 32, 4, 1)]
 _DQ_CONFIGS = [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 1)]
-_SMEM_BUDGET = 200 * 1024
+SMEM_BUDGET = 200 * 1024
 _INTERPRET_META = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
                    "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
 
@@ -385,33 +385,37 @@ def _fits(kind: str, config: triton.Config, block_d: int, elt: int) -> bool:
         smem, regs = elt * (2 * bn * block_d + stages * 2 * bm * block_d), 2 * bn * block_d
     else:                # q/dO resident, k/v streamed; dq (BM, D)
         smem, regs = elt * (2 * bm * block_d + stages * 2 * bn * block_d), bm * block_d
-    return smem <= _SMEM_BUDGET and regs <= 128 * 32 * warps
+    return smem <= SMEM_BUDGET and regs <= 128 * 32 * warps
 
 
-class _Launcher:
-    """One kernel launched with an autotuned, a first-fitting, or (interpreter) a fixed config."""
+class Launcher:
+    """One kernel launched with an autotuned, a first-fitting, or (interpreter) a fixed config.
 
-    def __init__(self, kind: str, fn, configs):
-        self.kind, self.fn, self.configs = kind, fn, configs
+    `fits(config, args)` drops configs whose tiles cannot fit; `key` names the arguments the
+    autotuner (and the first-fit cache) keys on, besides the tensors' dtypes.
+    """
+
+    def __init__(self, fn, configs, key, fits, interpret_meta):
+        self.fn, self.configs, self.key, self.fits, self.interpret_meta = fn, configs, key, fits, interpret_meta
         self.chosen: dict[tuple, triton.Config] = {}
         self.tuned = None
         if AUTOTUNE:
-            self.tuned = triton.autotune(configs=configs, key=["BLOCK_D", "IS_CAUSAL"],
+            self.tuned = triton.autotune(configs=configs, key=key,
                                          prune_configs_by={"early_config_prune": self._prune})(fn)
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        block_d, elt = args["BLOCK_D"], args["Q"].element_size()
-        return [c for c in configs if _fits(self.kind, c, block_d, elt)] or [configs[-1]]
+        return [c for c in configs if self.fits(c, args)] or [configs[-1]]
 
     def __call__(self, grid, **kwargs):
         if INTERPRET:
-            self.fn[grid](**kwargs, **_INTERPRET_META[self.kind])
+            self.fn[grid](**kwargs, **self.interpret_meta)
             return
         if self.tuned is not None:
             self.tuned[grid](**kwargs)
             return
-        key = (kwargs["BLOCK_D"], kwargs["IS_CAUSAL"], kwargs["Q"].dtype)
+        key = tuple(kwargs[k] for k in self.key) + tuple(
+            str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor))
         candidates = [self.chosen[key]] if key in self.chosen else self._prune(self.configs, {}, **kwargs)
         for config in candidates:
             try:
@@ -420,13 +424,17 @@ class _Launcher:
                 continue
             self.chosen[key] = config
             return
-        raise RuntimeError(f"no {self.kind} attention config fits head dim block {kwargs['BLOCK_D']} "
-                           f"and dtype {kwargs['Q'].dtype} on this GPU")
+        raise RuntimeError(f"no config of {getattr(self.fn, '__name__', 'kernel')} fits {dict(zip(self.key, key))} on this GPU")
 
 
-_FWD = _Launcher("fwd", _fwd_kernel, _FWD_CONFIGS)
-_DKDV = _Launcher("dkdv", _bwd_dkdv_kernel, _DKDV_CONFIGS)
-_DQ = _Launcher("dq", _bwd_dq_kernel, _DQ_CONFIGS)
+def _attention_launcher(kind, fn, configs):
+    fits = lambda config, args: _fits(kind, config, args["BLOCK_D"], args["Q"].element_size())  # noqa: E731
+    return Launcher(fn, configs, ["BLOCK_D", "IS_CAUSAL"], fits, _INTERPRET_META[kind])
+
+
+_FWD = _attention_launcher("fwd", _fwd_kernel, _FWD_CONFIGS)
+_DKDV = _attention_launcher("dkdv", _bwd_dkdv_kernel, _DKDV_CONFIGS)
+_DQ = _attention_launcher("dq", _bwd_dq_kernel, _DQ_CONFIGS)
 
 
 def _common(q, causal, window_left, window_right, group):
@@ -563,4 +571,4 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return (out, lse) if return_lse else out
 
 
-__all__ = ["MAX_HEAD_DIM", "varlen_attention"]
+__all__ = ["Launcher", "MAX_HEAD_DIM", "varlen_attention"]
