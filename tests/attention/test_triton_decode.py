@@ -1,0 +1,216 @@
+"""Paged decode attention (PyTorch and Triton split-K) and write_kv against the reference.
+
+Each case builds caches whose blocks are handed out in shuffled order, gathers every sequence's K/V
+back into contiguous THD tensors, and compares with `reference.varlen_attention` (one query per
+sequence, causal, so it sees the whole cache or its window) under FlashAttention's test rule.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longreach.attention import paged, reference
+from _ref_rule import check, max_err
+
+triton = pytest.importorskip("triton")
+from longreach.attention import triton_decode, triton_flash  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+CAN_RUN_TRITON = ON_GPU or triton_flash.INTERPRET
+needs_triton = pytest.mark.skipif(not CAN_RUN_TRITON, reason="needs CUDA or TRITON_INTERPRET=1")
+F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
+
+
+def _make_cache(lengths, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0, spare_blocks=3):
+    """Random caches with shuffled block ids; returns q, k_cache, v_cache, block_table, cache_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    width = max(1, -(-max(lengths) // block_size)) + 1                 # one unused column past the longest
+    num_blocks = batch * width + spare_blocks
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+    block_table = torch.randperm(num_blocks, generator=g)[:batch * width].view(batch, width).to(DEVICE, torch.int32)
+    q = torch.randn(batch, num_heads, head_dim, generator=g).to(DEVICE, dtype)
+    return q, k_cache, v_cache, block_table, torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+
+
+def _gather(k_cache, v_cache, block_table, lengths):
+    """Contiguous (total_k, Hkv, D) K and V in sequence order."""
+    block_size = k_cache.shape[1]
+    keys, values = [], []
+    for b, length in enumerate(lengths):
+        pos = torch.arange(length, device=k_cache.device)
+        blocks = block_table[b, pos // block_size].long()
+        keys.append(k_cache[blocks, pos % block_size])
+        values.append(v_cache[blocks, pos % block_size])
+    return torch.cat(keys), torch.cat(values)
+
+
+def _check_decode(fn, lengths, num_heads, num_kv_heads, head_dim, block_size, dtype, window=(-1, -1), **kwargs):
+    q, k_cache, v_cache, block_table, seqlens = _make_cache(lengths, num_heads, num_kv_heads, head_dim, block_size,
+                                                            dtype)
+    out, lse = fn(q, k_cache, v_cache, block_table, seqlens, window_size=window, return_lse=True, **kwargs)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (len(lengths), num_heads)
+    k, v = _gather(k_cache, v_cache, block_table, lengths)
+    cu_q = torch.arange(len(lengths) + 1, dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    high = torch.float64 if dtype == F32 else F32
+
+    def ref(q, k, v, upcast):
+        return reference.varlen_attention(q, k, v, cu_q, cu_k, causal=True, window_size=window, return_lse=True,
+                                          upcast=upcast)
+
+    truth_out, truth_lse = ref(q.to(high), k.to(high), v.to(high), True)
+    same_out, same_lse = ref(q, k, v, False)
+    tag = f"lengths={lengths} h{num_heads}/{num_kv_heads} d{head_dim} block={block_size} {dtype} window={window}"
+    check(f"{tag} out", out, truth_out, same_out)
+    check(f"{tag} lse", lse, truth_lse.T, same_lse.T)
+
+
+# (lengths, Hq, Hkv, D, block_size, dtype, window): lengths off the block grid, an empty sequence,
+# a single token, GQA/MQA/MHA, odd head dims, windows shorter than a split.
+CASES = [
+    ([1, 17, 100, 257], 8, 2, 64, 16, F32, (-1, -1)),
+    ([0, 33, 70], 4, 4, 59, 16, F16, (-1, -1)),
+    ([130, 9], 6, 1, 80, 32, F32, (40, -1)),
+    ([64, 200], 4, 2, 32, 16, F16, (100, 0)),
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("block_size", [None, 1, 5])
+def test_torch_matches_reference(case, block_size):
+    lengths, hq, hkv, d, bs, dtype, window = case
+    _check_decode(paged.paged_decode_attention_torch, lengths, hq, hkv, d, block_size or bs, dtype, window)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_matches_reference(case, num_splits):
+    lengths, hq, hkv, d, bs, dtype, window = case
+    _check_decode(triton_decode.paged_decode_attention, lengths, hq, hkv, d, bs, dtype, window, num_splits=num_splits)
+
+
+@needs_triton
+def test_triton_odd_block_size_and_default_splits():
+    # block size 5 and the split heuristic (several splits over 300 tokens on any device)
+    _check_decode(triton_decode.paged_decode_attention, [300, 1, 77], 4, 2, 32, 5, F32)
+    _check_decode(triton_decode.paged_decode_attention, [300, 45], 4, 2, 32, 16, F16, num_splits=8)
+
+
+def _slots(num_tokens, num_slots, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    slots = torch.randperm(num_slots, generator=g)[:num_tokens]
+    slots[::4] = -1                                                        # padding tokens are skipped
+    return slots.to(DEVICE)
+
+
+@pytest.mark.parametrize("writer", [paged.write_kv_torch, pytest.param(
+    triton_decode.write_kv, marks=needs_triton)], ids=["torch", "triton"])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_write_kv_round_trip(writer, block_size):
+    num_blocks, hkv, d, tokens = 6, 3, 40, 23
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(tokens, hkv, d, generator=g).to(DEVICE, F16)
+    v = torch.randn(tokens, hkv, d, generator=g).to(DEVICE, F16)
+    k_cache = torch.full((num_blocks, block_size, hkv, d), 7.0, dtype=F16, device=DEVICE)
+    v_cache = k_cache.clone()
+    slots = _slots(tokens, num_blocks * block_size)
+    writer(k, v, k_cache, v_cache, slots)
+    keep = slots >= 0
+    flat_k, flat_v = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
+    assert torch.equal(flat_k[slots[keep]], k[keep]) and torch.equal(flat_v[slots[keep]], v[keep])
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    untouched[slots[keep]] = False
+    assert (flat_k[untouched] == 7.0).all() and (flat_v[untouched] == 7.0).all()
+
+
+def test_write_then_decode_matches_contiguous_attention():
+    # a prefill written through write_kv, then decoded: the same as attention over the contiguous K/V
+    lengths, hkv, d, block_size = [37, 20], 2, 32, 8
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(sum(lengths), hkv, d, generator=g).to(DEVICE)
+    v = torch.randn(sum(lengths), hkv, d, generator=g).to(DEVICE)
+    q = torch.randn(len(lengths), 4, d, generator=g).to(DEVICE)
+    k_cache = torch.zeros(12, block_size, hkv, d, device=DEVICE)
+    v_cache = torch.zeros_like(k_cache)
+    block_table = torch.tensor([[3, 0, 7, 9, 11], [5, 1, 2, 4, 6]], dtype=torch.int32, device=DEVICE)
+    slots = torch.cat([block_table[b, torch.arange(n, device=DEVICE) // block_size].long() * block_size
+                       + torch.arange(n, device=DEVICE) % block_size for b, n in enumerate(lengths)])
+    paged.write_kv(k, v, k_cache, v_cache, slots)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    out = paged.paged_decode_attention(q, k_cache, v_cache, block_table, seqlens)
+    cu_k = torch.tensor([0, *lengths], device=DEVICE).cumsum(0).to(torch.int32)
+    cu_q = torch.arange(3, dtype=torch.int32, device=DEVICE)
+    ref = reference.varlen_attention(q, k, v, cu_q, cu_k, causal=True)
+    assert max_err(out, ref) < 1e-5
+
+
+def test_dispatch_uses_torch_on_cpu():
+    q, k_cache, v_cache, block_table, seqlens = (t.cpu() for t in _make_cache([20, 3], 4, 2, 32, 16, F32))
+    assert paged._triton_for(q) is None
+    assert torch.equal(paged.paged_decode_attention(q, k_cache, v_cache, block_table, seqlens),
+                       paged.paged_decode_attention_torch(q, k_cache, v_cache, block_table, seqlens))
+
+
+@pytest.mark.parametrize("fn", [paged.paged_decode_attention_torch, pytest.param(
+    triton_decode.paged_decode_attention, marks=needs_triton)], ids=["torch", "triton"])
+@pytest.mark.parametrize("change,match", [
+    (dict(q=torch.randn(2, 3, 32)), "multiple of KV heads"),
+    (dict(q=torch.randn(2, 4, 300), k_cache=torch.randn(4, 16, 2, 300), v_cache=torch.randn(4, 16, 2, 300)),
+     "head dim"),
+    (dict(block_table=torch.zeros(2, 2, dtype=torch.int64)), "int32"),
+    (dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)), "cache_seqlens"),
+    (dict(q=torch.randn(2, 4, 32, dtype=torch.float64)), "dtype"),
+    (dict(v_cache=torch.randn(4, 8, 2, 32)), "differ"),
+])
+def test_decode_rejects_bad_inputs(fn, change, match):
+    args = dict(q=torch.randn(2, 4, 32), k_cache=torch.randn(4, 16, 2, 32), v_cache=torch.randn(4, 16, 2, 32),
+                block_table=torch.zeros(2, 2, dtype=torch.int32), cache_seqlens=torch.zeros(2, dtype=torch.int32))
+    args.update(change)
+    args = {name: t.to(DEVICE) for name, t in args.items()}
+    with pytest.raises((ValueError, TypeError), match=match):
+        fn(**args)
+
+
+def test_torch_decode_rejects_lengths_past_the_block_table():
+    q, k_cache, v_cache, block_table, _ = _make_cache([20], 4, 2, 32, 16, F32)
+    with pytest.raises(ValueError, match="cache_seqlens"):
+        paged.paged_decode_attention_torch(q, k_cache, v_cache, block_table,
+                                           torch.tensor([100], dtype=torch.int32, device=DEVICE))
+
+
+@needs_triton
+def test_triton_rejects_bad_num_splits():
+    q, k_cache, v_cache, block_table, seqlens = _make_cache([20], 4, 2, 32, 16, F32)
+    with pytest.raises(ValueError, match="num_splits"):
+        triton_decode.paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, num_splits=0)
+
+
+# ------------------------------------------------------------------------------------------ GPU grid
+
+def _gpu_cases():
+    cases = []
+    for dtype in (BF16, F16, F32):
+        for d, block_size in ((64, 16), (128, 16), (128, 32), (96, 64), (256, 16)):
+            for hq, hkv in ((32, 8), (8, 8), (16, 1)):
+                cases.append((dtype, d, block_size, hq, hkv))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _gpu_cases(), ids=lambda c: f"{str(c[0])[6:]}-d{c[1]}-bs{c[2]}-h{c[3]}/{c[4]}")
+def test_triton_matches_reference_gpu(case):
+    dtype, d, block_size, hq, hkv = case
+    lengths = [1, 255, 1000, 4097]
+    _check_decode(triton_decode.paged_decode_attention, lengths, hq, hkv, d, block_size, dtype)
+    _check_decode(triton_decode.paged_decode_attention, lengths, hq, hkv, d, block_size, dtype, window=(300, -1))
+    _check_decode(paged.paged_decode_attention, lengths, hq, hkv, d, block_size, dtype)  # dispatches to Triton
+
+
+@pytest.mark.gpu
+def test_dispatch_uses_triton_on_gpu():
+    q = torch.randn(1, 4, 32, device="cuda")
+    assert paged._triton_for(q) is triton_decode
