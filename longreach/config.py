@@ -153,3 +153,48 @@ class ModelConfig:
 
 
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Paged KV cache (vLLM's PagedAttention layout): how big a block is and how many blocks there are.
+
+    The block count comes from the first of: `num_blocks`; `kv_cache_memory` bytes; `memory_fraction`
+    of the memory free on the device (default 0.9 on GPUs, 0.5 on CPUs, where it is shared with the OS).
+    """
+
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory: int | None = None
+    memory_fraction: float | None = None
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)")
+        if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
+            raise ValueError(f"num_blocks={self.num_blocks!r} must be a positive integer or absent")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes or absent")
+        if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
+            raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1] or absent")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits (vLLM v1's scheduler): one step runs at most `max_num_seqs` requests
+    and `max_num_batched_tokens` tokens; a prompt longer than the budget is prefilled in chunks."""
+
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"without chunked prefill max_num_batched_tokens={self.max_num_batched_tokens} must be "
+                             f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled")
