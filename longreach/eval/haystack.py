@@ -1,0 +1,234 @@
+"""Haystack text for the evaluation tasks: deterministic, digit-free, endlessly long.
+
+A haystack is a `TextSource`: `prefix(num_chars)` returns the first `num_chars` characters of one
+fixed, seeded stream (so growing a prompt during length fitting never changes what came before), and
+`boundaries(num_chars)` the offsets where a needle may go (sentence or document starts), which is how
+needles are "snapped to a sentence end" as in the needle-in-a-haystack repository.
+
+- `SyntheticText`: essay-like English from templates (the default haystack; no digits, so every number
+  in a prompt comes from a needle).
+- `RepeatedText`: a text repeated end to end — the passkey filler, or user-supplied text files
+  (`from_files`), started at a seeded sentence so samples see different parts.
+- `EntityDocuments`: short biographies of generated people, the documents of the `qa` task.
+
+Words used by the tasks (keys, variable names, word lists) are built here too: `pseudo_word`, `person_name`.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+import random
+import re
+from pathlib import Path
+from typing import Iterable
+
+SENTENCE_START = re.compile(r"(?<=[.!?])\s+")   # a needle goes where the next sentence starts
+DOCUMENT_START = re.compile(r"\n\n")
+
+_ADJECTIVES = ("quiet", "bright", "ancient", "narrow", "golden", "hollow", "distant", "gentle", "silver", "restless",
+               "patient", "crooked", "humble", "vivid", "weathered", "curious", "steady", "fragile", "broad", "pale",
+               "stubborn", "sunlit", "forgotten", "sturdy", "tangled", "modest", "solemn", "brisk", "dusty", "tender")
+_NOUNS = ("river", "lantern", "orchard", "harbor", "meadow", "library", "compass", "garden", "mountain", "village",
+          "bridge", "forest", "market", "window", "island", "workshop", "valley", "castle", "letter", "kitchen",
+          "engine", "painter", "sailor", "teacher", "farmer", "traveler", "scholar", "merchant", "poet", "baker")
+_VERBS = ("watched", "crossed", "remembered", "followed", "carried", "described", "admired", "repaired", "visited",
+          "painted", "ignored", "studied", "guarded", "praised", "mapped", "questioned", "welcomed", "measured")
+_INTRANSITIVE = ("waited", "wandered", "rested", "listened", "lingered", "hesitated", "drifted", "laughed",
+                 "worked", "returned", "whispered", "changed")
+_ADVERBS = ("slowly", "quietly", "carefully", "happily", "patiently", "suddenly", "gracefully", "eagerly",
+            "steadily", "softly", "boldly", "rarely")
+_PLACES = ("old town", "northern hills", "market square", "coastal road", "upper valley", "river bank",
+           "small harbor", "eastern woods", "city gate", "long avenue", "quiet lane", "high plateau")
+_TIMES = ("morning", "evening", "winter", "spring", "afternoon", "season", "autumn", "summer")
+_TEMPLATES = (
+    "The {adj} {noun} {verb} the {adj2} {noun2}.",
+    "In the {place}, a {noun} {intrans} while the {noun2} {intrans2} {adverb}.",
+    "Every {time}, the {noun}s of the {place} {intrans} {adverb}.",
+    "Nobody expected the {adj} {noun} to be so {adj2}.",
+    "A {adj} {noun} once {verb} a {noun2} near the {place}.",
+    "It was said that the {noun} {verb} the {noun2} {adverb}, and then {intrans}.",
+    "Some people believe the {adj} {noun} still {intrans_present} by the {place}.",
+    "When the {time} came, the {noun} {verb} every {adj} {noun2} in sight.",
+    "The story of the {noun} and the {adj} {noun2} is told {adverb} in the {place}.",
+    "Beyond the {place}, the {noun2} {intrans} and the {noun} {verb} it {adverb}.",
+)
+_SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou") + ("th", "sh", "ch")
+_FIRST_NAMES = ("Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
+                "Lars", "Mira", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Soren", "Talia", "Umar", "Vera",
+                "Wendell", "Xenia", "Yusuf", "Zora", "Amara", "Basil", "Celia", "Dorian", "Esme", "Felix", "Gideon",
+                "Helena", "Ivo", "Juno", "Kasimir", "Lena", "Matteo", "Noor", "Otto", "Paloma", "Rafael", "Selma",
+                "Tobias", "Ulla", "Viktor", "Wilma", "Yara", "Zeno")
+_SURNAME_HEADS = ("Ash", "Black", "Brook", "Clay", "Dun", "Elder", "Fair", "Gold", "Hart", "Iron", "Kings", "Lang",
+                  "Marsh", "North", "Oak", "Pen", "Quill", "Raven", "Stone", "Thorn", "Under", "Vale", "West", "Wren")
+_SURNAME_TAILS = ("wood", "field", "ford", "more", "ton", "well", "by", "croft", "hill", "worth", "ley", "mere",
+                  "wick", "holt", "stead", "gate", "ridge", "shaw", "combe", "thwaite")
+CITIES = ("Lisbon", "Oslo", "Kyoto", "Quito", "Tbilisi", "Porto", "Tallinn", "Valletta", "Hanoi", "Lima", "Bergen",
+          "Dakar", "Krakow", "Ghent", "Seville", "Tunis", "Cusco", "Riga", "Nairobi", "Hobart", "Galway", "Bruges",
+          "Lyon", "Turin", "Salzburg", "Leipzig", "Bologna", "Granada", "Tartu", "Aarhus", "Cork", "Utrecht")
+PROFESSIONS = ("architect", "beekeeper", "cartographer", "chemist", "glassblower", "librarian", "locksmith",
+               "luthier", "midwife", "navigator", "optician", "pharmacist", "potter", "surveyor", "translator",
+               "veterinarian", "watchmaker", "weaver", "geologist", "sommelier")
+_COMPANY_HEADS = ("Northwind", "Bluefield", "Copperline", "Silverleaf", "Redcliff", "Greenhollow", "Lighthouse",
+                  "Starling", "Ironbridge", "Moonstone", "Harborview", "Sunpeak", "Foxglove", "Cedarwood")
+_COMPANY_TAILS = ("Labs", "Works", "Trading", "Foundry", "Studios", "Logistics", "Textiles", "Instruments",
+                  "Press", "Analytics", "Bakery", "Shipyard")
+ANIMALS = ("cat", "dog", "parrot", "tortoise", "rabbit", "ferret", "goldfish", "hedgehog", "canary", "lizard")
+
+
+def pseudo_word(rng: random.Random, num_syllables: int | None = None) -> str:
+    """A pronounceable made-up lowercase word ('bamoku'), 2-3 syllables unless told."""
+    n = num_syllables or rng.randint(2, 3)
+    return "".join(rng.choice(_SYLLABLES) for _ in range(n))
+
+
+def person_name(rng: random.Random) -> str:
+    return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAME_HEADS)}{rng.choice(_SURNAME_TAILS)}"
+
+
+def company_name(rng: random.Random) -> str:
+    return f"{rng.choice(_COMPANY_HEADS)} {rng.choice(_COMPANY_TAILS)}"
+
+
+class TextSource:
+    """A seeded, prefix-stable text stream. Subclasses implement `_next_piece()`, called until the stream is long enough."""
+
+    boundary_pattern: re.Pattern = SENTENCE_START
+
+    def __init__(self):
+        self._pieces: list[str] = []
+        self._length = 0
+        self._text = ""
+        self._boundaries: list[int] = [0]
+        self._scanned = 0
+
+    def _next_piece(self) -> str:
+        raise NotImplementedError
+
+    def _ensure(self, num_chars: int) -> None:
+        if self._length >= num_chars:
+            return
+        while self._length < num_chars:
+            piece = self._next_piece()
+            if not piece:
+                raise ValueError(f"{type(self).__name__} produced no text")
+            self._pieces.append(piece)
+            self._length += len(piece)
+        self._text = "".join(self._pieces)
+        self._pieces = [self._text]
+        # boundaries are found incrementally; re-scan a little before the old end so a match is not split
+        start = max(0, self._scanned - 4)
+        for m in self.boundary_pattern.finditer(self._text, start):
+            if m.end() > self._boundaries[-1]:
+                self._boundaries.append(m.end())
+        self._scanned = len(self._text)
+
+    def prefix(self, num_chars: int) -> str:
+        """The first `num_chars` characters of the stream."""
+        self._ensure(num_chars)
+        return self._text[:num_chars]
+
+    def boundaries(self, num_chars: int) -> list[int]:
+        """Offsets in `[0, num_chars]` where a needle may go: 0, each sentence (document) start, and the end
+        when the prefix ends a sentence (document); a trailing partial sentence stays after the last needle."""
+        self._ensure(num_chars + 8)
+        inner = [b for b in self._boundaries[:bisect.bisect_right(self._boundaries, num_chars)] if b < num_chars]
+        if num_chars and self.boundary_pattern.match(self._text, num_chars):
+            inner.append(num_chars)
+        return inner or [0]
+
+    def sample(self, num_chars: int = 4000) -> str:
+        """A piece of representative text (for estimating characters per token)."""
+        return self.prefix(num_chars)
+
+
+class SyntheticText(TextSource):
+    """Essay-like sentences from templates, in paragraphs of 4-8 sentences; no digits."""
+
+    def __init__(self, seed: int | str = 0):
+        super().__init__()
+        self._rng = random.Random(f"synthetic-text:{seed}")
+        self._sentences_left = 0
+
+    def _sentence(self) -> str:
+        r = self._rng
+        text = r.choice(_TEMPLATES).format(
+            adj=r.choice(_ADJECTIVES), adj2=r.choice(_ADJECTIVES), noun=r.choice(_NOUNS), noun2=r.choice(_NOUNS),
+            verb=r.choice(_VERBS), intrans=r.choice(_INTRANSITIVE), intrans2=r.choice(_INTRANSITIVE),
+            intrans_present=r.choice(_INTRANSITIVE)[:-2] + "s", adverb=r.choice(_ADVERBS),
+            place=r.choice(_PLACES), time=r.choice(_TIMES))
+        return text[0].upper() + text[1:]
+
+    def _next_piece(self) -> str:
+        if self._sentences_left == 0:
+            self._sentences_left = self._rng.randint(4, 8)
+            sep = "\n\n" if self._length else ""
+        else:
+            sep = " "
+        self._sentences_left -= 1
+        return sep + self._sentence()
+
+
+class RepeatedText(TextSource):
+    """`text` repeated end to end, starting at the `start`-th sentence (modulo the number of sentences)."""
+
+    def __init__(self, text: str, start: int = 0, separator: str = " "):
+        super().__init__()
+        text = text.strip()
+        if not text:
+            raise ValueError("haystack text is empty")
+        starts = [0] + [m.end() for m in SENTENCE_START.finditer(text)]
+        offset = starts[start % len(starts)]
+        self._unit = text[offset:] + separator + text[:offset] if offset else text
+        self._separator = separator
+
+    def _next_piece(self) -> str:
+        return (self._separator if self._length else "") + self._unit
+
+    @classmethod
+    def from_files(cls, paths: Iterable[str | os.PathLike], start: int = 0) -> "RepeatedText":
+        """User-supplied haystack: the files' texts joined by blank lines, repeated as needed."""
+        return cls(read_text_files(paths), start=start, separator="\n\n")
+
+
+def read_text_files(paths: Iterable[str | os.PathLike]) -> str:
+    """The UTF-8 texts of `paths` joined by blank lines; a clear error for a missing or empty file set."""
+    paths = [Path(p) for p in paths]
+    texts = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"text file {str(path)!r} does not exist")
+        texts.append(path.read_text(encoding="utf-8", errors="replace").strip())
+    if not any(texts):
+        raise ValueError(f"text files {[str(p) for p in paths]} hold no text")
+    return "\n\n".join(t for t in texts if t)
+
+
+class EntityDocuments(TextSource):
+    """Short biographies of generated people, separated by blank lines; `exclude` names never appear."""
+
+    boundary_pattern = DOCUMENT_START
+
+    def __init__(self, seed: int | str = 0, exclude: Iterable[str] = ()):
+        super().__init__()
+        self._rng = random.Random(f"entity-documents:{seed}")
+        self._exclude = set(exclude)
+
+    def _next_piece(self) -> str:
+        while True:
+            name = person_name(self._rng)
+            if name not in self._exclude:
+                break
+        doc = entity_document(name, entity_facts(self._rng))
+        return ("\n\n" if self._length else "") + doc
+
+
+def entity_facts(rng: random.Random) -> dict[str, str]:
+    return {"city": rng.choice(CITIES), "profession": rng.choice(PROFESSIONS), "company": company_name(rng),
+            "animal": rng.choice(ANIMALS), "pet": pseudo_word(rng).capitalize()}
+
+
+def entity_document(name: str, facts: dict[str, str]) -> str:
+    first = name.split()[0]
+    article = "an" if facts["profession"][0] in "aeiou" else "a"
+    return (f"{name} was born in {facts['city']}. {first} works as {article} {facts['profession']} at "
+            f"{facts['company']}. {first} has a pet {facts['animal']} called {facts['pet']}.")
