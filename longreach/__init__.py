@@ -16,6 +16,8 @@ _PUBLIC = {
     "load_tokenizer": "longreach.model.tokenizer",
     "flash_attn_func": "longreach.attention",
     "flash_attn_varlen_func": "longreach.attention",
+    "LLM": "longreach.engine.llm",
+    "SamplingParams": "longreach.engine.sampler",
 }
 
 

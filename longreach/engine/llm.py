@@ -1,0 +1,333 @@
+"""`LLM` for offline batches and `LLMEngine` (add_request / step / abort) for servers: vLLM's API.
+
+    from longreach import LLM, SamplingParams
+    llm = LLM("path/to/hf-checkpoint")
+    for out in llm.generate(["The pass key is"], SamplingParams(max_tokens=16, temperature=0)):
+        print(out.text, out.finish_reason, out.metrics.ttft)
+
+One engine step = schedule (scheduler.py) -> one flat forward over the paged cache (runner.py) -> sample
+(sampler.py) -> append tokens and check stops -> detokenize incrementally and check stop strings.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longreach.config import CacheConfig, SchedulerConfig
+from longreach.engine.runner import ModelRunner
+from longreach.engine.sampler import Sampler, SamplingParams
+from longreach.engine.scheduler import Scheduler
+from longreach.engine.sequence import RequestMetrics, Sequence
+from longreach.kvcache.block_pool import KVCacheManager
+from longreach.kvcache.paged_cache import PagedKVCache, num_blocks_for
+from longreach.model.llama import LlamaForCausalLM
+
+Prompt = str | list[int]
+
+
+@dataclass
+class RequestOutput:
+    """A request's state after a step; `finished` once `finish_reason` is set ("stop", "length" or "abort").
+
+    `text` / `token_ids` are cumulative; `delta_text` / `delta_token_ids` are what this step added (for
+    streaming). `out.outputs[0].text` also works, as in vLLM."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    delta_text: str
+    delta_token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    logprobs: list[dict[int, float]] | None
+    metrics: RequestMetrics
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def outputs(self) -> list["RequestOutput"]:
+        return [self]
+
+
+def detokenize_incrementally(tokenizer, ids: list[int], prefix_offset: int, read_offset: int):
+    """New text of ids[read_offset:] given a few tokens of context (vLLM's trick): decoding a token alone
+    can lose a leading space or split a UTF-8 character, so decode prefix..end and subtract prefix..read.
+    Returns (new_text, prefix_offset, read_offset); text ending in U+FFFD waits for the next token."""
+    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset])
+    full_text = tokenizer.decode(ids[prefix_offset:])
+    if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
+        return full_text[len(prefix_text):], read_offset, len(ids)
+    return "", prefix_offset, read_offset
+
+
+class LLMEngine:
+    """Continuous-batching engine over one model (vLLM's LLMEngine); not thread-safe: one caller steps it."""
+
+    def __init__(self, model: LlamaForCausalLM, tokenizer: Any = None, cache_config: CacheConfig | None = None,
+                 scheduler_config: SchedulerConfig | None = None, seed: int | None = 0):
+        cfg = model.config
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.cache_config = cache_config or CacheConfig()
+        self.scheduler_config = scheduler_config or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
+        param = next(model.parameters())
+        attn = model.model.layers[0].self_attn             # local head counts (fewer per rank under TP)
+        bs, max_len = self.cache_config.block_size, self.scheduler_config.max_model_len
+        bytes_per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, bs, attn.num_kv_heads,
+                                                       attn.head_dim, param.dtype)
+        max_useful_blocks = self.scheduler_config.max_num_seqs * -(-max_len // bs)
+        num_blocks = num_blocks_for(self.cache_config, bytes_per_block, param.device, max_useful_blocks)
+        self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching)
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, bs, attn.num_kv_heads, attn.head_dim,
+                                  param.dtype, param.device)
+        eos = list(cfg.eos_token_ids)
+        tok_eos = getattr(tokenizer, "eos_token_ids", None) or [getattr(tokenizer, "eos_token_id", None)]
+        eos += [t for t in tok_eos if t is not None and t not in eos]
+        self.eos_token_ids = tuple(eos)
+        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.eos_token_ids)
+        self.runner = ModelRunner(model, self.cache, self.kv_manager)
+        self.sampler = Sampler(self.eos_token_ids, seed)
+        self.requests: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self.token_sync = None   # set by tensor parallelism: makes every rank take rank 0's sampled tokens
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return self.kv_manager.num_blocks
+
+    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, cache_salt: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a prompt (text, or a list of token ids); returns its request id."""
+        params = sampling_params or SamplingParams()
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self._encode(prompt)
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {list(params.stop)} need a tokenizer; this engine has none "
+                             "(use stop_token_ids)")
+        max_len = self.scheduler_config.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_len}: it must be shorter, "
+                             "leaving room for at least one generated token")
+        longest = min(len(ids) + (params.max_tokens or max_len), max_len)
+        capacity = self.kv_manager.num_blocks * self.kv_manager.block_size
+        if longest > capacity:
+            raise ValueError(f"request needs up to {longest} tokens of KV cache ({len(ids)} prompt + up to "
+                             f"{longest - len(ids)} generated) but the cache holds {capacity} "
+                             f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
+                             "lower max_tokens or give the cache more memory")
+        seq = Sequence(request_id, ids, params, prompt=text, cache_salt=cache_salt,
+                       arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+        return request_id
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this engine has none (pass token-id lists)")
+            ids = list(self.tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        vocab = self.model.config.vocab_size
+        bad = next((t for t in ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return ids
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward pass; outputs of every request that got a token (or finished)."""
+        batch = self.scheduler.schedule()
+        if batch.is_empty:
+            return []
+        sampling, logits = self.runner.execute(batch)
+        sampled = self.sampler(logits, sampling)
+        token_ids = sampled.token_ids if self.token_sync is None else self.token_sync(sampled.token_ids)
+        self.scheduler.update(batch, sampling, token_ids, sampled.logprobs)
+        outputs = [self._output(seq) for seq in sampling]
+        for seq in sampling:
+            if seq.is_finished:
+                del self.requests[seq.request_id]
+        return outputs
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks (a client went away); None if it is unknown/finished."""
+        seq = self.requests.pop(str(request_id), None)
+        if seq is None:
+            return None
+        self.scheduler.finish(seq, "abort")
+        return self._output(seq)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        if self.tokenizer is not None:
+            self._detokenize(seq)
+        holdback = 0
+        if not seq.is_finished and seq.sampling_params.stop:
+            holdback = max(map(len, seq.sampling_params.stop)) - 1   # a stop string may still complete
+        shown = len(seq.text) - holdback
+        delta_text = seq.text[seq.num_reported_chars:shown] if shown > seq.num_reported_chars else ""
+        seq.num_reported_chars = max(seq.num_reported_chars, shown)
+        outputs = seq.output_token_ids
+        delta_ids = outputs[seq.num_reported_tokens:]
+        seq.num_reported_tokens = len(outputs)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:max(shown, 0)],
+                             outputs, delta_text, delta_ids, seq.finish_reason, seq.stop_reason,
+                             seq.logprobs, seq.metrics)
+
+    def _detokenize(self, seq: Sequence) -> None:
+        """Extend seq.text with the new tokens and finish the request if a stop string appeared."""
+        outputs = seq.output_token_ids
+        if seq.finish_reason == "stop" and seq.stop_reason is None:
+            outputs = outputs[:-1]                      # EOS is not part of the text
+        new, seq.detok_prefix_offset, seq.detok_read_offset = detokenize_incrementally(
+            self.tokenizer, outputs, seq.detok_prefix_offset, seq.detok_read_offset)
+        old_len = len(seq.text)
+        seq.text += new
+        stops = seq.sampling_params.stop
+        if stops and not (seq.is_finished and isinstance(seq.stop_reason, str)):
+            start = max(0, old_len - max(map(len, stops)) + 1)
+            hits = [(seq.text.find(s, start), s) for s in stops]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                index, stop = min(hits)
+                end = index + (len(stop) if seq.sampling_params.include_stop_str_in_output else 0)
+                seq.text = seq.text[:end]
+                if seq.is_finished:             # finished on the same token for another reason: the string wins
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                else:
+                    self.scheduler.finish(seq, "stop", stop)
+                return
+        if seq.is_finished:                     # flush what the incremental decoder held back
+            final = self.tokenizer.decode(outputs)
+            if final.startswith(seq.text):
+                seq.text = final
+
+
+class LLM:
+    """Offline generation over a batch of prompts (vLLM's `LLM`).
+
+    model: a Hugging Face checkpoint directory, a loaded `LlamaForCausalLM`, or None for the bundled demo
+    model. dtype: a torch dtype or its name ("bf16", "fp32", ...). The KV cache gets `num_kv_blocks` blocks,
+    else `kv_cache_memory` bytes, else `memory_fraction` of the free memory (CacheConfig)."""
+
+    def __init__(self, model: str | Path | LlamaForCausalLM | None = None, tokenizer: Any = None,
+                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+                 max_model_len: int | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
+                 memory_fraction: float | None = None, num_kv_blocks: int | None = None,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
+                 rope_scaling: dict[str, Any] | None = None, seed: int | None = 0,
+                 tensor_parallel_size: int = 1):
+        from longreach.model.loader import load_model, resolve_dtype
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        path = None
+        if isinstance(model, LlamaForCausalLM):
+            if rope_scaling is not None:
+                raise ValueError("rope_scaling applies when loading a checkpoint; this model is already built")
+            model = model.to(device=device, dtype=resolve_dtype(dtype))
+        else:
+            from longreach.model.bundled import resolve_model_path
+            path = resolve_model_path(None if model is None else str(model))
+            model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
+        if tensor_parallel_size > 1:
+            from longreach.engine.tp import shard_model
+            shard_model(model, tensor_parallel_size)
+        if tokenizer is None and path is not None:
+            tokenizer = _try_load_tokenizer(path)
+        elif isinstance(tokenizer, (str, Path)):
+            from longreach.model.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(tokenizer)
+        cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
+                                   memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching)
+        scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.max_position_embeddings,
+                                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                           enable_chunked_prefill=enable_chunked_prefill)
+        self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed)
+        if tensor_parallel_size > 1:
+            from longreach.engine.tp import sync_sampled_tokens
+            self.engine.token_sync = sync_sampled_tokens
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | Seq[Prompt],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in the prompts' order."""
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; "
+                                 "pass one for all, or one per prompt")
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(engine.add_request(prompt, p))
+        except Exception:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        engine = self.engine
+        wanted = set(ids)
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True, disable=not use_tqdm)
+        start, num_in, num_out = time.perf_counter(), 0, 0
+        try:
+            while len(done) < len(ids):
+                for out in engine.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        num_in += len(out.prompt_token_ids)
+                        num_out += len(out.token_ids)
+                        elapsed = max(time.perf_counter() - start, 1e-9)
+                        bar.set_postfix_str(f"in: {num_in / elapsed:.0f} tok/s, out: {num_out / elapsed:.0f} tok/s")
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                engine.abort(request_id)
+            raise
+        finally:
+            bar.close()
+        return [done[i] for i in ids]
+
+
+def _try_load_tokenizer(path: Path):
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts still work)."""
+    try:
+        from longreach.model.tokenizer import load_tokenizer
+    except ImportError:
+        return None
+    try:
+        return load_tokenizer(path)
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,180 @@
+"""Paged K/V storage and the model's `attend` over it (vLLM's PagedAttention layout).
+
+Each layer owns one K and one V tensor `[num_blocks, block_size, Hkv, D]`; token t of a request lives in
+slot `block_table[t // block_size] * block_size + t % block_size`. Every step the runner hands over a
+`PagedBatch`: the slot of each new token (`slot_mapping`) and, per sequence, its block table and key length.
+For each layer `attend` then (1) writes the step's K/V into their slots for the *whole* batch, and only
+then (2) attends: the single-query sequences (decodes, placed first by the runner) through the paged
+decode kernel, the rest (prefills and prefill chunks) through `flash_attn_varlen_func` over keys gathered
+from their pages, bottom-right causal as FlashAttention defines it.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from longreach.attention import AttentionMetadata, flash_attn_varlen_func
+from longreach.config import CacheConfig
+
+
+@dataclass(frozen=True)
+class PagedBatch:
+    """Cache addressing of one engine step (built by the runner; all tensors on the cache's device).
+
+    slot_mapping: (T,) int64, where each of the step's tokens is written.
+    The first `num_decodes` sequences have exactly one query token and come first in the batch:
+      decode_block_table (num_decodes, max_blocks) int32, decode_seqlens (num_decodes,) int32 keys seen.
+    The other sequences (prefills) are described in the varlen layout, relative to their own tokens:
+      prefill_meta (cu_seqlens_q / cu_seqlens_k over the prefill tokens and their keys), and
+      prefill_kv_slots (total_k,) int64, the slots of all their keys in order, or None when every prefill
+      starts at position 0 (its keys are exactly this step's tokens, so nothing is gathered).
+    """
+
+    slot_mapping: torch.Tensor
+    num_decodes: int
+    decode_block_table: torch.Tensor | None
+    decode_seqlens: torch.Tensor | None
+    prefill_meta: AttentionMetadata | None
+    prefill_kv_slots: torch.Tensor | None
+
+
+def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """k, v: (T, Hkv, D) into slots (T,) of caches [num_blocks, block_size, Hkv, D]."""
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def torch_paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
+                                 window_size=(-1, -1)):
+    """One query per sequence over its pages, batched: q (B, Hq, D) -> (B, Hq, D).
+
+    Gathers each sequence's blocks (padded to the longest table), masks keys at or past `cache_seqlens`
+    (and outside the left window), softmax in fp32. GQA: query head h reads KV head h // (Hq // Hkv)."""
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    idx = block_table.long()
+    num_keys = idx.shape[1] * block_size
+    k = k_cache[idx].view(batch, num_keys, num_kv_heads, head_dim).permute(0, 2, 3, 1)   # (B, Hkv, D, L)
+    v = v_cache[idx].view(batch, num_keys, num_kv_heads, head_dim).transpose(1, 2)       # (B, Hkv, L, D)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)                         # (B, Hkv, G, D)
+    scores = torch.matmul(qg, k).float() * scale                                          # (B, Hkv, G, L)
+    pos = torch.arange(num_keys, device=q.device)[None, :]
+    seqlens = cache_seqlens.long()[:, None]
+    visible = pos < seqlens                                                               # (B, L)
+    if window_size[0] >= 0:
+        visible &= pos >= seqlens - 1 - window_size[0]
+    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
+    probs = scores.softmax(-1).to(v.dtype)
+    return torch.matmul(probs, v).reshape(batch, num_heads, head_dim).to(q.dtype)         # (B, Hq, D)
+
+
+def _kernels(device: torch.device):
+    """(write_kv, decode) for the cache's device: the attention package's Triton kernels on CUDA (Flash-Decoding
+    split-K); on CPU our batched PyTorch versions above, which serve all decodes with one gather and two
+    matmuls (`attention.paged`'s PyTorch path is its per-sequence reference)."""
+    if device.type == "cuda":
+        try:
+            from longreach.attention import paged
+            return paged.write_kv, paged.paged_decode_attention
+        except ImportError:
+            pass
+    return torch_write_kv, torch_paged_decode_attention
+
+
+class PagedKVCache:
+    """Per-layer K/V pages: `k_caches[layer]`, `v_caches[layer]` are [num_blocks, block_size, Hkv, D]."""
+
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        # zeros, not empty: padded gathers multiply masked (zero-probability) keys' values, and 0 * NaN is NaN
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._write_kv, self._decode = _kernels(torch.device(device))
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    def bind(self, batch: PagedBatch) -> "BoundPagedKVCache":
+        """The object the model receives as `kv_cache` for one step."""
+        return BoundPagedKVCache(self, batch)
+
+
+class BoundPagedKVCache:
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache, self.batch = cache, batch
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               meta: AttentionMetadata, window_size: tuple[int, int]) -> torch.Tensor:
+        """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D). `meta` describes the unpaged batch and is not needed:
+        the paged addressing is in `self.batch`."""
+        cache, batch = self.cache, self.batch
+        k_cache, v_cache = cache.k_caches[layer_idx], cache.v_caches[layer_idx]
+        cache._write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        num_decodes = batch.num_decodes
+        if num_decodes == q.shape[0]:
+            return self._decode(q, k_cache, v_cache, window_size)
+        out = torch.empty_like(q)
+        if num_decodes:
+            out[:num_decodes] = self._decode(q[:num_decodes], k_cache, v_cache, window_size)
+        meta_p = batch.prefill_meta
+        if batch.prefill_kv_slots is None:
+            keys, values = k[num_decodes:], v[num_decodes:]                               # (Tp, Hkv, D)
+        else:
+            keys = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, batch.prefill_kv_slots)  # (Tk, Hkv, D)
+            values = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, batch.prefill_kv_slots)
+        out[num_decodes:] = flash_attn_varlen_func(
+            q[num_decodes:], keys.to(q.dtype), values.to(q.dtype), meta_p.cu_seqlens_q, meta_p.cu_seqlens_k,
+            meta_p.max_seqlen_q, meta_p.max_seqlen_k, causal=True, window_size=window_size)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, window_size):
+        batch = self.batch
+        return self.cache._decode(q, k_cache, v_cache, batch.decode_block_table, batch.decode_seqlens,
+                                  window_size=tuple(window_size))
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free on the device now: CUDA's free memory, or the OS's MemAvailable on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def num_blocks_for(cfg: CacheConfig, bytes_per_block: int, device: torch.device,
+                   max_useful_blocks: int | None = None) -> int:
+    """How many blocks to allocate: `cfg.num_blocks`, else `cfg.kv_cache_memory` bytes, else
+    `cfg.memory_fraction` of the free memory (capped at `max_useful_blocks`: enough for every sequence
+    at full length, since more could never be used)."""
+    if cfg.num_blocks is not None:
+        return cfg.num_blocks
+    if cfg.kv_cache_memory is not None:
+        num_blocks = cfg.kv_cache_memory // bytes_per_block
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes is less than one KV block "
+                             f"({bytes_per_block} bytes)")
+        return num_blocks
+    fraction = cfg.memory_fraction or (0.9 if device.type == "cuda" else 0.5)
+    free = available_memory(device)
+    num_blocks = int(free * fraction) // bytes_per_block
+    if max_useful_blocks is not None:
+        num_blocks = min(num_blocks, max_useful_blocks)
+    if num_blocks < 1:
+        raise ValueError(f"{fraction:.0%} of the {free / 2**30:.2f} GiB free on {device} holds no KV block "
+                         f"({bytes_per_block} bytes); pass kv_cache_memory= or num_blocks=")
+    return num_blocks

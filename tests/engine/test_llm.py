@@ -1,0 +1,85 @@
+"""`LLM` / `LLMEngine` API: prompts as text or ids, streaming deltas, abort, metrics, errors, progress bar."""
+import pytest
+import torch
+
+from longreach import LLM, SamplingParams
+from longreach.model.bundled import BUNDLED_MODEL_DIR
+
+
+def test_text_prompts_outputs_and_metrics(byte_llama, capsys):
+    llm = LLM(byte_llama[0], dtype=torch.float32)
+    tok = llm.get_tokenizer()
+    prompts = ["Hello there", "The grass is green. " * 6]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0))
+    assert "Processed prompts" in capsys.readouterr().err            # the progress bar
+    for prompt, out in zip(prompts, outs):
+        assert out.prompt == prompt and out.prompt_token_ids == tok.encode(prompt)
+        assert out.outputs[0].text == out.text == tok.decode(out.token_ids)
+        assert out.finished and out.finish_reason in ("stop", "length")
+        m = out.metrics
+        assert m.ttft > 0 and m.num_generated_tokens == len(out.token_ids)
+        assert m.decode_tokens_per_s is None or m.decode_tokens_per_s > 0
+    one = llm.generate("Hello there", SamplingParams(max_tokens=8, temperature=0), use_tqdm=False)
+    assert one[0].token_ids == outs[0].token_ids                     # a single prompt works too
+
+
+def test_engine_streams_and_aborts(byte_llama):
+    llm = LLM(byte_llama[0], dtype="fp32", block_size=4)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    keep = engine.add_request("stream me", params, request_id="keep")
+    drop = engine.add_request("drop me " * 5, params, request_id="drop")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("again", params, request_id="keep")
+    pieces, ids, steps = [], [], 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == keep:
+                pieces.append(out.delta_text)
+                ids += out.delta_token_ids
+                final = out
+        steps += 1
+        if steps == 3:
+            aborted = engine.abort(drop)
+            assert aborted.finish_reason == "abort" and engine.abort(drop) is None
+    assert "".join(pieces) == final.text and ids == final.token_ids and len(ids) == 12
+    assert engine.kv_manager.num_free_blocks == engine.num_kv_blocks
+    engine.kv_manager.check_invariants()
+
+
+def test_bad_input_is_rejected_with_the_numbers(tiny_llama):
+    llm = LLM(tiny_llama[0], dtype="fp32", max_model_len=64, num_kv_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="prompt has 64 tokens but max_model_len is 64"):
+        llm.generate([[5] * 64], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"needs up to 40 tokens.*holds 32"):
+        llm.generate([[5] * 30], SamplingParams(max_tokens=10), use_tqdm=False)
+    with pytest.raises(ValueError, match=r"token id 500 is outside the vocabulary \[0, 128\)"):
+        llm.generate([[5, 500]], use_tqdm=False)
+    with pytest.raises(ValueError, match="text prompts need a tokenizer"):
+        llm.generate(["no tokenizer here"], use_tqdm=False)
+    with pytest.raises(ValueError, match="stop strings"):
+        llm.generate([[5, 6]], SamplingParams(stop=["x"]), use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling_params for 1 prompts"):
+        llm.generate([[5, 6]], [SamplingParams(), SamplingParams()], use_tqdm=False)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate([[]], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()                  # nothing half-added is left behind
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=29, ignore_eos=True), use_tqdm=False)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 29   # exactly the cache's 32 slots
+
+
+def test_cache_sizing(tiny_llama):
+    # 2 layers x 2 KV heads x head_dim 16 x fp32 x (K and V) = 512 bytes per token
+    llm = LLM(tiny_llama[0], dtype="fp32", block_size=16, kv_cache_memory=512 * 16 * 10 + 100)
+    assert llm.engine.num_kv_blocks == 10
+    llm = LLM(tiny_llama[0], dtype="bf16", block_size=16, memory_fraction=0.5, max_num_seqs=3)
+    assert llm.engine.num_kv_blocks == 3 * 512 // 16                  # capped at what 3 full sequences use
+    assert llm.generate([[4, 5, 6]], SamplingParams(max_tokens=3), use_tqdm=False)[0].token_ids
+    with pytest.raises(ValueError, match="kv_cache_memory=100 bytes is less than one KV block"):
+        LLM(tiny_llama[0], kv_cache_memory=100)
+
+
+@pytest.mark.skipif((BUNDLED_MODEL_DIR / "config.json").is_file(), reason="the bundled demo model exists")
+def test_no_model_without_bundled_model_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="bundled demo model"):
+        LLM()
