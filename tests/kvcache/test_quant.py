@@ -225,3 +225,54 @@ def test_bytes_per_token_match_spec():
     assert gib == pytest.approx({"bf16": 40.0, "int8": 20.3125, "int4": 12.5})
     assert kv_window_bytes_per_sequence("int4", 80, 8, 128) == 80 * 2 * 160 * 8 * 128 * 2
     assert kv_window_bytes_per_sequence("int8", 80, 8, 128) == 0
+
+
+class _QuantizedCache:
+    """The smallest engine-side user of the API: one sequence, one block table, the model's `attend` hook."""
+
+    def __init__(self, quantizer, cfg, num_blocks=2, block_size=64):
+        self.quantizer, self.table, self.length = quantizer, list(range(num_blocks)), 0
+        self.stores = [quantizer.allocate(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                                          num_window_slots=1) for _ in range(cfg.num_hidden_layers)]
+        self.num_quantized = [0] * cfg.num_hidden_layers
+
+    def attend(self, layer_idx, q, k, v, meta, window_size):
+        from longreach.attention import flash_attn_varlen_func
+
+        num_new, end = k.shape[0], self.length + k.shape[0]
+        self.num_quantized[layer_idx] = self.quantizer.write(self.stores[layer_idx], k, v, self.table, self.length,
+                                                             self.num_quantized[layer_idx], window_slot=0)
+        keys, values = self.quantizer.read(self.stores[layer_idx], self.table, end, self.num_quantized[layer_idx],
+                                           window_slot=0, dtype=q.dtype)
+        cu_q, cu_k = torch.tensor([0, num_new], dtype=torch.int32), torch.tensor([0, end], dtype=torch.int32)
+        return flash_attn_varlen_func(q, keys, values, cu_q, cu_k, num_new, end, causal=True)
+
+
+def test_model_logits_with_quantized_kv_cache(tmp_path):
+    """A tiny random Llama (head_dim 64, 2 layers) prefills 100 tokens in chunks, then decodes 20 one by one
+    through each KV dtype; relative L2 error of every step's logits vs. the uncached fp32 forward.
+    Stated tolerances: bf16 < 1%, int8 < 2%, int4 (group 32, window 32) < 10%, int8 < int4
+    (measured 0.13%, 0.48%, 2.6%)."""
+    from longreach.attention import AttentionMetadata
+    from longreach.model.loader import load_model
+    from tests.model.conftest import make_hf_model
+
+    make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=192,
+                  max_position_embeddings=256).save_pretrained(tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    ids = torch.randint(0, 128, (120,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids)                                                       # (120, V)
+        errors = {}
+        for name in ("bf16", "int8", "int4"):
+            cache = _QuantizedCache(Int4KV(32, 32, torch.float32) if name == "int4" else make_kv_quantizer(name),
+                                    model.config)
+            logits = []
+            for chunk in [37, 63] + [1] * 20:
+                start = cache.length
+                meta = AttentionMetadata.from_seqlens([chunk])
+                logits.append(model(ids[start:start + chunk], torch.arange(start, start + chunk), meta, cache))
+                cache.length += chunk
+            got = torch.cat(logits)
+            errors[name] = ((got - want).norm() / want.norm()).item()
+    assert errors["bf16"] < 0.01 and errors["int8"] < 0.02 and errors["int8"] < errors["int4"] < 0.10, errors
