@@ -16,6 +16,7 @@ Launch: `torchrun --nproc-per-node N -m longreach train ...` (gloo on CPU, nccl 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
         raise FileNotFoundError(f"sharded checkpoint {str(directory)!r} does not exist")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # one process reading shards is intended: no "assuming single process" noise
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -280,6 +280,10 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        # the rate follows this run's schedule (max_steps may have grown since the save)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lr_multiplier(self.step, self.cfg.schedule)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
         self.log.truncate_after(self.step)
 
     def export(self, path: str | Path) -> Path:
