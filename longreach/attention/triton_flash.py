@@ -123,8 +123,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, o
 def _fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
                 qk_scale, window_left, window_right, group,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -141,7 +141,6 @@ def _fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     else:
         right = window_right
     kv_head = head // group
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -195,18 +194,30 @@ def _bwd_preprocess(Out, dOut, Delta, stride_ot, stride_oh, stride_dot, stride_d
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, offs_n, offs_d,
                     first, end, seq_q, diag, left, right, qk_scale,
-                    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+                    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    PRECISION: tl.constexpr):
     q_ptrs += (first * BLOCK_M).to(tl.int64) * stride_qt
     do_ptrs += (first * BLOCK_M).to(tl.int64) * stride_dot
     for block in range(first, end):
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = offs_m < seq_q
-        mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-        q = tl.load(q_ptrs, mask=mask, other=0.0)                                 # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_ptrs, mask=mask, other=0.0)
-        lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        if MASKED:  # rows past seq_q load lse = +inf, so p = 0 and they add nothing
+            row_ok = offs_m < seq_q
+            mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+            q = tl.load(q_ptrs, mask=mask, other=0.0)                             # (BLOCK_M, BLOCK_D)
+            do = tl.load(do_ptrs, mask=mask, other=0.0)
+            lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
+        else:       # wholly visible blocks lie inside the sequence
+            if EVEN_D:
+                q = tl.load(q_ptrs)
+                do = tl.load(do_ptrs)
+            else:
+                q = tl.load(q_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+                do = tl.load(do_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            lse = tl.load(lse_ptr + offs_m)
+            delta = tl.load(delta_ptr + offs_m)
+        lse = lse * 1.4426950408889634
         lse = tl.where(lse == float("-inf"), float("inf"), lse)                   # empty rows: p = 0
-        delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale        # (BLOCK_N, BLOCK_M)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
@@ -226,8 +237,8 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                      stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
                      qk_scale, sm_scale, window_left, window_right, group,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
     k_start = tl.load(cu_seqlens_k + seq)
@@ -263,13 +274,13 @@ def _bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens
         delta_ptr = Delta + head.to(tl.int64) * stride_lh + q_start
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
                                  offs_n, offs_d, first, first_full, seq_q, diag, left, right, qk_scale,
-                                 True, HEAD_DIM, BLOCK_M, PRECISION)
+                                 True, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
                                  offs_n, offs_d, first_full, end_full, seq_q, diag, left, right, qk_scale,
-                                 False, HEAD_DIM, BLOCK_M, PRECISION)
+                                 False, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
                                  offs_n, offs_d, end_full, end, seq_q, diag, left, right, qk_scale,
-                                 True, HEAD_DIM, BLOCK_M, PRECISION)
+                                 True, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION)
     dk = dk * sm_scale
     tl.store(dK + k_rows * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
     tl.store(dV + k_rows * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
@@ -312,8 +323,8 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
                    stride_dqt, stride_dqh, stride_lh,
                    qk_scale, sm_scale, window_left, window_right, group,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -330,7 +341,6 @@ def _bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k,
     else:
         right = window_right
     kv_head = head // group
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -440,8 +450,9 @@ _DQ = _attention_launcher("dq", _bwd_dq_kernel, _DQ_CONFIGS)
 
 def _common(q, causal, window_left, window_right, group):
     head_dim = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
     return dict(window_left=window_left, window_right=window_right, group=group, HEAD_DIM=head_dim,
-                BLOCK_D=max(16, triton.next_power_of_2(head_dim)), IS_CAUSAL=causal,
+                BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_CAUSAL=causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One GPU check for the Triton attention kernels, about 4-5 minutes on an H100/H200:
+#   1. versions and nvidia-smi                       -> $OUT/gpu_env.log
+#   2. the gpu-marked kernel tests, compiled (not interpreted), one fixed config per kernel,
+#      spread over pytest-xdist workers so the ~150 kernel variants compile in parallel -> $OUT/gpu_tests.log
+#   3. benchmarks/attention.py (autotuned kernels vs SDPA flash/cuDNN and FlexAttention, decode GB/s)
+#      -> $OUT/attention.md, $OUT/attention.json, $OUT/bench.log
+# Each step has its own time limit, so a slow step still leaves the others' logs.
+# Usage, from anywhere: OUT=/some/dir bash benchmarks/gpu_check.sh   (OUT defaults to ./out)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-./out}"
+mkdir -p "$OUT"
+unset TRITON_INTERPRET
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+TEST_LIMIT="${TEST_LIMIT:-180}"
+BENCH_LIMIT="${BENCH_LIMIT:-240}"
+
+{
+  date -u
+  nvidia-smi || echo "nvidia-smi failed"
+  "$PY" - <<'EOF'
+import torch, triton
+print("python torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA")
+EOF
+} 2>&1 | tee "$OUT/gpu_env.log"
+
+workers=""
+if "$PY" -c "import xdist" 2>/dev/null; then
+  workers="-n 12 --dist loadgroup"
+fi
+start=$SECONDS
+# shellcheck disable=SC2086
+LONGREACH_TRITON_AUTOTUNE=0 timeout "$TEST_LIMIT" "$PY" -m pytest -q -m gpu $workers -p no:cacheprovider \
+  tests/attention/test_triton_flash.py tests/attention/test_triton_decode.py 2>&1 | tee "$OUT/gpu_tests.log"
+test_rc=${PIPESTATUS[0]}
+echo "gpu tests: rc=$test_rc in $((SECONDS - start)) s" | tee -a "$OUT/gpu_tests.log"
+
+start=$SECONDS
+timeout "$BENCH_LIMIT" "$PY" benchmarks/attention.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+bench_rc=${PIPESTATUS[0]}
+echo "benchmark: rc=$bench_rc in $((SECONDS - start)) s" | tee -a "$OUT/bench.log"
+
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
