@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tests.model.conftest import make_hf_model
+from tests.model.conftest import hf_checkpoint, make_hf_model  # noqa: F401  (hf_checkpoint: a fixture, re-exported)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,300 @@
+"""Where evaluation prompts are answered: this machine's model, or any OpenAI-compatible server.
+
+Both backends follow one tiny protocol, so the runner never knows which it drives:
+
+    backend.name                     # a label for tables and plot titles
+    backend.tokenizer                # encode(text) -> ids: used to size the prompts in the model's tokens
+    backend.complete(prompts, max_tokens) -> list[str | Exception]   # greedy; one entry per prompt, in order
+
+A failed prompt comes back as its exception (never raised), so one bad request costs one sample.
+
+- `LocalBackend(model_dir | model object)`: greedy generation here, through the paged serving engine
+  (`longreach.engine.llm.LLM`) when this build has it and the contiguous-cache reference generator
+  (`longreach.model.generate.generate`) otherwise — the one switch is `_local_generator`.
+- `EndpointBackend(url)`: POSTs `/v1/completions` (temperature 0) with a thread pool (`concurrency`),
+  a per-request socket `timeout`, and `retries` with exponential backoff on connection errors, timeouts,
+  HTTP 408/429 and 5xx; other HTTP errors are not retried. Prompts are sized with `tokenizer` when given
+  (the served model's tokenizer directory), else with `ApproxTokenizer` (about 20% off).
+"""
+from __future__ import annotations
+
+import http.client
+import inspect
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+from longreach.eval.tasks import ApproxTokenizer, Tokenizer
+
+IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]   # (prompt ids, max_tokens) -> new ids
+
+
+class Backend(Protocol):
+    name: str
+    tokenizer: Tokenizer
+
+    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]: ...
+
+
+class EndpointError(RuntimeError):
+    """A request to the evaluation endpoint failed (the message says how)."""
+
+
+# ---------------------------------------------------------------- local
+
+
+def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_model_len,
+                      batch_size: int, engine_kwargs: dict[str, Any]) -> tuple[IdsGenerator, str]:
+    kwargs = {"model": str(model) if isinstance(model, Path) else model, "tokenizer": tokenizer, "dtype": dtype,
+              "rope_scaling": rope_scaling, "kv_cache_dtype": kv_cache_dtype, "max_model_len": max_model_len,
+              **engine_kwargs}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    params = inspect.signature(LLM).parameters
+    sized = {"num_kv_blocks", "kv_cache_memory", "memory_fraction"} & set(kwargs)
+    if "num_kv_blocks" in params and not sized and max_model_len:
+        # one batch of the longest prompts is all the engine ever holds here: size the cache for exactly that
+        # instead of the engine's default share of free memory (slow to allocate, and greedy on a shared box)
+        block_size = kwargs.get("block_size", params["block_size"].default if "block_size" in params else 16)
+        kwargs["num_kv_blocks"] = batch_size * (math.ceil(max_model_len / block_size) + 1)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unsupported = sorted(set(kwargs) - set(params))
+        if unsupported:
+            raise ValueError(f"this build's serving engine (longreach.engine.llm.LLM) does not accept "
+                             f"{unsupported}; it accepts {sorted(params)}")
+    return _llm_runner(LLM(**kwargs), SamplingParams), "engine"
+
+
+def _llm_runner(llm, SamplingParams) -> IdsGenerator:
+    quiet = {"use_tqdm": False} if "use_tqdm" in inspect.signature(llm.generate).parameters else {}
+
+    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        outputs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), **quiet)
+        # outputs carry token_ids themselves, or vLLM-style under .outputs[0]
+        return [list(o.token_ids if hasattr(o, "token_ids") else o.outputs[0].token_ids) for o in outputs]
+
+    return run
+
+
+def _reference_generator(model, stop_token_ids: Sequence[int]) -> tuple[IdsGenerator, str]:
+    from longreach.model.generate import generate
+
+    stops = tuple(stop_token_ids)
+
+    def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+        outputs = generate(model, prompts, max_tokens=max_tokens, stop_token_ids=stops)
+        return [out[:-1] if out and out[-1] in stops else out for out in outputs]   # generate keeps the stop token
+
+    return run, "contiguous-cache generator"
+
+
+def _local_generator(model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_model_len, batch_size: int,
+                     engine_kwargs: dict[str, Any], stop_token_ids: Sequence[int]) -> tuple[IdsGenerator, str]:
+    """The single switch between the two local generation paths.
+
+    The paged serving engine (continuous batching, chunked prefill, KV dtypes) answers whenever
+    `longreach.engine.llm` is importable; in a build without it, the contiguous-cache reference generator
+    answers instead (the same greedy tokens, but no KV-cache options).
+    """
+    try:
+        from longreach.engine.llm import LLM, SamplingParams
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("longreach.engine.llm", "longreach.engine"):
+            raise                       # the engine exists but one of its imports is broken: say so
+        LLM = SamplingParams = None
+    if LLM is not None:
+        return _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, rope_scaling, kv_cache_dtype,
+                                 max_model_len, batch_size, engine_kwargs)
+    if kv_cache_dtype is not None:
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the paged serving engine "
+                         "(longreach.engine.llm), which this build does not have")
+    if engine_kwargs:
+        raise ValueError(f"engine options {sorted(engine_kwargs)} need the paged serving engine "
+                         "(longreach.engine.llm), which this build does not have")
+    if isinstance(model, Path):
+        from longreach.model.loader import load_model
+        model = load_model(model, dtype=dtype, rope_scaling=rope_scaling)
+    elif rope_scaling is not None or dtype is not None:
+        raise ValueError("rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model")
+    stops = tuple(model.config.eos_token_ids) or tuple(stop_token_ids)
+    return _reference_generator(model, stops)
+
+
+class LocalBackend:
+    """Greedy generation on this machine.
+
+    model: a checkpoint directory (None: the bundled demo model), an `LLM`, or a loaded `LlamaForCausalLM`
+    (then pass `tokenizer`). rope_scaling: dict overriding the checkpoint's rope config. kv_cache_dtype and
+    engine_kwargs go to the paged engine (an error without one). max_model_len: the longest prompt + answer
+    the engine must accept; the runner raises it to its longest length (`ensure_max_len`).
+    The engine is built on first use, so `ensure_max_len` costs nothing before then; unless engine_kwargs
+    size its KV cache, it gets blocks for one batch of `batch_size` prompts of `max_model_len` tokens.
+    """
+
+    def __init__(self, model=None, *, tokenizer: Tokenizer | None = None, dtype: str | None = None,
+                 rope_scaling: dict | None = None, kv_cache_dtype: str | None = None,
+                 max_model_len: int | None = None, batch_size: int = 8, engine_kwargs: dict | None = None,
+                 name: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if model is None or isinstance(model, (str, Path)):
+            from longreach.model.bundled import resolve_model_path
+            model = resolve_model_path(None if model is None else str(model))
+            if not Path(model).is_dir():
+                raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
+        self._model = model
+        if tokenizer is None:
+            if not isinstance(model, Path):
+                raise ValueError("pass tokenizer= along with a model object")
+            from longreach.model.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(model)
+        self.tokenizer = tokenizer
+        self.name = name or (model.name if isinstance(model, Path) else type(model).__name__)
+        self.batch_size = batch_size
+        self.max_model_len = max_model_len
+        self._options = (dtype, rope_scaling, kv_cache_dtype, dict(engine_kwargs or {}))
+        self._generator: IdsGenerator | None = None
+        self.kind: str | None = None        # "engine" or "contiguous-cache generator" once built
+        if type(model).__name__ == "LLM":   # an engine built by the caller
+            from longreach.engine.llm import SamplingParams
+            self._generator, self.kind = _llm_runner(model, SamplingParams), "engine"
+
+    def ensure_max_len(self, num_tokens: int) -> None:
+        if self._generator is None or self.kind != "engine" or type(self._model).__name__ == "LLM":
+            self.max_model_len = max(self.max_model_len or 0, num_tokens)
+            return
+        if (self.max_model_len or 0) < num_tokens:   # the engine was sized for shorter prompts: rebuild it
+            self.max_model_len = num_tokens
+            self._generator = None
+
+    def _generate(self) -> IdsGenerator:
+        if self._generator is None:
+            dtype, rope_scaling, kv_cache_dtype, engine_kwargs = self._options
+            self._generator, self.kind = _local_generator(
+                self._model, self.tokenizer, dtype, rope_scaling, kv_cache_dtype, self.max_model_len, self.batch_size,
+                engine_kwargs, tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()))
+        return self._generator
+
+    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
+        generate = self._generate()
+        results: list[str | Exception] = []
+        for start in range(0, len(prompts), self.batch_size):
+            batch = [self.tokenizer.encode(p) for p in prompts[start:start + self.batch_size]]
+            try:
+                outputs: list[list[int] | Exception] = list(generate(batch, max_tokens))
+            except Exception:       # isolate the failing prompt(s): each is retried alone
+                outputs = []
+                for ids in batch:
+                    try:
+                        outputs.append(generate([ids], max_tokens)[0])
+                    except Exception as exc:
+                        outputs.append(exc)
+            results += [o if isinstance(o, Exception) else self.tokenizer.decode(o) for o in outputs]
+        return results
+
+    def close(self) -> None:
+        self._generator = None
+
+
+# ---------------------------------------------------------------- OpenAI-compatible endpoint
+
+
+def completions_url(url: str) -> str:
+    """'http://host:8000', '.../v1' or '.../v1/completions' -> the /v1/completions URL."""
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"endpoint {url!r} must start with http:// or https://")
+    url = url.rstrip("/")
+    if url.endswith("/v1/completions"):
+        return url
+    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
+
+
+class EndpointBackend:
+    """Greedy completions from an OpenAI-compatible server (ours, vLLM, a hosted API)."""
+
+    def __init__(self, url: str, *, api_key: str | None = None, model_name: str | None = None,
+                 tokenizer: Tokenizer | None = None, concurrency: int = 8, timeout: float = 600.0,
+                 retries: int = 2, backoff: float = 0.5, extra_body: dict | None = None):
+        if concurrency < 1:
+            raise ValueError(f"concurrency={concurrency} must be >= 1")
+        if timeout <= 0:
+            raise ValueError(f"timeout={timeout} must be > 0 seconds")
+        if retries < 0:
+            raise ValueError(f"retries={retries} must be >= 0")
+        self.url = completions_url(url)
+        self.api_key, self.concurrency, self.timeout, self.retries, self.backoff = (
+            api_key, concurrency, timeout, retries, backoff)
+        self.extra_body = dict(extra_body or {})
+        self.is_approximate_tokenizer = tokenizer is None
+        self.tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
+        self.model_name = model_name or self._discover_model()
+        self.name = self.model_name
+        self.kind = "endpoint"
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _discover_model(self) -> str:
+        models_url = self.url[: -len("/completions")] + "/models"
+        try:
+            with urllib.request.urlopen(urllib.request.Request(models_url, headers=self._headers()),
+                                        timeout=min(self.timeout, 30.0)) as response:
+                data = json.loads(response.read())
+            return str(data["data"][0]["id"])
+        except Exception as exc:
+            raise ValueError(f"could not list models at {models_url} ({type(exc).__name__}: {exc}); "
+                             "pass the served model's name (--model-name)") from None
+
+    def _post(self, body: dict) -> str:
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self._headers(),
+                                         method="POST")
+        with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            payload = response.read()
+        try:
+            return json.loads(payload)["choices"][0]["text"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise EndpointError(f"malformed response from {self.url}: {payload[:200]!r}") from exc
+
+    def _complete_one(self, prompt: str, max_tokens: int) -> str | Exception:
+        body = {"model": self.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                **self.extra_body}
+        error: Exception = EndpointError("no attempt made")
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                return self._post(body)
+            except urllib.error.HTTPError as exc:
+                detail = exc.read()[:300].decode("utf-8", errors="replace")
+                error = EndpointError(f"HTTP {exc.code} from {self.url}: {detail}")
+                if exc.code not in (408, 429) and exc.code < 500:
+                    return error                      # the request itself is wrong: retrying cannot help
+            except (TimeoutError, socket.timeout):
+                error = EndpointError(f"no answer from {self.url} within {self.timeout:g} s")
+            except urllib.error.URLError as exc:
+                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+                    error = EndpointError(f"no answer from {self.url} within {self.timeout:g} s")
+                else:
+                    error = EndpointError(f"cannot reach {self.url}: {exc.reason}")
+            except (OSError, http.client.HTTPException) as exc:
+                error = EndpointError(f"connection to {self.url} failed: {exc}")
+            except EndpointError as exc:
+                return exc
+        if self.retries:
+            error = EndpointError(f"{error} (after {self.retries + 1} attempts)")
+        return error
+
+    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(len(prompts), 1))) as pool:
+            return list(pool.map(lambda p: self._complete_one(p, max_tokens), prompts))
+
+    def close(self) -> None:
+        pass

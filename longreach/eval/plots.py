@@ -1,0 +1,112 @@
+"""Figures for the evaluation results (matplotlib, drawn off-screen without touching pyplot's global state).
+
+- `plot_heatmap(result, path)`: depth x length accuracy of one grid, as in the needle-in-a-haystack
+  repository (green = retrieved, red = missed, grey = no answer), each cell annotated with its percentage.
+- `plot_comparison(results, path)`: accuracy vs context length, one line per setting, with the threshold.
+- `plot_perplexity(results, path)`: perplexity vs context length, one line per setting (YaRN's Table 2 as a figure).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LinearSegmentedColormap
+from matplotlib.figure import Figure
+
+from longreach.eval.runner import GridResult, format_length
+
+# red (missed) -> amber -> green (retrieved); grey for cells with no answered sample
+RETRIEVAL_CMAP = LinearSegmentedColormap.from_list("retrieval", ["#c0392b", "#f39c12", "#f7dc6f", "#27ae60"])
+
+
+def _save(fig: Figure, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
+    """Depth (rows, 0% at the top) x length (columns) accuracy heatmap of one grid; returns the PNG path."""
+    depths, lengths = result.depths, result.lengths
+    acc = np.array([[np.nan if (a := result.accuracy(length, depth)) is None else 100.0 * a for length in lengths]
+                    for depth in depths])
+    fig = Figure(figsize=(min(3.2 + 0.85 * len(lengths), 16), min(2.2 + 0.42 * len(depths), 12)))
+    ax = fig.subplots()
+    cmap = RETRIEVAL_CMAP.with_extremes(bad="#bdbdbd")
+    image = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i, depth in enumerate(depths):
+        for j, length in enumerate(lengths):
+            errors = result.num_errors(length, depth)
+            text = "n/a" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0f}%"
+            if errors:
+                text += f"\n{errors} err"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+    ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
+    ax.set_xlabel("context length (tokens, K = 1024)")
+    if depths == [None]:
+        ax.set_yticks([0], ["whole context"])
+        ax.set_ylabel("(task has no needle depth)")
+    else:
+        ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
+        ax.set_ylabel("needle depth (% of the context)")
+    effective = result.effective_length()
+    if effective is not None and effective != lengths[-1]:   # mark where the effective context ends
+        ax.axvline(lengths.index(effective) + 0.5, color="black", linestyle="--", linewidth=1.2)
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    colorbar.set_label("accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed, grey = no answer",
+                       fontsize=8)
+    title = f"{result.task} — {result.model}" + (f" [{result.setting}]" if result.setting else "")
+    eff = ("below the shortest length" if effective is None else format_length(effective))
+    ax.set_title(f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%), "
+                 f"{result.num_samples} sample(s) per cell", fontsize=9)
+    return _save(fig, path)
+
+
+def _length_axis(ax, lengths: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(lengths), [format_length(n) for n in lengths])
+    ax.minorticks_off()
+    ax.set_xlabel("context length (tokens, K = 1024)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_comparison(results: Sequence[GridResult], path: str | os.PathLike) -> Path:
+    """Accuracy (%) vs context length, one line per setting, the effective-length threshold dashed."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    lengths = sorted({n for r in results for n in r.lengths})
+    for r in results:
+        points = [(n, a) for n, a in r.accuracy_by_length().items() if a is not None]
+        eff = r.effective_length()
+        label = f"{r.setting or r.model} (effective {format_length(eff) if eff else '—'})"
+        ax.plot([n for n, _ in points], [100 * a for _, a in points], marker="o", label=label)
+    threshold = 100 * results[0].threshold
+    ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold:g}%")
+    _length_axis(ax, lengths)
+    ax.set_ylim(-3, 103)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results[0].task}: accuracy vs context length")
+    ax.legend(fontsize=8, loc="lower left")
+    return _save(fig, path)
+
+
+def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
+    """Perplexity vs context length (log scale), one line per `PerplexityResult`."""
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    lengths = sorted({n for r in results for n in r.perplexity})
+    for r in results:
+        points = sorted((n, p) for n, p in r.perplexity.items() if p is not None and math.isfinite(p))
+        ax.plot([n for n, _ in points], [p for _, p in points], marker="o", label=r.setting)
+    _length_axis(ax, lengths)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale; lower is better)")
+    ax.set_title(f"perplexity of the same last {results[0].num_scored_tokens} tokens vs context length")
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,309 @@
+"""Run a task over a grid of context lengths x needle depths and report where retrieval stops working.
+
+    from longreach.eval.backends import LocalBackend
+    from longreach.eval.runner import run_grid, write_report, evaluate_passkey
+
+    result = run_grid(LocalBackend("ckpt/"), "niah", lengths=[1024, 2048], depths=[0, 50, 100], num_samples=4)
+    print(result.table())                 # depth x length accuracy, errors, effective context length
+    write_report(result, "out/")          # results.json, summary.txt, heatmap.png
+    evaluate_passkey("ckpt/", lengths=[512, 2048]).accuracy_by_length()
+
+Accuracy of a cell is the mean score of its answered samples (RULER's string-match scores); samples whose
+request failed are kept in results.json with their error, counted in the table, and left out of the
+accuracy (a cell with no answer at all has no accuracy and shows grey). The *effective context length*
+follows RULER: the longest tested length such that it and every shorter tested length score at least
+`threshold` (default 0.85).
+
+Several settings (rope scalings, KV dtypes, models) compare with `run_comparison` + `write_comparison`:
+one table and one accuracy-vs-length figure with a line per setting.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from longreach.eval.scoring import is_correct, score_output
+from longreach.eval.tasks import TASKS, make_sample
+
+
+_ANY_DEPTH = object()   # "all depths" (None is itself a depth: the one of tasks without a depth)
+
+
+@dataclass
+class SampleResult:
+    task: str
+    length: int
+    depth: float | None
+    index: int
+    expected: list[str]
+    got: str | None
+    score: float | None
+    correct: bool
+    error: str | None
+    num_prompt_tokens: int
+    needle_depths: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GridResult:
+    task: str
+    model: str
+    lengths: list[int]
+    depths: list[float | None]
+    num_samples: int
+    seed: int
+    threshold: float = 0.85
+    setting: str | None = None
+    backend: str | None = None
+    elapsed_s: float = 0.0
+    samples: list[SampleResult] = field(default_factory=list)
+
+    def _cell(self, length: int, depth: Any = _ANY_DEPTH) -> list[SampleResult]:
+        return [s for s in self.samples if s.length == length and (depth is _ANY_DEPTH or s.depth == depth)]
+
+    def accuracy(self, length: int, depth: Any = _ANY_DEPTH) -> float | None:
+        """Mean score of the answered samples at `length` (and `depth`, if given); None if none answered."""
+        scores = [s.score for s in self._cell(length, depth) if s.error is None]
+        return sum(scores) / len(scores) if scores else None
+
+    def num_errors(self, length: int, depth: Any = _ANY_DEPTH) -> int:
+        return sum(s.error is not None for s in self._cell(length, depth))
+
+    def accuracy_by_length(self) -> dict[int, float | None]:
+        return {length: self.accuracy(length) for length in self.lengths}
+
+    def effective_length(self, threshold: float | None = None) -> int | None:
+        """Longest length L such that every tested length <= L scores >= threshold (RULER); None if the first fails."""
+        threshold = self.threshold if threshold is None else threshold
+        effective = None
+        for length in sorted(self.lengths):
+            acc = self.accuracy(length)
+            if acc is None or acc < threshold:
+                break
+            effective = length
+        return effective
+
+    def table(self) -> str:
+        """Depth x length accuracy (percent), a mean row, an errors row and the effective length."""
+        head = f"{self.task} — {self.model}" + (f" [{self.setting}]" if self.setting else "")
+        label_width = max(len("depth \\ length"), 8)
+        cols = [format_length(length) for length in self.lengths]
+        width = max(7, *(len(c) + 2 for c in cols))
+        lines = [head, "depth \\ length".ljust(label_width) + "".join(c.rjust(width) for c in cols)]
+        for depth in self.depths:
+            label = "whole context" if depth is None else f"{depth:g}%"
+            lines.append(label.ljust(label_width) + "".join(
+                _pct(self.accuracy(length, depth)).rjust(width) for length in self.lengths))
+        if len(self.depths) > 1:
+            lines.append("mean".ljust(label_width) + "".join(
+                _pct(self.accuracy(length)).rjust(width) for length in self.lengths))
+        if any(s.error for s in self.samples):
+            lines.append("errors".ljust(label_width) + "".join(
+                str(self.num_errors(length)).rjust(width) for length in self.lengths))
+        lines.append(effective_length_line(self.effective_length(), self.threshold))
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "samples"}
+        out["effective_length"] = self.effective_length()
+        out["accuracy_by_length"] = {str(k): v for k, v in self.accuracy_by_length().items()}
+        out["num_errors"] = sum(s.error is not None for s in self.samples)
+        out["samples"] = [asdict(s) for s in self.samples]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GridResult":
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "samples"}
+        return cls(**fields, samples=[SampleResult(**s) for s in data.get("samples", [])])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "GridResult":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def format_length(num_tokens: int) -> str:
+    """1024 -> '1K', 1536 -> '1.5K', 1000 -> '1000' (K = 1024, as the lengths are given)."""
+    if num_tokens >= 1024 and (num_tokens * 2) % 1024 == 0:
+        return f"{num_tokens / 1024:g}K"
+    return str(num_tokens)
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.0f}%"
+
+
+def effective_length_line(effective: int | None, threshold: float) -> str:
+    if effective is None:
+        return f"effective context length: below the shortest length tested (accuracy < {100 * threshold:g}%)"
+    return (f"effective context length: {format_length(effective)} ({effective} tokens; accuracy >= "
+            f"{100 * threshold:g}% at every length up to it)")
+
+
+def _as_backend(model_or_backend, **backend_kwargs):
+    if hasattr(model_or_backend, "complete") and hasattr(model_or_backend, "tokenizer"):
+        return model_or_backend
+    from longreach.eval.backends import LocalBackend
+    return LocalBackend(model_or_backend, **backend_kwargs)
+
+
+def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float] | None = None,
+             num_samples: int = 1, seed: int = 0, haystack: Sequence[str | os.PathLike] | None = None,
+             max_new_tokens: int | None = None, batch_size: int = 16, threshold: float = 0.85,
+             progress: bool = True, setting: str | None = None) -> GridResult:
+    """Generate every (length, depth, sample) prompt of `task`, answer it through `backend`, score it.
+
+    backend: a `Backend` (`LocalBackend`, `EndpointBackend`), or a model directory / model object for a
+    `LocalBackend`. lengths: context lengths in tokens (prompt + answer budget). depths: percentages
+    (ignored, and recorded as None, for tasks without a depth). Prompts go to the backend in batches of
+    `batch_size`, shortest lengths first; a tqdm bar on stderr shows progress unless `progress=False`.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
+    backend = _as_backend(backend)
+    lengths = sorted(set(int(n) for n in lengths))
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"lengths {lengths} must be positive token counts")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be a fraction in (0, 1]")
+    spec = TASKS[task]
+    grid_depths: list[float | None] = ([float(d) for d in (depths if depths is not None else (0, 25, 50, 75, 100))]
+                                       if spec.uses_depth else [None])
+    for depth in grid_depths:
+        if depth is not None and not 0.0 <= depth <= 100.0:
+            raise ValueError(f"depth {depth} must be a percentage in [0, 100]")
+    budget = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if hasattr(backend, "ensure_max_len"):
+        backend.ensure_max_len(max(lengths))
+    result = GridResult(task=task, model=backend.name, lengths=lengths, depths=grid_depths,
+                        num_samples=num_samples, seed=seed, threshold=threshold, setting=setting,
+                        backend=getattr(backend, "kind", None))
+    cells = [(length, depth, index) for length in lengths for depth in grid_depths for index in range(num_samples)]
+    bar = _progress_bar(len(cells), f"{task}" + (f" [{setting}]" if setting else ""), progress)
+    start = time.perf_counter()
+    try:
+        for first in range(0, len(cells), batch_size):
+            samples = [make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
+                       for length, depth, index in cells[first:first + batch_size]]
+            outputs = backend.complete([s.prompt for s in samples], budget)
+            for sample, output in zip(samples, outputs):
+                result.samples.append(_score(sample, output))
+            bar.update(len(samples))
+            bar.set_postfix_str(f"{format_length(samples[-1].length)} acc "
+                                f"{_pct(result.accuracy(samples[-1].length))}", refresh=False)
+    finally:
+        bar.close()
+    result.elapsed_s = round(time.perf_counter() - start, 3)
+    result.backend = getattr(backend, "kind", None)
+    return result
+
+
+def _score(sample, output: str | Exception) -> SampleResult:
+    common = dict(task=sample.task, length=sample.length, depth=sample.depth, index=sample.index,
+                  expected=list(sample.expected), num_prompt_tokens=sample.num_prompt_tokens,
+                  needle_depths=[round(d, 2) for d in sample.needle_depths])
+    if isinstance(output, Exception):
+        return SampleResult(**common, got=None, score=None, correct=False,
+                            error=f"{type(output).__name__}: {output}")
+    score = score_output(output, sample.expected, sample.scoring)
+    return SampleResult(**common, got=output, score=score, correct=is_correct(score), error=None)
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, dynamic_ncols=True)
+
+
+def evaluate_passkey(model_or_backend, lengths: Sequence[int], depths: Sequence[float] = (0, 25, 50, 75, 100),
+                     num_samples: int = 5, seed: int = 0, **kwargs) -> GridResult:
+    """Passkey retrieval over lengths x depths (YaRN / Landmark template); see `run_grid` for the arguments."""
+    return run_grid(model_or_backend, "passkey", lengths, depths, num_samples=num_samples, seed=seed, **kwargs)
+
+
+def write_report(result: GridResult, out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """results.json, summary.txt (the table) and, with plot, heatmap.png in out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"results": result.save(out_dir / "results.json")}
+    (out_dir / "summary.txt").write_text(result.table() + "\n")
+    paths["summary"] = out_dir / "summary.txt"
+    if plot:
+        from longreach.eval.plots import plot_heatmap
+        paths["heatmap"] = plot_heatmap(result, out_dir / "heatmap.png")
+    return paths
+
+
+# ---------------------------------------------------------------- comparison
+
+
+def run_comparison(settings: dict[str, Callable[[], Any]], task: str, lengths: Sequence[int],
+                   **grid_kwargs) -> list[GridResult]:
+    """One grid per setting. settings: name -> zero-argument factory of a backend (built, run and
+    closed one at a time, so only one model is in memory)."""
+    if not settings:
+        raise ValueError("no settings to compare")
+    results = []
+    for name, make_backend in settings.items():
+        backend = make_backend()
+        try:
+            results.append(run_grid(backend, task, lengths, setting=name, **grid_kwargs))
+        finally:
+            if hasattr(backend, "close"):
+                backend.close()
+    return results
+
+
+def comparison_table(results: Sequence[GridResult]) -> str:
+    """Rows: settings; columns: lengths (mean accuracy) and the effective length."""
+    lengths = sorted({length for r in results for length in r.lengths})
+    names = [r.setting or r.model for r in results]
+    name_width = max(len("setting"), *(len(n) for n in names)) + 2
+    cols = [format_length(length) for length in lengths]
+    width = max(7, *(len(c) + 2 for c in cols))
+    task = results[0].task
+    lines = [f"{task}: accuracy by context length (threshold {100 * results[0].threshold:g}%)",
+             "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols) + "effective".rjust(12)]
+    for name, r in zip(names, results):
+        accs = r.accuracy_by_length()
+        eff = r.effective_length()
+        lines.append(name.ljust(name_width) + "".join(_pct(accs.get(length)).rjust(width) for length in lengths)
+                     + (format_length(eff) if eff else "—").rjust(12))
+    return "\n".join(lines)
+
+
+def write_comparison(results: Sequence[GridResult], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+    """Per setting a subdirectory with its own report; comparison.json / .txt / .png at the top."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for r in results:
+        write_report(r, out_dir / _slug(r.setting or r.model), plot=plot)
+    table = comparison_table(results)
+    (out_dir / "comparison.txt").write_text(table + "\n")
+    summary = [{"setting": r.setting or r.model, "model": r.model, "effective_length": r.effective_length(),
+                "accuracy_by_length": {str(k): v for k, v in r.accuracy_by_length().items()},
+                "results": f"{_slug(r.setting or r.model)}/results.json"} for r in results]
+    (out_dir / "comparison.json").write_text(json.dumps({"task": results[0].task, "threshold": results[0].threshold,
+                                                         "settings": summary}, indent=1) + "\n")
+    paths = {"table": out_dir / "comparison.txt", "results": out_dir / "comparison.json"}
+    if plot:
+        from longreach.eval.plots import plot_comparison
+        paths["plot"] = plot_comparison(results, out_dir / "comparison.png")
+    return paths
+
+
+def _slug(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-")
+    return keep or "setting"
