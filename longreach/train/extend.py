@@ -116,13 +116,17 @@ def rewrite_only(args: argparse.Namespace) -> Path:
     """--max-steps 0: the checkpoint with its new rope config and unchanged weights (stored dtype kept)."""
     from longreach.model.loader import resolve_dtype, save_model
     from longreach.train.config import ModelSource
+    from longreach.train.parallel import DistInfo
     from longreach.train.trainer import build_training_model, resolve_tokenizer
 
+    out = Path(_default_output(args)) / "final"
+    if not DistInfo.from_env().is_main:   # under torchrun, one writer is enough
+        return out
     model = build_training_model(ModelSource(path=str(args.model), overrides=_rewrite(args)), "cpu")
     stored = model.config.hf_config.get("torch_dtype") or model.config.hf_config.get("dtype")
     if stored in ("float16", "bfloat16"):
         model = model.to(resolve_dtype(stored))
-    out = save_model(model, Path(_default_output(args)) / "final")
+    save_model(model, out)
     try:
         resolve_tokenizer(args.tokenizer, str(args.model)).save_pretrained(out)
     except ValueError:
