@@ -145,7 +145,8 @@ def _fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
-    q_ptrs = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+    q_rows = q_start.to(tl.int64) + offs_m[:, None]                                    # int64: long documents
+    q_ptrs = Q + q_rows * stride_qt + head * stride_qh + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)   # (BLOCK_M, BLOCK_D)
     k_ptrs = (K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
               + tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :])
@@ -170,7 +171,7 @@ def _fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k,
     l_safe = tl.where(is_empty, 1.0, l_i)
     out = acc / l_safe[:, None]
     lse = tl.where(is_empty, float("-inf"), (m_i + tl.math.log2(l_safe)) / 1.4426950408889634)
-    o_ptrs = Out + q_start.to(tl.int64) * stride_ot + head * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    o_ptrs = Out + q_rows * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + head.to(tl.int64) * stride_lh + q_start + offs_m, lse, mask=row_ok)
 
@@ -461,6 +462,8 @@ def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, softmax_scale, causal, window_le
     batch = cu_q.numel() - 1
     out = torch.empty_like(q)                                                       # (total_q, Hq, D)
     lse = torch.empty(num_heads, total_q, dtype=torch.float32, device=q.device)     # (Hq, total_q)
+    if total_q == 0 or max_seqlen_q == 0 or batch == 0:                             # nothing to launch
+        return out.zero_(), lse.fill_(float("-inf"))
     grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)  # noqa: E731
     _FWD(grid, Q=q, K=k, V=v, Out=out, Lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
          stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
@@ -476,6 +479,8 @@ def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, sof
     num_kv_heads = k.shape[1]
     batch = cu_q.numel() - 1
     block_d = max(16, triton.next_power_of_2(head_dim))
+    if total_q == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or batch == 0:     # no query sees a key
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = torch.empty_like(lse)                                                   # (Hq, total_q)
     _bwd_preprocess[(triton.cdiv(total_q, 64), num_heads)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), total_q,
