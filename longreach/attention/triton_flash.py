@@ -27,7 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.runtime.errors import OutOfResources
+from triton.runtime import errors as _triton_errors
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 AUTOTUNE = not INTERPRET and os.environ.get("LONGREACH_TRITON_AUTOTUNE", "1") != "0"
@@ -36,6 +36,9 @@ LOG2E = 1.4426950408889634
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this; keeps every index sum inside int32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _NO_SPECIALIZE = ["window_left", "window_right", "group", "total_q"]
+# errors a too-large config raises when compiled or loaded (PTXASError exists from triton 3.2 on)
+_CONFIG_ERRORS = tuple(getattr(_triton_errors, name) for name in ("OutOfResources", "PTXASError")
+                       if hasattr(_triton_errors, name)) + (RuntimeError,)
 
 
 # ----------------------------------------------------------------------------- band arithmetic
@@ -428,15 +431,21 @@ class Launcher:
             return
         key = tuple(kwargs[k] for k in self.key) + tuple(
             str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor))
-        candidates = [self.chosen[key]] if key in self.chosen else self._prune(self.configs, {}, **kwargs)
-        for config in candidates:
-            try:
+        if key in self.chosen:
+            config = self.chosen[key]
+            self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            return
+        first_error = None
+        for config in self._prune(self.configs, {}, **kwargs):
+            try:  # shared memory or registers the estimate missed fail at compile time: try the next config
                 self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-            except OutOfResources:
+            except _CONFIG_ERRORS as e:
+                first_error = first_error or e
                 continue
             self.chosen[key] = config
             return
-        raise RuntimeError(f"no config of {getattr(self.fn, '__name__', 'kernel')} fits {dict(zip(self.key, key))} on this GPU")
+        raise RuntimeError(f"no config of {getattr(self.fn, '__name__', 'kernel')} compiles for "
+                           f"{dict(zip(self.key, key))}") from first_error
 
 
 def _attention_launcher(kind, fn, configs):

@@ -93,6 +93,31 @@ def test_every_head_dim_and_dtype_has_a_fitting_config(kind, configs):
             assert any(triton_flash._fits(kind, c, block_d, elt) for c in configs), (kind, block_d, elt)
 
 
+def test_launcher_falls_back_to_the_next_config_and_remembers_it(monkeypatch):
+    # the GPU path without autotuning: first config that compiles, cached per key (checked with a fake kernel)
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            def launch(**kwargs):
+                if kwargs["BLOCK_M"] > 32:
+                    raise OutOfResources(300000, 232448, "shared memory")
+                launched.append((grid, kwargs["BLOCK_M"], kwargs["num_warps"]))
+            return launch
+
+    monkeypatch.setattr(triton_flash, "INTERPRET", False)
+    monkeypatch.setattr(triton_flash, "AUTOTUNE", False)
+    configs = [triton_flash._config(128, 64, 8, 3), triton_flash._config(64, 64, 4, 2), triton_flash._config(32, 32, 4, 1)]
+    launcher = triton_flash.Launcher(FakeKernel(), configs, ["BLOCK_D"], lambda c, a: c.kwargs["BLOCK_M"] < 128, {})
+    q = torch.empty(1, 1, 16)
+    launcher((1,), Q=q, BLOCK_D=16)
+    launcher((2,), Q=q, BLOCK_D=16)
+    assert launched == [((1,), 32, 4), ((2,), 32, 4)]
+    assert list(launcher.chosen.values()) == [configs[2]]
+
+
 @pytest.mark.parametrize("change,match", [
     (dict(q=torch.randn(8, 2, 300)), "head dim"),
     (dict(q=torch.randn(8, 3, 32)), "multiple of KV heads"),
