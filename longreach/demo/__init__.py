@@ -1,0 +1,61 @@
+"""`longreach demo`: the bundled demo model — train it, extend it, reproduce the extension experiment, tour.
+
+    longreach demo                      # the two-minute tour on CPU (kv-size, passkey heatmap, extension table)
+    longreach demo train --export DIR   # the base model from scratch (recipes/demo.toml), exported in bf16
+    longreach demo extend --base DIR --export DIR   # YaRN x8 + continued pretraining at 4x the base length
+    longreach demo experiment --base DIR --extended DIR   # the table + plot of docs/extension.md
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="demo_verb", metavar="STEP")
+    sub.add_parser("tour", help="the two-minute tour (default)")
+    p = sub.add_parser("train", help="train the base demo model from scratch with recipes/demo.toml")
+    p.add_argument("--run-dir", default="runs/demo", help="corpus, checkpoints and logs (default: runs/demo)")
+    p.add_argument("--max-steps", type=int, help="override the recipe's step count")
+    p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser("extend", help="YaRN + continued pretraining of the base model")
+    p.add_argument("--base", required=True, help="the base model directory")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--factor", type=float, default=8.0)
+    p.add_argument("--seq-len", type=int, default=2048, help="continued-pretraining length (default 2048 = 4x)")
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser("experiment", help="evaluate no scaling / PI / NTK / dynamic NTK / YaRN / YaRN+training")
+    p.add_argument("--base", help="base model (default: runs/demo/base-bf16)", default="runs/demo/base-bf16")
+    p.add_argument("--extended", help="extended model (default: the bundled model)")
+    p.add_argument("--samples", type=int, default=10, help="passkey samples per length (default 10)")
+    p.add_argument("--multiples", default="1,2,4,8,16", help="lengths as multiples of the base training length")
+    p.add_argument("--out", default="docs", help="where extension.md and its plot go (default: docs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    verb = args.demo_verb or "tour"
+    if verb == "train":
+        from longreach.demo.train import export_bf16, train_base
+
+        final = train_base(args.run_dir, args.max_steps, overrides=args.overrides)
+        if args.export:
+            print(f"exported: {export_bf16(final, args.export)}")
+        return 0
+    if verb == "extend":
+        from longreach.demo.train import export_bf16, extend_base
+
+        final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr,
+                            overrides=args.overrides)
+        if args.export:
+            print(f"exported: {export_bf16(final, args.export)}")
+        return 0
+    if verb == "experiment":
+        from longreach.demo.experiment import run_experiment
+
+        return run_experiment(args)
+    from longreach.demo.tour import tour
+
+    return tour()

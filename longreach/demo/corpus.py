@@ -1,0 +1,102 @@
+"""The synthetic corpus the bundled demo model is trained on.
+
+Readable filler prose plus in-context retrieval tasks (passkey, key-value lookup, variable
+tracking), so a few-million-parameter byte-level model learns to find and copy facts from its
+context — the skill every long-context evaluation measures. Deterministic from a seed.
+The passkey documents use the Landmark-attention / YaRN template, the same one `longreach eval
+passkey` asks with.
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Iterator
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+_SUBJECTS = ["The old sailor", "A small robot", "My neighbour", "The teacher", "A quiet fox", "The river",
+             "Every morning the baker", "The young pilot", "A tired student", "The city"]
+_VERBS = ["watched", "carried", "remembered", "painted", "followed", "counted", "opened", "found", "built", "sang to"]
+_OBJECTS = ["the lighthouse", "a basket of apples", "the northern road", "seven blue stones", "the last train",
+            "an old map", "the garden gate", "a paper boat", "the evening stars", "a wooden bridge"]
+_ENDINGS = ["before dawn.", "in the rain.", "without a word.", "for a long time.", "near the harbour.",
+            "after lunch.", "with great care.", "once again.", "under the bridge.", "at the end of the day."]
+
+
+def prose(rng: random.Random, num_bytes: int) -> str:
+    """Grammatical filler sentences, about num_bytes long."""
+    out, size = [], 0
+    while size < num_bytes:
+        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)} "
+        out.append(sentence)
+        size += len(sentence)
+    return "".join(out)
+
+
+def _haystack(rng: random.Random, num_bytes: int) -> str:
+    """Filler of about num_bytes, ending on a sentence boundary."""
+    if rng.random() < 0.6:
+        text = (PASSKEY_FILLER * (num_bytes // len(PASSKEY_FILLER) + 1))[:num_bytes]
+    else:
+        text = prose(rng, num_bytes)[:num_bytes]
+    return text[:text.rfind(". ") + 2]
+
+
+def _insert_at_sentence(haystack: str, needle: str, depth: float) -> str:
+    cut = int(len(haystack) * depth)
+    stop = haystack.rfind(". ", 0, cut)
+    cut = 0 if stop < 0 else stop + 2
+    return haystack[:cut] + needle + haystack[cut:]
+
+
+def passkey_doc(rng: random.Random, num_bytes: int) -> str:
+    key = rng.randint(10000, 99999)
+    needle = PASSKEY_LINE.format(key=key)
+    body = _insert_at_sentence(_haystack(rng, max(num_bytes - len(needle) - 50, 0)), needle, rng.random())
+    return f"{body}{PASSKEY_QUESTION} {key}."
+
+
+def kv_doc(rng: random.Random, num_bytes: int) -> str:
+    alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pairs, size = {}, 0
+    while size < num_bytes - 60:
+        key = "".join(rng.choice(alphabet) for _ in range(4))
+        pairs[key] = rng.randint(1000, 9999)
+        size += 22
+    key = rng.choice(list(pairs))
+    records = " ".join(f"key {k} = {v}." for k, v in pairs.items())
+    return f"Records: {records} Question: what is the value of key {key}? Answer: {pairs[key]}."
+
+
+def variable_doc(rng: random.Random, num_bytes: int) -> str:
+    value = rng.randint(100, 999)
+    names = rng.sample([chr(c) + chr(d) for c in range(65, 91) for d in range(65, 91)], 4)
+    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = {names[i - 1]}." for i in range(1, len(names))]
+    # filler between the statements, in order: the chain must be read front to back
+    parts = [prose(rng, max(num_bytes - 120, 0) // len(chain)) if num_bytes > 200 else "" for _ in chain]
+    text = "".join(part + statement + " " for part, statement in zip(parts, chain))
+    return f"{text}Question: what is the value of VAR {names[-1]}? Answer: {value}."
+
+
+def documents(seed: int, max_bytes: int, min_bytes: int = 64) -> Iterator[str]:
+    """An endless, seeded stream of documents of up to max_bytes bytes."""
+    rng = random.Random(seed)
+    makers = [(passkey_doc, 0.45), (kv_doc, 0.2), (variable_doc, 0.15), (prose, 0.2)]
+    while True:
+        num_bytes = rng.randint(min_bytes, max_bytes)
+        maker = rng.choices([m for m, _ in makers], weights=[w for _, w in makers])[0]
+        yield maker(rng, num_bytes)[:max_bytes] if maker is prose else maker(rng, num_bytes)
+
+
+def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int) -> Path:
+    """JSONL with a `text` field per line: what `longreach train` reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stream = documents(seed, max_bytes)
+    with open(path, "w") as f:
+        for _ in range(num_docs):
+            f.write(json.dumps({"text": next(stream)}) + "\n")
+    return path

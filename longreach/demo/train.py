@@ -1,0 +1,69 @@
+"""Train the bundled demo model from scratch (`recipes/demo.toml`) and extend it (YaRN + continued pretraining).
+
+Both steps write their corpus first (seeded, longreach/demo/corpus.py), then run the ordinary trainer
+and `longreach extend`: nothing here is special to the demo but the data and the recipe.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from longreach.demo.corpus import write_corpus
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.toml"
+BASE_SEQ_LEN = 512
+
+
+def corpus_for(run_dir: Path, seq_len: int, num_docs: int, seed: int) -> Path:
+    """A corpus whose documents fit in seq_len tokens (byte tokenizer: one token per byte, plus bos/eos)."""
+    path = Path(run_dir) / f"corpus-{seq_len}.jsonl"
+    if not path.is_file():
+        write_corpus(path, num_docs=num_docs, seed=seed, max_bytes=seq_len - 8)
+    return path
+
+
+def export_bf16(src: str | Path, dst: str | Path) -> Path:
+    """Re-save a checkpoint in bf16 with its tokenizer: the form the package ships (half the bytes)."""
+    from longreach.model.loader import load_model, save_model
+    from longreach.model.tokenizer import load_tokenizer
+
+    model = load_model(src, dtype=torch.bfloat16)
+    out = save_model(model, dst)
+    load_tokenizer(src).save_pretrained(out)
+    return out
+
+
+def train_base(run_dir: str | Path = "runs/demo", max_steps: int | None = None, num_docs: int = 200_000,
+               overrides: list[str] = ()) -> Path:
+    """Train the base model at 512 tokens; returns the exported (fp32) Hugging Face directory."""
+    from longreach.train.config import TrainConfig
+    from longreach.train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    corpus = corpus_for(run_dir, BASE_SEQ_LEN, num_docs, seed=0)
+    extra = [f'data.paths=["{corpus}"]', f'checkpoint.output_dir="{run_dir / "base"}"']
+    if max_steps is not None:
+        extra += [f"schedule.max_steps={max_steps}", f"schedule.warmup_steps={min(150, max_steps // 10)}"]
+    Trainer(TrainConfig.from_toml(RECIPE, extra + list(overrides))).train()
+    return run_dir / "base" / "final"
+
+
+def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: float = 8.0, seq_len: int = 2048,
+                max_steps: int = 200, num_docs: int = 40_000, lr: float = 5e-4, batch_size: int = 32,
+                overrides: list[str] = ()) -> Path:
+    """YaRN x factor on the base model, then continued pretraining at seq_len through `longreach extend`."""
+    from longreach.cli import main as cli
+
+    run_dir = Path(run_dir)
+    corpus = corpus_for(run_dir, seq_len, num_docs, seed=1)
+    out = run_dir / f"yarn-{factor:g}x"
+    argv = ["extend", "--model", str(base), "--rope", "yarn", "--factor", f"{factor:g}", "--seq-len", str(seq_len),
+            "--data", str(corpus), "--max-steps", str(max_steps), "--lr", str(lr), "--batch-size", str(batch_size),
+            "--micro-batch-size", str(batch_size), "--output", str(out), "--tokenizer", "byte",
+            "--set", "training.activation_checkpointing=false", "--set", "training.log_every=10"]
+    for item in overrides:
+        argv += ["--set", item]
+    if cli(argv) != 0:
+        raise RuntimeError(f"longreach extend failed: {' '.join(argv)}")
+    return out / "final"
