@@ -61,7 +61,8 @@ def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: flo
     argv = ["extend", "--model", str(base), "--rope", "yarn", "--factor", f"{factor:g}", "--seq-len", str(seq_len),
             "--data", str(corpus), "--max-steps", str(max_steps), "--lr", str(lr), "--batch-size", str(batch_size),
             "--micro-batch-size", str(batch_size), "--output", str(out), "--tokenizer", "byte",
-            "--set", "training.activation_checkpointing=false", "--set", "training.log_every=10"]
+            "--set", "training.activation_checkpointing=false", "--set", "training.log_every=10",
+            "--set", "data.add_bos=false"]
     for item in overrides:
         argv += ["--set", item]
     if cli(argv) != 0:
