@@ -109,7 +109,7 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens
             raise ValueError(f"block_table[{b}] points outside the cache's {k_cache.shape[0]} blocks")
         k = k_cache[blocks, pos % block_size].float()                       # (n, Hkv, D)
         v = v_cache[blocks, pos % block_size].float()
-        qb = q[b].float().view(num_kv_heads, group, head_dim)                # (Hkv, G, D)
+        qb = q[b].float().reshape(num_kv_heads, group, head_dim)             # (Hkv, G, D)
         scores = torch.einsum("hgd,nhd->hgn", qb, k) * scale                 # (Hkv, G, n)
         lse_b = torch.logsumexp(scores, dim=-1)                              # (Hkv, G)
         probs = torch.exp(scores - lse_b[..., None])

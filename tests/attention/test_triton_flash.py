@@ -37,7 +37,7 @@ CPU_GRID = [
     (64, [64, 64], [64, 64], MQA, CAUSAL, F16), (64, [203], [113], GQA, CAUSAL, F32),
     (64, [128], [217], MHA, FULL, F32), (64, [100], [100], MHA, DIAGONAL, F16),
     (80, [113], [203], GQA, CAUSAL_WINDOW, F32), (80, *DOCS_A, GQA, CAUSAL, F16),
-    (80, [128], [217], MQA, WINDOW, F16),
+    (80, [128], [217], MQA, WINDOW, F16), (8, [40], [57], GQA, CAUSAL_WINDOW, F16),
 ]
 
 
