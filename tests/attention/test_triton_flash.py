@@ -67,7 +67,10 @@ def _check_case(head_dim, seqlens_q, seqlens_k, heads, mask, dtype, seed=0):
     got = run(ours, q, k, v, dout)
     truth, same = truth_and_same_precision(q, k, v, dout, reference_varlen(cu_q, cu_k, causal=causal,
                                                                            window_size=window))
-    check_all(_case_id((head_dim, seqlens_q, seqlens_k, heads, mask, dtype)), got, truth, same)
+    # FlashAttention's tests allow gradients 2-3x; 3x only below the documented 32..256 head dims, where a
+    # dot over 8 products leaves the same-precision reference's own gradient error unusually small
+    grad_factor = 3.0 if head_dim < 16 else 2.0
+    check_all(_case_id((head_dim, seqlens_q, seqlens_k, heads, mask, dtype)), got, truth, same, grad_factor)
 
 
 @pytest.mark.parametrize("case", CPU_GRID, ids=_case_id)
