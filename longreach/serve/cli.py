@@ -1,0 +1,189 @@
+"""`longreach serve [MODEL]`: the OpenAI-compatible server (flags follow `vllm serve`).
+
+    longreach serve path/to/checkpoint --port 8000 --api-key secret --max-model-len 32768
+    curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"model": "path/to/checkpoint", "prompt": "The pass key is", "max_tokens": 16}'
+
+Without MODEL it serves the demo model bundled with the package. Bad flags and unusable checkpoints end
+with one line on stderr and exit status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import os
+import re
+import sys
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+class CLIError(Exception):
+    """A bad flag or an unusable model: printed as one line, exit status 2."""
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MB', '1e9', '123' -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes, or a number with a unit "
+                                         f"such as 512MiB, 4GiB, 8GB")
+    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535 (0 picks a free port)")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="Hugging Face checkpoint directory (default: the demo model bundled with the package)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    parser.add_argument("--api-key", default=os.environ.get("LONGREACH_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $LONGREACH_API_KEY, else none)")
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="name(s) clients use in 'model' (default: MODEL as given, or 'longreach-demo')")
+    parser.add_argument("--max-model-len", type=_positive_int, default=None,
+                        help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
+    parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
+    parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    parser.add_argument("--kv-cache-dtype", default="auto",
+                        help="KV-cache storage: auto (the model dtype) or a quantized/other dtype the engine "
+                             "supports (bf16, fp16, fp32, int8, int4)")
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                        help="share the KV blocks of identical prompt prefixes (default on)")
+    parser.add_argument("--rope-scaling", default=None,
+                        help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4, '
+                             '"original_max_position_embeddings": 8192}\'')
+    parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests per step (default 256)")
+    parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
+                        help="tokens per step; longer prompts are prefilled in chunks (default 2048)")
+    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
+                        help="bytes for the KV cache, e.g. 4GiB (default: a fraction of the free memory)")
+    parser.add_argument("--num-kv-blocks", type=_positive_int, default=None,
+                        help="exact number of KV blocks (overrides --kv-cache-memory)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+    parser.add_argument("--max-request-bytes", type=parse_size, default=None,
+                        help="largest request body; bigger ones get 413 (default 8MiB)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="on SIGTERM, seconds in-flight requests may still run before they are aborted "
+                             "(default 30)")
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def parse_rope_scaling(text: str | None) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CLIError(f"--rope-scaling is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"--rope-scaling must be a JSON object, got {text!r}")
+    return value
+
+
+def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
+    """Pass --kv-cache-dtype to the engine when it takes one; 'auto' needs nothing. A value the engine
+    cannot store is refused here, with the accepted values."""
+    if value is None or value == "auto":
+        return {}
+    accepted = ("auto",)
+    try:
+        from longreach.kvcache.quant import KV_CACHE_DTYPES
+        accepted = tuple(KV_CACHE_DTYPES)
+    except ImportError:
+        pass
+    if value not in accepted:
+        raise CLIError(f"--kv-cache-dtype {value!r} is not supported; accepted: {', '.join(accepted)}")
+    if "kv_cache_dtype" not in inspect.signature(llm_cls).parameters:
+        raise CLIError(f"--kv-cache-dtype {value!r}: this build's engine stores the KV cache in the model dtype "
+                       "only; accepted: auto")
+    return {"kv_cache_dtype": value}
+
+
+def build_app(args):
+    """(app, served model names) from parsed arguments; CLIError for anything the user must fix."""
+    import torch
+
+    from longreach.engine.llm import LLM
+    from longreach.model.bundled import resolve_model_path
+    from longreach.serve.server import DEFAULT_MAX_REQUEST_BYTES, create_app
+
+    if args.shutdown_timeout < 0:
+        raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
+    rope_scaling = parse_rope_scaling(args.rope_scaling)
+    kv_kwargs = kv_cache_dtype_kwargs(args.kv_cache_dtype, LLM)
+    try:
+        path = resolve_model_path(args.model)
+    except FileNotFoundError as exc:
+        raise CLIError(str(exc)) from None
+    if not path.is_dir():
+        raise CLIError(f"{path}: no such checkpoint directory")
+    names = args.served_model_name or [args.model if args.model is not None else "longreach-demo"]
+    torch.set_grad_enabled(False)
+    try:
+        llm = LLM(path, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+                  block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
+                  enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, rope_scaling=rope_scaling, seed=args.seed,
+                  **kv_kwargs)
+    except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
+        raise CLIError(f"cannot serve {str(path)!r}: {exc}") from None
+    app = create_app(llm.engine, names, api_key=args.api_key or None,
+                     max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
+    return app, names
+
+
+def main(args) -> int:
+    try:
+        app, names = build_app(args)
+    except CLIError as exc:
+        print(f"longreach serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    import uvicorn
+
+    from longreach.serve.server import Server
+
+    def announce(server: Server) -> None:
+        host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        url = f"http://{host}:{server.bound_port}"
+        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        print(f"longreach serve: serving {names[0]!r} at {url}/v1 (metrics at {url}/metrics)\n"
+              f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{names[0]}\", \"prompt\": \"The pass key is\", \"max_tokens\": 16}}'",
+              file=sys.stderr, flush=True)
+
+    logging.getLogger("longreach").setLevel(args.log_level.upper())
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
+    server = Server(config, shutdown_timeout=args.shutdown_timeout, on_started=announce)
+    try:
+        server.run()
+    except SystemExit as exc:            # uvicorn exits 1 when it cannot bind the port (already logged)
+        return int(exc.code or 1)
+    return 0 if server.started else 1

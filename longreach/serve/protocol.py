@@ -1,0 +1,247 @@
+"""OpenAI request and response shapes (the Completions and Chat Completions APIs), as pydantic models.
+
+Requests are validated strictly (a string where a number belongs is an error, not coerced), unknown fields
+are ignored as OpenAI's own server does, and vLLM's sampling extensions (`top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`) are accepted. Responses are plain dicts
+built by the helpers at the bottom, in the field order OpenAI returns them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MAX_N = 128                   # choices per prompt
+MAX_LOGPROBS = 20             # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_from_validation(exc: ValidationError) -> APIError:
+    """The first problem of a pydantic error as a 400 naming the field (`param`) and what it accepts."""
+    err = exc.errors(include_url=False)[0]
+    path = [str(p) for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p)]
+    param = ".".join(path) or None
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "missing":
+        message = f"'{param}' is a required property"
+    elif param and not message.startswith(param.split(".")[-1]):
+        got = err.get("input")
+        message = f"{param}: {message}" + (f" (got {_short(got)})" if got is not None and not isinstance(
+            got, dict) else "")
+    return APIError(400, message, param=param, code="invalid_value" if err["type"] != "missing" else "missing")
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic names the union member it tried ("list[int]", "str", ...) inside `loc`; not a field
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
+                                      or part.startswith(("function-", "nullable")))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Request):
+    """Fields shared by both endpoints; ranges as OpenAI documents them (top_k/min_p/... as vLLM)."""
+
+    model: str | None = None                  # None: the served model
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)    # -1 / 0 / None: no limit
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if any(not s for s in stops):
+            raise ValueError(f"stop: stop strings must not be empty (got {stop!r})")
+        return stop
+
+    @model_validator(mode="after")
+    def _check_common(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        if self.logit_bias:
+            raise ValueError("logit_bias: not supported by this server")
+        return self
+
+    @property
+    def include_usage_in_stream(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Any = None
+    max_tokens: int | None = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool | None = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt):
+        """One prompt or a batch: a string, a list of strings, token ids, or a list of token-id lists."""
+        def is_ids(x):
+            return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+        ok = (isinstance(prompt, str) or is_ids(prompt)
+              or (isinstance(prompt, list) and all(isinstance(p, str) or (is_ids(p) and p) for p in prompt)))
+        if prompt is None:
+            raise ValueError("prompt: required")
+        if not ok:
+            raise ValueError(f"prompt: must be a string, a list of strings, a list of token ids or a list of "
+                             f"token-id lists (got {_short(prompt)})")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("prompt: must not be an empty list")
+        return prompt
+
+    @model_validator(mode="after")
+    def _check_unsupported(self):
+        if self.echo:
+            raise ValueError("echo: not supported by this server (prompt logprobs are not computed)")
+        if self.suffix:
+            raise ValueError("suffix: not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError(f"best_of: only best_of = n is supported (got best_of={self.best_of}, n={self.n})")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts, each text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        return list(p)
+
+
+class ContentPart(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def to_template_dict(self) -> dict[str, Any]:
+        """The message as a chat template reads it: content flattened to one string of its text parts."""
+        content = self.content
+        if isinstance(content, list):
+            bad = [part.type for part in content if part.type != "text"]
+            if bad:
+                raise ValueError(f"messages: content part type {bad[0]!r} is not supported; only 'text' parts are")
+            content = "".join(part.text or "" for part in content)
+        out = {"role": self.role, "content": content if content is not None else ""}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, ge=1)            # None: up to max_model_len
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_chat(self):
+        if not self.messages:
+            raise ValueError("messages: must contain at least one message")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: requires logprobs to be true")
+        if self.tools:
+            raise ValueError("tools: tool calling is not supported by this server")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format: only type 'text' is supported (got {self.response_format!r})")
+        return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
+            "total_tokens": num_prompt_tokens + num_completion_tokens}
+
+
+def model_card(name: str, created: int, max_model_len: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "longreach", "root": name,
+            "max_model_len": max_model_len}
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+            "finish_reason": finish_reason}
+
+
+def chat_chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None,
+                      logprobs: dict | None) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def response(object_: str, request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+             usage_: dict[str, int] | None = None, with_usage_key: bool = True) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": request_id, "object": object_, "created": created, "model": model,
+                           "choices": choices}
+    if with_usage_key:
+        out["usage"] = usage_
+    return out
+
