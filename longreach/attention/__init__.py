@@ -15,13 +15,16 @@ softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False[, layou
   triton     FlashAttention forward/backward kernels (triton_flash.py), imported on first use
 `backend=None` picks: triton for CUDA tensors when it imports; otherwise SDPA for plain full/causal
 attention whose per-sequence query and key lengths match (its is_causal is top-left aligned, which
-equals bottom-right only then; SDPA's CPU flash kernel is the fastest exact path); tiled for anything
-with a window, a block-sparse layout or unequal causal lengths, where skipping blocks wins.
+equals bottom-right only then, and for decode's single query; SDPA's CPU flash kernel is the fastest
+exact path, and packed documents run as one call per document, never touching cross-document blocks:
+measured 4 x 2K causal documents in 0.12 s vs 0.16 s tiled); tiled for anything with a window, a
+block-sparse layout or unequal causal lengths, where skipping blocks wins.
 """
 from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +88,8 @@ def _sdpa_lse(q, k, scale, mask, is_causal):
     return torch.cat(out, dim=2) if out else q.new_zeros(batch, num_heads, 0, dtype=torch.float32)
 
 
+@torch.autocast("cpu", enabled=False)   # keep the precision chosen below (inputs come in already cast)
+@torch.autocast("cuda", enabled=False)
 def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                           softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
                           layout: BlockSparseLayout | None = None):
@@ -113,7 +118,9 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None
         kb = k[ck[b0]:ck[b1]].reshape(batch, seqlen_k, *k.shape[1:]).transpose(1, 2)    # (B, Hkv, Sk, D)
         vb = v[ck[b0]:ck[b1]].reshape(batch, seqlen_k, *v.shape[1:]).transpose(1, 2)    # (B, Hkv, Sk, Dv)
         is_causal, mask, empty_rows, skipped = causal, None, None, 0
-        if plain and causal and seqlen_q > seqlen_k:
+        if plain and causal and seqlen_q == 1:
+            is_causal = False  # a single bottom-right query sees every key (decode)
+        elif plain and causal and seqlen_q > seqlen_k:
             # bottom-right: the first Sq - Sk queries see nothing, the rest are top-left causal over all keys
             skipped = seqlen_q - seqlen_k
             qb = qb[:, :, skipped:]
@@ -195,11 +202,21 @@ def _supports_layout(name: str) -> bool:
 
 def choose_backend(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool = False,
                    window_size=(-1, -1), layout: BlockSparseLayout | None = None) -> str:
-    """The backend `backend=None` runs (see the module docstring for the rule)."""
+    """The backend `backend=None` runs (see the module docstring for the rule).
+
+    LONGREACH_ATTENTION_BACKEND=<name> in the environment overrides the rule for every call (to pin a
+    backend in a benchmark, or to step around a misbehaving kernel without touching code)."""
+    forced = os.environ.get("LONGREACH_ATTENTION_BACKEND")
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(f"LONGREACH_ATTENTION_BACKEND={forced!r}; choose one of {sorted(BACKENDS)}")
+        return forced
     if q.is_cuda and _load_triton() is not None and (layout is None or _supports_layout("triton")):
         return "triton"
     if layout is None and tuple(window_size) == (-1, -1) and (
-            not causal or cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)):
+            not causal or cu_seqlens_q is cu_seqlens_k or torch.equal(cu_seqlens_q, cu_seqlens_k)
+            or torch.equal(cu_seqlens_q, torch.arange(len(cu_seqlens_q), dtype=cu_seqlens_q.dtype,
+                                                      device=cu_seqlens_q.device))):  # one query each: decode
         return "sdpa"
     return "tiled"
 

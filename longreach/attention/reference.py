@@ -45,6 +45,8 @@ def attention_one(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
     return out.to(q.dtype), lse.float()
 
 
+@torch.autocast("cpu", enabled=False)   # the oracle's precision is its own choice, not autocast's
+@torch.autocast("cuda", enabled=False)
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                      softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False, upcast=True,
                      layout: BlockSparseLayout | None = None):

@@ -213,9 +213,10 @@ class _TiledAttention(torch.autograd.Function):
                 stats):
         out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
         lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), device=q.device)
-        for (qs, qe), (ks, ke) in _sequences(cu_seqlens_q, cu_seqlens_k):
-            plan = _Plan(qe - qs, ke - ks, block_size, chunk_blocks, left, right, layout, q.device)
-            _forward_seq(q[qs:qe], k[ks:ke], v[ks:ke], scale, plan, out[qs:qe], lse[:, qs:qe], stats)
+        with torch.autocast(q.device.type, enabled=False):  # the fp32 math must stay fp32 under bf16 autocast
+            for (qs, qe), (ks, ke) in _sequences(cu_seqlens_q, cu_seqlens_k):
+                plan = _Plan(qe - qs, ke - ks, block_size, chunk_blocks, left, right, layout, q.device)
+                _forward_seq(q[qs:qe], k[ks:ke], v[ks:ke], scale, plan, out[qs:qe], lse[:, qs:qe], stats)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (scale, left, right, layout, block_size, chunk_blocks)
         ctx.mark_non_differentiable(lse)
@@ -227,10 +228,11 @@ class _TiledAttention(torch.autograd.Function):
         scale, left, right, layout, block_size, chunk_blocks = ctx.args
         dout = dout.contiguous()
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for (qs, qe), (ks, ke) in _sequences(cu_seqlens_q, cu_seqlens_k):
-            plan = _Plan(qe - qs, ke - ks, block_size, chunk_blocks, left, right, layout, q.device)
-            _backward_seq(q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe], dout[qs:qe], lse[:, qs:qe], scale, plan,
-                          dq[qs:qe], dk[ks:ke], dv[ks:ke])
+        with torch.autocast(q.device.type, enabled=False):
+            for (qs, qe), (ks, ke) in _sequences(cu_seqlens_q, cu_seqlens_k):
+                plan = _Plan(qe - qs, ke - ks, block_size, chunk_blocks, left, right, layout, q.device)
+                _backward_seq(q[qs:qe], k[ks:ke], v[ks:ke], out[qs:qe], dout[qs:qe], lse[:, qs:qe], scale, plan,
+                              dq[qs:qe], dk[ks:ke], dv[ks:ke])
         return dq, dk, dv, *([None] * 9)
 
 

@@ -147,6 +147,17 @@ def test_auto_backend_choice():
     assert attn.choose_backend(q, same, same, causal=True, window_size=(4, 0)) == "tiled"
     layout = attn.masks.bigbird_layout(8, block_size=4, num_random_blocks=0)
     assert attn.choose_backend(q, same, same, causal=False, layout=layout) == "tiled"
+    one_each = torch.tensor([0, 1, 2], dtype=torch.int32)                       # decode: one query per sequence
+    assert attn.choose_backend(q[:2], one_each, torch.tensor([0, 5, 12], dtype=torch.int32), causal=True) == "sdpa"
+
+
+def test_decode_through_auto_matches_reference():
+    meta = AttentionMetadata.from_seqlens([1, 1, 1], [40, 1, 77], causal=True)
+    q, k, v, _ = _inputs(1, 3, 118, 4, 2, 32, torch.bfloat16)
+    q, k, v = q[0], k[0], v[0]
+    args = (q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, 1, 77)
+    expected = reference.varlen_attention(*args, causal=True)
+    torch.testing.assert_close(flash_attn_varlen_func(*args, causal=True), expected, atol=2e-2, rtol=0)
 
 
 def test_auto_backend_runs_the_chosen_backend(monkeypatch):

@@ -154,3 +154,15 @@ def test_tiled_rejects_block_size_that_disagrees_with_layout():
     cu = torch.tensor([0, 64], dtype=torch.int32)
     with pytest.raises(ValueError, match="block_size 32 differs from the layout's block size 16"):
         tiled.varlen_attention(q, k, v, cu, cu, layout=layout, block_size=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", ["tiled", "sdpa", "reference"])
+def test_bf16_autocast_does_not_change_results(backend, dtype):
+    """Training runs under bf16 autocast; the backends' fp32 math must not be downcast by it."""
+    q, k, v, _ = _qkv(200, 200, 4, 2, 32, dtype)
+    args = (q[None], k[None], v[None])
+    plain = flash_attn_func(*args, causal=True, window_size=(50, -1), backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = flash_attn_func(*args, causal=True, window_size=(50, -1), backend=backend)
+    torch.testing.assert_close(under_autocast, plain, atol=0, rtol=0)
