@@ -44,6 +44,8 @@ def _parse(argv):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-reps", type=int, default=20)
     p.add_argument("--skip", nargs="*", default=[], help="backends to leave out, e.g. flex")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="stop starting new measurements after this many seconds (the rest report n/a)")
     p.add_argument("--dry-run", action="store_true",
                    help="tiny sizes and fp16 to exercise the code paths (on CPU: under TRITON_INTERPRET=1)")
     args = p.parse_args(argv)
@@ -62,6 +64,7 @@ class Bench:
         self.cuda = torch.cuda.is_available()
         self.device = torch.device("cuda" if self.cuda else "cpu")
         self.rows: list[dict] = []
+        self.deadline = time.time() + args.budget_s if args.budget_s else None
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if self.cuda else "cpu"}
@@ -93,6 +96,9 @@ class Bench:
     def measure(self, row: dict, **fns):
         """fns: label -> (callable, work) with work in FLOPs or bytes; records ms and work/s per label."""
         for label, (fn, work) in fns.items():
+            if self.deadline is not None and time.time() > self.deadline:
+                row[f"{label}_error"] = f"skipped: the {self.args.budget_s:.0f} s time budget was spent"
+                break
             try:
                 reps = self.args.decode_reps if row["kind"] == "decode" else self.args.reps
                 ms = self.time_ms(fn, self.args.warmup, reps)
