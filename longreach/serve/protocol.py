@@ -7,6 +7,7 @@ built by the helpers at the bottom, in the field order OpenAI returns them.
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any
@@ -35,6 +36,9 @@ def error_from_validation(exc: ValidationError) -> APIError:
     path = [str(p) for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p)]
     param = ".".join(path) or None
     message = err["msg"].removeprefix("Value error, ")
+    if param is None:                       # a whole-request check: its message starts with the field's name
+        named = re.match(r"([a-z_]+): ", message)
+        param = named.group(1) if named else None
     if err["type"] == "missing":
         message = f"'{param}' is a required property"
     elif param and not message.startswith(param.split(".")[-1]):
@@ -107,7 +111,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Any = None
+    prompt: Any
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = False
@@ -122,8 +126,6 @@ class CompletionRequest(_SamplingFields):
             return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
         ok = (isinstance(prompt, str) or is_ids(prompt)
               or (isinstance(prompt, list) and all(isinstance(p, str) or (is_ids(p) and p) for p in prompt)))
-        if prompt is None:
-            raise ValueError("prompt: required")
         if not ok:
             raise ValueError(f"prompt: must be a string, a list of strings, a list of token ids or a list of "
                              f"token-id lists (got {_short(prompt)})")

@@ -422,6 +422,9 @@ class OpenAIServer:
                                   "use /v1/completions with token ids", param="messages")
         try:
             messages = [m.to_template_dict() for m in req.messages]
+        except ValueError as exc:
+            raise P.APIError(400, str(exc), param="messages") from None
+        try:
             text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         except Exception as exc:                          # noqa: BLE001  (the template runs on client data)
             raise P.APIError(400, f"messages: cannot apply the chat template: {exc}", param="messages") from None
