@@ -8,6 +8,8 @@
     over time at N must be <= 5 (linear work); SDPA with the same window as an explicit boolean mask
     (quadratic work) at the same sizes for comparison.
 (c) Training memory: causal forward + backward at N = 16K, tiled (recomputes per block) and SDPA.
+(d) BigBird block-sparse layout at N = 16K: tiled (visits the layout's blocks) against SDPA given the
+    layout as a dense boolean mask.
 
 Each case runs in a fresh subprocess; "extra RSS" is the process's peak resident memory during the
 call above its resident memory just before it (peak reset through /proc/self/clear_refs, read from
@@ -45,8 +47,10 @@ def _run_case(spec: dict) -> dict:
     """In the child: build inputs, measure time and peak RSS growth of the attention call."""
     import torch
 
-    from longreach.attention import flash_attn_varlen_func
+    from longreach.attention import flash_attn_varlen_func, masks
 
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     n, heads, dim = spec["n"], spec["heads"], spec["dim"]
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(n, heads, dim, generator=g) for _ in range(3))        # (N, H, D) each
@@ -56,10 +60,14 @@ def _run_case(spec: dict) -> dict:
         q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
         dout = torch.randn(n, heads, dim, generator=g)
 
+    layout = None
+    if spec.get("bigbird_block"):
+        layout = masks.bigbird_layout(n, block_size=spec["bigbird_block"], num_random_blocks=3, seed=0)
+
     def call():
         with torch.set_grad_enabled(train):
-            out = flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=True, window_size=tuple(spec["window"]),
-                                         backend=spec["backend"])
+            out = flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=spec.get("causal", True),
+                                         window_size=tuple(spec["window"]), backend=spec["backend"], layout=layout)
             if train:
                 torch.autograd.backward(out, dout)
                 q.grad = k.grad = v.grad = None
@@ -96,6 +104,7 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="small sizes; print only")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads in each case (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"))
     args = p.parse_args(argv)
     if args.child:
@@ -106,13 +115,15 @@ def main(argv=None):
     long_n = 4096 if args.quick else 65536
     window_ns = (1024, 4096) if args.quick else (4096, 16384)
     train_n = 2048 if args.quick else 16384
+    bigbird_n = 2048 if args.quick else 16384
     window = (1023, 0)
     load = os.getloadavg()
     started = time.time()
     rows = {}
 
     def case(key, **spec):
-        spec = {"heads": heads, "dim": dim, "window": (-1, -1), "repeats": args.repeats, **spec}
+        spec = {"heads": heads, "dim": dim, "window": (-1, -1), "repeats": args.repeats, "threads": args.threads,
+                **spec}
         rows[key] = {**spec, **_spawn(spec)}
         r = rows[key]
         shown = "error: " + r["error"] if "error" in r else f"{r['seconds']:.2f} s, extra RSS {_fmt_gib(r['extra_rss_bytes'])}"
@@ -123,10 +134,14 @@ def main(argv=None):
     for n in window_ns:
         case(f"b_tiled_{n}", n=n, backend="tiled", window=window)
         case(f"b_sdpa_{n}", n=n, backend="sdpa", window=window)
+    for backend in ("tiled", "sdpa"):
+        case(f"d_{backend}", n=bigbird_n, backend=backend, causal=False, bigbird_block=64)
     case("c_tiled", n=train_n, backend="tiled", train=True, repeats=1)
     case("c_sdpa", n=train_n, backend="sdpa", train=True, repeats=1)
     elapsed = time.time() - started
 
+    command = COMMAND + (f" --threads {args.threads}" if args.threads else "") + \
+        (f" --repeats {args.repeats}" if args.repeats != 2 else "")
     reference_bytes = long_n * long_n * heads * 4
     small, large = window_ns
     ratio_tiled = rows[f"b_tiled_{large}"]["seconds"] / rows[f"b_tiled_{small}"]["seconds"]
@@ -154,7 +169,7 @@ def main(argv=None):
     lines = [SECTION, "",
              f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
              f"torch {__import__('torch').__version__}, {a.get('threads', '?')} torch threads, shared machine: "
-             f"load average {load[0]:.1f} at start). One run of `{COMMAND}` ({elapsed:.0f} s in all); each case in "
+             f"load average {load[0]:.1f} at start). One run of `{command}` ({elapsed:.0f} s in all); each case in "
              "its own subprocess; extra RSS = peak resident memory during the call minus resident memory before it "
              f"(inputs excluded); times are the best of {args.repeats} calls ((a) and (c): one call). "
              f"8 heads, head dim 64, fp32, batch 1.", "",
@@ -180,6 +195,16 @@ def main(argv=None):
               "| backend | time (s) | extra RSS |", "|---|---|---|"]
     for key, label in (("c_tiled", "tiled (backward recomputes per block; saves q, k, v, out, lse)"),
                        ("c_sdpa", "SDPA causal")):
+        t, m = cell(key)
+        lines.append(f"| {label} | {t} | {m} |")
+    from longreach.attention import masks
+
+    density = masks.bigbird_layout(bigbird_n, block_size=64, num_random_blocks=3, seed=0).density()
+    lines += ["", f"**(d) BigBird layout (block 64, window 3 blocks, 1+1 global blocks, 3 random blocks per row; "
+              f"{density:.1%} of blocks visible), non-causal, N = {bigbird_n:,}**", "",
+              "| backend | time (s) | extra RSS |", "|---|---|---|"]
+    for key, label in (("d_tiled", "tiled (visits only the layout's blocks)"),
+                       ("d_sdpa", "SDPA + the layout as a dense bool mask")):
         t, m = cell(key)
         lines.append(f"| {label} | {t} | {m} |")
     lines += ["", "Checks: " + "; ".join(("PASS " if ok else "FAIL ") + name for name, ok in checks.items()) + ".", "",

@@ -53,9 +53,15 @@ class _Plan:
         self.offset = seqlen_k - seqlen_q                     # bottom-right alignment
         self.num_q_blocks = -(-seqlen_q // block_size)
         self.num_k_blocks = -(-seqlen_k // block_size)
-        if layout is not None:
-            self.layout_rows = layout.blocks[:self.num_q_blocks, :self.num_k_blocks].tolist()
-            self.tile_rows = layout.tile_index[:self.num_q_blocks, :self.num_k_blocks].tolist()
+        if layout is not None:  # per query block: its visible key blocks, and tile ids of the partial ones
+            rows, cols = layout.blocks[:self.num_q_blocks, :self.num_k_blocks].nonzero(as_tuple=True)
+            tile_ids = layout.tile_index[rows, cols].tolist()
+            self.layout_rows: list[list[int]] = [[] for _ in range(self.num_q_blocks)]
+            self.tile_rows: list[dict[int, int]] = [{} for _ in range(self.num_q_blocks)]
+            for i, j, t in zip(rows.tolist(), cols.tolist(), tile_ids):
+                self.layout_rows[i].append(j)
+                if t >= 0:
+                    self.tile_rows[i][j] = t
 
     def row(self, qb: int) -> list[_Chunk]:
         bs, left, right = self.block_size, self.left, self.right
@@ -67,8 +73,8 @@ class _Plan:
             return []
         ids = range(k_lo // bs, (k_hi - 1) // bs + 1)
         if self.layout is not None:
-            visible, tiles = self.layout_rows[qb], self.tile_rows[qb]
-            ids = [j for j in ids if visible[j]]
+            tiles = self.tile_rows[qb]
+            ids = [j for j in self.layout_rows[qb] if ids.start <= j < ids.stop]
         chunks: list[_Chunk] = []
         run: list[int] = []
         run_mask = False
@@ -77,7 +83,7 @@ class _Plan:
             # a block needs no mask when every row of the query block sees every key in it
             needs_mask = (left is not None and k_start < pos_hi - left) or \
                          (right is not None and k_stop - 1 > pos_lo + right) or \
-                         (self.layout is not None and tiles[j] >= 0)
+                         (self.layout is not None and j in tiles)
             if run and (len(run) == self.chunk_blocks or needs_mask != run_mask):
                 chunks.append(self._chunk(run, run_mask))
                 run = []
@@ -106,13 +112,13 @@ class _Plan:
             mask &= k_pos <= q_pos + self.right
         if self.left is not None:
             mask &= k_pos >= q_pos - self.left
-        if self.layout is not None and any(self.tile_rows[qb][j] >= 0 for j in chunk.block_ids):
+        tiles = self.tile_rows[qb] if self.layout is not None else {}
+        if any(j in tiles for j in chunk.block_ids):
             parts = []
             for j in chunk.block_ids:
                 width = min((j + 1) * bs, self.seqlen_k) - j * bs
-                t = self.tile_rows[qb][j]
-                parts.append(self.layout.tiles[t, :q_stop - q_start, :width].to(self.device) if t >= 0 else
-                             torch.ones(q_stop - q_start, width, dtype=torch.bool, device=self.device))
+                parts.append(self.layout.tiles[tiles[j], :q_stop - q_start, :width].to(self.device) if j in tiles
+                             else torch.ones(q_stop - q_start, width, dtype=torch.bool, device=self.device))
             mask &= torch.cat(parts, dim=1)
         return mask
 
