@@ -9,6 +9,12 @@ import longreach.attention as attn
 from longreach.attention import AttentionMetadata, flash_attn_func, flash_attn_varlen_func, reference
 from _ref_rule import check_all, reference_varlen, run, truth_and_same_precision
 
+@pytest.fixture(autouse=True)
+def _automatic_choice(monkeypatch):
+    """The auto-choice tests assume no backend is pinned through the environment."""
+    monkeypatch.delenv("LONGREACH_ATTENTION_BACKEND", raising=False)
+
+
 FULL, CAUSAL, WINDOW, CAUSAL_WINDOW = (False, (-1, -1)), (True, (-1, -1)), (False, (48, 17)), (True, (100, -1))
 MHA, GQA, MQA = (4, 4), (6, 2), (4, 1)
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
@@ -228,3 +234,13 @@ def _varlen(q, k, v, cu_q=None, cu_k=None, **kw):
 def test_bad_inputs_raise_value_error(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+def test_environment_pins_the_backend(monkeypatch):
+    q = torch.zeros(8, 2, 16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    monkeypatch.setenv("LONGREACH_ATTENTION_BACKEND", "tiled")
+    assert attn.choose_backend(q, cu, cu, causal=True) == "tiled"
+    monkeypatch.setenv("LONGREACH_ATTENTION_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="LONGREACH_ATTENTION_BACKEND='fastest'"):
+        attn.choose_backend(q, cu, cu, causal=True)
