@@ -47,30 +47,73 @@ def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
+def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
+    """`source.index_select(0, index)`, written into a reused buffer when `workspace` is given: a fresh
+    multi-MB tensor per call comes from new pages the kernel must fault in, which made the gather ~10x slower."""
+    if workspace is None:
+        return source.index_select(0, index)
+    rows = index.numel()
+    buf = workspace.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1:] != source.shape[1:] or buf.dtype != source.dtype:
+        buf = torch.empty((max(rows, 1), *source.shape[1:]), dtype=source.dtype, device=source.device)
+        workspace[key] = buf
+    return torch.index_select(source, 0, index, out=buf[:rows])
+
+
 def torch_paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                                 window_size=(-1, -1)):
+                                 window_size=(-1, -1), workspace: dict | None = None):
     """One query per sequence over its pages, batched: q (B, Hq, D) -> (B, Hq, D).
 
-    Gathers each sequence's blocks (padded to the longest table), masks keys at or past `cache_seqlens`
-    (and outside the left window), softmax in fp32. GQA: query head h reads KV head h // (Hq // Hkv)."""
+    CPU decode is memory-bound, so this reads each needed block once and copies nothing else: sequences
+    are sorted by length and cut into groups of similar length (bounding the padding), each group's
+    blocks are gathered with one `index_select`, and every KV head's (B, G, D) x (B, D, L) product runs
+    as one strided `bmm` on the gathered pages. Keys at or past `cache_seqlens` (or left of the window)
+    are masked; softmax in fp32. GQA: query head h reads KV head h // (Hq // Hkv).
+    workspace: a dict the caller keeps between calls, holding the gather buffers (see `gather_rows`)."""
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    idx = block_table.long()
-    num_keys = idx.shape[1] * block_size
-    k = k_cache[idx].view(batch, num_keys, num_kv_heads, head_dim).permute(0, 2, 3, 1)   # (B, Hkv, D, L)
-    v = v_cache[idx].view(batch, num_keys, num_kv_heads, head_dim).transpose(1, 2)       # (B, Hkv, L, D)
-    qg = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)                         # (B, Hkv, G, D)
-    scores = torch.matmul(qg, k).float() * scale                                          # (B, Hkv, G, L)
-    pos = torch.arange(num_keys, device=q.device)[None, :]
-    seqlens = cache_seqlens.long()[:, None]
-    visible = pos < seqlens                                                               # (B, L)
-    if window_size[0] >= 0:
-        visible &= pos >= seqlens - 1 - window_size[0]
-    scores.masked_fill_(~visible[:, None, None, :], float("-inf"))
-    probs = scores.softmax(-1).to(v.dtype)
-    return torch.matmul(probs, v).reshape(batch, num_heads, head_dim).to(q.dtype)         # (B, Hq, D)
+    out = torch.empty(batch, num_kv_heads, group, head_dim, dtype=k_cache.dtype, device=q.device)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(k_cache.dtype)                 # (B, Hkv, G, D)
+    for rows, num_blocks in _length_groups(cache_seqlens.tolist(), block_size):
+        idx = torch.tensor(rows, device=q.device)
+        flat = block_table.index_select(0, idx)[:, :num_blocks].reshape(-1).long()
+        n, num_keys = len(rows), num_blocks * block_size
+        k = gather_rows(k_cache, flat, workspace, "k").view(n, num_keys, num_kv_heads, head_dim)  # (n, L, Hkv, D)
+        v = gather_rows(v_cache, flat, workspace, "v").view(n, num_keys, num_kv_heads, head_dim)
+        pos = torch.arange(num_keys, device=q.device)[None, :]
+        seqlens = cache_seqlens.index_select(0, idx).long()[:, None]
+        hidden = pos >= seqlens                                                          # (n, L)
+        if window_size[0] >= 0:
+            hidden |= pos < seqlens - 1 - window_size[0]
+        hidden = hidden[:, None, :]
+        q_rows = qg.index_select(0, idx)
+        o = torch.empty(n, num_kv_heads, group, head_dim, dtype=k_cache.dtype, device=q.device)
+        for h in range(num_kv_heads):   # a loop over KV heads, not tokens: each is one batched product
+            scores = torch.bmm(q_rows[:, h], k[:, :, h].transpose(1, 2)).float() * scale   # (n, G, L)
+            probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).to(v.dtype)
+            torch.bmm(probs, v[:, :, h], out=o[:, h])                                    # (n, G, D)
+        out.index_copy_(0, idx, o)
+    return out.view(batch, num_heads, head_dim).to(q.dtype)
+
+
+def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25):
+    """Rows sorted by length, cut so each group's padding to its longest is at most `max_waste` of it."""
+    order = sorted(range(len(seqlens)), key=lambda b: seqlens[b], reverse=True)
+    groups, rows, width, used = [], [], 0, 0
+    for b in order:
+        blocks = -(-seqlens[b] // block_size)
+        if rows and (width * (len(rows) + 1) - used - blocks) > max_waste * width * (len(rows) + 1):
+            groups.append((rows, width))
+            rows, used = [], 0
+        if not rows:
+            width = max(blocks, 1)
+        rows.append(b)
+        used += blocks
+    if rows:
+        groups.append((rows, width))
+    return groups
 
 
 def _kernels(device: torch.device):
@@ -97,6 +140,7 @@ class PagedKVCache:
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
         self._write_kv, self._decode = _kernels(torch.device(device))
+        self.workspace: dict[str, torch.Tensor] = {}   # reused gather buffers (CPU paths)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
@@ -129,17 +173,19 @@ class BoundPagedKVCache:
         if batch.prefill_kv_slots is None:
             keys, values = k[num_decodes:], v[num_decodes:]                               # (Tp, Hkv, D)
         else:
-            keys = k_cache.view(-1, *k_cache.shape[2:]).index_select(0, batch.prefill_kv_slots)  # (Tk, Hkv, D)
-            values = v_cache.view(-1, *v_cache.shape[2:]).index_select(0, batch.prefill_kv_slots)
+            slots = batch.prefill_kv_slots
+            keys = gather_rows(k_cache.view(-1, *k_cache.shape[2:]), slots, cache.workspace, "k")  # (Tk, Hkv, D)
+            values = gather_rows(v_cache.view(-1, *v_cache.shape[2:]), slots, cache.workspace, "v")
         out[num_decodes:] = flash_attn_varlen_func(
             q[num_decodes:], keys.to(q.dtype), values.to(q.dtype), meta_p.cu_seqlens_q, meta_p.cu_seqlens_k,
             meta_p.max_seqlen_q, meta_p.max_seqlen_k, causal=True, window_size=window_size)
         return out
 
     def _decode(self, q, k_cache, v_cache, window_size):
-        batch = self.batch
-        return self.cache._decode(q, k_cache, v_cache, batch.decode_block_table, batch.decode_seqlens,
-                                  window_size=tuple(window_size))
+        batch, cache = self.batch, self.cache
+        kwargs = {"workspace": cache.workspace} if cache._decode is torch_paged_decode_attention else {}
+        return cache._decode(q, k_cache, v_cache, batch.decode_block_table, batch.decode_seqlens,
+                             window_size=tuple(window_size), **kwargs)
 
 
 def available_memory(device: torch.device) -> int:
