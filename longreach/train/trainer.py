@@ -163,6 +163,7 @@ class Trainer:
             path = Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(cfg.checkpoint.output_dir)
             if path is not None:
                 self.load(path)
+        self.log.truncate_after(self.step)   # a fresh run, or records past the checkpoint, start over
 
     # ---------------------------------------------------------------- one step
 
@@ -284,7 +285,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lr_multiplier(self.step, self.cfg.schedule)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-        self.log.truncate_after(self.step)
 
     def export(self, path: str | Path) -> Path:
         """The current weights as one Hugging Face directory (gathered from all ranks under FSDP)."""
