@@ -148,15 +148,16 @@ def checkpointing_memory(args) -> dict:
 
 @contextlib.contextmanager
 def forced_backend(name: str):
-    """Route the model's attention (backend=None) to one backend for the duration."""
-    import longreach.attention as attention
-
-    original = attention.choose_backend
-    attention.choose_backend = lambda *a, **k: name
+    """Pin the model's attention (backend=None) to one backend via LONGREACH_ATTENTION_BACKEND."""
+    previous = os.environ.get("LONGREACH_ATTENTION_BACKEND")
+    os.environ["LONGREACH_ATTENTION_BACKEND"] = name
     try:
         yield
     finally:
-        attention.choose_backend = original
+        if previous is None:
+            os.environ.pop("LONGREACH_ATTENTION_BACKEND")
+        else:
+            os.environ["LONGREACH_ATTENTION_BACKEND"] = previous
 
 
 def matmul_flops_per_token(model: dict, seq_len: int) -> float:

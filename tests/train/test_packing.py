@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import longreach.attention as attention_module
 from longreach.config import ModelConfig
 from longreach.model.loader import build_model
 from longreach.model.tokenizer import ByteTokenizer
@@ -17,8 +16,10 @@ DOCS = ["alpha beta", "gamma delta epsilon zeta", "eta", "theta iota kappa"]
 
 @pytest.fixture(params=["auto", "reference", "tiled"])
 def backend(request, monkeypatch):
-    if request.param != "auto":
-        monkeypatch.setattr(attention_module, "choose_backend", lambda *a, **k: request.param)
+    if request.param == "auto":
+        monkeypatch.delenv("LONGREACH_ATTENTION_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("LONGREACH_ATTENTION_BACKEND", request.param)
     return request.param
 
 
