@@ -18,6 +18,7 @@ mkdir -p "$OUT"
 pack() {  # pack NAME PATHS...: $FINAL_OUT/NAME.tgz from paths relative to $OUT
   local name=$1; shift
   (cd "$OUT" && tar czf "$FINAL_OUT/$name.tgz.tmp" "$@" 2>/dev/null && mv "$FINAL_OUT/$name.tgz.tmp" "$FINAL_OUT/$name.tgz")
+  rm -f "$FINAL_OUT/$name.tgz.tmp"
 }
 packlogs() { pack logs $(cd "$OUT" && ls *.log *.jsonl *.md *.json 2>/dev/null); }
 unset TRITON_INTERPRET
@@ -37,7 +38,7 @@ else
 fi
 echo "training attention backend: $backend" | tee -a "$OUT/sanity.log"
 packlogs
-export LONGREACH_ATTENTION_BACKEND=$backend
+export LONGREACH_ATTENTION_BACKEND=$backend LONGREACH_TRITON_AUTOTUNE=0  # one config: no tuning inside the time limit
 
 latest() {  # the newest HF directory under a training output: final/ if it exists, else the last step-N/
   if [ -f "$1/final/config.json" ]; then echo "$1/final"; else ls -d "$1"/step-* 2>/dev/null | sort | tail -n 1; fi
@@ -50,7 +51,7 @@ base=$(latest "$RUN/base")
 echo "base training: ${SECONDS}s elapsed, exporting $base" | tee -a "$OUT/demo_train.log"
 cp "$RUN/base/metrics.jsonl" "$OUT/demo_train_metrics.jsonl" 2>/dev/null
 "$PY" -c "from longreach.demo.train import export_bf16; export_bf16('$base', '$OUT/demo-base')" 2>&1 | tee -a "$OUT/demo_train.log"
-pack demo-base demo-base; packlogs
+[ -d "$OUT/demo-base" ] && pack demo-base demo-base; packlogs
 
 start=$SECONDS
 timeout "$EXTEND_LIMIT" "$PY" -m longreach demo extend --base "$base" --run-dir "$RUN" \
@@ -59,9 +60,9 @@ ext=$(latest "$RUN/yarn-8x")
 echo "extension: $((SECONDS - start))s, exporting $ext" | tee -a "$OUT/demo_extend.log"
 cp "$RUN/yarn-8x/metrics.jsonl" "$OUT/demo_extend_metrics.jsonl" 2>/dev/null
 [ -n "$ext" ] && "$PY" -c "from longreach.demo.train import export_bf16; export_bf16('$ext', '$OUT/demo-yarn8x')" 2>&1 | tee -a "$OUT/demo_extend.log"
-pack demo-yarn8x demo-yarn8x; packlogs
+[ -d "$OUT/demo-yarn8x" ] && pack demo-yarn8x demo-yarn8x; packlogs
 
-unset LONGREACH_ATTENTION_BACKEND
+unset LONGREACH_ATTENTION_BACKEND LONGREACH_TRITON_AUTOTUNE
 TEST_LIMIT="${TEST_LIMIT:-90}" BENCH_LIMIT="${BENCH_LIMIT:-140}" OUT="$OUT" bash benchmarks/gpu_check.sh
 packlogs
 rm -rf "$OUT"

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="continued-pretraining length (default 2048 = 4x)")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p = sub.add_parser("experiment", help="evaluate no scaling / PI / NTK / dynamic NTK / YaRN / YaRN+training")
@@ -47,7 +48,7 @@ def main(args: argparse.Namespace) -> int:
     if verb == "extend":
         from longreach.demo.train import export_bf16, extend_base
 
-        final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr,
+        final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr, batch_size=args.batch_size,
                             overrides=args.overrides)
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")
