@@ -1,7 +1,7 @@
 """Turns a scheduled step into one flat forward pass (vLLM's GPU model runner, nano-vllm's ModelRunner).
 
 All scheduled requests go through the model together as one `(T,)` token batch: single-token sequences
-(decodes) first, then prefills and prefill chunks. The runner computes each new token's position and
+(decodes) first, then prefills starting at position 0, then continued prefill chunks (see PagedBatch). The runner computes each new token's position and
 cache slot from the request's block table, the per-sequence key lengths, and the rows whose logits are
 needed (the last token of every sequence that catches up to its full length this step).
 """
@@ -34,10 +34,14 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> tuple[list[Sequence], dict]:
         """Flat inputs of one step: the sequences that sample (in logits row order) and the model's kwargs."""
         bs = self.block_size
-        order = sorted(range(len(batch.seqs)), key=lambda i: batch.num_new_tokens[i] != 1)   # decodes first
+        # decodes first, then prefills starting at position 0, then continued prefill chunks
+        kind = [0 if n == 1 else 1 if s.num_computed_tokens == 0 else 2
+                for s, n in zip(batch.seqs, batch.num_new_tokens)]
+        order = sorted(range(len(batch.seqs)), key=lambda i: kind[i])
         seqs = [batch.seqs[i] for i in order]
         counts = [batch.num_new_tokens[i] for i in order]
-        num_decodes = sum(1 for n in counts if n == 1)
+        num_decodes = kind.count(0)
+        num_fresh = kind.count(1)
         tables = [self.kv.block_ids(s.request_id) for s in seqs]
 
         # decodes: one token each, built from Python scalars
@@ -48,18 +52,22 @@ class ModelRunner:
         ids_t = [torch.tensor(input_ids, dtype=torch.long)]
         pos_t = [torch.tensor(positions, dtype=torch.long)]
         slot_t = [torch.tensor(slots, dtype=torch.long)]
-        # prefills (and prefill chunks): ranges
-        lens_q, lens_k, kv_slots, needs_gather = [], [], [], False
-        for s, n, table in zip(seqs[num_decodes:], counts[num_decodes:], tables[num_decodes:]):
+        # prefills (fresh and continued): ranges
+        fresh_lens, cont_lens_q, cont_lens_k, kv_slots = [], [], [], []
+        for i, (s, n, table) in enumerate(zip(seqs, counts, tables)):
+            if i < num_decodes:
+                continue
             start, end = s.num_computed_tokens, s.num_computed_tokens + n
             block_ids = torch.tensor(table, dtype=torch.long)
             ids_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
             pos_t.append(torch.arange(start, end))
             slot_t.append(_slots(block_ids, start, end, bs))
-            kv_slots.append(_slots(block_ids, 0, end, bs))
-            lens_q.append(n)
-            lens_k.append(end)
-            needs_gather |= start > 0
+            if i < num_decodes + num_fresh:
+                fresh_lens.append(n)
+            else:
+                cont_lens_q.append(n)
+                cont_lens_k.append(end)
+                kv_slots.append(_slots(block_ids, 0, end, bs))
 
         dev = self.device
         input_ids_t = torch.cat(ids_t).to(dev)
@@ -72,9 +80,10 @@ class ModelRunner:
             dec_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev)
         paged = PagedBatch(
             slot_mapping=torch.cat(slot_t).to(dev), num_decodes=num_decodes,
-            decode_block_table=dec_table, decode_seqlens=dec_lens,
-            prefill_meta=AttentionMetadata.from_seqlens(lens_q, lens_k, device=dev) if lens_q else None,
-            prefill_kv_slots=torch.cat(kv_slots).to(dev) if needs_gather else None)
+            decode_block_table=dec_table, decode_seqlens=dec_lens, num_fresh_tokens=sum(fresh_lens),
+            fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
+            continued_meta=AttentionMetadata.from_seqlens(cont_lens_q, cont_lens_k, device=dev) if cont_lens_q else None,
+            continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None)
         # rows to sample: the last token of each sequence that catches up this step
         last_rows, sampling, row = [], [], 0
         for s, n in zip(seqs, counts):
@@ -82,8 +91,8 @@ class ModelRunner:
             if s.num_computed_tokens + n == s.num_tokens:
                 last_rows.append(row - 1)
                 sampling.append(s)
-        meta = AttentionMetadata.from_seqlens([1] * num_decodes + lens_q,
-                                              [p + 1 for p in positions] + lens_k, device=dev)
+        meta = AttentionMetadata.from_seqlens([1] * num_decodes + fresh_lens + cont_lens_q,
+                                              [p + 1 for p in positions] + fresh_lens + cont_lens_k, device=dev)
         kwargs = dict(input_ids=input_ids_t, positions=positions_t, meta=meta, kv_cache=self.cache.bind(paged),
                       logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
         return sampling, kwargs

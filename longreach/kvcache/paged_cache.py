@@ -5,8 +5,9 @@ slot `block_table[t // block_size] * block_size + t % block_size`. Every step th
 `PagedBatch`: the slot of each new token (`slot_mapping`) and, per sequence, its block table and key length.
 For each layer `attend` then (1) writes the step's K/V into their slots for the *whole* batch, and only
 then (2) attends: the single-query sequences (decodes, placed first by the runner) through the paged
-decode kernel, the rest (prefills and prefill chunks) through `flash_attn_varlen_func` over keys gathered
-from their pages, bottom-right causal as FlashAttention defines it.
+decode kernel; prefills starting at position 0 through `flash_attn_varlen_func` on the step's own K/V;
+continued prefill chunks through `flash_attn_varlen_func` over keys gathered from their pages,
+bottom-right causal as FlashAttention defines it.
 """
 from __future__ import annotations
 
@@ -24,21 +25,25 @@ from longreach.config import CacheConfig
 class PagedBatch:
     """Cache addressing of one engine step (built by the runner; all tensors on the cache's device).
 
-    slot_mapping: (T,) int64, where each of the step's tokens is written.
-    The first `num_decodes` sequences have exactly one query token and come first in the batch:
-      decode_block_table (num_decodes, max_blocks) int32, decode_seqlens (num_decodes,) int32 keys seen.
-    The other sequences (prefills) are described in the varlen layout, relative to their own tokens:
-      prefill_meta (cu_seqlens_q / cu_seqlens_k over the prefill tokens and their keys), and
-      prefill_kv_slots (total_k,) int64, the slots of all their keys in order, or None when every prefill
-      starts at position 0 (its keys are exactly this step's tokens, so nothing is gathered).
+    slot_mapping: (T,) int64, where each of the step's tokens is written. The batch holds three runs of
+    sequences, in this order:
+    - decodes, one query token each: decode_block_table (num_decodes, max_blocks) int32 and
+      decode_seqlens (num_decodes,) int32, the keys each one sees;
+    - fresh prefills, starting at position 0: their keys are exactly their tokens in this step, so
+      nothing is gathered; fresh_meta (varlen, over these tokens) with num_fresh_tokens of them;
+    - continued prefills (a chunk after earlier chunks or a prefix-cache hit): continued_meta (varlen,
+      queries over these tokens, keys over their whole contexts) and continued_kv_slots (total_k,) int64,
+      the slots of all those keys in order.
     """
 
     slot_mapping: torch.Tensor
     num_decodes: int
     decode_block_table: torch.Tensor | None
     decode_seqlens: torch.Tensor | None
-    prefill_meta: AttentionMetadata | None
-    prefill_kv_slots: torch.Tensor | None
+    num_fresh_tokens: int
+    fresh_meta: AttentionMetadata | None
+    continued_meta: AttentionMetadata | None
+    continued_kv_slots: torch.Tensor | None
 
 
 def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -169,16 +174,19 @@ class BoundPagedKVCache:
         out = torch.empty_like(q)
         if num_decodes:
             out[:num_decodes] = self._decode(q[:num_decodes], k_cache, v_cache, window_size)
-        meta_p = batch.prefill_meta
-        if batch.prefill_kv_slots is None:
-            keys, values = k[num_decodes:], v[num_decodes:]                               # (Tp, Hkv, D)
-        else:
-            slots = batch.prefill_kv_slots
+        start, end = num_decodes, num_decodes + batch.num_fresh_tokens
+        if batch.fresh_meta is not None:      # equal query and key lengths: the fastest varlen path
+            m = batch.fresh_meta
+            out[start:end] = flash_attn_varlen_func(q[start:end], k[start:end], v[start:end], m.cu_seqlens_q,
+                                                    m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
+                                                    window_size=window_size)
+        if batch.continued_meta is not None:
+            m, slots = batch.continued_meta, batch.continued_kv_slots
             keys = gather_rows(k_cache.view(-1, *k_cache.shape[2:]), slots, cache.workspace, "k")  # (Tk, Hkv, D)
             values = gather_rows(v_cache.view(-1, *v_cache.shape[2:]), slots, cache.workspace, "v")
-        out[num_decodes:] = flash_attn_varlen_func(
-            q[num_decodes:], keys.to(q.dtype), values.to(q.dtype), meta_p.cu_seqlens_q, meta_p.cu_seqlens_k,
-            meta_p.max_seqlen_q, meta_p.max_seqlen_k, causal=True, window_size=window_size)
+            out[end:] = flash_attn_varlen_func(q[end:], keys.to(q.dtype), values.to(q.dtype), m.cu_seqlens_q,
+                                               m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
+                                               window_size=window_size)
         return out
 
     def _decode(self, q, k_cache, v_cache, window_size):

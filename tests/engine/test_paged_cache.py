@@ -36,7 +36,7 @@ def test_write_kv_places_tokens_in_their_slots():
 
 
 def test_attend_over_pages_equals_plain_attention():
-    """Two decodes and two prefill chunks (one continuing a cached prefix) in one call."""
+    """Two decodes, a fresh prefill and a chunk continuing a cached prefix, in one call."""
     g = torch.Generator().manual_seed(1)
     hq, hkv, d, bs = 4, 2, 8, 4
     cache = PagedKVCache(1, 20, bs, hkv, d)
@@ -60,8 +60,8 @@ def test_attend_over_pages_equals_plain_attention():
         slot_mapping=torch.cat([slots(tables[b], ctx[b], ctx[b] + new[b]) for b in range(4)]), num_decodes=2,
         decode_block_table=torch.tensor([tables[0] + [0], tables[1]], dtype=torch.int32),
         decode_seqlens=torch.tensor([7, 10], dtype=torch.int32),
-        prefill_meta=AttentionMetadata.from_seqlens([7, 3], [7, 8]),
-        prefill_kv_slots=torch.cat([slots(tables[2], 0, 7), slots(tables[3], 0, 8)]))
+        num_fresh_tokens=7, fresh_meta=AttentionMetadata.from_seqlens([7]),
+        continued_meta=AttentionMetadata.from_seqlens([3], [8]), continued_kv_slots=slots(tables[3], 0, 8))
     meta = AttentionMetadata.from_seqlens(new, [c + n for c, n in zip(ctx, new)])
     got = cache.bind(batch).attend(0, q, k, v, meta, (-1, -1))
     want = flash_attn_varlen_func(q, torch.cat(full_k), torch.cat(full_v), meta.cu_seqlens_q, meta.cu_seqlens_k,
