@@ -11,6 +11,7 @@ One engine step = schedule (scheduler.py) -> one flat forward over the paged cac
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
@@ -74,7 +75,8 @@ class LLMEngine:
     """Continuous-batching engine over one model (vLLM's LLMEngine); not thread-safe: one caller steps it."""
 
     def __init__(self, model: LlamaForCausalLM, tokenizer: Any = None, cache_config: CacheConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, seed: int | None = 0):
+                 scheduler_config: SchedulerConfig | None = None, seed: int | None = 0, parallel: Any = None):
+        """parallel: tensor parallelism's hooks (tp.TensorParallel) when the model is sharded, else None."""
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_config = cache_config or CacheConfig()
@@ -86,6 +88,9 @@ class LLMEngine:
                                                        attn.head_dim, param.dtype)
         max_useful_blocks = self.scheduler_config.max_num_seqs * -(-max_len // bs)
         num_blocks = num_blocks_for(self.cache_config, bytes_per_block, param.device, max_useful_blocks)
+        self.parallel = parallel
+        if parallel is not None:
+            num_blocks = parallel.agree_min(num_blocks)     # every rank must schedule the same blocks
         self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching)
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, bs, attn.num_kv_heads, attn.head_dim,
                                   param.dtype, param.device)
@@ -98,7 +103,6 @@ class LLMEngine:
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
-        self.token_sync = None   # set by tensor parallelism: makes every rank take rank 0's sampled tokens
 
     @property
     def num_kv_blocks(self) -> int:
@@ -159,7 +163,7 @@ class LLMEngine:
             return []
         sampling, logits = self.runner.execute(batch)
         sampled = self.sampler(logits, sampling)
-        token_ids = sampled.token_ids if self.token_sync is None else self.token_sync(sampled.token_ids)
+        token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
         self.scheduler.update(batch, sampling, token_ids, sampled.logprobs)
         outputs = [self._output(seq) for seq in sampling]
         for seq in sampling:
@@ -225,7 +229,8 @@ class LLM:
 
     model: a Hugging Face checkpoint directory, a loaded `LlamaForCausalLM`, or None for the bundled demo
     model. dtype: a torch dtype or its name ("bf16", "fp32", ...). The KV cache gets `num_kv_blocks` blocks,
-    else `kv_cache_memory` bytes, else `memory_fraction` of the free memory (CacheConfig)."""
+    else `kv_cache_memory` bytes, else `memory_fraction` of the free memory (CacheConfig).
+    tensor_parallel_size > 1: run under torchrun with that many processes; each holds a shard (tp.py)."""
 
     def __init__(self, model: str | Path | LlamaForCausalLM | None = None, tokenizer: Any = None,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
@@ -237,7 +242,9 @@ class LLM:
                  tensor_parallel_size: int = 1):
         from longreach.model.loader import load_model, resolve_dtype
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device is None and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tensor_parallel_size > 1 else "cuda"
+        device = torch.device(device or "cpu")
         path = None
         if isinstance(model, LlamaForCausalLM):
             if rope_scaling is not None:
@@ -247,9 +254,11 @@ class LLM:
             from longreach.model.bundled import resolve_model_path
             path = resolve_model_path(None if model is None else str(model))
             model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
+        parallel = None
         if tensor_parallel_size > 1:
-            from longreach.engine.tp import shard_model
+            from longreach.engine.tp import TensorParallel, shard_model
             shard_model(model, tensor_parallel_size)
+            parallel = TensorParallel(device)
         if tokenizer is None and path is not None:
             tokenizer = _try_load_tokenizer(path)
         elif isinstance(tokenizer, (str, Path)):
@@ -260,10 +269,7 @@ class LLM:
         scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.max_position_embeddings,
                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                            enable_chunked_prefill=enable_chunked_prefill)
-        self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed)
-        if tensor_parallel_size > 1:
-            from longreach.engine.tp import sync_sampled_tokens
-            self.engine.token_sync = sync_sampled_tokens
+        self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed, parallel)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
