@@ -96,8 +96,9 @@ def ours(path, prompts, output_len, device, max_num_batched_tokens, dtype="fp32"
     model = load_model(path, dtype=dtype, device=device)
     loaded = _memory_now(device)
     max_len = max(map(len, prompts)) + output_len
+    needed = sum(len(p) + output_len for p in prompts) + 16 * len(prompts)   # every request resident at once
     llm = LLM(model, device=device, max_model_len=max_len, max_num_batched_tokens=max_num_batched_tokens,
-              kv_cache_memory=_kv_bytes(model, len(prompts) * max_len + 4096, dtype))
+              kv_cache_memory=_kv_bytes(model, needed, dtype))
     params = SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -21,9 +21,9 @@ def _prompts(vocab=128):
 
 
 def _hf_greedy(model, prompts, max_new=MAX_NEW):
-    out = []
+    out, device = [], next(model.parameters()).device
     for p in prompts:
-        ids = torch.tensor([p])
+        ids = torch.tensor([p], device=device)
         with torch.no_grad():
             gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
                                  do_sample=False, pad_token_id=0)
