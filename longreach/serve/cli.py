@@ -154,7 +154,16 @@ def build_app(args):
                   **kv_kwargs)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
         raise CLIError(f"cannot serve {str(path)!r}: {exc}") from None
-    app = create_app(llm.engine, names, api_key=args.api_key or None,
+    engine = llm.engine
+    max_len, trained = engine.scheduler_config.max_model_len, engine.model.config.max_position_embeddings
+    if max_len > trained:
+        print(f"longreach serve: warning: --max-model-len {max_len} exceeds the model's max_position_embeddings "
+              f"{trained}; beyond it quality depends on the rope scaling (--rope-scaling)", file=sys.stderr)
+    capacity = engine.num_kv_blocks * engine.cache_config.block_size
+    if capacity < max_len:
+        print(f"longreach serve: warning: the KV cache holds {capacity} tokens, fewer than --max-model-len "
+              f"{max_len}; longer requests will be refused (give it more with --kv-cache-memory)", file=sys.stderr)
+    app = create_app(engine, names, api_key=args.api_key or None,
                      max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES)
     return app, names
 

@@ -1,0 +1,87 @@
+"""`longreach serve`: flags, clear one-line errors, and a graceful SIGTERM shutdown of a real process."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from longreach.cli import main
+
+
+def run_cli(argv, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:                     # argparse rejects a flag's value
+        code = exc.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_without_a_model_it_says_the_bundled_model_is_missing(capsys, monkeypatch, tmp_path):
+    import longreach.model.bundled as bundled
+    monkeypatch.setattr(bundled, "BUNDLED_MODEL_DIR", tmp_path / "demo-model")
+    code, err = run_cli(["serve"], capsys)
+    assert code != 0 and "bundled demo model is missing" in err and str(tmp_path / "demo-model") in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype 'fp8' is not supported; accepted: auto"),
+    (["--rope-scaling", "{yarn"], "--rope-scaling is not valid JSON"),
+    (["--rope-scaling", '{"rope_type": "magic", "factor": 2}'], "magic"),
+    (["--dtype", "fp7"], "unsupported dtype 'fp7'"),
+    (["--kv-cache-memory", "lots"], "is not a size"),
+    (["--port", "70000"], "outside 0..65535"),
+])
+def test_bad_flags_are_one_line_errors(byte_model_dir, capsys, argv, message):
+    code, err = run_cli(["serve", str(byte_model_dir), *argv], capsys)
+    assert code == 2 and message in err, err
+
+
+def test_missing_checkpoint_directory(capsys, tmp_path):
+    code, err = run_cli(["serve", str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere" in err
+
+
+def test_sigterm_drains_aborts_and_exits_zero(byte_model_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longreach", "serve", str(byte_model_dir), "--port", "0", "--served-model-name", "tiny",
+         "--max-model-len", "2048", "--num-kv-blocks", "256", "--dtype", "fp32", "--device", "cpu",
+         "--shutdown-timeout", "1", "--log-level", "warning"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url = None
+        deadline = time.monotonic() + 60
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited before it started"
+            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            url = match and match.group(1)
+        assert url, "no URL announced"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()     # keep the pipe drained
+        body = {"model": "tiny", "prompt": "keep going", "max_tokens": 2000, "stream": True, "temperature": 0,
+                "ignore_eos": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            events.append(next(lines))
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):                         # no longer accepting
+                httpx.get(url + "/health", timeout=5)
+            events += list(lines)                                             # the in-flight stream still ends
+        assert events[-1] == "data: [DONE]"
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert last["choices"][0]["finish_reason"] == "abort"                # aborted after the 1 s grace period
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
