@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_N = 128                   # choices per prompt
+MAX_CHOICES = 1024            # completions per request (prompts x n)
 MAX_LOGPROBS = 20             # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
 
 
@@ -74,7 +75,7 @@ class _SamplingFields(_Request):
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)    # -1 / 0 / None: no limit
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)    # -1 / 0 / None: no limit
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
@@ -83,7 +84,7 @@ class _SamplingFields(_Request):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None

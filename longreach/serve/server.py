@@ -107,8 +107,8 @@ class EventStream(StreamingResponse):
         finally:
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             self.on_close()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -126,6 +126,13 @@ def _finite(x: float) -> float:
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"{text} overflows a 64-bit float (numbers must be finite)")
+    return value
 
 
 class OpenAIServer:
@@ -190,7 +197,7 @@ class OpenAIServer:
             raise P.APIError(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})",
                              code="invalid_json") from None
         try:
-            obj = json.loads(text, parse_constant=_reject_constant)
+            obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
             raise P.APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json") from None
@@ -249,10 +256,24 @@ class OpenAIServer:
                                   "lower max_tokens", param="max_tokens", code="context_length_exceeded")
         return max_tokens
 
+    def check_sampling(self, req: P._SamplingFields, num_prompts: int) -> None:
+        """What the schema cannot know: the vocabulary size and the per-request fan-out."""
+        vocab = self.engine.model.config.vocab_size
+        bad = next((t for t in req.stop_token_ids or () if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise P.APIError(400, f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})",
+                             param="stop_token_ids")
+        if num_prompts * req.n > P.MAX_CHOICES:
+            raise P.APIError(400, f"n: {num_prompts} prompts x n={req.n} = {num_prompts * req.n} completions; at "
+                                  f"most {P.MAX_CHOICES} per request", param="n")
+
+    def logprobs_k(self, k: int | None) -> int | None:
+        return None if k is None else min(k, self.engine.model.config.vocab_size)
+
     @staticmethod
     def sampling_params(req: P._SamplingFields, max_tokens: int, logprobs: int | None,
                         choice: int) -> SamplingParams:
-        seed = None if req.seed is None else req.seed + choice       # n seeded choices differ, reproducibly
+        seed = None if req.seed is None else (req.seed + choice) % 2**64   # n seeded choices differ, reproducibly
         stop = req.stop if isinstance(req.stop, list) else [req.stop] if req.stop else []
         try:
             return SamplingParams(
@@ -364,16 +385,18 @@ class OpenAIServer:
         req: P.CompletionRequest = await self.read_request(request, P.CompletionRequest)
         arrival_time = time.perf_counter()
         model = self.check_model(req.model)
+        batch = req.prompts()
+        self.check_sampling(req, len(batch))
         prompts = []
-        for index, prompt in enumerate(req.prompts()):
-            param = "prompt" if len(req.prompts()) == 1 else f"prompt.{index}"
+        for index, prompt in enumerate(batch):
+            param = "prompt" if len(batch) == 1 else f"prompt.{index}"
             prompts.append(await self.encode(prompt, param) if isinstance(prompt, str) else list(prompt))
         budgets = [self.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
-        params = [[self.sampling_params(req, budget, req.logprobs, i) for i in range(req.n)] for budget in budgets]
+        k = self.logprobs_k(req.logprobs)
+        params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)] for budget in budgets]
         request_id = P.new_id("cmpl")
         group = await self.start(prompts, params, request_id, arrival_time)
         num_prompt_tokens = sum(map(len, prompts))
-        k = req.logprobs
         created = P.now()
         if req.stream:
             return EventStream(self._completion_events(group, model, created, k, req.include_usage_in_stream,
@@ -429,8 +452,9 @@ class OpenAIServer:
         except Exception as exc:                          # noqa: BLE001  (the template runs on client data)
             raise P.APIError(400, f"messages: cannot apply the chat template: {exc}", param="messages") from None
         ids = await self.encode(text, "messages", chat=True)
+        self.check_sampling(req, 1)
         budget = self.check_length(len(ids), req.requested_max_tokens, "messages")
-        k = (req.top_logprobs or 0) if req.logprobs else None
+        k = self.logprobs_k((req.top_logprobs or 0) if req.logprobs else None)
         params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)]]
         request_id = P.new_id("chatcmpl")
         group = await self.start([ids], params, request_id, arrival_time)

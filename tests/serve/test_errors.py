@@ -112,3 +112,34 @@ def test_api_key(keyed):
     assert out.usage.completion_tokens == 1
     assert httpx.get(keyed.url + "/health").status_code == 200          # probes need no key
     assert httpx.get(keyed.url + "/metrics").status_code == 200
+
+
+EXTREME_BUT_VALID = [
+    {"temperature": 1e308}, {"temperature": 1e-300}, {"repetition_penalty": 1e-300}, {"repetition_penalty": 1e300},
+    {"top_k": 2**31 - 1}, {"top_p": 1e-300}, {"min_p": 1.0}, {"presence_penalty": -2, "frequency_penalty": 2},
+    {"seed": 2**64 - 1, "n": 3, "temperature": 1.0}, {"seed": -(2**63)}, {"logprobs": 20},
+    {"min_tokens": 3, "stop_token_ids": [0, 258]}, {"stop": ["a", "b", "c", "d", "e"]},
+]
+
+
+def test_extreme_but_valid_values_do_not_break_the_batch(server):
+    """Odd sampling values run next to a normal request without failing the engine step they share."""
+    import concurrent.futures
+
+    client = server.client()
+    normal = dict(model="tiny", prompt="steady", max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    expected = client.completions.create(**normal).choices[0].text
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        steady = pool.submit(lambda: client.completions.create(**normal).choices[0].text)
+        odd = [pool.submit(httpx.post, server.url + C, json={**OK, "max_tokens": 6, **extra}, timeout=30)
+               for extra in EXTREME_BUT_VALID]
+        for extra, future in zip(EXTREME_BUT_VALID, odd):
+            assert future.result().status_code == 200, (extra, future.result().text)
+        assert steady.result() == expected
+    too_big_float = b'{"model": "tiny", "prompt": "x", "temperature": 1e309}'
+    for bad in ({"stop_token_ids": [259]}, {"stop_token_ids": [-1]}, too_big_float, {"prompt": ["a"] * 9, "n": 128},
+                {"top_k": 2**40}):
+        content = bad if isinstance(bad, bytes) else json.dumps({**OK, **bad}).encode()
+        r = httpx.post(server.url + C, content=content, timeout=30)
+        assert r.status_code == 400 and is_openai_error(r.json(), 400), (bad, r.text)
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
