@@ -7,6 +7,7 @@ built by the helpers at the bottom, in the field order OpenAI returns them.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 import uuid
@@ -58,6 +59,40 @@ def _is_union_tag(part: Any) -> bool:
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or abs(value) == float("inf"):
+        raise ValueError(f"{text} overflows a 64-bit float (numbers must be finite)")
+    return value
+
+
+def parse_request(body: bytes, cls: type[BaseModel]) -> BaseModel:
+    """A request body -> a validated `cls`; APIError(400) when it is not UTF-8, not JSON (NaN and overflowing
+    numbers included), not an object, or breaks the schema."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise APIError(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})",
+                       code="invalid_json") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json") from None
+    if not isinstance(obj, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+    try:
+        return cls.model_validate(obj)
+    except ValidationError as exc:
+        raise error_from_validation(exc) from None
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", code="invalid_json") from None
 
 
 class _Request(BaseModel):
