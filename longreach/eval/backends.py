@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+import torch
+
 from longreach.eval.tasks import ApproxTokenizer, Tokenizer
 
 IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]   # (prompt ids, max_tokens) -> new ids
@@ -49,17 +51,19 @@ class EndpointError(RuntimeError):
 # ---------------------------------------------------------------- local
 
 
-def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_model_len,
-                      batch_size: int, engine_kwargs: dict[str, Any]) -> tuple[IdsGenerator, str]:
+def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope_scaling, kv_cache_dtype,
+                      max_model_len, batch_size: int, engine_kwargs: dict[str, Any]) -> tuple[IdsGenerator, str]:
     kwargs = {"model": str(model) if isinstance(model, Path) else model, "tokenizer": tokenizer, "dtype": dtype,
-              "rope_scaling": rope_scaling, "kv_cache_dtype": kv_cache_dtype, "max_model_len": max_model_len,
-              **engine_kwargs}
+              "device": device, "rope_scaling": rope_scaling, "kv_cache_dtype": kv_cache_dtype,
+              "max_model_len": max_model_len, **engine_kwargs}
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(LLM).parameters
     sized = {"num_kv_blocks", "kv_cache_memory", "memory_fraction"} & set(kwargs)
-    if "num_kv_blocks" in params and not sized and max_model_len:
-        # one batch of the longest prompts is all the engine ever holds here: size the cache for exactly that
-        # instead of the engine's default share of free memory (slow to allocate, and greedy on a shared box)
+    on_cpu = str(kwargs.get("device", "cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
+    if "num_kv_blocks" in params and not sized and max_model_len and on_cpu:
+        # on CPU, one batch of the longest prompts is all the engine holds here: size the cache for exactly that
+        # instead of the engine's default share of free memory (slow to allocate, and greedy on a shared box);
+        # on a GPU the engine's own sizing stands (it preempts and recomputes if blocks run out)
         block_size = kwargs.get("block_size", params["block_size"].default if "block_size" in params else 16)
         kwargs["num_kv_blocks"] = batch_size * (math.ceil(max_model_len / block_size) + 1)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
@@ -93,7 +97,7 @@ def _reference_generator(model, stop_token_ids: Sequence[int]) -> tuple[IdsGener
     return run, "contiguous-cache generator"
 
 
-def _local_generator(model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_model_len, batch_size: int,
+def _local_generator(model, tokenizer, dtype, device, rope_scaling, kv_cache_dtype, max_model_len, batch_size: int,
                      engine_kwargs: dict[str, Any], stop_token_ids: Sequence[int]) -> tuple[IdsGenerator, str]:
     """The single switch between the two local generation paths.
 
@@ -108,8 +112,8 @@ def _local_generator(model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_
             raise                       # the engine exists but one of its imports is broken: say so
         LLM = SamplingParams = None
     if LLM is not None:
-        return _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, rope_scaling, kv_cache_dtype,
-                                 max_model_len, batch_size, engine_kwargs)
+        return _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope_scaling,
+                                 kv_cache_dtype, max_model_len, batch_size, engine_kwargs)
     if kv_cache_dtype is not None:
         raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the paged serving engine "
                          "(longreach.engine.llm), which this build does not have")
@@ -118,9 +122,12 @@ def _local_generator(model, tokenizer, dtype, rope_scaling, kv_cache_dtype, max_
                          "(longreach.engine.llm), which this build does not have")
     if isinstance(model, Path):
         from longreach.model.loader import load_model
-        model = load_model(model, dtype=dtype, rope_scaling=rope_scaling)
+        model = load_model(model, dtype=dtype, rope_scaling=rope_scaling,
+                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     elif rope_scaling is not None or dtype is not None:
         raise ValueError("rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model")
+    elif device is not None:
+        model = model.to(device)
     stops = tuple(model.config.eos_token_ids) or tuple(stop_token_ids)
     return _reference_generator(model, stops)
 
@@ -129,7 +136,7 @@ class LocalBackend:
     """Greedy generation on this machine.
 
     model: a checkpoint directory (None: the bundled demo model), an `LLM`, or a loaded `LlamaForCausalLM`
-    (then pass `tokenizer`). rope_scaling: dict overriding the checkpoint's rope config. kv_cache_dtype and
+    (then pass `tokenizer`). device: where the model runs (default: CUDA when available). rope_scaling: dict overriding the checkpoint's rope config. kv_cache_dtype and
     engine_kwargs go to the paged engine (an error without one). max_model_len: the longest prompt + answer
     the engine must accept; the runner raises it to its longest length (`ensure_max_len`).
     The engine is built on first use, so `ensure_max_len` costs nothing before then; unless engine_kwargs
@@ -137,7 +144,7 @@ class LocalBackend:
     """
 
     def __init__(self, model=None, *, tokenizer: Tokenizer | None = None, dtype: str | None = None,
-                 rope_scaling: dict | None = None, kv_cache_dtype: str | None = None,
+                 device: str | None = None, rope_scaling: dict | None = None, kv_cache_dtype: str | None = None,
                  max_model_len: int | None = None, batch_size: int = 8, engine_kwargs: dict | None = None,
                  name: str | None = None):
         if batch_size < 1:
@@ -148,6 +155,8 @@ class LocalBackend:
             if not Path(model).is_dir():
                 raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
         self._model = model
+        if tokenizer is None and hasattr(model, "get_tokenizer"):     # an LLM knows its tokenizer
+            tokenizer = model.get_tokenizer()
         if tokenizer is None:
             if not isinstance(model, Path):
                 raise ValueError("pass tokenizer= along with a model object")
@@ -157,7 +166,7 @@ class LocalBackend:
         self.name = name or (model.name if isinstance(model, Path) else type(model).__name__)
         self.batch_size = batch_size
         self.max_model_len = max_model_len
-        self._options = (dtype, rope_scaling, kv_cache_dtype, dict(engine_kwargs or {}))
+        self._options = (dtype, device, rope_scaling, kv_cache_dtype, dict(engine_kwargs or {}))
         self._generator: IdsGenerator | None = None
         self.kind: str | None = None        # "engine" or "contiguous-cache generator" once built
         if type(model).__name__ == "LLM":   # an engine built by the caller
@@ -174,9 +183,9 @@ class LocalBackend:
 
     def _generate(self) -> IdsGenerator:
         if self._generator is None:
-            dtype, rope_scaling, kv_cache_dtype, engine_kwargs = self._options
+            dtype, device, rope_scaling, kv_cache_dtype, engine_kwargs = self._options
             self._generator, self.kind = _local_generator(
-                self._model, self.tokenizer, dtype, rope_scaling, kv_cache_dtype, self.max_model_len, self.batch_size,
+                self._model, self.tokenizer, dtype, device, rope_scaling, kv_cache_dtype, self.max_model_len, self.batch_size,
                 engine_kwargs, tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()))
         return self._generator
 

@@ -98,6 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--kv-cache-dtype", action="append", metavar="D",
                      help="KV cache dtype for the engine, e.g. int8 (repeat to compare)")
     src.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: as stored)")
+    src.add_argument("--device", help="cpu | cuda | cuda:N for local models (default: CUDA when available)")
     src.add_argument("--setting", action="append", metavar="NAME=JSON",
                      help="a named setting to compare, JSON keys among " + ", ".join(SETTING_KEYS))
     grid = parser.add_argument_group("grid (generated tasks)")
@@ -132,8 +133,8 @@ def build_settings(args) -> dict[str | None, dict]:
     """name -> backend options. One unnamed entry (None) when nothing is compared."""
     if args.endpoint and args.model:
         raise ValueError("give --model or --endpoint, not both (compare them with --setting)")
-    if args.endpoint and (args.rope_scaling or args.kv_cache_dtype or args.dtype):
-        raise ValueError("--rope-scaling, --kv-cache-dtype and --dtype apply to local models; "
+    if args.endpoint and (args.rope_scaling or args.kv_cache_dtype or args.dtype or args.device):
+        raise ValueError("--rope-scaling, --kv-cache-dtype, --dtype and --device apply to local models; "
                          "configure the server behind --endpoint instead")
     base = {"endpoint": args.endpoint, "api_key": args.api_key, "model_name": args.model_name,
             "tokenizer": args.tokenizer, "dtype": args.dtype}
@@ -201,7 +202,7 @@ def make_backend(options: dict, args, max_len: int):
         tokenizer = load_tokenizer(options["tokenizer"])
     return LocalBackend(options.get("model"), tokenizer=tokenizer, dtype=options.get("dtype"),
                         rope_scaling=options.get("rope_scaling"), kv_cache_dtype=options.get("kv_cache_dtype"),
-                        max_model_len=max_len, batch_size=args.batch_size)
+                        device=args.device, max_model_len=max_len, batch_size=args.batch_size)
 
 
 def _check_flags(args) -> None:
@@ -289,7 +290,8 @@ def _main_ppl(args, settings, lengths, out_dir) -> int:
         results.append(evaluate_perplexity(options.get("model"), data=args.data, lengths=lengths,
                                            stride=args.stride, max_windows=args.max_windows, tokenizer=tokenizer,
                                            dtype=options.get("dtype"), rope_scaling=options.get("rope_scaling"),
-                                           setting=name, seed=args.seed, progress=not args.no_progress))
+                                           setting=name, seed=args.seed, device=args.device,
+                                           progress=not args.no_progress))
     print(perplexity_table(results))
     paths = write_perplexity_report(results, out_dir, plot=not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from longreach.eval.runner import GridResult, format_length
 
@@ -63,7 +64,8 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
                        fontsize=8)
     title = f"{result.task} — {result.model}" + (f" [{result.setting}]" if result.setting else "")
     eff = ("below the shortest length" if effective is None else format_length(effective))
-    ax.set_title(f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%), "
+    marked = ", dashed line" if effective is not None and effective != lengths[-1] else ""
+    ax.set_title(f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%{marked}); "
                  f"{result.num_samples} sample(s) per cell", fontsize=9)
     return _save(fig, path)
 
@@ -81,19 +83,27 @@ def plot_comparison(results: Sequence[GridResult], path: str | os.PathLike) -> P
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     lengths = sorted({n for r in results for n in r.lengths})
-    for r in results:
+    for i, r in enumerate(results):
         points = [(n, a) for n, a in r.accuracy_by_length().items() if a is not None]
         eff = r.effective_length()
         label = f"{r.setting or r.model} (effective {format_length(eff) if eff else '—'})"
-        ax.plot([n for n, _ in points], [100 * a for _, a in points], marker="o", label=label)
+        ax.plot([n for n, _ in points], [100 * a for _, a in points], label=label, **_series_style(i, len(results)))
     threshold = 100 * results[0].threshold
     ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold:g}%")
     _length_axis(ax, lengths)
     ax.set_ylim(-3, 103)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{results[0].task}: accuracy vs context length")
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)
+
+
+def _series_style(i: int, count: int) -> dict:
+    """Distinct markers, earlier series drawn wider and bigger, so identical lines stay visible on top of each other."""
+    markers = "osD^vP*X"
+    scale = (count - i) / count
+    return {"marker": markers[i % len(markers)], "markersize": 4 + 6 * scale, "linewidth": 1.2 + 2.5 * scale,
+            "alpha": 0.9}
 
 
 def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
@@ -101,12 +111,15 @@ def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
     fig = Figure(figsize=(7.5, 4.5))
     ax = fig.subplots()
     lengths = sorted({n for r in results for n in r.perplexity})
-    for r in results:
+    for i, r in enumerate(results):
         points = sorted((n, p) for n, p in r.perplexity.items() if p is not None and math.isfinite(p))
-        ax.plot([n for n, _ in points], [p for _, p in points], marker="o", label=r.setting)
+        ax.plot([n for n, _ in points], [p for _, p in points], label=r.setting, **_series_style(i, len(results)))
     _length_axis(ax, lengths)
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")       # 2, 3, 10 rather than 2x10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_ylabel("perplexity (log scale; lower is better)")
-    ax.set_title(f"perplexity of the same last {results[0].num_scored_tokens} tokens vs context length")
-    ax.legend(fontsize=8)
+    ax.set_title(f"perplexity of the same {results[0].num_scored_tokens} tokens vs context length")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

@@ -120,8 +120,9 @@ def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_toke
 def evaluate_perplexity(model, data: Sequence[str | os.PathLike] | None = None, lengths: Sequence[int] = (1024,),
                         stride: int = 256, max_windows: int = 4, tokenizer=None, dtype: str | None = None,
                         rope_scaling: dict | None = None, setting: str | None = None, seed: int = 0,
-                        progress: bool = True) -> PerplexityResult:
-    """Perplexity vs length of a checkpoint directory (or a loaded model with `tokenizer`) on `data` files."""
+                        device: str | None = None, progress: bool = True) -> PerplexityResult:
+    """Perplexity vs length of a checkpoint directory (or a loaded model with `tokenizer`) on `data` files.
+    device: where a checkpoint is loaded (default: CUDA when available)."""
     from longreach.model.bundled import resolve_model_path
     if model is None or isinstance(model, (str, Path)):
         path = resolve_model_path(None if model is None else str(model))
@@ -129,7 +130,8 @@ def evaluate_perplexity(model, data: Sequence[str | os.PathLike] | None = None, 
         from longreach.model.tokenizer import load_tokenizer
         name = path.name
         tokenizer = tokenizer or load_tokenizer(path)
-        model = load_model(path, dtype=dtype, rope_scaling=rope_scaling)
+        model = load_model(path, dtype=dtype, rope_scaling=rope_scaling,
+                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     else:
         if tokenizer is None:
             raise ValueError("pass tokenizer= along with a model object")

@@ -167,7 +167,8 @@ def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float]
     backend: a `Backend` (`LocalBackend`, `EndpointBackend`), or a model directory / model object for a
     `LocalBackend`. lengths: context lengths in tokens (prompt + answer budget). depths: percentages
     (ignored, and recorded as None, for tasks without a depth). Prompts go to the backend in batches of
-    `batch_size`, shortest lengths first; a tqdm bar on stderr shows progress unless `progress=False`.
+    up to `batch_size` prompts of one length, shortest first; a tqdm bar on stderr shows progress unless
+    `progress=False`.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
@@ -191,13 +192,18 @@ def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float]
     result = GridResult(task=task, model=backend.name, lengths=lengths, depths=grid_depths,
                         num_samples=num_samples, seed=seed, threshold=threshold, setting=setting,
                         backend=getattr(backend, "kind", None))
-    cells = [(length, depth, index) for length in lengths for depth in grid_depths for index in range(num_samples)]
-    bar = _progress_bar(len(cells), f"{task}" + (f" [{setting}]" if setting else ""), progress)
+    # a batch never mixes lengths: length-dependent rope (dynamic NTK, LongRoPE) picks its frequencies from
+    # the longest position in a forward call, so a mixed batch would score short prompts with long-prompt rope
+    batches = [[(length, depth, index) for depth in grid_depths for index in range(num_samples)][i:i + batch_size]
+               for length in lengths
+               for i in range(0, len(grid_depths) * num_samples, batch_size)]
+    bar = _progress_bar(len(lengths) * len(grid_depths) * num_samples,
+                        f"{task}" + (f" [{setting}]" if setting else ""), progress)
     start = time.perf_counter()
     try:
-        for first in range(0, len(cells), batch_size):
+        for cells in batches:
             samples = [make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
-                       for length, depth, index in cells[first:first + batch_size]]
+                       for length, depth, index in cells]
             outputs = backend.complete([s.prompt for s in samples], budget)
             for sample, output in zip(samples, outputs):
                 result.samples.append(_score(sample, output))
@@ -228,9 +234,13 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def evaluate_passkey(model_or_backend, lengths: Sequence[int], depths: Sequence[float] = (0, 25, 50, 75, 100),
-                     num_samples: int = 5, seed: int = 0, **kwargs) -> GridResult:
-    """Passkey retrieval over lengths x depths (YaRN / Landmark template); see `run_grid` for the arguments."""
-    return run_grid(model_or_backend, "passkey", lengths, depths, num_samples=num_samples, seed=seed, **kwargs)
+                     num_samples: int = 5, seed: int = 0, tokenizer=None, **kwargs) -> GridResult:
+    """Passkey retrieval over lengths x depths (YaRN / Landmark template).
+
+    model_or_backend: a backend, a checkpoint directory, an `LLM`, or a loaded model (then pass `tokenizer`).
+    Other arguments as in `run_grid`."""
+    backend = _as_backend(model_or_backend, **({"tokenizer": tokenizer} if tokenizer is not None else {}))
+    return run_grid(backend, "passkey", lengths, depths, num_samples=num_samples, seed=seed, **kwargs)
 
 
 def write_report(result: GridResult, out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:

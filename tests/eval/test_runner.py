@@ -47,6 +47,9 @@ def test_grid_accuracy_effective_length_and_table():
     first = result.samples[0]
     assert (first.length, first.depth, first.correct, first.error) == (512, 0.0, True, None)
     assert first.num_prompt_tokens == 512 - 16 and first.got.startswith(" ")
+    backend = OracleBackend()
+    run_grid(backend, "passkey", [512, 1024], depths=[0, 50, 100], num_samples=2, batch_size=4, progress=False)
+    assert backend.calls == [4, 2, 4, 2]                              # batches never mix lengths
 
 
 def test_errors_are_kept_per_sample_and_left_out_of_accuracy(tmp_path):
@@ -164,3 +167,15 @@ def test_cli_parsers():
     assert parse_lengths("1k,2K,4096,1.5k,512") == [512, 1024, 1536, 2048, 4096]
     assert parse_depths("0,10,...,100") == [float(d) for d in range(0, 101, 10)]
     assert parse_depths("5,0,12.5,25,...,50") == [0.0, 5.0, 12.5, 25.0, 37.5, 50.0]
+
+
+def test_evaluate_passkey_takes_a_loaded_model(byte_checkpoint):
+    from longreach import load_model
+    from longreach.eval.runner import evaluate_passkey
+
+    model = load_model(byte_checkpoint, dtype="fp32")
+    result = evaluate_passkey(model, [512], depths=[50], num_samples=1, tokenizer=ByteTokenizer(),
+                              max_new_tokens=4, progress=False)
+    assert len(result.samples) == 1 and result.samples[0].error is None
+    with pytest.raises(ValueError, match="pass tokenizer="):
+        evaluate_passkey(model, [512])
