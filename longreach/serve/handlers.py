@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from starlette.requests import ClientDisconnect
 
 from longreach.engine.sampler import SamplingParams
 from longreach.serve import protocol as P
@@ -98,7 +99,9 @@ class EventStream(StreamingResponse):
             for task in tasks:
                 task.cancel()
             self.on_close()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        if isinstance(results[0], Exception):         # a bug while streaming: let uvicorn log it
+            raise results[0]
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -164,12 +167,15 @@ class OpenAIServer:
                 raise P.APIError(413, f"request body is {int(declared)} bytes; the limit is {limit} bytes "
                                       "(--max-request-bytes)", code="request_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                await self._discard(request)
-                raise P.APIError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)",
-                                 code="request_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    await self._discard(request)
+                    raise P.APIError(413, f"request body exceeds the limit of {limit} bytes (--max-request-bytes)",
+                                     code="request_too_large")
+        except ClientDisconnect:
+            raise P.APIError(400, "the client disconnected while sending the request body") from None
         return P.parse_request(bytes(body), cls)
 
     @staticmethod
