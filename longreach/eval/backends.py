@@ -22,6 +22,7 @@ import http.client
 import inspect
 import json
 import math
+import re
 import socket
 import time
 import urllib.error
@@ -32,7 +33,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from longreach.eval.tasks import ApproxTokenizer, Tokenizer
+from longreach.eval.tasks import Tokenizer
 
 IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]   # (prompt ids, max_tokens) -> new ids
 
@@ -42,6 +43,18 @@ class Backend(Protocol):
     tokenizer: Tokenizer
 
     def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]: ...
+
+
+class ApproxTokenizer:
+    """A stand-in token counter for endpoints whose tokenizer is not at hand: roughly one token per
+    3-4 characters of English (pieces of up to 4 letters, 3 digits, or one other character), within
+    about 20% of a Llama-style BPE tokenizer. Only the count is meaningful (the "ids" are piece lengths).
+    Pass the real tokenizer whenever you have it."""
+
+    _PIECE = re.compile(r"[A-Za-z]{1,4}|\d{1,3}|\S")
+
+    def encode(self, text: str) -> list[int]:
+        return [len(p) for p in self._PIECE.findall(text)]
 
 
 class EndpointError(RuntimeError):
@@ -136,8 +149,9 @@ class LocalBackend:
     """Greedy generation on this machine.
 
     model: a checkpoint directory (None: the bundled demo model), an `LLM`, or a loaded `LlamaForCausalLM`
-    (then pass `tokenizer`). device: where the model runs (default: CUDA when available). rope_scaling: dict overriding the checkpoint's rope config. kv_cache_dtype and
-    engine_kwargs go to the paged engine (an error without one). max_model_len: the longest prompt + answer
+    (then pass `tokenizer`). device: where the model runs (default: CUDA when available). rope_scaling: a
+    dict overriding the checkpoint's rope config. kv_cache_dtype and engine_kwargs go to the paged engine
+    (an error without one). max_model_len: the longest prompt + answer
     the engine must accept; the runner raises it to its longest length (`ensure_max_len`).
     The engine is built on first use, so `ensure_max_len` costs nothing before then; unless engine_kwargs
     size its KV cache, it gets blocks for one batch of `batch_size` prompts of `max_model_len` tokens.
@@ -184,9 +198,10 @@ class LocalBackend:
     def _generate(self) -> IdsGenerator:
         if self._generator is None:
             dtype, device, rope_scaling, kv_cache_dtype, engine_kwargs = self._options
+            stop_token_ids = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
             self._generator, self.kind = _local_generator(
-                self._model, self.tokenizer, dtype, device, rope_scaling, kv_cache_dtype, self.max_model_len, self.batch_size,
-                engine_kwargs, tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ()))
+                self._model, self.tokenizer, dtype, device, rope_scaling, kv_cache_dtype, self.max_model_len,
+                self.batch_size, engine_kwargs, stop_token_ids)
         return self._generator
 
     def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:

@@ -90,7 +90,7 @@ def company_name(rng: random.Random) -> str:
 
 
 class TextSource:
-    """A seeded, prefix-stable text stream. Subclasses implement `_next_piece()`, called until the stream is long enough."""
+    """A seeded, prefix-stable text stream; subclasses implement `_next_piece()`, called until it is long enough."""
 
     boundary_pattern: re.Pattern = SENTENCE_START
 

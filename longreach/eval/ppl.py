@@ -85,9 +85,10 @@ def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Seq
                 meta = AttentionMetadata.from_seqlens([length] * len(batch), device=device)
                 positions = torch.arange(length, device=device).repeat(len(batch))
                 # logits at positions L-stride-1 .. L-2 of each window predict its last `stride` tokens
-                rows = torch.cat([b * length + torch.arange(length - stride - 1, length - 1) for b in range(len(batch))])
-                logits = model(ids, positions, meta, logits_indices=rows.to(device))        # (B*stride, V)
-                targets = ids[rows.to(device) + 1]
+                rows = torch.cat([b * length + torch.arange(length - stride - 1, length - 1)
+                                  for b in range(len(batch))]).to(device)
+                logits = model(ids, positions, meta, logits_indices=rows)                  # (B*stride, V)
+                targets = ids[rows + 1]
                 total_nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
                 total_tokens += targets.numel()
                 bar.update(len(batch))
@@ -97,7 +98,8 @@ def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Seq
     return result, stride, num_windows, len(docs)
 
 
-def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_tokens: int, seed: int = 0) -> list[list[int]]:
+def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_tokens: int,
+                   seed: int = 0) -> list[list[int]]:
     """Token ids of each data file (one document per file), or of synthetic text at least `min_tokens` long."""
     if data:
         docs = []

@@ -35,7 +35,6 @@ from __future__ import annotations
 import bisect
 import os
 import random
-import re
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Protocol, Sequence
@@ -96,7 +95,8 @@ class TaskSpec:
 # ---------------------------------------------------------------- needles in a haystack
 
 
-def _insert_needles(source: TextSource, num_chars: int, needles: Sequence[_Needle], sep: str) -> tuple[str, list[float]]:
+def _insert_needles(source: TextSource, num_chars: int, needles: Sequence[_Needle],
+                    sep: str) -> tuple[str, list[float]]:
     """The haystack's first `num_chars` characters with each needle at the boundary nearest its depth.
 
     Returns (context, depths of the target needles in needle order: the share (%) of the haystack text that
@@ -400,15 +400,3 @@ def make_sample(task: str, tokenizer: Tokenizer, length: int, depth: float | Non
     return Sample(task=task, length=length, depth=depth, index=index, seed=seed, prompt=built.prompt,
                   expected=built.expected, scoring=spec.scoring, num_prompt_tokens=count(n),
                   max_new_tokens=budget, needle_depths=built.needle_depths)
-
-
-class ApproxTokenizer:
-    """A stand-in token counter for endpoints whose tokenizer is not at hand: roughly one token per
-    3-4 characters of English (pieces of up to 4 letters, 3 digits, or one other character), within
-    about 20% of a Llama-style BPE tokenizer. Only the count is meaningful (the "ids" are piece lengths).
-    Pass the real tokenizer whenever you have it."""
-
-    _PIECE = re.compile(r"[A-Za-z]{1,4}|\d{1,3}|\S")
-
-    def encode(self, text: str) -> list[int]:
-        return [len(p) for p in self._PIECE.findall(text)]

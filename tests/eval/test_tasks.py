@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 
 from longreach.eval.haystack import SyntheticText
-from longreach.eval.tasks import (_NIAH_HEADER, PASSKEY_FILLER, PASSKEY_INSTRUCTION, TASKS, ApproxTokenizer,
-                                  make_sample)
+from longreach.eval.backends import ApproxTokenizer
+from longreach.eval.tasks import _NIAH_HEADER, PASSKEY_FILLER, PASSKEY_INSTRUCTION, TASKS, make_sample
 from longreach.model.tokenizer import ByteTokenizer
 
 BYTE = ByteTokenizer()
