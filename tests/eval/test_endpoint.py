@@ -145,3 +145,36 @@ def test_a_server_wrapping_the_local_model_scores_like_the_local_run(byte_checkp
     assert [s.got for s in served.samples] == [s.got for s in direct.samples]
     assert [s.score for s in served.samples] == [s.score for s in direct.samples]
     assert [s.num_prompt_tokens for s in served.samples] == [s.num_prompt_tokens for s in direct.samples]
+
+
+def test_longreach_serve_gives_the_same_scores_as_the_local_run(byte_checkpoint):
+    """The real server (`longreach serve`, a subprocess) answers the same prompts with the same text."""
+    pytest.importorskip("longreach.serve.server")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longreach", "serve", str(byte_checkpoint), "--port", "0", "--served-model-name",
+         "tiny", "--api-key", API_KEY, "--max-model-len", "1024", "--num-kv-blocks", "256", "--device", "cpu",
+         "--log-level", "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        url, deadline = None, time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "longreach serve exited before it started"
+            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
+            url = match and match.group(1)
+        assert url, "longreach serve announced no URL"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        grid = dict(lengths=[512], depths=[0, 100], num_samples=1, max_new_tokens=6, progress=False)
+        served = run_grid(EndpointBackend(url, api_key=API_KEY, tokenizer=ByteTokenizer(), concurrency=2,
+                                          timeout=120), "passkey", **grid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    direct = run_grid(LocalBackend(byte_checkpoint, device="cpu"), "passkey", **grid)
+    assert served.model == "tiny" and all(s.error is None for s in served.samples)
+    assert [s.got for s in served.samples] == [s.got for s in direct.samples]
+    assert [s.score for s in served.samples] == [s.score for s in direct.samples]
