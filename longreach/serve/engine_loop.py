@@ -33,7 +33,7 @@ logger = logging.getLogger("longreach.serve")
 class StreamItem:
     """What one engine step added to one request, copied in the engine thread (the engine mutates its own)."""
 
-    text: str                                   # cumulative text so far
+    text: str                                   # the whole text, on the last item only (copying it per step is O(n^2))
     delta_text: str
     delta_token_ids: list[int]
     delta_logprobs: list[dict[int, float]] | None
@@ -51,12 +51,19 @@ class ServerClosedError(RuntimeError):
     """The engine no longer admits requests (the server is shutting down)."""
 
 
+def _refuse(done: Future) -> None:
+    if done.set_running_or_notify_cancel():
+        done.set_exception(ServerClosedError("the server has stopped and accepts no new requests"))
+
+
 class EngineLoop:
     """Runs `engine` in a background thread; `add` and `abort` may be called from the event loop."""
 
     def __init__(self, engine: "LLMEngine", metrics: "ServerMetrics | None" = None):
         self.engine, self.metrics = engine, metrics
         self._commands: deque[tuple[Any, ...]] = deque()
+        self._lock = threading.Lock()               # orders the last commands against the thread's exit
+        self._is_closed = False
         self._wake = threading.Event()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = {}  # engine thread only
         self._thread: threading.Thread | None = None
@@ -90,6 +97,8 @@ class EngineLoop:
         a request it refuses, ServerClosedError while shutting down."""
         if not self._is_accepting:
             raise ServerClosedError("the server is shutting down and accepts no new requests")
+        if self._thread is None or not self._thread.is_alive():
+            raise ServerClosedError("the engine is not running (the app's lifespan did not start it)")
         done: Future = Future()
         self._submit(("add", prompt_token_ids, params, request_id, arrival_time,
                       (asyncio.get_running_loop(), sink, tag), done))
@@ -116,12 +125,28 @@ class EngineLoop:
             self._thread.join(timeout)
 
     def _submit(self, command: tuple[Any, ...]) -> None:
-        self._commands.append(command)
-        self._wake.set()
+        with self._lock:
+            if not self._is_closed:
+                self._commands.append(command)
+                self._wake.set()
+                return
+        if command[0] == "add":                 # the thread has ended: nobody would ever answer
+            _refuse(command[-1])
 
     # ------------------------------------------------------------ the engine thread
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._lock:
+                self._is_closed = True
+                pending, self._commands = list(self._commands), deque()
+            for command in pending:
+                if command[0] == "add":
+                    _refuse(command[-1])
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             try:
@@ -151,6 +176,9 @@ class EngineLoop:
             kind = command[0]
             if kind == "add":
                 _, ids, params, request_id, arrival_time, sink, done = command
+                if self._is_stopping:
+                    _refuse(done)
+                    continue
                 if not done.set_running_or_notify_cancel():
                     continue                    # the handler gave up before the engine saw the request
                 try:
@@ -201,8 +229,8 @@ class EngineLoop:
             return
         num_out, num_new = len(out.token_ids), len(out.delta_token_ids)
         logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new:num_out])
-        item = StreamItem(out.text, out.delta_text, list(out.delta_token_ids), logprobs, len(out.prompt_token_ids),
-                          num_out, out.finish_reason)
+        item = StreamItem(out.text if out.finished else "", out.delta_text, list(out.delta_token_ids), logprobs,
+                          len(out.prompt_token_ids), num_out, out.finish_reason)
         self._send(sink, item)
 
     @staticmethod

@@ -41,7 +41,8 @@ class _Choice:
         self.num_output_tokens = 0
 
     def add(self, item: StreamItem) -> None:
-        self.text = item.text if item.error is None else self.text
+        if item.finished and item.error is None:
+            self.text = item.text
         self.token_ids += item.delta_token_ids
         self.logprobs += item.delta_logprobs or []
         self.finish_reason, self.error = item.finish_reason, item.error
