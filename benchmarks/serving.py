@@ -70,12 +70,19 @@ def _child(queue, fn_name, kwargs):
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def run_isolated(fn_name: str, **kwargs) -> dict:
+def run_isolated(fn_name: str, timeout_s: float | None = None, **kwargs) -> dict:
+    """fn_name(**kwargs) in a fresh process; a run past timeout_s is stopped and reported as such."""
+    import queue as queue_mod
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn_name, kwargs))
     proc.start()
-    result = queue.get()
+    try:
+        result = queue.get(timeout=timeout_s)
+    except queue_mod.Empty:
+        proc.terminate()
+        result = {"error": f"did not finish within {timeout_s:.0f} s", "timed_out_s": timeout_s}
     proc.join()
     return result
 
@@ -268,6 +275,8 @@ def main(argv=None) -> int:
     ap.add_argument("--long-chunk", type=int, default=2048)
     ap.add_argument("--cases", default="throughput,prefix,long")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--system-timeout", type=float, default=300.0,
+                    help="stop a throughput system that runs longer than this (seconds) and report it")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -290,10 +299,16 @@ def main(argv=None) -> int:
             print("| system | output tok/s | mean TTFT (s) | wall (s) | peak RSS (MiB) | above weights (MiB) |")
             print("|---|---:|---:|---:|---:|---:|")
             for system in args.systems.split(","):
-                res = run_isolated(system, path=path, prompts=prompts, output_len=args.output_len,
+                res = run_isolated(system, timeout_s=args.system_timeout, path=path, prompts=prompts,
+                                   output_len=args.output_len,
                                    batch_size=args.padded_batch_size,
                                    max_num_batched_tokens=args.max_num_batched_tokens, **common)
                 results[system] = res
+                if "timed_out_s" in res:
+                    bound = args.num_requests * args.output_len / res["timed_out_s"]
+                    print(f"| {system} | < {bound:.1f} (stopped: {res['error']}) | | > {res['timed_out_s']:.0f} | | |",
+                          flush=True)
+                    continue
                 if "error" in res:
                     print(f"| {system} | failed: {res['error']} | | | | |", flush=True)
                     continue
