@@ -21,7 +21,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(VENV)/.installed
-	$(VENV)/bin/longreach generate --prompt "The pass key is 7421. Remember it. 7421 is the pass key. What is the pass key? The pass key is" --max-tokens 16
+	$(VENV)/bin/longreach serve --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -81,21 +81,31 @@ def variable_doc(rng: random.Random, num_bytes: int) -> str:
     return f"{text}Question: what is the value of VAR {names[-1]}? Answer: {value}."
 
 
-def documents(seed: int, max_bytes: int, min_bytes: int = 64) -> Iterator[str]:
+MIXES = {
+    # the base model: language-like filler plus retrieval
+    "base": [(passkey_doc, 0.45), (kv_doc, 0.2), (variable_doc, 0.15), (prose, 0.2)],
+    # retrieval only: finishes the copy ("induction") circuits once the filler is learned
+    "retrieval": [(passkey_doc, 0.6), (kv_doc, 0.25), (variable_doc, 0.15)],
+}
+
+
+def documents(seed: int, max_bytes: int, min_bytes: int = 64, mix: str = "base") -> Iterator[str]:
     """An endless, seeded stream of documents of up to max_bytes bytes."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown corpus mix {mix!r}; choose one of {sorted(MIXES)}")
     rng = random.Random(seed)
-    makers = [(passkey_doc, 0.45), (kv_doc, 0.2), (variable_doc, 0.15), (prose, 0.2)]
+    makers = MIXES[mix]
     while True:
         num_bytes = rng.randint(min_bytes, max_bytes)
         maker = rng.choices([m for m, _ in makers], weights=[w for _, w in makers])[0]
         yield maker(rng, num_bytes)[:max_bytes] if maker is prose else maker(rng, num_bytes)
 
 
-def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int) -> Path:
+def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int, mix: str = "base") -> Path:
     """JSONL with a `text` field per line: what `longreach train` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stream = documents(seed, max_bytes)
+    stream = documents(seed, max_bytes, mix=mix)
     with open(path, "w") as f:
         for _ in range(num_docs):
             f.write(json.dumps({"text": next(stream)}) + "\n")

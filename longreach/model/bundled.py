@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo-model"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUNDLED_MODEL_DIR = ASSETS / "demo-model"            # the extended (YaRN x8 + continued pretraining) model
+BUNDLED_BASE_MODEL_DIR = ASSETS / "demo-model-base"  # the same model before extension, for the experiment
 
 
 def resolve_model_path(model: str | None) -> Path:
