@@ -65,13 +65,18 @@ def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: dict | Non
     return torch.index_select(source, 0, index, out=buf[:rows])
 
 
+# a group's gathered K and V together stay under this, so they are still in cache when the products read them
+GROUP_GATHER_BYTES = 8 * 2**20
+
+
 def torch_paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
                                  window_size=(-1, -1), workspace: dict | None = None):
     """One query per sequence over its pages, batched: q (B, Hq, D) -> (B, Hq, D).
 
     CPU decode is memory-bound, so this reads each needed block once and copies nothing else: sequences
-    are sorted by length and cut into groups of similar length (bounding the padding), each group's
-    blocks are gathered with one `index_select`, and every KV head's (B, G, D) x (B, D, L) product runs
+    are sorted by length and cut into groups of similar length (bounding the padding) and of a few MiB
+    (so the gathered pages are still cached when read back), each group's blocks are gathered with one
+    `index_select`, and every KV head's (B, G, D) x (B, D, L) product runs
     as one strided `bmm` on the gathered pages (or, with one or two KV heads, all heads as one
     block-diagonal product). Keys at or past `cache_seqlens` (or left of the window)
     are masked; softmax in fp32. GQA: query head h reads KV head h // (Hq // Hkv).
@@ -82,7 +87,8 @@ def torch_paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     out = torch.empty(batch, num_kv_heads, group, head_dim, dtype=k_cache.dtype, device=q.device)
     qg = q.view(batch, num_kv_heads, group, head_dim).to(k_cache.dtype)                 # (B, Hkv, G, D)
-    for rows, num_blocks in _length_groups(cache_seqlens.tolist(), block_size):
+    max_keys = GROUP_GATHER_BYTES // (2 * num_kv_heads * head_dim * k_cache.element_size())
+    for rows, num_blocks in _length_groups(cache_seqlens.tolist(), block_size, max_keys=max_keys):
         idx = torch.tensor(rows, device=q.device)
         flat = block_table.index_select(0, idx)[:, :num_blocks].reshape(-1).long()
         n, num_keys = len(rows), num_blocks * block_size
@@ -125,13 +131,16 @@ def _block_diagonal_decode(q, k, v, hidden, scale):
     return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2)                            # (n, Hkv, G, D)
 
 
-def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25):
-    """Rows sorted by length, cut so each group's padding to its longest is at most `max_waste` of it."""
+def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25, max_keys: int | None = None):
+    """Rows sorted by length, cut so each group's padding to its longest is at most `max_waste` of it and,
+    with `max_keys`, its padded keys stay under that many (so its gathered K/V stay in cache while used)."""
     order = sorted(range(len(seqlens)), key=lambda b: seqlens[b], reverse=True)
     groups, rows, width, used = [], [], 0, 0
     for b in order:
         blocks = -(-seqlens[b] // block_size)
-        if rows and (width * (len(rows) + 1) - used - blocks) > max_waste * width * (len(rows) + 1):
+        padded = width * (len(rows) + 1)
+        if rows and (padded - used - blocks > max_waste * padded
+                     or (max_keys is not None and padded * block_size > max_keys)):
             groups.append((rows, width))
             rows, used = [], 0
         if not rows:
