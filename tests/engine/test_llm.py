@@ -83,3 +83,10 @@ def test_cache_sizing(tiny_llama):
 def test_no_model_without_bundled_model_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="bundled demo model"):
         LLM()
+
+
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="no bundled demo model in this build")
+def test_no_model_loads_the_bundled_demo_model():
+    llm = LLM(max_num_seqs=2, max_model_len=256)
+    out = llm.generate("The sky is", SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
+    assert len(out.token_ids) <= 4 and out.text == llm.get_tokenizer().decode(out.token_ids)
