@@ -15,6 +15,8 @@ Words used by the tasks (keys, variable names, word lists) are built here too: `
 """
 from __future__ import annotations
 
+import abc
+
 import bisect
 import os
 import random
@@ -89,7 +91,7 @@ def company_name(rng: random.Random) -> str:
     return f"{rng.choice(_COMPANY_HEADS)} {rng.choice(_COMPANY_TAILS)}"
 
 
-class TextSource:
+class TextSource(abc.ABC):
     """A seeded, prefix-stable text stream; subclasses implement `_next_piece()`, called until it is long enough."""
 
     boundary_pattern: re.Pattern = SENTENCE_START
@@ -101,8 +103,9 @@ class TextSource:
         self._boundaries: list[int] = [0]
         self._scanned = 0
 
+    @abc.abstractmethod
     def _next_piece(self) -> str:
-        raise NotImplementedError
+        """The next chunk of text (whole sentences) of this source."""
 
     def _ensure(self, num_chars: int) -> None:
         if self._length >= num_chars:

@@ -35,6 +35,8 @@ alone bounds memory, not visibility inside the step.
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 
@@ -74,7 +76,7 @@ def _check_held(num_tokens: int, held: torch.Tensor | None) -> torch.Tensor:
     return held
 
 
-class EvictionPolicy:
+class EvictionPolicy(abc.ABC):
     """The protocol: `keep_mask` decides; `plan` turns the decision into kept positions and freeable blocks."""
 
     name = ""
@@ -87,10 +89,10 @@ class EvictionPolicy:
         """Most blocks a sequence holds between steps (the memory bound); None means unbounded."""
         return None
 
+    @abc.abstractmethod
     def keep_mask(self, num_tokens: int, held: torch.Tensor, scores: torch.Tensor | None,
                   block_size: int) -> torch.Tensor:
         """(len(held),) bool: which held positions stay."""
-        raise NotImplementedError
 
     def plan(self, num_tokens: int, block_size: int, held: torch.Tensor | None = None,
              scores: torch.Tensor | None = None) -> EvictionPlan:
