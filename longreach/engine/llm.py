@@ -160,6 +160,9 @@ class LLMEngine:
         """Run one scheduled forward pass; outputs of every request that got a token (or finished)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            if self.scheduler.has_unfinished():   # cannot happen given add_request's checks: fail, never spin
+                raise RuntimeError(f"no request could be scheduled ({self.scheduler.num_unfinished} waiting, "
+                                   f"{self.kv_manager.num_free_blocks} of {self.num_kv_blocks} KV blocks free)")
             return []
         sampling, logits = self.runner.execute(batch)
         sampled = self.sampler(logits, sampling)
