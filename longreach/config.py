@@ -161,6 +161,9 @@ class CacheConfig:
 
     The block count comes from the first of: `num_blocks`; `kv_cache_memory` bytes; `memory_fraction`
     of the memory free on the device (default 0.9 on GPUs, 0.5 on CPUs, where it is shared with the OS).
+    `kv_cache_dtype` is the storage of K/V (`longreach.kvcache.quant`: auto = the model's dtype, bf16, fp16,
+    fp32, int8, int4); `kv_policy` / `kv_policy_args` the eviction policy (`longreach.kvcache.policies`:
+    none, window, sinks, h2o, with `make_policy`'s keyword budgets, e.g. {"window": 4096}).
     """
 
     block_size: int = 16
@@ -168,8 +171,20 @@ class CacheConfig:
     kv_cache_memory: int | None = None
     memory_fraction: float | None = None
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"
+    kv_policy: str = "none"
+    kv_policy_args: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
+        from longreach.kvcache.policies import POLICIES
+        from longreach.kvcache.quant import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype)
+        if self.kv_policy not in POLICIES:
+            raise ValueError(f"unknown kv_policy {self.kv_policy!r}; choose one of {list(POLICIES)}")
+        if not isinstance(self.kv_policy_args, dict):
+            raise ValueError(f"kv_policy_args={self.kv_policy_args!r} must be a dict of the policy's budgets, "
+                             "e.g. {'window': 4096}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):

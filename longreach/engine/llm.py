@@ -11,16 +11,18 @@ One engine step = schedule (scheduler.py) -> one flat forward over the paged cac
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from longreach.config import CacheConfig, SchedulerConfig
+from longreach.engine.kv_state import INT4_BLOCK_SIZE, KVStates, kv_storage
 from longreach.engine.runner import ModelRunner
 from longreach.engine.sampler import Sampler, SamplingParams
 from longreach.engine.scheduler import Scheduler
@@ -30,6 +32,7 @@ from longreach.kvcache.paged_cache import PagedKVCache, num_blocks_for
 from longreach.model.llama import LlamaForCausalLM
 
 Prompt = str | list[int]
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -79,27 +82,46 @@ class LLMEngine:
         """parallel: tensor parallelism's hooks (tp.TensorParallel) when the model is sharded, else None."""
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
-        self.cache_config = cache_config or CacheConfig()
+        self.cache_config = cc = cache_config or CacheConfig()
         self.scheduler_config = scheduler_config or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
         param = next(model.parameters())
         attn = model.model.layers[0].self_attn             # local head counts (fewer per rank under TP)
-        bs, max_len = self.cache_config.block_size, self.scheduler_config.max_model_len
-        bytes_per_block = PagedKVCache.bytes_per_block(cfg.num_hidden_layers, bs, attn.num_kv_heads,
-                                                       attn.head_dim, param.dtype)
+        bs, max_len = cc.block_size, self.scheduler_config.max_model_len
+        quantizer, self.policy = kv_storage(cc, cfg, param.dtype)
+        num_window_slots = self.scheduler_config.max_num_seqs if quantizer.needs_window else 0
+        bytes_per_block = cfg.num_hidden_layers * quantizer.block_bytes(bs, attn.num_kv_heads, attn.head_dim)
+        window_bytes = num_window_slots * cfg.num_hidden_layers * quantizer.window_bytes(attn.num_kv_heads,
+                                                                                         attn.head_dim)
+        sizing = cc
+        if cc.kv_cache_memory is not None and window_bytes:
+            if cc.kv_cache_memory <= window_bytes + bytes_per_block:
+                raise ValueError(f"kv_cache_memory={cc.kv_cache_memory} bytes does not hold int4's window slots "
+                                 f"({window_bytes} bytes: max_num_seqs={num_window_slots} x the recent-token window) "
+                                 "plus one block; raise it or lower max_num_seqs")
+            sizing = replace(cc, kv_cache_memory=cc.kv_cache_memory - window_bytes)
         max_useful_blocks = self.scheduler_config.max_num_seqs * -(-max_len // bs)
-        num_blocks = num_blocks_for(self.cache_config, bytes_per_block, param.device, max_useful_blocks)
+        num_blocks = num_blocks_for(sizing, bytes_per_block, param.device, max_useful_blocks)
         self.parallel = parallel
         if parallel is not None:
             num_blocks = parallel.agree_min(num_blocks)     # every rank must schedule the same blocks
-        self.kv_manager = KVCacheManager(num_blocks, bs, self.cache_config.enable_prefix_caching)
+        enable_caching = cc.enable_prefix_caching
+        if enable_caching and (quantizer.needs_window or self.policy is not None):
+            why = ("int4 KV keeps recent tokens in a per-request window, so a full block may not be quantized yet"
+                   if quantizer.needs_window else f"kv_policy {cc.kv_policy!r} makes a block's K/V depend on what "
+                   "was evicted before it")
+            logger.info("prefix caching is off: %s", why)
+            enable_caching = False
+        self.kv_manager = KVCacheManager(num_blocks, bs, enable_caching)
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, bs, attn.num_kv_heads, attn.head_dim,
-                                  param.dtype, param.device)
+                                  param.dtype, param.device, quantizer=quantizer, num_window_slots=num_window_slots)
+        self.kv_states, self.num_window_slots = KVStates(num_window_slots), num_window_slots
+        self.kv_manager.on_free = self.kv_states.release
         eos = list(cfg.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_ids", None) or [getattr(tokenizer, "eos_token_id", None)]
         eos += [t for t in tok_eos if t is not None and t not in eos]
         self.eos_token_ids = tuple(eos)
         self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.cache, self.kv_manager)
+        self.runner = ModelRunner(model, self.cache, self.kv_manager, self.policy, self.kv_states)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -107,6 +129,17 @@ class LLMEngine:
     @property
     def num_kv_blocks(self) -> int:
         return self.kv_manager.num_blocks
+
+    @property
+    def kv_cache_bytes_used(self) -> int:
+        """Bytes of KV cache requests hold now: blocks (data and scales) plus int4 window slots in use."""
+        used = self.kv_manager.num_blocks - self.kv_manager.num_free_blocks
+        return used * self.cache.block_bytes + self.kv_states.num_window_slots_used * self.cache.window_slot_bytes
+
+    @property
+    def kv_cache_bytes_total(self) -> int:
+        """Bytes of the whole KV cache: every block plus every int4 window slot."""
+        return self.kv_manager.num_blocks * self.cache.block_bytes + self.num_window_slots * self.cache.window_slot_bytes
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
@@ -127,6 +160,10 @@ class LLMEngine:
                              "leaving room for at least one generated token")
         longest = min(len(ids) + (params.max_tokens or max_len), max_len)
         capacity = self.kv_manager.num_blocks * self.kv_manager.block_size
+        if self.policy is not None:     # held between steps, plus one step's new tokens in fresh blocks
+            bs = self.kv_manager.block_size
+            bound = self.policy.max_held_blocks(bs) + -(-self.scheduler_config.max_num_batched_tokens // bs) + 1
+            longest = min(longest, bound * bs)
         if longest > capacity:
             raise ValueError(f"request needs up to {longest} tokens of KV cache ({len(ids)} prompt + up to "
                              f"{longest - len(ids)} generated) but the cache holds {capacity} "
@@ -168,6 +205,7 @@ class LLMEngine:
         sampled = self.sampler(logits, sampling)
         token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
         self.scheduler.update(batch, sampling, token_ids, sampled.logprobs)
+        self.runner.after_step()
         outputs = [self._output(seq) for seq in sampling]
         for seq in sampling:
             if seq.is_finished:
@@ -233,16 +271,31 @@ class LLM:
     model: a Hugging Face checkpoint directory, a loaded `LlamaForCausalLM`, or None for the bundled demo
     model. dtype: a torch dtype or its name ("bf16", "fp32", ...). The KV cache gets `num_kv_blocks` blocks,
     else `kv_cache_memory` bytes, else `memory_fraction` of the free memory (CacheConfig).
-    tensor_parallel_size > 1: run under torchrun with that many processes; each holds a shard (tp.py)."""
+    tensor_parallel_size > 1: run under torchrun with that many processes; each holds a shard (tp.py).
+
+    kv_cache_dtype: KV storage, "auto" (the model dtype), "bf16", "fp16", "fp32", "int8" (per token and head)
+    or "int4" (KIVI; needs block_size a multiple of 32, the default block_size then, and turns prefix caching
+    off). Quantized on write, dequantized for attention (on CUDA into a compact page set before the Triton
+    decode kernel; the kernel itself reads full precision).
+    quantization: "int8" / "int4" weight-only linears, swapped in at load (`longreach.model.quant`);
+    a checkpoint saved by `save_quantized` loads quantized without it.
+    kv_policy: "none", "window", "sinks" or "h2o", with kv_policy_args its budgets (`make_policy`'s keywords:
+    {"window": W}, {"window": W, "num_sinks": S}, {"heavy": H, "recent": R}). Decoding frees every whole
+    block left without a kept token, so a request's KV memory stays bounded however long it generates
+    (RequestOutput.metrics.max_kv_blocks says how much it held). Positions are NOT re-rotated: kept keys keep
+    their original RoPE positions, so a query sees them at their true distance (unlike StreamingLLM's rolling
+    positions). Prefix caching is off under a policy."""
 
     def __init__(self, model: str | Path | LlamaForCausalLM | None = None, tokenizer: Any = None,
                  dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
-                 max_model_len: int | None = None, block_size: int = 16, kv_cache_memory: int | None = None,
+                 max_model_len: int | None = None, block_size: int | None = None,
+                 kv_cache_memory: int | None = None,
                  memory_fraction: float | None = None, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                  rope_scaling: dict[str, Any] | None = None, seed: int | None = 0,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", quantization: str | None = None,
+                 kv_policy: str = "none", kv_policy_args: dict[str, Any] | None = None):
         from longreach.model.loader import load_model, resolve_dtype
 
         if device is None and torch.cuda.is_available():
@@ -257,6 +310,9 @@ class LLM:
             from longreach.model.bundled import resolve_model_path
             path = resolve_model_path(None if model is None else str(model))
             model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
+        if quantization is not None:
+            from longreach.model.quant import check_quantization, quantize_model
+            quantize_model(model, check_quantization(quantization))
         parallel = None
         if tensor_parallel_size > 1:
             from longreach.engine.tp import TensorParallel, shard_model
@@ -267,8 +323,12 @@ class LLM:
         elif isinstance(tokenizer, (str, Path)):
             from longreach.model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
+        if block_size is None:
+            block_size = INT4_BLOCK_SIZE if kv_cache_dtype == "int4" else 16
         cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                                   memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching)
+                                   memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching,
+                                   kv_cache_dtype=kv_cache_dtype, kv_policy=kv_policy,
+                                   kv_policy_args=dict(kv_policy_args or {}))
         scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.max_position_embeddings,
                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                            enable_chunked_prefill=enable_chunked_prefill)

@@ -4,16 +4,25 @@ All scheduled requests go through the model together as one `(T,)` token batch: 
 (decodes) first, then prefills starting at position 0, then continued prefill chunks (see PagedBatch). The runner computes each new token's position and
 cache slot from the request's block table, the per-sequence key lengths, and the rows whose logits are
 needed (the last token of every sequence that catches up to its full length this step).
+
+With int4 KV or an eviction policy (`gathers`), fresh prefills come first (int4 only; under a policy every
+sequence gathers), then the sequences whose keys are gathered per sequence (`kvcache.paged_gather`): int4
+reads [0, length) through its window slot; a policy reads the positions it kept plus the step's new ones.
+After the scheduler has advanced the requests, `after_step` commits int4's quantized counts and applies the
+policy: whole blocks left without a kept token go back to the pool.
 """
 from __future__ import annotations
 
 import torch
 
 from longreach.attention import AttentionMetadata
+from longreach.engine.kv_state import KVStates
 from longreach.engine.scheduler import ScheduledBatch
-from longreach.engine.sequence import Sequence
+from longreach.engine.sequence import RequestStatus, Sequence
 from longreach.kvcache.block_pool import KVCacheManager
 from longreach.kvcache.paged_cache import PagedBatch, PagedKVCache
+from longreach.kvcache.paged_gather import GatheredRun, SeqWrite
+from longreach.kvcache.policies import EvictionPolicy, H2OPolicy, NoEviction, WindowPolicy, accumulate_attention
 from longreach.model.llama import LlamaForCausalLM
 
 
@@ -24,15 +33,27 @@ def _slots(block_ids: torch.Tensor, start: int, end: int, block_size: int) -> to
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, kv_manager: KVCacheManager):
+    def __init__(self, model: LlamaForCausalLM, cache: PagedKVCache, kv_manager: KVCacheManager,
+                 policy: EvictionPolicy | None = None, kv_states: KVStates | None = None):
         self.model = model
         self.cache = cache
         self.kv = kv_manager
         self.block_size = kv_manager.block_size
         self.device = next(model.parameters()).device
+        self.policy = None if policy is None or isinstance(policy, NoEviction) else policy
+        self.is_int4 = cache.quantizer.needs_window
+        self.kv_states = kv_states or KVStates()
+        self._step: list[tuple[Sequence, int, SeqWrite | None, int | None]] = []
+        self._gathered: GatheredRun | None = None
+
+    @property
+    def gathers(self) -> bool:
+        return self.policy is not None or self.is_int4
 
     def prepare(self, batch: ScheduledBatch) -> tuple[list[Sequence], dict]:
         """Flat inputs of one step: the sequences that sample (in logits row order) and the model's kwargs."""
+        if self.gathers:
+            return self._prepare_gathered(batch)
         bs = self.block_size
         # decodes first, then prefills starting at position 0, then continued prefill chunks
         kind = [0 if n == 1 else 1 if s.num_computed_tokens == 0 else 2
@@ -97,8 +118,109 @@ class ModelRunner:
                       logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
         return sampling, kwargs
 
+    def _prepare_gathered(self, batch: ScheduledBatch) -> tuple[list[Sequence], dict]:
+        """`prepare` for int4 KV or an eviction policy: [fresh prefills (int4 only)] + [gathered sequences]."""
+        bs, dev, states = self.block_size, self.device, self.kv_states
+        own_keys = [self.policy is None and s.num_computed_tokens == 0 for s in batch.seqs]
+        order = sorted(range(len(batch.seqs)), key=lambda i: not own_keys[i])
+        seqs = [batch.seqs[i] for i in order]
+        counts = [batch.num_new_tokens[i] for i in order]
+        num_fresh = sum(own_keys)
+        is_h2o = isinstance(self.policy, H2OPolicy)
+        ids_t, pos_t, slot_t, writes, step = [], [], [], [], []
+        fresh_lens, lens_q, lens_k, kv_slots, reads, q_positions, k_positions = [], [], [], [], [], [], []
+        row = 0
+        for i, (s, n) in enumerate(zip(seqs, counts)):
+            start, end = s.num_computed_tokens, s.num_computed_tokens + n
+            table = torch.tensor(self.kv.block_ids(s.request_id), dtype=torch.long)
+            new_pos = torch.arange(start, end)
+            ids_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
+            pos_t.append(new_pos)
+            slot_t.append(_slots(table, start, end, bs))
+            write = None
+            if self.is_int4:
+                state = states.get(s.request_id)
+                write = SeqWrite(row, row + n, start, table.to(dev), state.num_quantized,
+                                 states.window_slot(s.request_id))
+                writes.append(write)
+            row += n
+            step.append((s, n, write, len(lens_q) if is_h2o and i >= num_fresh else None))
+            if i < num_fresh:
+                fresh_lens.append(n)
+                continue
+            if self.policy is not None:
+                held = states.get(s.request_id).held
+                key_pos = torch.cat([torch.arange(start) if held is None else held, new_pos])
+                kv_slots.append(table[key_pos // bs] * bs + key_pos % bs)
+            else:
+                key_pos = None
+                reads.append((len(writes) - 1, end))
+            lens_q.append(n)
+            lens_k.append(end if key_pos is None else key_pos.numel())
+            if is_h2o:
+                q_positions.append(new_pos)
+                k_positions.append(key_pos)
+        gathered = None
+        if lens_q:
+            gathered = GatheredRun(
+                AttentionMetadata.from_seqlens(lens_q, lens_k, device=dev),
+                kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None, reads=tuple(reads) if reads else None,
+                query_positions=tuple(q_positions) if is_h2o else None,
+                key_positions=tuple(k_positions) if is_h2o else None, mass=[None] * len(lens_q) if is_h2o else None)
+        paged = PagedBatch(
+            slot_mapping=torch.cat(slot_t).to(dev), num_decodes=0, decode_block_table=None, decode_seqlens=None,
+            num_fresh_tokens=sum(fresh_lens),
+            fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
+            continued_meta=None, continued_kv_slots=None, gathered=gathered,
+            seq_writes=tuple(writes) if self.is_int4 else None,
+            window_left=self.policy.window if isinstance(self.policy, WindowPolicy) else None)
+        self._step, self._gathered = step, gathered
+        last_rows, sampling, row = [], [], 0
+        for s, n in zip(seqs, counts):
+            row += n
+            if s.num_computed_tokens + n == s.num_tokens:
+                last_rows.append(row - 1)
+                sampling.append(s)
+        meta = AttentionMetadata.from_seqlens(counts, [s.num_computed_tokens + n for s, n in zip(seqs, counts)],
+                                              device=dev)
+        kwargs = dict(input_ids=torch.cat(ids_t).to(dev), positions=torch.cat(pos_t).to(dev), meta=meta,
+                      kv_cache=self.cache.bind(paged),
+                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
+        return sampling, kwargs
+
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:
         """Run one step. Returns the sequences that sample (in row order) and their logits (n, V)."""
+        self._step, self._gathered = [], None
         sampling, kwargs = self.prepare(batch)
-        return sampling, self.model(**kwargs)
+        logits = self.model(**kwargs)
+        for seq in batch.seqs:               # the step's peak: its new tokens are stored, nothing evicted yet
+            num_blocks = self.kv.num_held_blocks(seq.request_id)
+            num_bytes = num_blocks * self.cache.block_bytes + self.is_int4 * self.cache.window_slot_bytes
+            seq.metrics.max_kv_blocks = max(seq.metrics.max_kv_blocks, num_blocks)
+            seq.metrics.max_kv_bytes = max(seq.metrics.max_kv_bytes, num_bytes)
+        return sampling, logits
+
+    def after_step(self) -> None:
+        """After the scheduler advanced the step's requests: commit int4's quantized counts and evict
+        (requests that finished or were preempted have released their state already)."""
+        for seq, num_new, write, mass_index in self._step:
+            if seq.status is not RequestStatus.RUNNING:
+                continue
+            state = self.kv_states.get(seq.request_id)
+            if write is not None:
+                state.num_quantized = write.new_num_quantized
+            if self.policy is None:
+                continue
+            end = seq.num_computed_tokens
+            start = end - num_new
+            held = torch.cat([torch.arange(start) if state.held is None else state.held, torch.arange(start, end)])
+            scores = None
+            if mass_index is not None:
+                scores = accumulate_attention(state.scores, self._gathered.mass[mass_index].cpu())
+            plan = self.policy.plan(end, self.block_size, held=held, scores=scores)
+            if plan.free_blocks:
+                self.kv.evict_blocks(seq.request_id, plan.free_blocks)
+            state.held = plan.keep
+            state.scores = None if scores is None else scores[plan.keep_index]
+        self._step, self._gathered = [], None

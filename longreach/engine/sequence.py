@@ -33,6 +33,8 @@ class RequestMetrics:
     num_generated_tokens: int = 0     # sampled tokens (recomputed ones after a preemption not counted twice)
     num_cached_tokens: int = 0        # prompt tokens served from the prefix cache at the first admission
     num_preemptions: int = 0
+    max_kv_blocks: int = 0            # most KV blocks the request held at once (after a step's writes)
+    max_kv_bytes: int = 0             # the same in bytes, scales and int4's window slot included
 
     @property
     def ttft(self) -> float | None:

@@ -77,7 +77,8 @@ def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope
         # on CPU, one batch of the longest prompts is all the engine holds here: size the cache for exactly that
         # instead of the engine's default share of free memory (slow to allocate, and greedy on a shared box);
         # on a GPU the engine's own sizing stands (it preempts and recomputes if blocks run out)
-        block_size = kwargs.get("block_size", params["block_size"].default if "block_size" in params else 16)
+        default = params["block_size"].default if "block_size" in params else None
+        block_size = kwargs.get("block_size") or default or (32 if kwargs.get("kv_cache_dtype") == "int4" else 16)
         kwargs["num_kv_blocks"] = batch_size * (math.ceil(max_model_len / block_size) + 1)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unsupported = sorted(set(kwargs) - set(params))

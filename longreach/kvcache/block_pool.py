@@ -188,6 +188,7 @@ class KVCacheManager:
         self.tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}
+        self.on_free = None     # called with a request id whenever its blocks are released (per-request KV state)
 
     @property
     def num_blocks(self) -> int:
@@ -248,7 +249,8 @@ class KVCacheManager:
             hashes = self._block_hashes(request_id, token_ids, num_full * self.block_size, salt)
             bs = self.block_size
             for i in range(self._num_cached.get(request_id, 0), num_full):
-                self.pool.cache_block(table[i], hashes[i], token_ids[i * bs:(i + 1) * bs])
+                if table[i] is not None:
+                    self.pool.cache_block(table[i], hashes[i], token_ids[i * bs:(i + 1) * bs])
             self._num_cached[request_id] = num_full
         return True
 
@@ -257,7 +259,22 @@ class KVCacheManager:
         table = self.tables.pop(request_id, None)
         self._num_cached.pop(request_id, None)
         if table is not None:
-            self.pool.free_blocks(reversed(table))
+            self.pool.free_blocks(b for b in reversed(table) if b is not None)
+        if self.on_free is not None:
+            self.on_free(request_id)
+
+    def evict_blocks(self, request_id: str, logical_blocks: Sequence[int]) -> None:
+        """Release some blocks of a running request (an eviction policy dropped all their tokens). Their
+        table entries become None, so logical block i still covers tokens [i * block_size, (i + 1) * block_size)."""
+        table = self.tables[request_id]
+        for i in logical_blocks:
+            if not 0 <= i < len(table) or table[i] is None:
+                raise ValueError(f"request {request_id!r} holds no logical block {i} (table of {len(table)})")
+            self.pool.free_blocks([table[i]])
+            table[i] = None
+
+    def num_held_blocks(self, request_id: str) -> int:
+        return sum(b is not None for b in self.tables.get(request_id, ()))
 
     def forget(self, request_id: str) -> None:
         """Drop the hashes kept for a finished request (a preempted one keeps them for its resumption)."""
@@ -265,7 +282,8 @@ class KVCacheManager:
         self._hashes.pop(request_id, None)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self.tables.get(request_id, ())]
+        """Physical block ids of a request's table; an evicted block reads as 0 (never addressed: its tokens are gone)."""
+        return [0 if b is None else b.block_id for b in self.tables.get(request_id, ())]
 
     def check_invariants(self) -> None:
-        self.pool.check_invariants(self.tables)
+        self.pool.check_invariants({r: [b for b in t if b is not None] for r, t in self.tables.items()})

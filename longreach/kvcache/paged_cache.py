@@ -8,6 +8,12 @@ then (2) attends: the single-query sequences (decodes, placed first by the runne
 decode kernel; prefills starting at position 0 through `flash_attn_varlen_func` on the step's own K/V;
 continued prefill chunks through `flash_attn_varlen_func` over keys gathered from their pages,
 bottom-right causal as FlashAttention defines it.
+
+The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors (Triton write
+and decode on CUDA); int8 pages are written quantized, and a decode dequantizes just the blocks the step's
+tables reference into a compact page set, then runs the same decode kernel (no in-kernel dequantization).
+int4 (KIVI) and eviction policies route their sequences through `paged_gather`: keys read (dequantized)
+per sequence, one varlen attention call.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import torch
 
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
 from longreach.config import CacheConfig
+from longreach.kvcache.paged_gather import GatheredRun, SeqWrite, gathered_attention
+from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, KVQuantizer
 
 
 @dataclass(frozen=True)
@@ -34,6 +42,9 @@ class PagedBatch:
     - continued prefills (a chunk after earlier chunks or a prefix-cache hit): continued_meta (varlen,
       queries over these tokens, keys over their whole contexts) and continued_kv_slots (total_k,) int64,
       the slots of all those keys in order.
+    With int4 KV or an eviction policy the runner puts fresh prefills first (num_decodes is 0) and every
+    other sequence in `gathered` (see paged_gather); `seq_writes` then carries int4's per-sequence writes, and
+    `window_left` an eviction window that narrows every layer's attention window.
     """
 
     slot_mapping: torch.Tensor
@@ -44,6 +55,9 @@ class PagedBatch:
     fresh_meta: AttentionMetadata | None
     continued_meta: AttentionMetadata | None
     continued_kv_slots: torch.Tensor | None
+    gathered: GatheredRun | None = None
+    seq_writes: tuple[SeqWrite, ...] | None = None
+    window_left: int | None = None
 
 
 def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -166,26 +180,71 @@ def _kernels(device: torch.device):
 
 
 class PagedKVCache:
-    """Per-layer K/V pages: `k_caches[layer]`, `v_caches[layer]` are [num_blocks, block_size, Hkv, D]."""
+    """Per-layer pages in `stores[layer]`: the quantizer's named tensors, each `[num_blocks, *block shape]`
+    (plain K/V: `k_caches[layer]`, `v_caches[layer]` are [num_blocks, block_size, Hkv, D]), plus int4's
+    `num_window_slots` per-sequence window slots."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        # zeros, not empty: padded gathers multiply masked (zero-probability) keys' values, and 0 * NaN is NaN
-        self.k_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 quantizer: KVQuantizer | None = None, num_window_slots: int = 0):
+        if quantizer is None:
+            names = {d: n for n, d in FULL_PRECISION.items()}
+            if dtype not in names:
+                raise ValueError(f"KV cache dtype {dtype} must be one of {list(FULL_PRECISION.values())}")
+            quantizer = FullPrecisionKV(names[dtype])
+        self.quantizer = quantizer
+        # zeros (allocate's), not empty: padded gathers multiply masked keys' values, and 0 * NaN is NaN
+        self.stores = [quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, num_window_slots, device)
+                       for _ in range(num_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.is_plain = isinstance(quantizer, FullPrecisionKV)
+        self.block_bytes = num_layers * quantizer.block_bytes(block_size, num_kv_heads, head_dim)
+        self.window_slot_bytes = num_layers * quantizer.window_bytes(num_kv_heads, head_dim)
         self._write_kv, self._decode = _kernels(torch.device(device))
         self.workspace: dict[str, torch.Tensor] = {}   # reused gather buffers (CPU paths)
+
+    @property
+    def k_caches(self) -> list[torch.Tensor]:
+        return [store["k"] for store in self.stores]
+
+    @property
+    def v_caches(self) -> list[torch.Tensor]:
+        return [store["v"] for store in self.stores]
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
+    def write(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, batch: PagedBatch) -> None:
+        """Store the step's K/V (T, Hkv, D): a slot scatter, or int4's per-sequence quantize-on-write."""
+        if batch.seq_writes is not None:
+            for w in batch.seq_writes:
+                w.new_num_quantized = self.quantizer.write(store, k[w.row_start:w.row_end], v[w.row_start:w.row_end],
+                                                           w.block_table, w.start, w.num_quantized, w.window_slot)
+        elif self.is_plain:
+            self._write_kv(k, v, store["k"], store["v"], batch.slot_mapping)
+        else:
+            self.quantizer.write_slots(store, k, v, batch.slot_mapping)
+
+    def read_slots(self, store: dict[str, torch.Tensor], slots: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (S, Hkv, D) in dtype at flat slots (S,) (token-local dtypes: plain, int8)."""
+        if self.is_plain:
+            keys = gather_rows(store["k"].flatten(0, 1), slots, self.workspace, "k")
+            values = gather_rows(store["v"].flatten(0, 1), slots, self.workspace, "v")
+            return keys.to(dtype), values.to(dtype)
+        return self.quantizer.read_slots(store, slots, dtype)
+
     def bind(self, batch: PagedBatch) -> "BoundPagedKVCache":
         """The object the model receives as `kv_cache` for one step."""
         return BoundPagedKVCache(self, batch)
+
+
+def _narrow_window(window_size: tuple[int, int], left: int | None) -> tuple[int, int]:
+    if left is None:
+        return tuple(window_size)
+    return (left if window_size[0] < 0 else min(window_size[0], left), window_size[1])
 
 
 class BoundPagedKVCache:
@@ -197,14 +256,15 @@ class BoundPagedKVCache:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D). `meta` describes the unpaged batch and is not needed:
         the paged addressing is in `self.batch`."""
         cache, batch = self.cache, self.batch
-        k_cache, v_cache = cache.k_caches[layer_idx], cache.v_caches[layer_idx]
-        cache._write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        store = cache.stores[layer_idx]
+        window_size = _narrow_window(window_size, batch.window_left)
+        cache.write(store, k, v, batch)
         num_decodes = batch.num_decodes
         if num_decodes == q.shape[0]:
-            return self._decode(q, k_cache, v_cache, window_size)
+            return self._decode(q, store, window_size)
         out = torch.empty_like(q)
         if num_decodes:
-            out[:num_decodes] = self._decode(q[:num_decodes], k_cache, v_cache, window_size)
+            out[:num_decodes] = self._decode(q[:num_decodes], store, window_size)
         start, end = num_decodes, num_decodes + batch.num_fresh_tokens
         if batch.fresh_meta is not None:      # equal query and key lengths: the fastest varlen path
             m = batch.fresh_meta
@@ -212,18 +272,27 @@ class BoundPagedKVCache:
                                                     m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
                                                     window_size=window_size)
         if batch.continued_meta is not None:
-            m, slots = batch.continued_meta, batch.continued_kv_slots
-            keys = gather_rows(k_cache.view(-1, *k_cache.shape[2:]), slots, cache.workspace, "k")  # (Tk, Hkv, D)
-            values = gather_rows(v_cache.view(-1, *v_cache.shape[2:]), slots, cache.workspace, "v")
-            out[end:] = flash_attn_varlen_func(q[end:], keys.to(q.dtype), values.to(q.dtype), m.cu_seqlens_q,
+            m = batch.continued_meta
+            keys, values = cache.read_slots(store, batch.continued_kv_slots, q.dtype)           # (Tk, Hkv, D)
+            out[end:] = flash_attn_varlen_func(q[end:], keys, values, m.cu_seqlens_q,
                                                m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
                                                window_size=window_size)
+        if batch.gathered is not None:
+            out[end:] = gathered_attention(cache, store, q[end:], batch.gathered, batch.seq_writes, window_size)
         return out
 
-    def _decode(self, q, k_cache, v_cache, window_size):
+    def _decode(self, q, store, window_size):
         batch, cache = self.batch, self.cache
         kwargs = {"workspace": cache.workspace} if cache._decode is torch_paged_decode_attention else {}
-        return cache._decode(q, k_cache, v_cache, batch.decode_block_table, batch.decode_seqlens,
+        k_cache, v_cache, table = store["k"], store["v"], batch.decode_block_table
+        if not cache.is_plain or (k_cache.dtype != q.dtype and cache._decode is not torch_paged_decode_attention):
+            # dequantize only the referenced blocks into a compact page set, renumbering the tables to match
+            used, compact = torch.unique(table, return_inverse=True)                  # (U,), table's shape
+            keys, values = cache.quantizer.read_blocks(store, used[None, :], dtype=q.dtype)  # (1, U * bs, Hkv, D)
+            k_cache = keys.view(used.numel(), cache.block_size, *keys.shape[2:])
+            v_cache = values.view(used.numel(), cache.block_size, *values.shape[2:])
+            table = compact.to(torch.int32)
+        return cache._decode(q, k_cache, v_cache, table, batch.decode_seqlens,
                              window_size=tuple(window_size), **kwargs)
 
 
