@@ -255,3 +255,32 @@ def make_policy(name: str, window: int | None = None, num_sinks: int = 4, heavy:
         raise ValueError(f"KV policy 'h2o' needs heavy=<tokens> and recent=<tokens>; got heavy={heavy!r}, "
                          f"recent={recent!r}")
     return H2OPolicy(heavy, recent, unit)
+
+
+def parse_policy_spec(text: str) -> tuple[str, dict[str, int | str]]:
+    """A command line's policy -> (name, make_policy keywords): 'none', 'window:4096', 'sinks:4096' (4 sinks),
+    'sinks:window=4096,num_sinks=8', 'h2o:512' (heavy = recent = 512), 'h2o:heavy=256,recent=768,unit=block'."""
+    name, _, rest = text.strip().partition(":")
+    if name not in POLICIES:
+        raise ValueError(f"unknown KV eviction policy {name!r} in {text!r}; choose one of {list(POLICIES)}")
+    if not rest:
+        return name, {}
+    if "=" not in rest:
+        try:
+            budget = int(rest)
+        except ValueError:
+            raise ValueError(f"policy {text!r}: {rest!r} is not a token budget (give e.g. {name}:4096)") from None
+        return name, ({"heavy": budget, "recent": budget} if name == "h2o" else {"window": budget})
+    args: dict[str, int | str] = {}
+    for item in rest.split(","):
+        key, _, value = item.partition("=")
+        if key not in ("window", "num_sinks", "heavy", "recent", "unit") or not value:
+            raise ValueError(f"policy {text!r}: bad budget {item!r}; use window=, num_sinks=, heavy=, recent=, unit=")
+        if key == "unit":
+            args[key] = value
+            continue
+        try:
+            args[key] = int(value)
+        except ValueError:
+            raise ValueError(f"policy {text!r}: {key}={value!r} is not an integer number of tokens") from None
+    return name, args

@@ -76,6 +76,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
     parser.add_argument("--rope-scaling", default=None,
                         help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4}\'')
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization applied at load (default: none, or as saved)")
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -97,6 +99,12 @@ def main(args) -> int:
 
     path = resolve_model_path(args.model)
     model = load_model(path, dtype=args.dtype, rope_scaling=parse_rope_scaling(args.rope_scaling))
+    if args.quantization is not None:
+        from longreach.model.quant import quantize_model
+        try:
+            quantize_model(model, args.quantization)
+        except ValueError as exc:
+            raise SystemExit(f"--quantization {args.quantization}: {exc}") from None
     tokenizer = load_tokenizer(path)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     start = time.perf_counter()

@@ -106,8 +106,14 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
     dtype: fp32 / bf16 / fp16 (or a torch.dtype); None keeps the stored dtype.
     rope_scaling: replaces the checkpoint's rope config (same dict format as config.json's
     `rope_scaling` / `rope_parameters`, e.g. {"rope_type": "yarn", "factor": 4, ...}).
+    A checkpoint written by `longreach.model.quant.save_quantized` loads with its quantized linears.
     """
+    from longreach.model.quant import maybe_load_quantized   # here: quant.py imports this module
+
     path = Path(path)
+    quantized = maybe_load_quantized(path, dtype, rope_scaling, device)
+    if quantized is not None:
+        return quantized
     cfg = ModelConfig.from_hf_dict(read_config(path), rope_scaling=rope_scaling)
     state = load_state_dict(path, resolve_dtype(dtype), device)
     if cfg.tie_word_embeddings:

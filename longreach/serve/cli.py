@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-dtype", default="auto",
                         help="KV-cache storage: auto (the model dtype) or a quantized/other dtype the engine "
                              "supports (bf16, fp16, fp32, int8, int4)")
+    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
+                        help="weight-only quantization applied at load (default: none, or as the checkpoint was saved)")
+    parser.add_argument("--kv-policy", default="none",
+                        help="KV eviction: none | window:W | sinks:W (4 sinks; or sinks:window=W,num_sinks=S) | "
+                             "h2o:B (B heavy + B recent; or h2o:heavy=H,recent=R). Memory per request stays bounded; "
+                             "positions are not re-rotated (default none)")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                         help="share the KV blocks of identical prompt prefixes (default on)")
     parser.add_argument("--rope-scaling", default=None,
@@ -81,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=_positive_int, default=256, help="requests per step (default 256)")
     parser.add_argument("--max-num-batched-tokens", type=_positive_int, default=2048,
                         help="tokens per step; longer prompts are prefilled in chunks (default 2048)")
-    parser.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default 16)")
+    parser.add_argument("--block-size", type=_positive_int, default=None,
+                        help="tokens per KV block (default 16; 32 with --kv-cache-dtype int4)")
     parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
                         help="bytes for the KV cache, e.g. 4GiB (default: a fraction of the free memory)")
     parser.add_argument("--num-kv-blocks", type=_positive_int, default=None,
@@ -138,6 +145,15 @@ def build_app(args):
         raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     rope_scaling = parse_rope_scaling(args.rope_scaling)
     kv_kwargs = kv_cache_dtype_kwargs(args.kv_cache_dtype, LLM)
+    try:
+        from longreach.kvcache.policies import parse_policy_spec
+        policy, policy_args = parse_policy_spec(args.kv_policy)
+    except ValueError as exc:
+        raise CLIError(f"--kv-policy: {exc}") from None
+    if policy != "none":
+        kv_kwargs.update(kv_policy=policy, kv_policy_args=policy_args)
+    if args.quantization is not None:
+        kv_kwargs["quantization"] = args.quantization
     try:
         path = resolve_model_path(args.model)
     except FileNotFoundError as exc:

@@ -1,6 +1,6 @@
 """Prometheus metrics of one server (names follow vLLM's, with a `longreach_` prefix).
 
-Gauges describe the engine now (requests running / waiting, KV blocks used); counters and histograms
+Gauges describe the engine now (requests running / waiting, KV blocks and bytes used); counters and histograms
 accumulate over the server's life (tokens in and out, preemptions, prefix-cache lookups, time to first
 token, time per output token). Everything is written by the engine thread and read by `/metrics`;
 prometheus_client's metrics are thread-safe. Each server owns its registry, so several can share a process.
@@ -31,6 +31,9 @@ class ServerMetrics:
                                           "Requests waiting to be scheduled (new or preempted)", registry=r)
         self.kv_blocks_total = Gauge(p + "kv_cache_blocks_total", "KV-cache blocks in the pool", registry=r)
         self.kv_blocks_used = Gauge(p + "kv_cache_blocks_used", "KV-cache blocks held by requests", registry=r)
+        self.kv_bytes_used = Gauge(p + "kv_cache_bytes_used", "KV-cache bytes held by requests: blocks (data and "
+                                   "scales) plus int4 window slots in use", registry=r)
+        self.kv_bytes_total = Gauge(p + "kv_cache_bytes_total", "KV-cache bytes allocated", registry=r)
         self.kv_usage = Gauge(p + "kv_cache_usage_percent", "KV-cache blocks held by requests, percent of the pool",
                               registry=r)
         self.prefix_queries = Counter(p + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
@@ -63,6 +66,8 @@ class ServerMetrics:
         used = kv.num_blocks - kv.num_free_blocks
         self.kv_blocks_used.set(used)
         self.kv_usage.set(100.0 * used / kv.num_blocks)
+        self.kv_bytes_used.set(engine.kv_cache_bytes_used)
+        self.kv_bytes_total.set(engine.kv_cache_bytes_total)
         if scheduler.num_preemptions > self._num_preemptions_seen:
             self.preemptions.inc(scheduler.num_preemptions - self._num_preemptions_seen)
             self._num_preemptions_seen = scheduler.num_preemptions

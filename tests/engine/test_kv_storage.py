@@ -113,3 +113,19 @@ def test_int8_weights_generate(tiny_llama):
     got = _run(tiny_llama[0], block_size=8, quantization="int8")
     identical, worst = _compare(ref, got)
     assert identical >= 0.5 and worst < 0.2, (identical, worst)
+
+
+def test_prequantized_checkpoint_loads_through_load_model(tiny_llama, tmp_path):
+    from longreach.model.loader import load_model
+    from longreach.model.quant import Int8Linear, quantize_model, save_quantized
+
+    out = save_quantized(quantize_model(load_model(tiny_llama[0], dtype="fp32"), "int8"), tmp_path / "q8")
+    assert isinstance(load_model(out).model.layers[0].mlp.down_proj, Int8Linear)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    prompt = _prompts((20,))[0]
+    swapped = LLM(tiny_llama[0], dtype="fp32", num_kv_blocks=16, quantization="int8").generate(prompt, params,
+                                                                                               use_tqdm=False)
+    saved = LLM(out, dtype="fp32", num_kv_blocks=16).generate(prompt, params, use_tqdm=False)
+    assert saved[0].token_ids == swapped[0].token_ids
+    with pytest.raises(ValueError, match="already quantized"):
+        LLM(out, dtype="fp32", num_kv_blocks=16, quantization="int8")
