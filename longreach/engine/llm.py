@@ -160,10 +160,10 @@ class LLMEngine:
                              "leaving room for at least one generated token")
         longest = min(len(ids) + (params.max_tokens or max_len), max_len)
         capacity = self.kv_manager.num_blocks * self.kv_manager.block_size
-        if self.policy is not None:     # held between steps, plus one step's new tokens in fresh blocks
+        if self.policy is not None:     # held between steps, plus one step's new tokens (a prefill chunk)
             bs = self.kv_manager.block_size
-            bound = self.policy.max_held_blocks(bs) + -(-self.scheduler_config.max_num_batched_tokens // bs) + 1
-            longest = min(longest, bound * bs)
+            step = min(self.scheduler_config.max_num_batched_tokens, longest)
+            longest = min(longest, (self.policy.max_held_blocks(bs) + -(-step // bs) + 1) * bs)
         if longest > capacity:
             raise ValueError(f"request needs up to {longest} tokens of KV cache ({len(ids)} prompt + up to "
                              f"{longest - len(ids)} generated) but the cache holds {capacity} "
@@ -281,8 +281,9 @@ class LLM:
     a checkpoint saved by `save_quantized` loads quantized without it.
     kv_policy: "none", "window", "sinks" or "h2o", with kv_policy_args its budgets (`make_policy`'s keywords:
     {"window": W}, {"window": W, "num_sinks": S}, {"heavy": H, "recent": R}). Decoding frees every whole
-    block left without a kept token, so a request's KV memory stays bounded however long it generates
-    (RequestOutput.metrics.max_kv_blocks says how much it held). Positions are NOT re-rotated: kept keys keep
+    block left without a kept token, so a request's KV memory stays bounded however long it generates: the
+    policy's max_held_blocks plus one step's new tokens (a prefill chunk of up to max_num_batched_tokens;
+    RequestOutput.metrics.max_kv_blocks says how much it held). Positions are NOT re-rotated: kept keys keep
     their original RoPE positions, so a query sees them at their true distance (unlike StreamingLLM's rolling
     positions). Prefix caching is off under a policy."""
 
