@@ -154,3 +154,17 @@ def test_unknown_model_lists_presets(capsys):
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="'int2'.*bf16"):
         kv_bytes_per_token(PRESETS["Qwen/Qwen2.5-7B"], "int2")
+
+
+def test_cli_policy_rows_are_bounded(capsys):
+    """window:4096 on Llama-3.1-70B (320 KiB/token bf16): 4096 + 16 tokens in whole blocks -> 1.25 GiB."""
+    assert cli_main(["kv-size", "Llama-3.1-70B", "--context", "128k", "--dtype", "bf16",
+                     "--policy", "window:4096", "--policy", "none"]) == 0
+    out = capsys.readouterr().out
+    assert _row(out, "window:4096")[1:] == ["4,096", "4,112", "1.25"]
+    assert _row(out, "none")[1:] == ["131,072", "131,072", "40.00"]
+    assert cli_main(["kv-size", "Llama-3.1-70B", "--json", "--policy", "sinks:window=1000,num_sinks=4"]) == 0
+    policies = json.loads(capsys.readouterr().out)["policies"]
+    assert policies[0]["tokens_kept"] == 1004 and policies[0]["tokens_held"] == 16 * (1 + 63 + 1)
+    assert cli_main(["kv-size", "Llama-3.1-70B", "--policy", "window:lots"]) == 2
+    assert "'lots' is not a token budget" in capsys.readouterr().err

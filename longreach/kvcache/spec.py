@@ -384,6 +384,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"model FLOPs utilization in (0, 1] (default {DEFAULT_MFU:g})")
     parser.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"), default=DEFAULT_PEAK_TFLOPS,
                         help=f"peak TFLOP/s of one GPU (default {DEFAULT_PEAK_TFLOPS:g}: H100 SXM bf16 dense)")
+    parser.add_argument("--policy", action="append", default=None,
+                        help="also show the bounded size under an eviction policy: window:4096, sinks:4096, "
+                             "h2o:1024 (heavy = recent), h2o:heavy=512,recent=1536; repeat for one row each")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the table")
     parser.epilog = ("prefill FLOPs = 2 * non-embedding params * N + 2 * hidden * vocab * N "
                      "+ 4 * layers * heads * head_dim * N^2 / 2 (causal); "
@@ -398,5 +401,14 @@ def main(args: argparse.Namespace) -> int:
         return 2
     rep = report(arch, args.context, [args.dtype] if args.dtype else None, args.batch,
                  args.peak_tflops, args.mfu, args.gpu_price_per_hour)
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    text = None if args.json else format_report(rep)
+    if getattr(args, "policy", None):
+        from longreach.kvcache.spec_policies import format_policy_rows, policy_rows
+        try:
+            rep["policies"] = policy_rows(arch, args.context, [row["dtype"] for row in rep["kv"]], args.policy)
+        except ValueError as exc:
+            print(f"longreach kv-size: --policy: {exc}", file=sys.stderr)
+            return 2
+        text = None if args.json else text + "\n\n" + format_policy_rows(rep["policies"], args.context)
+    print(json.dumps(rep, indent=2) if args.json else text)
     return 0
