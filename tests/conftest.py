@@ -19,3 +19,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_not_leaked():
+    """Global autograd state is process-wide: a test (or the code it runs) that turns gradients off breaks
+    every later training test in the same worker, far from the cause. Fail at the cause instead."""
+    yield
+    assert torch.is_grad_enabled(), "this test left torch's global grad mode disabled"

@@ -135,8 +135,6 @@ def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
 
 def build_app(args):
     """(app, served model names) from parsed arguments; CLIError for anything the user must fix."""
-    import torch
-
     from longreach.engine.llm import LLM
     from longreach.model.bundled import resolve_model_path
     from longreach.serve.server import DEFAULT_MAX_REQUEST_BYTES, create_app
@@ -161,7 +159,6 @@ def build_app(args):
     if not path.is_dir():
         raise CLIError(f"{path}: no such checkpoint directory")
     names = args.served_model_name or [args.model if args.model is not None else "longreach-demo"]
-    torch.set_grad_enabled(False)
     try:
         llm = LLM(path, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                   block_size=args.block_size, kv_cache_memory=args.kv_cache_memory, num_kv_blocks=args.num_kv_blocks,
