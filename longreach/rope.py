@@ -141,6 +141,21 @@ def rope_config_from_hf(config: dict[str, Any], rope_scaling: dict[str, Any] | N
                       max_position_embeddings=max_pos, scaling=scaling)
 
 
+def parse_rope_scaling_arg(text: str | None) -> dict[str, Any] | None:
+    """A `--rope-scaling` command-line value: a JSON object, or none/null/empty for the checkpoint's own rope."""
+    if text is None or text.strip().lower() in ("none", "null", ""):
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--rope-scaling is not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--rope-scaling must be a JSON object or 'none', got {text!r}")
+    return value
+
+
 # ---------------------------------------------------------------------------------------------- rope types
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from longreach.eval.tasks import TASKS
+from longreach.rope import parse_rope_scaling_arg
 
 SETTING_KEYS = ("model", "endpoint", "model_name", "api_key", "tokenizer", "rope_scaling", "kv_cache_dtype", "dtype")
 
@@ -65,18 +66,6 @@ def parse_depths(text: str) -> list[float]:
     if bad:
         raise ValueError(f"--depths: {bad} outside [0, 100]")
     return sorted(set(values))
-
-
-def parse_rope(text: str) -> dict | None:
-    if text.strip().lower() in ("none", "null", ""):
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"--rope-scaling is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"--rope-scaling must be a JSON object or 'none', got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,14 +143,14 @@ def build_settings(args) -> dict[str | None, dict]:
             if unknown:
                 raise ValueError(f"--setting {name}: unknown key(s) {unknown}; accepted: {list(SETTING_KEYS)}")
             defaults = {**base, "model": (args.model or [None])[0],
-                        "rope_scaling": parse_rope(args.rope_scaling[0]) if args.rope_scaling else None,
+                        "rope_scaling": parse_rope_scaling_arg(args.rope_scaling[0]) if args.rope_scaling else None,
                         "kv_cache_dtype": (args.kv_cache_dtype or [None])[0]}
             if name.strip() in settings:
                 raise ValueError(f"--setting name {name.strip()!r} is given twice")
             settings[name.strip()] = {**defaults, **options}
         return settings
     models = args.model or [None]
-    ropes = [parse_rope(r) for r in args.rope_scaling] if args.rope_scaling else [None]
+    ropes = [parse_rope_scaling_arg(r) for r in args.rope_scaling] if args.rope_scaling else [None]
     kv_dtypes = args.kv_cache_dtype or [None]
     combos = list(itertools.product(models, ropes, kv_dtypes))
     if len(combos) == 1:

@@ -5,7 +5,6 @@ Sampling here is deliberately small: greedy, temperature, top-k and top-p.
 """
 from __future__ import annotations
 
-import json
 import sys
 import time
 
@@ -81,15 +80,12 @@ def add_arguments(parser) -> None:
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
-    if text is None:
-        return None
+    from longreach.rope import parse_rope_scaling_arg
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"--rope-scaling is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise SystemExit(f"--rope-scaling must be a JSON object, got {text!r}")
-    return value
+        return parse_rope_scaling_arg(text)
+    except ValueError as exc:
+        raise SystemExit(f"longreach generate: {exc}") from None
 
 
 def main(args) -> int:

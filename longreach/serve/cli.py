@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import logging
 import os
 import re
@@ -103,15 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
-    if text is None:
-        return None
+    from longreach.rope import parse_rope_scaling_arg
+
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CLIError(f"--rope-scaling is not valid JSON ({exc}): {text!r}") from None
-    if not isinstance(value, dict):
-        raise CLIError(f"--rope-scaling must be a JSON object, got {text!r}")
-    return value
+        return parse_rope_scaling_arg(text)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
