@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p = sub.add_parser("experiment", help="evaluate no scaling / PI / NTK / dynamic NTK / YaRN / YaRN+training")
-    p.add_argument("--base", help="base model (default: runs/demo/base-bf16)", default="runs/demo/base-bf16")
+    p.add_argument("--base", help="base model (default: the bundled base model)")
     p.add_argument("--extended", help="extended model (default: the bundled model)")
     p.add_argument("--samples", type=int, default=10, help="passkey samples per length (default 10)")
     p.add_argument("--multiples", default="1,2,4,8,16", help="lengths as multiples of the base training length")

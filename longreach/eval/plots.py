@@ -16,7 +16,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from longreach.eval.runner import GridResult, format_length
 
@@ -118,7 +118,10 @@ def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
     ax.set_yscale("log")
     plain = FuncFormatter(lambda value, _: f"{value:g}")       # 2, 3, 10 rather than 2x10^0
     ax.yaxis.set_major_formatter(plain)
-    ax.yaxis.set_minor_formatter(plain)
+    values = [p for r in results for p in r.perplexity.values() if p is not None and math.isfinite(p)]
+    # label the minor ticks (2, 3, 5, ...) only when the axis spans about one decade; beyond that they collide
+    wide = values and max(values) / max(min(values), 1e-9) > 20
+    ax.yaxis.set_minor_formatter(NullFormatter() if wide else plain)
     ax.set_ylabel("perplexity (log scale; lower is better)")
     ax.set_title(f"perplexity of the same {results[0].num_scored_tokens} tokens vs context length")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
