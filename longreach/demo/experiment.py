@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 import time
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def run_experiment(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # perplexity text from the model's own training distribution (filler prose and passkey filler), long
     # enough for the longest length: the eval's built-in haystack is out of distribution for this byte model
-    ppl_data = out / "img" / "extension-ppl-text.txt"
+    ppl_data = Path(tempfile.mkdtemp(prefix="longreach-ppl-")) / "prose.txt"
     rng = random.Random(0)
     ppl_data.write_text(prose(rng, 3 * lengths[-1]) + PASSKEY_FILLER * (lengths[-1] // len(PASSKEY_FILLER)))
     grids, ppls = [], []
