@@ -110,3 +110,14 @@ def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int, mix
         for _ in range(num_docs):
             f.write(json.dumps({"text": next(stream)}) + "\n")
     return path
+
+
+def write_prose_text(num_bytes: int, seed: int = 0) -> Path:
+    """A temporary text file of filler prose and passkey filler (the training distribution's haystacks),
+    about num_bytes long: the perplexity text of the extension experiment and the tour."""
+    import tempfile
+
+    rng = random.Random(seed)
+    path = Path(tempfile.mkdtemp(prefix="longreach-ppl-")) / "prose.txt"
+    path.write_text(prose(rng, num_bytes) + PASSKEY_FILLER * (num_bytes // (3 * len(PASSKEY_FILLER))))
+    return path

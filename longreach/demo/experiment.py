@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
-import tempfile
 import time
 from pathlib import Path
 
-from longreach.demo.corpus import PASSKEY_FILLER, prose
+from longreach.demo.corpus import write_prose_text
 
 from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, BUNDLED_MODEL_DIR
 
@@ -64,11 +62,9 @@ def run_experiment(args: argparse.Namespace) -> int:
     (out / "img").mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     start = time.perf_counter()
-    # perplexity text from the model's own training distribution (filler prose and passkey filler), long
-    # enough for the longest length: the eval's built-in haystack is out of distribution for this byte model
-    ppl_data = Path(tempfile.mkdtemp(prefix="longreach-ppl-")) / "prose.txt"
-    rng = random.Random(0)
-    ppl_data.write_text(prose(rng, 3 * lengths[-1]) + PASSKEY_FILLER * (lengths[-1] // len(PASSKEY_FILLER)))
+    # perplexity text from the model's own training distribution (filler prose and passkey filler): the eval's
+    # built-in haystack is out of distribution for this byte model
+    ppl_data = write_prose_text(4 * lengths[-1])
     grids, ppls = [], []
     for name, (path, rope) in settings(base, extended, original).items():
         backend = LocalBackend(path, rope_scaling=rope, dtype="fp32", batch_size=args.samples, name=name)

@@ -4,7 +4,7 @@
 2. Whether it is usable: passkey retrieval by the bundled model at growing lengths, through the paged
    engine, drawn as a depth x length heatmap (`longreach eval passkey`).
 3. Why extension matters: the base model with no RoPE scaling vs the bundled YaRN-extended model at the
-   base training length and at 8x it (the full table: `longreach demo experiment`).
+   base training length and at 8x it, passkey and perplexity (the full table: `longreach demo experiment`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ def _section(title: str) -> None:
 
 
 def tour(out_dir: str | Path = "runs/demo-tour") -> int:
+    from longreach.demo.corpus import write_prose_text
     from longreach.eval.backends import LocalBackend
+    from longreach.eval.ppl import evaluate_perplexity
     from longreach.eval.runner import run_grid, write_report
     from longreach.kvcache.spec import format_report, report, resolve_arch
     from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, resolve_model_path
@@ -42,10 +44,14 @@ def tour(out_dir: str | Path = "runs/demo-tour") -> int:
     if BUNDLED_BASE_MODEL_DIR.is_dir():
         base = run_grid(LocalBackend(BUNDLED_BASE_MODEL_DIR, dtype="fp32"), "passkey", [base_len, 8 * base_len],
                         depths=[0, 50, 100], num_samples=1, setting="base, no scaling")
-        for name, grid in (("base model, no scaling", base), ("YaRN x8 + continued pretraining", result)):
+        text = write_prose_text(4 * 8 * base_len)
+        for name, path, grid in (("base model, no scaling", BUNDLED_BASE_MODEL_DIR, base),
+                                 ("YaRN x8 + continued pretraining", model_dir, result)):
             acc = grid.accuracy_by_length()
-            print(f"  {name:34s}" + "".join(f"  {n:>5} tokens: {100 * (acc.get(n) or 0):3.0f}%"
-                                            for n in (base_len, 8 * base_len)))
+            ppl = evaluate_perplexity(path, data=[text], lengths=[base_len, 8 * base_len], stride=128,
+                                      max_windows=1, dtype="fp32", progress=False).perplexity
+            print(f"  {name:32s}" + "".join(f"  {n:>5} tokens: passkey {100 * (acc.get(n) or 0):3.0f}%, "
+                                            f"perplexity {ppl[n]:8.2f}" for n in (base_len, 8 * base_len)))
     print("\nThe whole extension table (PI, NTK, dynamic NTK, YaRN; passkey and perplexity): "
           "`longreach demo experiment` (docs/extension.md).")
     return 0

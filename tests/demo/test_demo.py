@@ -1,0 +1,45 @@
+"""The demo model's corpus, and the extension experiment end to end at small size."""
+import argparse
+import json
+import random
+import re
+
+from longreach.demo.corpus import PASSKEY_QUESTION, documents, kv_doc, passkey_doc, variable_doc
+
+
+def test_corpus_documents_carry_their_answers():
+    rng = random.Random(0)
+    doc = passkey_doc(rng, 400)
+    key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", doc).group(1)
+    assert doc.endswith(f"{PASSKEY_QUESTION} {key}.")
+    doc = kv_doc(rng, 300)
+    asked = re.search(r"value of key (\w+)\? Answer: (\d+)\.$", doc)
+    assert f"key {asked.group(1)} = {asked.group(2)}." in doc
+    doc = variable_doc(rng, 500)
+    names = re.findall(r"VAR (\w+) = ", doc)
+    value = re.search(r"Answer: (\d+)\.$", doc).group(1)
+    assert doc.index(f"VAR {names[0]} = {value}.") < doc.index(f"VAR {names[1]} = {names[0]}.")  # chain in order
+
+
+def test_corpus_is_seeded_and_bounded():
+    a, b = documents(3, 300), documents(3, 300)
+    first = [next(a) for _ in range(50)]
+    assert first == [next(b) for _ in range(50)]
+    assert all(len(d) <= 400 for d in first)
+
+
+def test_extension_experiment_writes_tables_and_plots(tmp_path):
+    from longreach.demo.experiment import run_experiment
+
+    args = argparse.Namespace(base=None, extended=None, samples=1, multiples="1,2", out=str(tmp_path))
+    assert run_experiment(args) == 0
+    report = (tmp_path / "extension.md").read_text()
+    for setting in ("no scaling", "PI (linear x8)", "NTK-aware (x8)", "dynamic NTK (x8)", "YaRN (x8)",
+                    "YaRN x8 + continued pretraining"):
+        assert f"| {setting} |" in report
+    data = json.loads((tmp_path / "img" / "extension.json").read_text())
+    ppl = data["perplexity"]
+    # measured, not assumed: past its 512 trained positions the unscaled base model's perplexity jumps,
+    # while the extended model's stays low
+    assert ppl["no scaling"]["1024"] > 10 * ppl["YaRN x8 + continued pretraining"]["1024"]
+    assert (tmp_path / "img" / "extension-ppl.png").stat().st_size > 10_000
