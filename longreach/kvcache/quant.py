@@ -28,6 +28,8 @@ tokens and returns its new `num_quantized`, `read` returns dequantized (L, Hkv, 
 """
 from __future__ import annotations
 
+import abc
+
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -187,7 +189,7 @@ def _slots(block_table: Sequence[int] | torch.Tensor, block_size: int, start: in
     return table[positions // block_size] * block_size + positions % block_size
 
 
-class KVQuantizer:
+class KVQuantizer(abc.ABC):
     """One KV cache dtype's storage scheme for one layer's K and V (stateless; the engine owns the tensors).
 
     `store` is the dict returned by `allocate`. Per sequence the engine keeps its block table, its length and
@@ -197,8 +199,9 @@ class KVQuantizer:
     name: str = ""
     needs_window = False
 
+    @abc.abstractmethod
     def block_layout(self, block_size: int, num_kv_heads: int, head_dim: int) -> dict[str, TensorSpec]:
-        raise NotImplementedError
+        """name -> shape and dtype of one block's tensors (data and scales, K and V)."""
 
     def window_layout(self, num_kv_heads: int, head_dim: int) -> dict[str, TensorSpec]:
         """Per-sequence full-precision tensors (int4's recent-token window); empty for the other dtypes."""
@@ -226,17 +229,17 @@ class KVQuantizer:
                       for name, spec in self.window_layout(num_kv_heads, head_dim).items()})
         return store
 
+    @abc.abstractmethod
     def write(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
               block_table: Sequence[int] | torch.Tensor, start: int, num_quantized: int | None = None,
               window_slot: int | None = None) -> int:
         """Store one sequence's new tokens k, v (n, Hkv, D) at positions [start, start + n); returns num_quantized."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read(self, store: dict[str, torch.Tensor], block_table: Sequence[int] | torch.Tensor, length: int,
              num_quantized: int | None = None, window_slot: int | None = None,
              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's tokens [0, length) as full-precision keys and values, each (length, Hkv, D) in dtype."""
-        raise NotImplementedError
 
     @staticmethod
     def _check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
@@ -247,15 +250,15 @@ class KVQuantizer:
 class _TokenLocalKV(KVQuantizer):
     """Dtypes whose tokens are stored independently (full precision, int8): writes are slot scatters."""
 
+    @abc.abstractmethod
     def write_slots(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
         """Batched write of any tokens: k, v (T, Hkv, D); slot_mapping (T,) int64 = block * block_size + offset."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def read_slots(self, store: dict[str, torch.Tensor], slots: torch.Tensor,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at flat slots (S,) -> keys, values (S, Hkv, D) in dtype."""
-        raise NotImplementedError
 
     def read_blocks(self, store: dict[str, torch.Tensor], block_table: torch.Tensor,
                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
