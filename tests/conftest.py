@@ -22,6 +22,17 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test runs torch on one thread. The tests' tensors are small, and on a shared 2-core machine
+    (and under `pytest -n 2`) torch's OpenMP pool oversubscribes the cores: measured here, the CPU attention
+    tests took 181 s with 2 threads under load and 9 s with 1; tiny training steps ran ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
 def _grad_mode_is_not_leaked():
     """Global autograd state is process-wide: a test (or the code it runs) that turns gradients off breaks
     every later training test in the same worker, far from the cause. Fail at the cause instead."""

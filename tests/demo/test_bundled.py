@@ -1,7 +1,6 @@
 """The model shipped in the package: it is the default, it is small, and it loads in transformers too."""
 import json
 
-import pytest
 import torch
 
 from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, BUNDLED_MODEL_DIR, resolve_model_path

@@ -1,17 +1,7 @@
 """Tiny random checkpoints for engine tests (built with transformers, reused from tests/model)."""
 import pytest
-import torch
 
 from tests.model.conftest import make_hf_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The engine's tiny matmuls are fastest single-threaded, and CI machines are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

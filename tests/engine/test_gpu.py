@@ -1,6 +1,5 @@
 """The engine on CUDA (Triton paged decode + KV write, Triton varlen prefill): greedy parity with transformers."""
 import pytest
-import torch
 
 from longreach import LLM, SamplingParams
 from tests.engine.test_parity import _hf_greedy, _prompts

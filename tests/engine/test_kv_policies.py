@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from longreach import LLM, SamplingParams
 from tests.engine.test_kv_storage import _compare, _prompts, _run

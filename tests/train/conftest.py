@@ -3,7 +3,6 @@ import json
 import random
 
 import pytest
-import torch
 
 TINY_MODEL = dict(model_type="llama", vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
@@ -21,15 +20,6 @@ def write_corpus(directory, num_docs=120, seed=0):
     (directory / "book.txt").write_text("".join(f"Line {i}: {' '.join(rng.choice(WORDS) for _ in range(8))}.\n"
                                                 for i in range(60)))
     return directory
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine run ~50x faster on one thread than on two contended ones."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture
