@@ -2,6 +2,7 @@
 
     longreach demo                      # the two-minute tour on CPU (kv-size, passkey heatmap, extension table)
     longreach demo train --export DIR   # the base model from scratch (recipes/demo.toml), exported in bf16
+    longreach demo retrieval --base DIR --export DIR   # stage 2: passkey documents finish the copy circuit
     longreach demo extend --base DIR --export DIR   # YaRN x8 + continued pretraining at 4x the base length
     longreach demo experiment --base DIR --extended DIR   # the table + plot of docs/extension.md
 """
@@ -18,6 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="override the recipe's step count")
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p = sub.add_parser("retrieval", help="stage 2: continue the base model on passkey documents (CPU is enough)")
+    p.add_argument("--base", required=True, help="the base model directory (stage 1)")
+    p.add_argument("--run-dir", default="runs/demo")
+    p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p = sub.add_parser("extend", help="YaRN + continued pretraining of the base model")
     p.add_argument("--base", required=True, help="the base model directory")
     p.add_argument("--run-dir", default="runs/demo")
@@ -26,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--mix", default="base", choices=["base", "passkey"], help="corpus mix (default base)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p = sub.add_parser("experiment", help="evaluate no scaling / PI / NTK / dynamic NTK / YaRN / YaRN+training")
@@ -45,10 +53,17 @@ def main(args: argparse.Namespace) -> int:
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")
         return 0
+    if verb == "retrieval":
+        from longreach.demo.train import export_bf16, train_retrieval
+
+        final = train_retrieval(args.base, args.run_dir, args.max_steps)
+        if args.export:
+            print(f"exported: {export_bf16(final, args.export)}")
+        return 0
     if verb == "extend":
         from longreach.demo.train import export_bf16, extend_base
 
-        final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr, batch_size=args.batch_size,
+        final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr, batch_size=args.batch_size, mix=args.mix, dtype=args.dtype,
                             overrides=args.overrides)
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")

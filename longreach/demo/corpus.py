@@ -84,8 +84,8 @@ def variable_doc(rng: random.Random, num_bytes: int) -> str:
 MIXES = {
     # the base model: language-like filler plus retrieval
     "base": [(passkey_doc, 0.45), (kv_doc, 0.2), (variable_doc, 0.15), (prose, 0.2)],
-    # retrieval only: finishes the copy ("induction") circuits once the filler is learned
-    "retrieval": [(passkey_doc, 0.6), (kv_doc, 0.25), (variable_doc, 0.15)],
+    # passkeys only: the second stage, which finishes the copy ("induction") circuit the base run started
+    "passkey": [(passkey_doc, 1.0)],
 }
 
 
@@ -97,15 +97,17 @@ def documents(seed: int, max_bytes: int, min_bytes: int = 64, mix: str = "base")
     makers = MIXES[mix]
     while True:
         num_bytes = rng.randint(min_bytes, max_bytes)
-        maker = rng.choices([m for m, _ in makers], weights=[w for _, w in makers])[0]
+        maker = makers[0][0] if len(makers) == 1 else rng.choices([m for m, _ in makers],
+                                                                   weights=[w for _, w in makers])[0]
         yield maker(rng, num_bytes)[:max_bytes] if maker is prose else maker(rng, num_bytes)
 
 
-def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int, mix: str = "base") -> Path:
+def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int, mix: str = "base",
+                 min_bytes: int = 64) -> Path:
     """JSONL with a `text` field per line: what `longreach train` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stream = documents(seed, max_bytes, mix=mix)
+    stream = documents(seed, max_bytes, min_bytes=min_bytes, mix=mix)
     with open(path, "w") as f:
         for _ in range(num_docs):
             f.write(json.dumps({"text": next(stream)}) + "\n")
