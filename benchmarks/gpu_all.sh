@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU job of this project in one command (one lease of the H200), about 9 minutes (run it with timeout_s 590):
 #   0. benchmarks/triton_sanity.py: are our Triton kernels right here? picks the training attention backend
-#   1. longreach demo train   -> $OUT/demo-base      (the base model, 512 tokens, bf16 export)
-#   2. longreach demo retrieval (stage 2: passkey documents finish the copy circuit), then
+#   1. longreach demo train   (the base model, 512 tokens)
+#   2. longreach demo retrieval -> $OUT/demo-base (stage 2: passkey documents finish the copy circuit), then
 #      longreach demo extend  -> $OUT/demo-yarn8x    (YaRN x8 + continued pretraining at 2048)
 #   3. benchmarks/gpu_check.sh: GPU kernel tests + the attention benchmark -> $OUT/*.log, attention.md/json
 # Each step has its own time limit; a training step cut short still exports its latest checkpoint.
@@ -51,14 +51,16 @@ timeout "$TRAIN_LIMIT" "$PY" -m longreach demo train --run-dir "$RUN" --set trai
 base=$(latest "$RUN/base")
 echo "base training: ${SECONDS}s elapsed, exporting $base" | tee -a "$OUT/demo_train.log"
 cp "$RUN/base/metrics.jsonl" "$OUT/demo_train_metrics.jsonl" 2>/dev/null
-"$PY" -c "from longreach.demo.train import export_bf16; export_bf16('$base', '$OUT/demo-base')" 2>&1 | tee -a "$OUT/demo_train.log"
-[ -d "$OUT/demo-base" ] && pack demo-base demo-base; packlogs
+packlogs
 
 timeout "${RETRIEVAL_LIMIT:-60}" "$PY" -m longreach demo retrieval --base "$base" --run-dir "$RUN" \
   --max-steps "${RETRIEVAL_STEPS:-800}" 2>&1 | tail -n 20 | tee "$OUT/demo_retrieval.log"
 retrieved=$(latest "$RUN/retrieval")
 [ -n "$retrieved" ] && base=$retrieved
 echo "stage 2: extending $base" | tee -a "$OUT/demo_retrieval.log"
+# the model before extension (stage 2 when it ran) is the experiment's base
+"$PY" -c "from longreach.demo.train import export_bf16; export_bf16('$base', '$OUT/demo-base')" 2>&1 | tee -a "$OUT/demo_retrieval.log"
+[ -d "$OUT/demo-base" ] && pack demo-base demo-base; packlogs
 start=$SECONDS
 timeout "$EXTEND_LIMIT" "$PY" -m longreach demo extend --base "$base" --run-dir "$RUN" \
   --mix passkey --set training.progress=false --set checkpoint.save_every=50 $EXTEND_ARGS 2>&1 | tail -n 30 | tee "$OUT/demo_extend.log"

@@ -68,7 +68,7 @@ def train_retrieval(base: str | Path, run_dir: str | Path = "runs/demo", max_ste
         "model": {"path": str(base)},
         "data": {"paths": [str(corpus)], "seq_len": BASE_SEQ_LEN, "tokenizer": "byte", "add_bos": False},
         "optimizer": {"lr": 5e-4, "weight_decay": 0.1},
-        "schedule": {"max_steps": max_steps, "warmup_steps": 10, "decay": "constant"},
+        "schedule": {"max_steps": max_steps, "warmup_steps": min(10, max_steps), "decay": "constant"},
         "training": {"batch_size": 16, "micro_batch_size": 16, "dtype": "fp32", "log_every": 10},
         "checkpoint": {"output_dir": str(run_dir / "retrieval"), "save_every": 50, "keep_last": 2},
     })
