@@ -105,13 +105,7 @@ class ModelRunner:
             fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
             continued_meta=AttentionMetadata.from_seqlens(cont_lens_q, cont_lens_k, device=dev) if cont_lens_q else None,
             continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None)
-        # rows to sample: the last token of each sequence that catches up this step
-        last_rows, sampling, row = [], [], 0
-        for s, n in zip(seqs, counts):
-            row += n
-            if s.num_computed_tokens + n == s.num_tokens:
-                last_rows.append(row - 1)
-                sampling.append(s)
+        last_rows, sampling = _sampling_rows(seqs, counts)
         meta = AttentionMetadata.from_seqlens([1] * num_decodes + fresh_lens + cont_lens_q,
                                               [p + 1 for p in positions] + fresh_lens + cont_lens_k, device=dev)
         kwargs = dict(input_ids=input_ids_t, positions=positions_t, meta=meta, kv_cache=self.cache.bind(paged),
@@ -175,12 +169,7 @@ class ModelRunner:
             seq_writes=tuple(writes) if self.is_int4 else None,
             window_left=self.policy.window if isinstance(self.policy, WindowPolicy) else None)
         self._step, self._gathered = step, gathered
-        last_rows, sampling, row = [], [], 0
-        for s, n in zip(seqs, counts):
-            row += n
-            if s.num_computed_tokens + n == s.num_tokens:
-                last_rows.append(row - 1)
-                sampling.append(s)
+        last_rows, sampling = _sampling_rows(seqs, counts)
         meta = AttentionMetadata.from_seqlens(counts, [s.num_computed_tokens + n for s, n in zip(seqs, counts)],
                                               device=dev)
         kwargs = dict(input_ids=torch.cat(ids_t).to(dev), positions=torch.cat(pos_t).to(dev), meta=meta,
@@ -224,3 +213,14 @@ class ModelRunner:
             state.held = plan.keep
             state.scores = None if scores is None else scores[plan.keep_index]
         self._step, self._gathered = [], None
+
+
+def _sampling_rows(seqs: list[Sequence], counts: list[int]) -> tuple[list[int], list[Sequence]]:
+    """Rows to sample: the last token of each sequence that catches up to its length this step."""
+    last_rows, sampling, row = [], [], 0
+    for seq, n in zip(seqs, counts):
+        row += n
+        if seq.num_computed_tokens + n == seq.num_tokens:
+            last_rows.append(row - 1)
+            sampling.append(seq)
+    return last_rows, sampling

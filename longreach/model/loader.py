@@ -120,22 +120,28 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
-    expected = {name: p for name, p in model.state_dict().items() if not (cfg.tie_word_embeddings
-                                                                            and name == "lm_head.weight")}
+    assign_checked(model, state, f"checkpoint {str(path)!r}")
+    return model.eval()
+
+
+def assign_checked(model: LlamaForCausalLM, state: dict[str, torch.Tensor], where: str) -> None:
+    """Assign `state` to a meta-device model after checking names and shapes; errors name the tensor."""
+    cfg = model.config
+    expected = {name: p for name, p in model.state_dict().items()
+                if not (cfg.tie_word_embeddings and name == "lm_head.weight")}
     missing = sorted(set(expected) - set(state))
     if missing:
-        raise ValueError(f"checkpoint {str(path)!r} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise ValueError(f"{where} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ValueError(f"checkpoint {str(path)!r} has tensor(s) this {cfg.model_type} config does not use: "
+        raise ValueError(f"{where} has tensor(s) this {cfg.model_type} config does not use: "
                          f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the checkpoint, "
+            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the {where}, "
                              f"but the config implies {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
-    return model.eval()
 
 
 def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3,

@@ -29,7 +29,7 @@ from torch import nn
 from longreach.config import ModelConfig
 from longreach.kvcache.quant import INT8_MAX, pack_int4, quantize_int4, unpack_int4
 from longreach.model.llama import LlamaForCausalLM
-from longreach.model.loader import load_state_dict, read_config, resolve_dtype, save_model
+from longreach.model.loader import assign_checked, load_state_dict, read_config, resolve_dtype, save_model
 
 QUANT_METHOD = "longreach"
 QUANT_MODES = {"int8": 8, "int4": 4}
@@ -238,18 +238,7 @@ def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = No
         return Int4Linear(linear.in_features, linear.out_features, bias, group_size, device="meta")
 
     _swap_linears(model, make, skip)
-    expected = {name: t for name, t in model.state_dict().items()
-                if not (cfg.tie_word_embeddings and name == "lm_head.weight")}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise ValueError(f"{str(path)!r} does not match its {mode} quantization_config: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in {str(path)!r}, but the "
-                             f"{mode} config implies {tuple(expected[name].shape)}")
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
+    assign_checked(model, state, f"{mode}-quantized checkpoint {str(path)!r}")
     return model.eval()
 
 
