@@ -48,7 +48,9 @@ def ensure_initialized(world_size: int) -> tuple[int, int]:
             raise RuntimeError(f"tensor_parallel_size={world_size} needs {world_size} processes: launch with "
                                f"`torchrun --nproc-per-node {world_size} ...` or call "
                                "torch.distributed.init_process_group first")
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from longreach.train.parallel import join_process_group
+
+        join_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != world_size:
         raise ValueError(f"tensor_parallel_size={world_size} but the process group has "
                          f"{dist.get_world_size()} processes")

@@ -15,6 +15,7 @@ Launch: `torchrun --nproc-per-node N -m longreach train ...` (gloo on CPU, nccl 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from dataclasses import dataclass
@@ -64,9 +65,24 @@ def init_distributed(info: DistInfo, device: torch.device):
 
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    join_process_group("nccl" if device.type == "cuda" else "gloo")
     return init_device_mesh(device.type, (info.world_size,))
+
+
+def join_process_group(backend: str) -> None:
+    """Initialise the default process group from torchrun's environment, once, and destroy it at exit.
+
+    A group left alive at interpreter exit can abort the process (gloo's worker threads die with
+    "terminate called without an active exception"): the atexit hook tears it down while Python is whole.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+        atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
