@@ -23,6 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the base model directory (stage 1)")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--max-steps", type=int, default=500)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--min-bytes", type=int, default=100, help="shortest passkey document (default 100)")
+    p.add_argument("--max-bytes", type=int, default=500, help="longest passkey document (default 500)")
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p = sub.add_parser("extend", help="YaRN + continued pretraining of the base model")
     p.add_argument("--base", required=True, help="the base model directory")
@@ -56,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     if verb == "retrieval":
         from longreach.demo.train import export_bf16, train_retrieval
 
-        final = train_retrieval(args.base, args.run_dir, args.max_steps)
+        final = train_retrieval(args.base, args.run_dir, args.max_steps, lr=args.lr,
+                                min_bytes=args.min_bytes, max_bytes=args.max_bytes)
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")
         return 0
