@@ -5,7 +5,9 @@ The cache layout is vLLM's PagedAttention / FlashAttention's `flash_attn_with_kv
 `block_table[b, t // block_size]` at offset `t % block_size`; `cache_seqlens[b]` tokens are valid.
 Decode has one query per sequence, the newest token, so the causal mask lets it see the whole
 cache; a window (left, right) keeps the last left + 1 keys (right has nothing to cut). GQA: query
-head h reads KV head h // (Hq // Hkv).
+head h reads KV head h // (Hq // Hkv). int8 caches (`kvcache.quant.Int8KV`) come with `k_scale, v_scale:
+[num_blocks, block_size, Hkv]`, one scale per (token, KV head): a key or value is `code * scale`,
+dequantized where it is read (in the Triton kernel on CUDA).
 
 `paged_decode_attention` / `write_kv` dispatch to the Triton kernels (Flash-Decoding split-K, see
 `triton_decode.py`) for CUDA tensors when Triton imports, and to the PyTorch versions here
@@ -22,8 +24,9 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-def check_decode_inputs(q, k_cache, v_cache, block_table, cache_seqlens, window_size=(-1, -1)):
-    """Validate decode inputs; returns (batch, Hq, Hkv, D, block_size)."""
+def check_decode_inputs(q, k_cache, v_cache, block_table, cache_seqlens, window_size=(-1, -1),
+                        k_scale=None, v_scale=None):
+    """Validate decode inputs (int8 caches with both scales); returns (batch, Hq, Hkv, D, block_size)."""
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -31,14 +34,15 @@ def check_decode_inputs(q, k_cache, v_cache, block_table, cache_seqlens, window_
             raise ValueError(f"{name} must be [num_blocks, block_size, kv_heads, head_dim], got {tuple(cache.shape)}")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
+    quantized = _check_scales(q, k_cache, v_cache, k_scale, v_scale)
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype not in SUPPORTED_DTYPES:
+        if t.dtype not in SUPPORTED_DTYPES and not (quantized and name != "q"):
             raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    if not quantized and not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise TypeError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
@@ -62,6 +66,30 @@ def check_decode_inputs(q, k_cache, v_cache, block_table, cache_seqlens, window_
     return batch, num_heads, num_kv_heads, head_dim, block_size
 
 
+def _check_scales(q, k_cache, v_cache, k_scale, v_scale) -> bool:
+    """Validate int8 caches' scales (both or neither, and only with int8 caches); True when quantized."""
+    if (k_scale is None) != (v_scale is None):
+        raise ValueError("pass both k_scale and v_scale, or neither")
+    int8 = (k_cache.dtype == torch.int8, v_cache.dtype == torch.int8)
+    if k_scale is None:
+        if any(int8):
+            raise ValueError(f"int8 caches need k_scale and v_scale (got k_cache {k_cache.dtype}, "
+                             f"v_cache {v_cache.dtype} without scales)")
+        return False
+    if not all(int8):
+        raise ValueError(f"k_scale and v_scale go with int8 caches, got k_cache {k_cache.dtype}, "
+                         f"v_cache {v_cache.dtype}")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if t.shape != k_cache.shape[:3]:
+            raise ValueError(f"{name} must be [num_blocks, block_size, kv_heads] = {tuple(k_cache.shape[:3])}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    return True
+
+
 def check_write_inputs(k, v, k_cache, v_cache, slot_mapping):
     """Validate write_kv inputs; returns (num_tokens, Hkv, D, block_size)."""
     if k.dim() != 3 or k.shape != v.shape:
@@ -80,16 +108,16 @@ def check_write_inputs(k, v, k_cache, v_cache, slot_mapping):
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                                 window_size=(-1, -1), return_lse=False):
+                                 window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None):
     """One query token per sequence against its paged K/V, in PyTorch (fp32 math).
 
-    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D] (any block_size >= 1);
-    block_table: (B, max_blocks) int32; cache_seqlens: (B,) int32.
+    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D] (any block_size >= 1), int8 with
+    k_scale, v_scale [num_blocks, block_size, Hkv]; block_table: (B, max_blocks) int32; cache_seqlens: (B,) int32.
     Returns out (B, Hq, D) in q's dtype and, with return_lse, lse (B, Hq) fp32 (natural log;
     -inf and a zero output for an empty sequence).
     """
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
-        q, k_cache, v_cache, block_table, cache_seqlens, window_size)
+        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     left = int(window_size[0])
     group = num_heads // num_kv_heads
@@ -109,6 +137,9 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens
             raise ValueError(f"block_table[{b}] points outside the cache's {k_cache.shape[0]} blocks")
         k = k_cache[blocks, pos % block_size].float()                       # (n, Hkv, D)
         v = v_cache[blocks, pos % block_size].float()
+        if k_scale is not None:
+            k = k * k_scale[blocks, pos % block_size].float()[..., None]
+            v = v * v_scale[blocks, pos % block_size].float()[..., None]
         qb = q[b].float().reshape(num_kv_heads, group, head_dim)             # (Hkv, G, D)
         scores = torch.einsum("hgd,nhd->hgn", qb, k) * scale                 # (Hkv, G, n)
         lse_b = torch.logsumexp(scores, dim=-1)                              # (Hkv, G)
@@ -155,12 +186,13 @@ def _triton_for(t: torch.Tensor):
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False):
-    """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere. Shapes as in the torch version."""
+                           window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None):
+    """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere. Shapes as in the torch version
+    (int8 caches with their k_scale, v_scale)."""
     impl = _triton_for(q)
     fn = impl.paged_decode_attention if impl else paged_decode_attention_torch
     return fn(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=softmax_scale,
-              window_size=window_size, return_lse=return_lse)
+              window_size=window_size, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -8,6 +8,9 @@ writing a partial output and its log-sum-exp, and a second kernel merges them
 
 Layout and conventions are those of `paged.py` (the PyTorch reference with the same signature):
 caches [num_blocks, block_size, Hkv, D], block_table (B, max_blocks) int32, cache_seqlens (B,) int32.
+int8 caches are dequantized in the kernel: each K/V tile is scaled by its tokens' scales
+([num_blocks, block_size, Hkv], read through the same block table) in fp32 and cast to q's dtype
+before the products, so only int8 codes and their scales cross memory.
 Tokens are gathered one by one through the block table, so any block_size >= 1 works (powers of
 two make the index arithmetic shifts). No host synchronisation: splits are sized from the block
 table's width, and splits past a sequence's end write an empty partial.
@@ -28,12 +31,14 @@ MAX_SPLITS = 64
 
 
 @triton.jit(do_not_specialize=["window_left", "split_len", "group"])
-def _decode_split_kernel(Q, K, V, BlockTable, SeqLens, OutPart, LsePart,
+def _decode_split_kernel(Q, K, V, KScale, VScale, BlockTable, SeqLens, OutPart, LsePart,
                          stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
                          stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                          qk_scale, window_left, split_len, group,
                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                         PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+                         PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -63,6 +68,13 @@ def _decode_split_kernel(Q, K, V, BlockTable, SeqLens, OutPart, LsePart,
                     mask=kv_mask, other=0.0)                                         # (BLOCK_N, BLOCK_D)
         v = tl.load(V + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)
+        if KV_INT8:                                                                  # code * per-token scale
+            k_scale = tl.load(KScale + block * stride_ksb + offset * stride_kss + kv_head * stride_ksh, mask=ok,
+                              other=0.0)                                             # (BLOCK_N,)
+            v_scale = tl.load(VScale + block * stride_vsb + offset * stride_vss + kv_head * stride_vsh, mask=ok,
+                              other=0.0)
+            k = (k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale            # (BLOCK_H, BLOCK_N), log2 units
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))                                        # finite: pos n < hi is valid
@@ -140,11 +152,14 @@ _SPLIT_CONFIGS = [_config(64, 4, 3), _config(128, 4, 2), _config(64, 4, 4), _con
 
 
 def _split_fits(config, args):
-    smem = args["K"].element_size() * config.num_stages * 2 * config.kwargs["BLOCK_N"] * args["BLOCK_D"]
+    tile = 2 * config.kwargs["BLOCK_N"] * args["BLOCK_D"]                            # a K and a V tile
+    smem = args["K"].element_size() * config.num_stages * tile
+    if args["KV_INT8"]:                                                              # + the dequantized tiles
+        smem += args["Q"].element_size() * tile
     return smem <= SMEM_BUDGET
 
 
-_SPLIT = Launcher(_decode_split_kernel, _SPLIT_CONFIGS, ["BLOCK_D", "BLOCK_H", "PAGE_SIZE"], _split_fits,
+_SPLIT = Launcher(_decode_split_kernel, _SPLIT_CONFIGS, ["BLOCK_D", "BLOCK_H", "PAGE_SIZE", "KV_INT8"], _split_fits,
                   {"BLOCK_N": 16})
 _SM_COUNT: dict[int, int] = {}
 
@@ -169,15 +184,16 @@ def _require_device(t: torch.Tensor):
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False, num_splits=None):
+                           window_size=(-1, -1), return_lse=False, num_splits=None, k_scale=None, v_scale=None):
     """Flash-Decoding over a paged KV cache; same contract as `paged.paged_decode_attention_torch`.
 
-    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D]; block_table: (B, max_blocks)
-    int32; cache_seqlens: (B,) int32. num_splits (1..64) overrides the split heuristic.
-    Returns out (B, Hq, D) and, with return_lse, lse (B, Hq) fp32 (natural log).
+    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D], int8 with k_scale, v_scale
+    [num_blocks, block_size, Hkv] (dequantized in the kernel); block_table: (B, max_blocks) int32;
+    cache_seqlens: (B,) int32. num_splits (1..64) overrides the split heuristic.
+    Returns out (B, Hq, D) in q's dtype and, with return_lse, lse (B, Hq) fp32 (natural log).
     """
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
-        q, k_cache, v_cache, block_table, cache_seqlens, window_size)
+        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
     _require_device(q)
     if block_table.stride(-1) != 1 or cache_seqlens.stride(-1) != 1:
         raise ValueError("block_table and cache_seqlens must be contiguous in their last dim")
@@ -202,18 +218,22 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, soft
     block_d = max(16, triton.next_power_of_2(head_dim))
     out_part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    quantized = k_scale is not None
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)     # unread without KV_INT8
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _SPLIT((batch, num_kv_heads, num_splits),
-               Q=q, K=k_cache, V=v_cache, BlockTable=block_table, SeqLens=cache_seqlens,
-               OutPart=out_part, LsePart=lse_part, stride_qb=q.stride(0), stride_qh=q.stride(1),
+               Q=q, K=k_cache, V=v_cache, KScale=k_scale, VScale=v_scale, BlockTable=block_table,
+               SeqLens=cache_seqlens, OutPart=out_part, LsePart=lse_part, stride_qb=q.stride(0), stride_qh=q.stride(1),
                stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
                stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+               stride_ksb=k_scale.stride(0), stride_kss=k_scale.stride(1), stride_ksh=k_scale.stride(2),
+               stride_vsb=v_scale.stride(0), stride_vss=v_scale.stride(1), stride_vsh=v_scale.stride(2),
                stride_bt=block_table.stride(0), stride_pb=out_part.stride(0), stride_ph=out_part.stride(1),
                stride_ps=out_part.stride(2), stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
                qk_scale=scale * LOG2E, window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
                split_len=split_len, group=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
                BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
-               PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+               PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=quantized)
         _decode_merge_kernel[(batch, num_heads)](
             out_part, lse_part, out, lse, out_part.stride(0), out_part.stride(1), out_part.stride(2),
             lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), lse.stride(0), num_splits,

@@ -10,8 +10,9 @@ continued prefill chunks through `flash_attn_varlen_func` over keys gathered fro
 bottom-right causal as FlashAttention defines it.
 
 The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors (Triton write
-and decode on CUDA); int8 pages are written quantized, and a decode dequantizes just the blocks the step's
-tables reference into a compact page set, then runs the same decode kernel (no in-kernel dequantization).
+and decode on CUDA); int8 pages are written quantized. On CUDA the Triton decode kernel reads the int8 pages and
+their scales and dequantizes in the kernel; on CPU a decode dequantizes just the blocks the step's tables
+reference into a compact page set, then runs the PyTorch decode.
 int4 (KIVI) and eviction policies route their sequences through `paged_gather`: keys read (dequantized)
 per sequence, one varlen attention call.
 """
@@ -26,7 +27,7 @@ import torch
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
 from longreach.config import CacheConfig
 from longreach.kvcache.paged_gather import GatheredRun, SeqWrite, gathered_attention
-from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, KVQuantizer
+from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, Int8KV, KVQuantizer
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,9 @@ class BoundPagedKVCache:
         batch, cache = self.batch, self.cache
         kwargs = {"workspace": cache.workspace} if cache._decode is torch_paged_decode_attention else {}
         k_cache, v_cache, table = store["k"], store["v"], batch.decode_block_table
+        if isinstance(cache.quantizer, Int8KV) and cache._decode is not torch_paged_decode_attention:
+            return cache._decode(q, k_cache, v_cache, table, batch.decode_seqlens, window_size=tuple(window_size),
+                                 k_scale=store["k_scale"], v_scale=store["v_scale"])       # dequantized in-kernel
         if not cache.is_plain or (k_cache.dtype != q.dtype and cache._decode is not torch_paged_decode_attention):
             # dequantize only the referenced blocks into a compact page set, renumbering the tables to match
             used, compact = torch.unique(table, return_inverse=True)                  # (U,), table's shape

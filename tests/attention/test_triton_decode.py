@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from longreach.attention import paged, reference
+from longreach.kvcache.quant import dequantize_int8, quantize_int8
 from _ref_rule import check, max_err
 
 triton = pytest.importorskip("triton")
@@ -187,6 +188,77 @@ def test_triton_rejects_bad_num_splits():
     q, k_cache, v_cache, block_table, seqlens = _make_cache([20], 4, 2, 32, 16, F32)
     with pytest.raises(ValueError, match="num_splits"):
         triton_decode.paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, num_splits=0)
+
+
+# ------------------------------------------------------------------------------------------ int8 KV
+
+# Max abs error of decode over int8 K/V (quantize_int8: |x - dequant(x)| <= scale / 2 = absmax / 254)
+# against fp32 attention on the unquantized unit-normal K/V; measured 2e-3 to 1e-2 (out and lse) here.
+INT8_TOLERANCE = 0.03
+
+
+def _int8_cache(lengths, num_heads, num_kv_heads, head_dim, block_size, dtype, seed=0):
+    """_make_cache's fp32 K/V and their int8 codes and fp16 scales; q in dtype."""
+    q, k, v, block_table, seqlens = _make_cache(lengths, num_heads, num_kv_heads, head_dim, block_size, F32, seed)
+    (k_codes, k_scale), (v_codes, v_scale) = quantize_int8(k), quantize_int8(v)
+    return q.to(dtype), k, v, (k_codes, v_codes, k_scale, v_scale), block_table, seqlens
+
+
+# (lengths, Hq, Hkv, D, block_size, dtype, window, num_splits): GQA, ragged lengths across block
+# boundaries, an odd block size, a non-power-of-two head dim, a window shorter than the sequences.
+INT8_CASES = [
+    ([1, 17, 40, 70], 4, 2, 32, 16, F32, (-1, -1), 3),
+    ([33, 9, 50], 4, 2, 80, 5, F16, (20, -1), 1),
+    ([64, 100], 4, 1, 32, 16, F16, (-1, -1), None),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("case", INT8_CASES)
+def test_triton_int8_dequantizes_in_kernel(case):
+    lengths, hq, hkv, d, bs, dtype, window, num_splits = case
+    q, k, v, (k_codes, v_codes, k_scale, v_scale), block_table, seqlens = _int8_cache(lengths, hq, hkv, d, bs, dtype)
+    common = dict(window_size=window, return_lse=True, num_splits=num_splits)
+    out, lse = triton_decode.paged_decode_attention(q, k_codes, v_codes, block_table, seqlens, k_scale=k_scale,
+                                                    v_scale=v_scale, **common)
+    assert out.shape == q.shape and out.dtype == dtype
+    # (a) the same kernel over the cache dequantized beforehand, in q's dtype
+    deq_out, deq_lse = triton_decode.paged_decode_attention(q, dequantize_int8(k_codes, k_scale, dtype),
+                                                            dequantize_int8(v_codes, v_scale, dtype), block_table,
+                                                            seqlens, **common)
+    tight = 1e-5 if dtype == F32 else 1e-3
+    assert max_err(out, deq_out) <= tight and max_err(lse, deq_lse) <= 1e-5
+    # the PyTorch path with the same scales (fp32 throughout: the kernel's fp16 K/V, p and output round)
+    torch_out, torch_lse = paged.paged_decode_attention_torch(q, k_codes, v_codes, block_table, seqlens,
+                                                              window_size=window, return_lse=True, k_scale=k_scale,
+                                                              v_scale=v_scale)
+    close = (1e-5, 1e-5) if dtype == F32 else (4e-3, 1e-3)
+    assert max_err(out, torch_out) <= close[0] and max_err(lse, torch_lse) <= close[1]
+    # (b) fp32 attention over the unquantized K/V
+    ref_out, ref_lse = paged.paged_decode_attention_torch(q.float(), k, v, block_table, seqlens, window_size=window,
+                                                          return_lse=True)
+    assert max_err(out, ref_out) <= INT8_TOLERANCE and max_err(lse, ref_lse) <= INT8_TOLERANCE
+
+
+@pytest.mark.parametrize("fn", [paged.paged_decode_attention_torch, pytest.param(
+    triton_decode.paged_decode_attention, marks=needs_triton)], ids=["torch", "triton"])
+@pytest.mark.parametrize("change,error,match", [
+    (dict(v_scale=None), ValueError, "both k_scale and v_scale"),
+    (dict(k_scale=None, v_scale=None), ValueError, "int8 caches need"),
+    (dict(k_scale=torch.ones(4, 16, 1, dtype=F16)), ValueError, "k_scale must be"),
+    (dict(v_scale=torch.ones(4, 16, 2, 1, dtype=F16)), ValueError, "v_scale must be"),
+    (dict(k_scale=torch.ones(4, 16, 2, dtype=torch.int32)), TypeError, "k_scale has dtype"),
+    (dict(k_cache=torch.randn(4, 16, 2, 32), v_cache=torch.randn(4, 16, 2, 32)), ValueError, "go with int8"),
+])
+def test_decode_rejects_bad_int8_inputs(fn, change, error, match):
+    codes = torch.zeros(4, 16, 2, 32, dtype=torch.int8)
+    args = dict(q=torch.randn(2, 4, 32), k_cache=codes, v_cache=codes, block_table=torch.zeros(2, 2, dtype=torch.int32),
+                cache_seqlens=torch.zeros(2, dtype=torch.int32), k_scale=torch.ones(4, 16, 2, dtype=F16),
+                v_scale=torch.ones(4, 16, 2, dtype=F16))
+    args.update(change)
+    args = {name: t if t is None else t.to(DEVICE) for name, t in args.items()}
+    with pytest.raises(error, match=match):
+        fn(**args)
 
 
 # ------------------------------------------------------------------------------------------ GPU grid

@@ -35,7 +35,7 @@ def test_cuda_bf16_sampling_runs(tmp_path):
                                     dict(kv_policy="h2o", kv_policy_args={"heavy": 32, "recent": 32}),
                                     dict(quantization="int8")])
 def test_cuda_quantized_kv_policies_and_weights_run(tmp_path, config):
-    """int8 decode dequantizes into compact pages before the Triton kernel; int4 and policies gather."""
+    """int8 decode dequantizes inside the Triton kernel; int4 and policies gather."""
     model = make_hf_model("llama", hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                           max_position_embeddings=1024)
     model.save_pretrained(tmp_path)
@@ -44,3 +44,15 @@ def test_cuda_quantized_kv_policies_and_weights_run(tmp_path, config):
     outs = llm.generate(prompts, SamplingParams(max_tokens=200, temperature=0, ignore_eos=True), use_tqdm=False)
     assert all(len(o.token_ids) == 200 for o in outs)
     assert llm.engine.kv_manager.num_free_blocks == llm.engine.num_kv_blocks
+
+
+def test_cuda_int8_kv_decode_matches_cpu(tmp_path):
+    """int8 KV: the Triton decode dequantizing in the kernel gives the CPU path's greedy tokens (fp32 model)."""
+    model = make_hf_model("llama", max_position_embeddings=512)
+    model.save_pretrained(tmp_path)
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(tmp_path, dtype="fp32", device=device, block_size=16, num_kv_blocks=128, kv_cache_dtype="int8")
+        tokens[device] = [o.token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
+    assert tokens["cuda"] == tokens["cpu"]
