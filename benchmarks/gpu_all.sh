@@ -54,8 +54,8 @@ cp "$RUN/base/metrics.jsonl" "$OUT/demo_train_metrics.jsonl" 2>/dev/null
 packlogs
 
 timeout "${RETRIEVAL_LIMIT:-60}" "$PY" -m longreach demo retrieval --base "$base" --run-dir "$RUN" \
-  --max-steps "${RETRIEVAL_STEPS:-800}" 2>&1 | tail -n 20 | tee "$OUT/demo_retrieval.log"
-retrieved=$(latest "$RUN/retrieval")
+  --max-steps "${RETRIEVAL_STEPS:-450}" --prompt-steps "${PROMPT_STEPS:-150}" 2>&1 | tail -n 20 | tee "$OUT/demo_retrieval.log"
+retrieved=$(latest "$RUN/retrieval-prompt")
 [ -n "$retrieved" ] && base=$retrieved
 echo "stage 2: extending $base" | tee -a "$OUT/demo_retrieval.log"
 # the model before extension (stage 2 when it ran) is the experiment's base
@@ -63,7 +63,7 @@ echo "stage 2: extending $base" | tee -a "$OUT/demo_retrieval.log"
 [ -d "$OUT/demo-base" ] && pack demo-base demo-base; packlogs
 start=$SECONDS
 timeout "$EXTEND_LIMIT" "$PY" -m longreach demo extend --base "$base" --run-dir "$RUN" \
-  --mix passkey --set training.progress=false --set checkpoint.save_every=50 $EXTEND_ARGS 2>&1 | tail -n 30 | tee "$OUT/demo_extend.log"
+  --mix passkey-prompt --set training.progress=false --set checkpoint.save_every=50 $EXTEND_ARGS 2>&1 | tail -n 30 | tee "$OUT/demo_extend.log"
 ext=$(latest "$RUN/yarn-8x")
 echo "extension: $((SECONDS - start))s, exporting $ext" | tee -a "$OUT/demo_extend.log"
 cp "$RUN/yarn-8x/metrics.jsonl" "$OUT/demo_extend_metrics.jsonl" 2>/dev/null

@@ -22,10 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("retrieval", help="stage 2: continue the base model on passkey documents (CPU is enough)")
     p.add_argument("--base", required=True, help="the base model directory (stage 1)")
     p.add_argument("--run-dir", default="runs/demo")
-    p.add_argument("--max-steps", type=int, default=500)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--min-bytes", type=int, default=100, help="shortest passkey document (default 100)")
-    p.add_argument("--max-bytes", type=int, default=500, help="longest passkey document (default 500)")
+    p.add_argument("--max-steps", type=int, default=450, help="phase 1 steps, short documents (default 450; "
+                   "0 skips it)")
+    p.add_argument("--lr", type=float, default=1e-3, help="phase 1 learning rate (default 1e-3)")
+    p.add_argument("--min-bytes", type=int, default=80, help="phase 1's shortest passkey document (default 80)")
+    p.add_argument("--max-bytes", type=int, default=320, help="phase 1's longest passkey document (default 320)")
+    p.add_argument("--prompt-steps", type=int, default=150,
+                   help="phase 2 steps: 100-512 byte documents, half in the eval prompt's layout (default 150)")
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p = sub.add_parser("extend", help="YaRN + continued pretraining of the base model")
     p.add_argument("--base", required=True, help="the base model directory")
@@ -35,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--mix", default="base", choices=["base", "passkey"], help="corpus mix (default base)")
+    p.add_argument("--mix", default="base", choices=["base", "passkey", "passkey-prompt"],
+                   help="corpus mix (default base; the bundled model: passkey-prompt)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -59,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     if verb == "retrieval":
         from longreach.demo.train import export_bf16, train_retrieval
 
-        final = train_retrieval(args.base, args.run_dir, args.max_steps, lr=args.lr,
+        final = train_retrieval(args.base, args.run_dir, args.max_steps, args.prompt_steps, lr=args.lr,
                                 min_bytes=args.min_bytes, max_bytes=args.max_bytes)
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")

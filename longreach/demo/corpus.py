@@ -59,6 +59,22 @@ def passkey_doc(rng: random.Random, num_bytes: int) -> str:
     return f"{body}{PASSKEY_QUESTION} {key}."
 
 
+def passkey_prompt_doc(rng: random.Random, num_bytes: int) -> str:
+    """A passkey document laid out exactly as `longreach eval passkey` asks: the instruction line, the
+    haystack cut anywhere (not only at a sentence), the needle and the question on lines of their own."""
+    from longreach.eval.tasks import PASSKEY_INSTRUCTION
+
+    key = rng.randint(10000, 99999)
+    needle = PASSKEY_LINE.format(key=key).strip()
+    header = PASSKEY_INSTRUCTION if rng.random() < 0.8 else ""
+    room = max(num_bytes - len(header) - len(needle) - len(PASSKEY_QUESTION) - 12, 0)
+    haystack = (PASSKEY_FILLER * (room // len(PASSKEY_FILLER) + 1))[:room] if rng.random() < 0.7 else \
+        prose(rng, room)[:room]
+    cut = int(len(haystack) * rng.random())
+    parts = [header, haystack[:cut].strip(), needle, haystack[cut:].strip(), f"{PASSKEY_QUESTION} {key}."]
+    return "\n".join(part for part in parts if part)
+
+
 def kv_doc(rng: random.Random, num_bytes: int) -> str:
     alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
     pairs, size = {}, 0
@@ -86,6 +102,8 @@ MIXES = {
     "base": [(passkey_doc, 0.45), (kv_doc, 0.2), (variable_doc, 0.15), (prose, 0.2)],
     # passkeys only: the second stage, which finishes the copy ("induction") circuit the base run started
     "passkey": [(passkey_doc, 1.0)],
+    # passkeys in both layouts, the corpus's and the evaluation prompt's: what the retrieval stage ends on
+    "passkey-prompt": [(passkey_doc, 0.5), (passkey_prompt_doc, 0.5)],
 }
 
 

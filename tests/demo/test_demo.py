@@ -4,7 +4,8 @@ import json
 import random
 import re
 
-from longreach.demo.corpus import PASSKEY_QUESTION, documents, kv_doc, passkey_doc, variable_doc
+from longreach.demo.corpus import (PASSKEY_QUESTION, documents, kv_doc, passkey_doc, passkey_prompt_doc,
+                                   variable_doc)
 
 
 def test_corpus_documents_carry_their_answers():
@@ -19,6 +20,24 @@ def test_corpus_documents_carry_their_answers():
     names = re.findall(r"VAR (\w+) = ", doc)
     value = re.search(r"Answer: (\d+)\.$", doc).group(1)
     assert doc.index(f"VAR {names[0]} = {value}.") < doc.index(f"VAR {names[1]} = {names[0]}.")  # chain in order
+
+
+def test_prompt_layout_documents_are_the_eval_prompt_plus_its_answer():
+    """The retrieval stage's second layout is what `longreach eval passkey` asks, answer appended."""
+    from longreach.eval.tasks import PASSKEY_INSTRUCTION, make_sample
+    from longreach.model.tokenizer import ByteTokenizer
+
+    rng = random.Random(1)
+    docs = [passkey_prompt_doc(rng, 500) for _ in range(40)]
+    assert sum(d.startswith(PASSKEY_INSTRUCTION + "\n") for d in docs) > 20          # most carry the instruction
+    for doc in docs:
+        key = re.search(r"\nThe pass key is (\d+)\. Remember it\. \1 is the pass key\.\n", doc).group(1)
+        assert doc.endswith(f"\n{PASSKEY_QUESTION} {key}.") and len(doc) <= 520
+    prompt = make_sample("passkey", ByteTokenizer(), 512, 50, 0, 0).prompt
+    assert prompt.startswith(PASSKEY_INSTRUCTION + "\nThe grass is green.") and prompt.endswith("\n" + PASSKEY_QUESTION)
+    stream = documents(0, 500, min_bytes=100, mix="passkey-prompt")
+    layouts = {"\n" in doc for doc in (next(stream) for _ in range(40))}      # both layouts are in the mix
+    assert layouts == {True, False}
 
 
 def test_corpus_is_seeded_and_bounded():
