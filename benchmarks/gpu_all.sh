@@ -3,7 +3,7 @@
 #   0. benchmarks/triton_sanity.py: are our Triton kernels right here? picks the training attention backend
 #   1. longreach demo train   (the base model, 512 tokens)
 #   2. longreach demo retrieval -> $OUT/demo-base (stage 2: passkey documents finish the copy circuit), then
-#      longreach demo extend  -> $OUT/demo-yarn8x    (YaRN x8 + continued pretraining at 2048)
+#      longreach demo extend  -> $OUT/demo-yarn8x    (YaRN x8 + continued pretraining at 4096)
 #   3. benchmarks/gpu_check.sh: GPU kernel tests + the attention benchmark -> $OUT/*.log, attention.md/json
 # Each step has its own time limit; a training step cut short still exports its latest checkpoint.
 # What comes back is three archives (the device tool returns at most 8 files of 16 MiB):
@@ -63,7 +63,7 @@ echo "stage 2: extending $base" | tee -a "$OUT/demo_retrieval.log"
 [ -d "$OUT/demo-base" ] && pack demo-base demo-base; packlogs
 start=$SECONDS
 timeout "$EXTEND_LIMIT" "$PY" -m longreach demo extend --base "$base" --run-dir "$RUN" \
-  --mix passkey-prompt --set training.progress=false --set checkpoint.save_every=50 $EXTEND_ARGS 2>&1 | tail -n 30 | tee "$OUT/demo_extend.log"
+  --mix passkey-prompt --set schedule.decay=cosine --set training.progress=false --set checkpoint.save_every=50 $EXTEND_ARGS 2>&1 | tail -n 30 | tee "$OUT/demo_extend.log"
 ext=$(latest "$RUN/yarn-8x")
 echo "extension: $((SECONDS - start))s, exporting $ext" | tee -a "$OUT/demo_extend.log"
 cp "$RUN/yarn-8x/metrics.jsonl" "$OUT/demo_extend_metrics.jsonl" 2>/dev/null

@@ -65,17 +65,29 @@ def describe(setting: str, budget_ratio: float) -> str:
 
 
 def measure_decode(llm: LLM, tokenizer, length: int, batch: int, new_tokens: int) -> tuple[float, float]:
-    """(decode tokens/s of a batch of `length`-token prompts, KV bytes per token held at the peak)."""
+    """(decode tokens/s of a batch of `length`-token prompts, KV bytes per token held at the peak).
+
+    The clock starts once every prompt is prefilled and has its first token, so the rate is decode alone
+    (chunked prefill of the later prompts would otherwise interleave with the first ones' decoding)."""
+    engine = llm.engine
     prompts = [tokenizer.encode(make_sample("passkey", tokenizer, length - new_tokens, 50.0, i, 99).prompt)
                for i in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    first = min(o.metrics.first_token_time for o in outputs)
-    last = max(o.metrics.last_token_time for o in outputs)
-    generated = sum(o.metrics.num_generated_tokens - 1 for o in outputs)     # tokens after each first one
-    per_token = [o.metrics.max_kv_bytes / (len(p) + o.metrics.num_generated_tokens)
-                 for o, p in zip(outputs, prompts)]
-    return generated / (last - first), sum(per_token) / len(per_token)
+    ids = [engine.add_request(p, params) for p in prompts]
+    done, generated, start = {}, 0, None
+    while len(done) < len(ids):
+        outputs = engine.step()
+        if start is not None:
+            generated += sum(len(o.delta_token_ids) for o in outputs)
+        for o in outputs:
+            if o.finished:
+                done[o.request_id] = o
+        if start is None and all(engine.requests[i].num_output_tokens > 0 for i in ids if i not in done):
+            start = time.perf_counter()
+    elapsed = time.perf_counter() - start
+    outs = [done[i] for i in ids]
+    per_token = [o.metrics.max_kv_bytes / (len(p) + o.metrics.num_generated_tokens) for o, p in zip(outs, prompts)]
+    return generated / elapsed, sum(per_token) / len(per_token)
 
 
 def run(args) -> dict:

@@ -3,7 +3,7 @@
     longreach demo                      # the two-minute tour on CPU (kv-size, passkey heatmap, extension table)
     longreach demo train --export DIR   # the base model from scratch (recipes/demo.toml), exported in bf16
     longreach demo retrieval --base DIR --export DIR   # stage 2: passkey documents finish the copy circuit
-    longreach demo extend --base DIR --export DIR   # YaRN x8 + continued pretraining at 4x the base length
+    longreach demo extend --base DIR --export DIR   # YaRN x8 + continued pretraining at 8x the base length
     longreach demo experiment --base DIR --extended DIR   # the table + plot of docs/extension.md
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--base", required=True, help="the base model directory")
     p.add_argument("--run-dir", default="runs/demo")
     p.add_argument("--factor", type=float, default=8.0)
-    p.add_argument("--seq-len", type=int, default=2048, help="continued-pretraining length (default 2048 = 4x)")
+    p.add_argument("--seq-len", type=int, default=4096, help="continued-pretraining length (default 4096 = 8x)")
     p.add_argument("--max-steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")

@@ -2,7 +2,7 @@
 
 The base model was trained at L0 = 512 tokens. We evaluate it at 1x..16x L0 with no scaling and with
 training-free scaling (PI / linear, static NTK, dynamic NTK, YaRN, each at factor 8), then the
-YaRN x8 model after a short continued pretraining at 4x L0 (`longreach demo extend`). Each setting
+YaRN x8 model after a short continued pretraining at 8x L0 (`longreach demo extend`). Each setting
 gets passkey accuracy (the YaRN paper's passkey test) and perplexity of the same tokens at every
 length (its Table 2 format); the table and a plot go to docs/extension.md.
 """
@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from longreach.demo.corpus import write_prose_text
+from longreach.demo.train import EXTEND_SEQ_LEN
 
 from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, BUNDLED_MODEL_DIR
 
@@ -88,7 +89,7 @@ def run_experiment(args: argparse.Namespace) -> int:
         "# Context extension on the demo model",
         f"Base model: trained at L0 = {original} tokens ([recipes/demo.toml](../recipes/demo.toml)). "
         f"Training-free settings scale RoPE by {FACTOR:g}x; the last row is the YaRN x{FACTOR:g} model after "
-        f"continued pretraining at {4 * original} tokens (`longreach demo extend`), the model bundled with the "
+        f"continued pretraining at {EXTEND_SEQ_LEN:,} tokens (`longreach demo extend`), the model bundled with the "
         "package.",
         f"Measured with `{command}` ({elapsed / 60:.1f} min on this machine's CPU, fp32).",
         _markdown_table(f"Passkey accuracy ({samples} prompts per length: depths 10/50/90%, "

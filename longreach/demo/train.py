@@ -13,6 +13,7 @@ from longreach.demo.corpus import write_corpus
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.toml"
 BASE_SEQ_LEN = 512
+EXTEND_SEQ_LEN = 4096     # continued pretraining of the YaRN x8 model at its full new length (8x)
 
 
 def corpus_for(run_dir: Path, seq_len: int, num_docs: int, seed: int, mix: str = "base",
@@ -95,7 +96,8 @@ def train_retrieval(base: str | Path, run_dir: str | Path = "runs/demo", max_ste
     return _retrieval_phase(model, run_dir / "retrieval-prompt", corpus, prompt_steps, prompt_lr)
 
 
-def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: float = 8.0, seq_len: int = 2048,
+def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: float = 8.0,
+                seq_len: int = EXTEND_SEQ_LEN,
                 max_steps: int = 200, num_docs: int = 40_000, lr: float = 5e-4, batch_size: int = 32,
                 mix: str = "base", dtype: str = "bf16", overrides: list[str] = ()) -> Path:
     """YaRN x factor on the base model, then continued pretraining at seq_len through `longreach extend`."""

@@ -25,3 +25,21 @@ def test_loads_in_transformers_with_the_same_logits():
     ids = torch.randint(0, 256, (1, 1500))   # past the 512-token base length: YaRN is exercised
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bundled_model_retrieves_passkeys_at_4x_its_training_length():
+    """The issue's check: 20 seeded passkey prompts of 2,048 tokens (4x the 512-token base training length)
+    through the serving engine, at depths 0..95%; at least 90% answered with the right key."""
+    from longreach import LLM, SamplingParams
+    from longreach.eval.scoring import is_correct, score_output
+    from longreach.eval.tasks import make_sample
+
+    llm = LLM(dtype="fp32", max_model_len=2064, max_num_seqs=20)
+    tokenizer = llm.get_tokenizer()
+    samples = [make_sample("passkey", tokenizer, 2048, depth=(5 * i) % 100, index=i, seed=1234) for i in range(20)]
+    assert all(s.num_prompt_tokens > 2000 for s in samples)
+    outputs = llm.generate([s.prompt for s in samples], SamplingParams(max_tokens=samples[0].max_new_tokens,
+                                                                       temperature=0.0), use_tqdm=False)
+    right = [is_correct(score_output(o.text, s.expected, s.scoring)) for s, o in zip(samples, outputs)]
+    assert sum(right) >= 18, [(s.expected, o.text) for s, o, ok in zip(samples, outputs, right) if not ok]
+    assert llm.engine.kv_cache_bytes_used == 0          # every request's blocks came back
