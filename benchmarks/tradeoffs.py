@@ -58,7 +58,7 @@ def engine_kwargs(setting: str, length: int, budget_ratio: float) -> dict:
 def describe(setting: str, budget_ratio: float) -> str:
     pct = f"{100 * budget_ratio:g}%"
     return {"bf16": "KV in bf16 (the baseline)", "int8": "KV int8, per-token-per-head scales",
-            "int4": "KV int4, KIVI groups of 32 + a bf16 window of recent tokens",
+            "int4": "KV int4, KIVI groups of 32 + a window of recent tokens in the model's dtype",
             "window": f"last {pct} of the context", "sinks": f"{NUM_SINKS} sink tokens + last {pct}",
             "h2o": f"{pct}: half heavy-hitter tokens, half recent",
             "h2o-block": f"{pct}: half heavy-hitter blocks, half recent", "int8-weights": "weights int8 per channel, KV bf16"}[setting]
@@ -144,7 +144,8 @@ def markdown(result: dict, args, command: str, elapsed: float) -> str:
     return "\n".join([
         "## Measured table", "",
         f"Model `{Path(result['model']).name}`, compute in {args.dtype} on {device} ({torch.get_num_threads()} threads), "
-        f"{args.samples} samples per task and length (passkey and niah at depths {args.depths}), greedy, "
+        f"{args.samples} samples per task, length and depth ({', '.join(args.tasks)} at depths "
+        f"{', '.join(f'{d:g}' for d in args.depths)}%), greedy, "
         f"prefill chunks of {args.chunk} tokens, eviction budget {100 * args.budget:g}% of the context; "
         f"decode speed: {args.batch} prompts x {args.new_tokens} new tokens. Whole run: {elapsed / 60:.1f} min.", "",
         "```", command, "```", "", *lines, ""])
