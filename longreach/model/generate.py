@@ -107,8 +107,9 @@ def main(args) -> int:
     stop = tuple(model.config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
     outputs = generate(model, prompts, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop)
     elapsed = time.perf_counter() - start
+    bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # no escape codes in pipes
     for prompt, out in zip(args.prompt, outputs):
-        print(f"{prompt}\033[1m{tokenizer.decode(out)}\033[0m")
+        print(f"{prompt}{bold}{tokenizer.decode(out)}{plain}")
     num_new = sum(map(len, outputs))
     print(f"[{num_new} tokens in {elapsed:.2f} s: {num_new / elapsed:.1f} tokens/s]", file=sys.stderr)
     return 0

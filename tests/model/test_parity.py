@@ -34,10 +34,15 @@ def _compare(ours, theirs, ids, atol=1e-4):
 
 @pytest.mark.parametrize("rope", list(ROPES))
 @pytest.mark.parametrize("num_kv_heads", [2, 1])  # GQA and MQA
-def test_llama_logits_match_transformers(hf_checkpoint, rope, num_kv_heads):
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2"])
+def test_logits_match_transformers(hf_checkpoint, model_type, rope, num_kv_heads):
+    """Every rope type on each architecture: Qwen2 adds qkv biases; both run full attention here (their
+    sliding windows have tests of their own below)."""
     max_pos = ORIG if rope in ("default", "linear", "dynamic") else 4 * ORIG
-    path, theirs = hf_checkpoint("llama", ROPES[rope], num_key_value_heads=num_kv_heads, max_position_embeddings=max_pos)
+    path, theirs = hf_checkpoint(model_type, ROPES[rope], num_key_value_heads=num_kv_heads,
+                                 max_position_embeddings=max_pos)
     ours = load_model(path, dtype="fp32")
+    assert type(theirs).__name__.lower().startswith(model_type)
     ids = torch.randint(0, 128, (2, 3 * ORIG + 5))  # beyond the original length: scaling is exercised
     _compare(ours, theirs, ids)
 
