@@ -99,18 +99,30 @@ def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
 
 
 class MetricsLog:
-    """JSON lines on rank 0 (+ TensorBoard when installed). Resuming drops records past the resumed step."""
+    """JSON lines on rank 0 (+ TensorBoard when installed). Resuming drops records past the resumed step.
+
+    The TensorBoard writer opens at the first record and buffers its events: `close()` (which
+    `Trainer.train` calls when it ends, normally or by an exception) flushes them to disk. A record
+    written after `close()` opens a new writer.
+    """
 
     def __init__(self, output_dir: str | Path, enabled: bool):
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled, self.tensorboard = enabled, None
+        self._tensorboard_missing = False
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _writer(self):
+        """The TensorBoard SummaryWriter (opened on first use), or None without tensorboard."""
+        if self.tensorboard is None and self.enabled and not self._tensorboard_missing:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
             except ImportError:
-                pass
+                self._tensorboard_missing = True
+                return None
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"))
+        return self.tensorboard
 
     def truncate_after(self, step: int) -> None:
         if self.enabled and self.path.is_file():
@@ -122,10 +134,17 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tensorboard is not None:
+        writer = self._writer()
+        if writer is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(key, value, record["step"])
+                    writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer (if one is open)."""
+        writer, self.tensorboard = self.tensorboard, None
+        if writer is not None:
+            writer.close()
 
 
 class Trainer:
@@ -240,27 +259,32 @@ class Trainer:
         bar = tqdm(total=cfg.schedule.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.training.progress and self.info.is_main))
         saved_at = self.step if cfg.checkpoint.resume else None
-        while self.step < cfg.schedule.max_steps:
-            record = self.train_step()
-            records.append(record)
-            if self.step % cfg.training.log_every == 0 or self.step == cfg.schedule.max_steps:
-                self.log.write(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}", lr=f"{record['lr']:.2e}")
-            every = cfg.training.eval_every
-            if every and (self.step % every == 0 or self.step == cfg.schedule.max_steps):
-                eval_loss = self.evaluate()
-                if eval_loss is not None:
-                    record["eval_loss"] = eval_loss
-                    self.log.write({"step": self.step, "eval_loss": eval_loss})
-                    bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
-            if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+        try:
+            while self.step < cfg.schedule.max_steps:
+                record = self.train_step()
+                records.append(record)
+                if self.step % cfg.training.log_every == 0 or self.step == cfg.schedule.max_steps:
+                    self.log.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                                lr=f"{record['lr']:.2e}")
+                every = cfg.training.eval_every
+                if every and (self.step % every == 0 or self.step == cfg.schedule.max_steps):
+                    eval_loss = self.evaluate()
+                    if eval_loss is not None:
+                        record["eval_loss"] = eval_loss
+                        self.log.write({"step": self.step, "eval_loss": eval_loss})
+                        bar.write(f"step {self.step}: eval loss {eval_loss:.4f}")
+                if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
+                    self.save()
+                    saved_at = self.step
+            bar.close()
+            if saved_at != self.step:
                 self.save()
-                saved_at = self.step
-        bar.close()
-        if saved_at != self.step:
-            self.save()
-        self.export(Path(cfg.checkpoint.output_dir) / "final")
+            self.export(Path(cfg.checkpoint.output_dir) / "final")
+        finally:   # an interrupted run still flushes its TensorBoard scalars
+            bar.close()
+            self.log.close()
         return records
 
     # ---------------------------------------------------------------- checkpoints
