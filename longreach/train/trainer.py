@@ -265,9 +265,10 @@ class Trainer:
                 records.append(record)
                 if self.step % cfg.training.log_every == 0 or self.step == cfg.schedule.max_steps:
                     self.log.write(record)
-                bar.update(1)
+                # the step's figures first, so the redraw that update() makes (rate-limited) shows them
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                lr=f"{record['lr']:.2e}")
+                                lr=f"{record['lr']:.2e}", refresh=False)
+                bar.update(1)
                 every = cfg.training.eval_every
                 if every and (self.step % every == 0 or self.step == cfg.schedule.max_steps):
                     eval_loss = self.evaluate()

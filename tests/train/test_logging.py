@@ -75,3 +75,24 @@ def test_tensorboard_reopens_after_close_and_only_on_rank_zero(corpus, tmp_path,
     silent.write({"step": 1, "loss": 1.0})
     silent.close()
     assert len(fake_tensorboard) == 2 and not (tmp_path / "other").exists()
+
+
+def test_progress_bar_shows_loss_and_tokens_per_second(corpus, tmp_path, capsys):
+    cfg = TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "bar", schedule={"max_steps": 3},
+                                                 training={"progress": True}))
+    records = Trainer(cfg).train()
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]      # the bar's last redraw
+    assert re.search(r"\b3/3\b", final), final
+    assert f"loss={records[-1]['loss']:.4f}" in final, final
+    assert f"tok_s={records[-1]['tokens_per_s']:,.0f}" in final and records[-1]["tokens_per_s"] > 0, final
+    # a redraw shows the figures of the step it counts, never the previous step's
+    for line in err.replace("\r", "\n").splitlines():
+        if "loss=" in line:
+            done = int(re.search(r"\b(\d)/3\b", line).group(1))
+            assert f"loss={records[done - 1]['loss']:.4f}" in line, line
+
+
+def test_no_progress_bar_when_disabled(corpus, tmp_path, capsys):
+    Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "quiet", schedule={"max_steps": 2}))).train()
+    assert "loss=" not in capsys.readouterr().err
