@@ -161,6 +161,7 @@ class CacheConfig:
 
     The block count comes from the first of: `num_blocks`; `kv_cache_memory` bytes; `memory_fraction`
     of the memory free on the device (default 0.9 on GPUs, 0.5 on CPUs, where it is shared with the OS).
+    A float `kv_cache_memory` in (0, 1] is that fraction (vLLM's gpu_memory_utilization style), e.g. 0.5.
     `kv_cache_dtype` is the storage of K/V (`longreach.kvcache.quant`: auto = the model's dtype, bf16, fp16,
     fp32, int8, int4); `kv_policy` / `kv_policy_args` the eviction policy (`longreach.kvcache.policies`:
     none, window, sinks, h2o, with `make_policy`'s keyword budgets, e.g. {"window": 4096}).
@@ -168,7 +169,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory: int | None = None
+    kv_cache_memory: int | float | None = None
     memory_fraction: float | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
@@ -189,8 +190,20 @@ class CacheConfig:
             raise ValueError(f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num_blocks={self.num_blocks!r} must be a positive integer or absent")
-        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
-            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes or absent")
+        memory = self.kv_cache_memory
+        if isinstance(memory, float) and 0.0 < memory <= 1.0:      # a fraction of the free memory
+            if self.memory_fraction is not None:
+                raise ValueError(f"kv_cache_memory={memory} is a fraction and memory_fraction="
+                                 f"{self.memory_fraction} is another; give one")
+            object.__setattr__(self, "memory_fraction", memory)
+            object.__setattr__(self, "kv_cache_memory", None)
+        elif isinstance(memory, float) and memory.is_integer() and memory >= 1:   # 4e9 as a float: bytes
+            object.__setattr__(self, "kv_cache_memory", int(memory))
+        if self.kv_cache_memory is not None and (isinstance(self.kv_cache_memory, bool)
+                                                 or not isinstance(self.kv_cache_memory, int)
+                                                 or self.kv_cache_memory < 1):
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes, a "
+                             "fraction in (0, 1] of the free memory, or absent")
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1] or absent")
 

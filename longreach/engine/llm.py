@@ -287,10 +287,11 @@ class LLM:
     their original RoPE positions, so a query sees them at their true distance (unlike StreamingLLM's rolling
     positions). Prefix caching is off under a policy."""
 
-    def __init__(self, model: str | Path | LlamaForCausalLM | None = None, tokenizer: Any = None,
-                 dtype: str | torch.dtype | None = None, device: str | torch.device | None = None,
+    def __init__(self, model: str | Path | LlamaForCausalLM | None = None,
+                 dtype: str | torch.dtype | None = None, *, tokenizer: Any = None,
+                 device: str | torch.device | None = None,
                  max_model_len: int | None = None, block_size: int | None = None,
-                 kv_cache_memory: int | None = None,
+                 kv_cache_memory: int | float | None = None,
                  memory_fraction: float | None = None, num_kv_blocks: int | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,

@@ -2,7 +2,7 @@
 
     longreach serve path/to/checkpoint --port 8000 --api-key secret --max-model-len 32768
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
-         -d '{"model": "path/to/checkpoint", "prompt": "The pass key is", "max_tokens": 16}'
+         -d '{"model": "path/to/checkpoint", "prompt": "... The pass key is 48213. ... The pass key is", "max_tokens": 8}'
 
 Without MODEL it serves the demo model bundled with the package. Bad flags and unusable checkpoints end
 with one line on stderr and exit status 2, never a traceback.
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import re
 import sys
 
+# The announced curl: a pass-key prompt (the README's), which the bundled model answers with 48213.
+EXAMPLE_PROMPT = ("The grass is green. The pass key is 48213. Remember it. 48213 is the pass key. The sky is blue. "
+                  "What is the pass key? The pass key is")
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
                "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -34,6 +38,15 @@ def parse_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
     return value
+
+
+def parse_kv_memory(text: str) -> int | float:
+    """--kv-cache-memory: a size ('4GiB', '123') or, written with a decimal point, a fraction ('0.5')."""
+    if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*", text) and float(text) <= 1.0:
+        if float(text) <= 0.0:
+            raise argparse.ArgumentTypeError(f"{text!r}: a fraction of the free memory must be in (0, 1]")
+        return float(text)
+    return parse_size(text)
 
 
 def _positive_int(text: str) -> int:
@@ -88,8 +101,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per step; longer prompts are prefilled in chunks (default 2048)")
     parser.add_argument("--block-size", type=_positive_int, default=None,
                         help="tokens per KV block (default 16; 32 with --kv-cache-dtype int4)")
-    parser.add_argument("--kv-cache-memory", type=parse_size, default=None,
-                        help="bytes for the KV cache, e.g. 4GiB (default: a fraction of the free memory)")
+    parser.add_argument("--kv-cache-memory", type=parse_kv_memory, default=None,
+                        help="bytes for the KV cache, e.g. 4GiB, or a fraction of the free memory, e.g. 0.3 "
+                             "(default: 0.9 on a GPU, 0.5 on a CPU)")
     parser.add_argument("--num-kv-blocks", type=_positive_int, default=None,
                         help="exact number of KV blocks (overrides --kv-cache-memory)")
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
@@ -192,9 +206,9 @@ def main(args) -> int:
         host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
         url = f"http://{host}:{server.bound_port}"
         auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        body = json.dumps({"model": names[0], "prompt": EXAMPLE_PROMPT, "max_tokens": 8})
         print(f"longreach serve: serving {names[0]!r} at {url}/v1 (metrics at {url}/metrics)\n"
-              f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
-              f"-d '{{\"model\": \"{names[0]}\", \"prompt\": \"The pass key is\", \"max_tokens\": 16}}'",
+              f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
               file=sys.stderr, flush=True)
 
     logging.getLogger("longreach").setLevel(args.log_level.upper())

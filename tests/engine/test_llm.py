@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from longreach import LLM, SamplingParams
+from longreach.config import CacheConfig
 from longreach.model.bundled import BUNDLED_MODEL_DIR
 
 
@@ -77,6 +78,23 @@ def test_cache_sizing(tiny_llama):
     assert llm.generate([[4, 5, 6]], SamplingParams(max_tokens=3), use_tqdm=False)[0].token_ids
     with pytest.raises(ValueError, match="kv_cache_memory=100 bytes is less than one KV block"):
         LLM(tiny_llama[0], kv_cache_memory=100)
+
+
+def test_kv_cache_memory_as_a_fraction_and_dtype_second(tiny_llama):
+    """kv_cache_memory takes bytes or a fraction of the free memory; dtype is LLM's second argument."""
+    llm = LLM(tiny_llama[0], "bf16", block_size=16, kv_cache_memory=0.5, max_num_seqs=3)
+    assert next(llm.engine.model.parameters()).dtype == torch.bfloat16
+    cc = llm.engine.cache_config
+    assert (cc.memory_fraction, cc.kv_cache_memory) == (0.5, None)
+    assert llm.engine.num_kv_blocks == 3 * 512 // 16                  # as with memory_fraction=0.5
+    assert CacheConfig(kv_cache_memory=4e6).kv_cache_memory == 4_000_000   # a float count of bytes
+    for bad, needle in [(0.0, "0.0"), (-2, "-2"), (1.5, "1.5"), (True, "True")]:
+        with pytest.raises(ValueError, match=f"kv_cache_memory={needle}"):
+            CacheConfig(kv_cache_memory=bad)
+    with pytest.raises(ValueError, match="give one"):
+        CacheConfig(kv_cache_memory=0.3, memory_fraction=0.4)
+    with pytest.raises(TypeError):
+        LLM(tiny_llama[0], "fp32", "a-tokenizer")                   # tokenizer is keyword-only
 
 
 @pytest.mark.skipif((BUNDLED_MODEL_DIR / "config.json").is_file(), reason="the bundled demo model exists")

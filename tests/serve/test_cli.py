@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from longreach.cli import main
+from longreach.model.bundled import BUNDLED_MODEL_DIR
 
 
 def run_cli(argv, capsys):
@@ -90,3 +93,42 @@ def test_sigterm_drains_aborts_and_exits_zero(byte_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_kv_cache_memory_flag_takes_a_size_or_a_fraction():
+    import argparse
+
+    from longreach.serve.cli import parse_kv_memory
+    assert parse_kv_memory("4GiB") == 4 * 2**30 and parse_kv_memory("123") == 123
+    assert parse_kv_memory("0.3") == 0.3 and parse_kv_memory(".5") == 0.5 and parse_kv_memory("1.0") == 1.0
+    assert parse_kv_memory("2.5GB") == 2_500_000_000
+    with pytest.raises(argparse.ArgumentTypeError, match="'0.0'"):
+        parse_kv_memory("0.0")
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
+@pytest.mark.skipif(not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="no bundled demo model in this build")
+def test_make_run_announces_a_curl_that_works():
+    """What `make run` does (`longreach serve` with the bundled model), on a free port: it prints the URL and a
+    curl line; running that line verbatim answers the pass key."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "longreach", "serve", "--host", "127.0.0.1", "--port", "0",
+                             "--log-level", "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            text=True, env=env)
+    try:
+        curl, deadline = None, time.monotonic() + 120
+        while curl is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            assert line or proc.poll() is None, "server exited before it started"
+            if "serving 'longreach-demo' at http://127.0.0.1:" in line:
+                assert "/metrics" in line
+            curl = line.split("try: ", 1)[1].strip() if "try: curl " in line else None
+        assert curl, "no curl example announced"
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        done = subprocess.run(shlex.split(curl) + ["--silent", "--max-time", "60"], capture_output=True,
+                              text=True, check=True)
+        answer = json.loads(done.stdout)
+        assert answer["choices"][0]["text"].startswith(" 48213"), answer
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
