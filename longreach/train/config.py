@@ -54,7 +54,7 @@ class DataConfig:
     packing: bool = True            # False: one document chunk per sequence, padded to seq_len
     text_field: str = "text"
     tokenizer: str | None = None    # "byte", or a directory; None: the model directory's, else "byte"
-    shuffle: bool = True            # shuffle the file order each epoch (seeded)
+    shuffle: bool = True            # shuffle the file order each epoch (seeded); a file's documents keep their order
     seed: int = 0
     add_bos: bool = True            # when the tokenizer has a bos token
     add_eos: bool = True            # when the tokenizer has an eos token

@@ -9,8 +9,10 @@ document piece per row, padded to `seq_len`) exists for comparison.
 
 Files are read and tokenized as they stream (never the whole corpus in memory): `.txt`/`.md` files are
 one document each, read in chunks of lines; `.jsonl` files hold one document per line in `text_field`.
-The order is deterministic (file order shuffled per epoch from the seed) and resumable: `state_dict()`
-is the exact cursor (epoch, file, byte offset, token offset) after the last sequence returned.
+The order is deterministic and resumable: `state_dict()` is the exact cursor (epoch, file, byte
+offset, token offset) after the last sequence returned. Only the *file* order is shuffled (per epoch,
+from the seed); documents within a file, and the rows cut from them, always come in file order (there
+is no shuffle buffer), so a corpus held in one file is read front to back every epoch.
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ class SequenceStream:
     """Endless, deterministic stream of `Sample`s over a corpus (epoch after epoch).
 
     packing=True fills every row (documents back to back, positions reset per document);
-    packing=False gives one document piece per row, padded with `pad_id`.
+    packing=False gives one document piece per row, padded with `pad_id`. shuffle=True reorders the
+    files each epoch (seeded); it never reorders documents inside a file.
     """
 
     def __init__(self, paths, tokenizer: Tokenizer, seq_len: int, packing: bool = True, text_field: str = "text",

@@ -1,11 +1,13 @@
-"""Packing: positions restart per document, cu_seqlens mark documents, targets never cross them."""
+"""Packing (positions restart per document, targets never cross them), streaming reads, file-order shuffle."""
+import io
 import json
 
 import pytest
 import torch
 
 from longreach.model.tokenizer import ByteTokenizer
-from longreach.train.data import IGNORE_INDEX, SequenceStream, collate, list_data_files, read_pieces
+from longreach.train import data
+from longreach.train.data import CHUNK_BYTES, IGNORE_INDEX, SequenceStream, collate, list_data_files, read_pieces
 
 BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
 
@@ -81,3 +83,84 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="suffix"):
         list_data_files([str(tmp_path / "x.csv")])
+
+
+class _CountingFileIO(io.FileIO):
+    """A raw file that counts the bytes pulled from disk."""
+
+    bytes_read = 0
+
+    def readinto(self, buffer):
+        n = super().readinto(buffer)
+        _CountingFileIO.bytes_read += n or 0
+        return n
+
+    def read(self, size=-1):
+        chunk = super().read(size)
+        _CountingFileIO.bytes_read += len(chunk or b"")
+        return chunk
+
+    def readall(self):
+        chunk = super().readall()
+        _CountingFileIO.bytes_read += len(chunk)
+        return chunk
+
+
+class _CountingTokenizer(ByteTokenizer):
+    chars_encoded = 0
+
+    def encode(self, text, add_bos=False):
+        _CountingTokenizer.chars_encoded += len(text)
+        return super().encode(text, add_bos)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_files_are_read_and_tokenized_as_they_stream(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"big{suffix}"
+    line = "the quick brown fox jumps over the lazy dog " * 2
+    if suffix == ".txt":
+        path.write_text(f"{line}\n" * 50_000)                              # one 4.5 MB document
+    else:
+        path.write_text((json.dumps({"text": line}) + "\n") * 40_000)                # 40,000 documents
+    size = path.stat().st_size
+    assert size > 3_000_000
+    monkeypatch.setattr(data, "open", lambda p, mode="r": io.BufferedReader(_CountingFileIO(p, "r")),
+                        raising=False)
+    _CountingFileIO.bytes_read = _CountingTokenizer.chars_encoded = 0
+    stream = SequenceStream([str(path)], _CountingTokenizer(), seq_len=64, shuffle=False)
+    first = next(stream)
+    assert first.num_tokens == 64 and first.input_ids[1:5].tolist() == list(b"the ")
+    # one chunk (64 KiB, then to the line's end) for a text file, one buffer of lines for JSONL
+    assert 0 < _CountingFileIO.bytes_read <= CHUNK_BYTES + io.DEFAULT_BUFFER_SIZE + len(line) + 1
+    assert _CountingTokenizer.chars_encoded <= CHUNK_BYTES + len(line) + 1
+    assert _CountingFileIO.bytes_read < size / 40
+    # the cursor is a byte offset that moves through the file as rows are taken
+    for _ in range(3 * CHUNK_BYTES // 64):
+        next(stream)
+    assert 2 * CHUNK_BYTES <= stream.state_dict()["offset"] <= 4 * CHUNK_BYTES
+    assert _CountingFileIO.bytes_read <= 5 * CHUNK_BYTES
+
+
+def test_shuffle_reorders_files_never_documents_within_a_file(tmp_path):
+    names = {}
+    for prefix in "ab":
+        path = tmp_path / f"{prefix}.jsonl"
+        path.write_text("".join(json.dumps({"text": f"{prefix}{i}"}) + "\n" for i in range(10)))
+        names[prefix] = [f"{prefix}{i}" for i in range(10)]
+
+    def epochs(shuffle, seed=0, count=6):
+        stream = SequenceStream([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], ByteTokenizer(),
+                                seq_len=8, packing=False, shuffle=shuffle, seed=seed)
+        texts = [bytes(t for t in next(stream).input_ids.tolist() if t < 256).decode() for _ in range(20 * count)]
+        return [texts[i:i + 20] for i in range(0, len(texts), 20)]
+
+    assert all(e == names["a"] + names["b"] for e in epochs(shuffle=False))
+    orders = set()
+    for seed in range(3):
+        for epoch in epochs(shuffle=True, seed=seed):
+            assert epoch in (names["a"] + names["b"], names["b"] + names["a"])   # whole files, in file order
+            orders.add(epoch[0][0])
+    assert orders == {"a", "b"}                                                # the file order does change
+    single = SequenceStream([str(tmp_path / "a.jsonl")], ByteTokenizer(), seq_len=8, packing=False, seed=5)
+    assert [bytes(t for t in next(single).input_ids.tolist() if t < 256).decode() for _ in range(20)] == \
+        names["a"] * 2                                                         # one file: read front to back
