@@ -261,7 +261,7 @@ def _main(args) -> int:
         if num_errors:
             first = next(s.error for s in r.samples if s.error)
             print(f"warning: {num_errors} of {len(r.samples)} request(s) failed" +
-                  (f" [{r.setting}]" if r.setting else "") + f"; first: {first}", file=sys.stderr)
+                  (f" [{r.setting}]" if r.setting else "") + f" and count as misses; first: {first}", file=sys.stderr)
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     answered = sum(s.error is None for r in results for s in r.samples)
     return 0 if answered else 1

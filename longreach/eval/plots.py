@@ -1,7 +1,8 @@
 """Figures for the evaluation results (matplotlib, drawn off-screen without touching pyplot's global state).
 
 - `plot_heatmap(result, path)`: depth x length accuracy of one grid, as in the needle-in-a-haystack
-  repository (green = retrieved, red = missed, grey = no answer), each cell annotated with its percentage.
+  repository (green = retrieved, red = missed; failed requests count as missed and hatch their cell),
+  each cell annotated with its percentage and its number of failed requests.
 - `plot_comparison(results, path)`: accuracy vs context length, one line per setting, with the threshold.
 - `plot_perplexity(results, path)`: perplexity vs context length, one line per setting (YaRN's Table 2 as a figure).
 """
@@ -16,11 +17,12 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
 from longreach.eval.runner import GridResult, format_length
 
-# red (missed) -> amber -> green (retrieved); grey for cells with no answered sample
+# red (missed) -> amber -> green (retrieved); grey only for a cell the grid has no sample in
 RETRIEVAL_CMAP = LinearSegmentedColormap.from_list("retrieval", ["#c0392b", "#f39c12", "#f7dc6f", "#27ae60"])
 
 
@@ -47,7 +49,10 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
             text = "n/a" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0f}%"
             if errors:
                 text += f"\n{errors} err"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black")
+                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#555555",
+                                       linewidth=0))
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
+                    bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1) if errors else None)
     ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
     ax.set_xlabel("context length (tokens, K = 1024)")
     if depths == [None]:
@@ -56,15 +61,19 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
     else:
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_ylabel("needle depth (% of the context)")
-    effective = result.effective_length()
+    effective, stopped_at = result._effective()
     if effective is not None and effective != lengths[-1]:   # mark where the effective context ends
         ax.axvline(lengths.index(effective) + 0.5, color="black", linestyle="--", linewidth=1.2)
     colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
-    colorbar.set_label("accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed, grey = no answer",
-                       fontsize=8)
+    legend = "accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed"
+    if result.num_errors():
+        legend += "\nhatched = failed requests (N err), counted as missed"
+    colorbar.set_label(legend, fontsize=8)
     title = f"{result.task} — {result.model}" + (f" [{result.setting}]" if result.setting else "")
     eff = ("below the shortest length" if effective is None else format_length(effective))
     marked = ", dashed line" if effective is not None and effective != lengths[-1] else ""
+    if stopped_at is not None:
+        marked += f"; not claimed from {format_length(stopped_at)} on: failed requests"
     ax.set_title(f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%{marked}); "
                  f"{result.num_samples} sample(s) per cell", fontsize=9)
     return _save(fig, path)

@@ -8,11 +8,12 @@
     write_report(result, "out/")          # results.json, summary.txt, heatmap.png
     evaluate_passkey("ckpt/", lengths=[512, 2048]).accuracy_by_length()
 
-Accuracy of a cell is the mean score of its answered samples (RULER's string-match scores); samples whose
-request failed are kept in results.json with their error, counted in the table, and left out of the
-accuracy (a cell with no answer at all has no accuracy and shows grey). The *effective context length*
-follows RULER: the longest tested length such that it and every shorter tested length score at least
-`threshold` (default 0.85).
+Accuracy of a cell is the mean score of all its samples (RULER's string-match scores), and a sample whose
+request failed (server error, timeout) scores 0: a request that got no answer did not retrieve. Failed
+samples keep their error in results.json and are counted in the table's errors row. The *effective context
+length* follows RULER: the longest tested length such that it and every shorter tested length score at
+least `threshold` (default 0.85) -- and, here, had no failed request: a length with failures was not fully
+measured, so it is never claimed (the summary line says where the failures stopped it).
 
 Several settings (rope scalings, KV dtypes, models) compare with `run_comparison` + `write_comparison`:
 one table and one accuracy-vs-length figure with a line per setting.
@@ -66,26 +67,57 @@ class GridResult:
         return [s for s in self.samples if s.length == length and (depth is _ANY_DEPTH or s.depth == depth)]
 
     def accuracy(self, length: int, depth: Any = _ANY_DEPTH) -> float | None:
-        """Mean score of the answered samples at `length` (and `depth`, if given); None if none answered."""
+        """Mean score of the samples at `length` (and `depth`, if given), a failed request scoring 0;
+        None only when the grid has no sample there."""
+        cell = self._cell(length, depth)
+        scores = [0.0 if s.error is not None else s.score for s in cell]
+        return sum(scores) / len(scores) if scores else None
+
+    def answered_accuracy(self, length: int, depth: Any = _ANY_DEPTH) -> float | None:
+        """Mean score of the answered samples only (failed requests left out); None if none answered."""
         scores = [s.score for s in self._cell(length, depth) if s.error is None]
         return sum(scores) / len(scores) if scores else None
 
-    def num_errors(self, length: int, depth: Any = _ANY_DEPTH) -> int:
-        return sum(s.error is not None for s in self._cell(length, depth))
+    def num_errors(self, length: int | None = None, depth: Any = _ANY_DEPTH) -> int:
+        """Failed requests at `length` (and `depth`); in the whole grid without `length`."""
+        cell = self.samples if length is None else self._cell(length, depth)
+        return sum(s.error is not None for s in cell)
 
     def accuracy_by_length(self) -> dict[int, float | None]:
         return {length: self.accuracy(length) for length in self.lengths}
 
     def effective_length(self, threshold: float | None = None) -> int | None:
-        """Longest length L such that every tested length <= L scores >= threshold (RULER); None if the first fails."""
+        """Longest length L such that every tested length <= L scores >= threshold (RULER) with no failed
+        request; None if the shortest length fails either way."""
+        return self._effective(threshold)[0]
+
+    def _effective(self, threshold: float | None = None) -> tuple[int | None, int | None]:
+        """(effective length, the first length that was stopped by failed requests rather than by accuracy)."""
         threshold = self.threshold if threshold is None else threshold
         effective = None
         for length in sorted(self.lengths):
             acc = self.accuracy(length)
             if acc is None or acc < threshold:
-                break
+                return effective, None
+            if self.num_errors(length):
+                return effective, length
             effective = length
-        return effective
+        return effective, None
+
+    def summary_line(self) -> str:
+        """The effective-length line, with what failed requests did to it."""
+        effective, stopped_at = self._effective()
+        line = effective_length_line(effective, self.threshold)
+        errors = self.num_errors()
+        if not errors:
+            return line
+        line += (f"\n{errors} of {len(self.samples)} request(s) failed; each counts as a miss in the accuracy "
+                 f"(among the answered ones only: " + ", ".join(
+                     f"{format_length(n)} {_pct(self.answered_accuracy(n))}" for n in self.lengths) + ")")
+        if stopped_at is not None:
+            line += (f"\nnot claimed: {format_length(stopped_at)} and beyond, where {self.num_errors(stopped_at)} "
+                     f"request(s) failed (rerun them for a measured effective length)")
+        return line
 
     def table(self) -> str:
         """Depth x length accuracy (percent), a mean row, an errors row and the effective length."""
@@ -101,17 +133,18 @@ class GridResult:
         if len(self.depths) > 1:
             lines.append("mean".ljust(label_width) + "".join(
                 _pct(self.accuracy(length)).rjust(width) for length in self.lengths))
-        if any(s.error for s in self.samples):
+        if self.num_errors():
             lines.append("errors".ljust(label_width) + "".join(
                 str(self.num_errors(length)).rjust(width) for length in self.lengths))
-        lines.append(effective_length_line(self.effective_length(), self.threshold))
+        lines.append(self.summary_line())
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "samples"}
         out["effective_length"] = self.effective_length()
         out["accuracy_by_length"] = {str(k): v for k, v in self.accuracy_by_length().items()}
-        out["num_errors"] = sum(s.error is not None for s in self.samples)
+        out["num_errors"] = self.num_errors()
+        out["errors_by_length"] = {str(k): self.num_errors(k) for k in self.lengths}
         out["samples"] = [asdict(s) for s in self.samples]
         return out
 
@@ -277,7 +310,8 @@ def run_comparison(settings: dict[str, Callable[[], Any]], task: str, lengths: S
 
 
 def comparison_table(results: Sequence[GridResult]) -> str:
-    """Rows: settings; columns: lengths (mean accuracy) and the effective length."""
+    """Rows: settings; columns: lengths (mean accuracy, failed requests as misses), the effective length
+    and, when any request failed, the number of failed requests."""
     lengths = sorted({length for r in results for length in r.lengths})
     names = [r.setting or r.model for r in results]
     name_width = max(len("setting"), *(len(n) for n in names)) + 2
@@ -286,11 +320,18 @@ def comparison_table(results: Sequence[GridResult]) -> str:
     task = results[0].task
     lines = [f"{task}: accuracy by context length (threshold {100 * results[0].threshold:g}%)",
              "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols) + "effective".rjust(12)]
+    any_errors = any(r.num_errors() for r in results)
+    if any_errors:
+        lines[1] += "errors".rjust(8)
     for name, r in zip(names, results):
         accs = r.accuracy_by_length()
-        eff = r.effective_length()
-        lines.append(name.ljust(name_width) + "".join(_pct(accs.get(length)).rjust(width) for length in lengths)
-                     + (format_length(eff) if eff else "—").rjust(12))
+        eff, stopped_at = r._effective()
+        line = (name.ljust(name_width) + "".join(_pct(accs.get(length)).rjust(width) for length in lengths)
+                + ((format_length(eff) if eff else "—") + ("*" if stopped_at else "")).rjust(12))
+        lines.append(line + (str(r.num_errors()).rjust(8) if any_errors else ""))
+    if any_errors:
+        lines.append("failed requests count as misses; * = effective length stopped by failed requests "
+                     "(see that setting's summary)")
     return "\n".join(lines)
 
 
@@ -303,6 +344,7 @@ def write_comparison(results: Sequence[GridResult], out_dir: str | os.PathLike, 
     table = comparison_table(results)
     (out_dir / "comparison.txt").write_text(table + "\n")
     summary = [{"setting": r.setting or r.model, "model": r.model, "effective_length": r.effective_length(),
+                "num_errors": r.num_errors(),
                 "accuracy_by_length": {str(k): v for k, v in r.accuracy_by_length().items()},
                 "results": f"{_slug(r.setting or r.model)}/results.json"} for r in results]
     (out_dir / "comparison.json").write_text(json.dumps({"task": results[0].task, "threshold": results[0].threshold,

@@ -92,12 +92,24 @@ def test_failing_and_slow_requests_are_reported_per_sample(tmp_path):
     assert all("HTTP 500" in s.error and "after 2 attempts" in s.error for s in kinds[0])
     assert all("no answer" in s.error and "0.3 s" in s.error for s in kinds[1])
     assert all(s.error is None and s.correct for s in kinds[2] + kinds[3])     # the retry recovered kind 2
-    answered = len(kinds[2]) + len(kinds[3])
-    assert result.accuracy_by_length() == {512: 1.0, 1024: 1.0} or answered < len(result.samples)
+    # a failed request did not retrieve: it counts as a miss, and the table counts it as an error
+    for length in (512, 1024):
+        cell = [s for s in result.samples if s.length == length]
+        failed = sum(s.error is not None for s in cell)
+        assert 0 < failed < len(cell) and result.num_errors(length) == failed
+        assert result.accuracy(length) == pytest.approx((len(cell) - failed) / len(cell))
+        assert result.answered_accuracy(length) == 1.0
+    num_errors = len(kinds[0]) + len(kinds[1])
+    assert result.num_errors() == num_errors
+    assert result.effective_length() is None        # below 85% once the failures count, and never claimed past them
     paths = write_report(result, tmp_path)
     saved = json.loads(paths["results"].read_text())
-    assert saved["num_errors"] == len(kinds[0]) + len(kinds[1])
-    assert "errors" in paths["summary"].read_text()
+    assert saved["num_errors"] == num_errors and saved["effective_length"] is None
+    summary = paths["summary"].read_text()
+    errors_row = re.search(r"^errors\s+(\d+)\s+(\d+)$", summary, re.M)
+    assert errors_row and sum(map(int, errors_row.groups())) == num_errors
+    assert f"{num_errors} of {len(result.samples)} request(s) failed; each counts as a miss" in summary
+    assert "100%" not in summary.split("mean")[1].splitlines()[0]   # the mean row no longer shows 100%
 
 
 def test_client_errors_are_not_retried_and_unreachable_servers_do_not_crash():

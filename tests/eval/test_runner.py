@@ -52,19 +52,44 @@ def test_grid_accuracy_effective_length_and_table():
     assert backend.calls == [4, 2, 4, 2]                              # batches never mix lengths
 
 
-def test_errors_are_kept_per_sample_and_left_out_of_accuracy(tmp_path):
+def test_errors_are_kept_per_sample_and_count_as_misses(tmp_path):
     backend = OracleBackend(max_chars=10**9, fail_depth_line=200)   # the needle near the top times out
     result = run_grid(backend, "passkey", [512, 1024], depths=[0, 100], num_samples=1, progress=False)
     failed = [s for s in result.samples if s.error]
     assert {s.depth for s in failed} == {0.0} and all("TimeoutError" in s.error for s in failed)
     assert all(s.got is None and s.score is None and not s.correct for s in failed)
-    assert result.accuracy(512) == 1.0 and result.accuracy(512, 0.0) is None
-    assert "errors" in result.table()
+    assert result.accuracy(512) == 0.5 and result.accuracy(512, 0.0) == 0.0       # a failed request missed
+    assert result.answered_accuracy(512) == 1.0 and result.answered_accuracy(512, 0.0) is None
+    assert result.num_errors() == 2 and result.num_errors(512) == 1
+    assert result.effective_length() is None
+    table = result.table()
+    assert re.search(r"errors\s+1\s+1", table) and "2 of 4 request(s) failed" in table
     paths = write_report(result, tmp_path)
     saved = json.loads(paths["results"].read_text())
     assert saved["num_errors"] == 2 and saved["samples"][0]["error"].startswith("TimeoutError")
+    assert saved["errors_by_length"] == {"512": 1, "1024": 1} and saved["accuracy_by_length"]["512"] == 0.5
     assert GridResult.load(paths["results"]).accuracy_by_length() == result.accuracy_by_length()
     assert paths["heatmap"].read_bytes()[:8] == PNG_MAGIC
+
+
+def test_effective_length_is_not_claimed_where_requests_failed(tmp_path):
+    class FailsOnceAt1K(OracleBackend):
+        def complete(self, prompts, max_tokens):
+            out = super().complete(prompts, max_tokens)
+            if len(prompts[0]) > 700:                        # one failure in each batch past 512 (1K, 2K)
+                out[0] = ConnectionError("reset by peer")
+            return out
+
+    result = run_grid(FailsOnceAt1K(max_chars=10**9), "passkey", [512, 1024, 2048], depths=[0, 25, 50, 75, 100],
+                      num_samples=2, progress=False)
+    assert result.accuracy_by_length() == {512: 1.0, 1024: 0.9, 2048: 0.9}   # >= 85% even counting the miss
+    assert result.effective_length() == 512                               # but 1K was not fully measured
+    table = result.table()
+    assert "effective context length: 512" in table and "not claimed: 1K and beyond" in table
+    assert "among the answered ones only: 512 100%, 1K 100%, 2K 100%" in table
+    cmp = comparison_table([result])
+    assert re.search(r"512\*\s+2$", cmp.splitlines()[2]) and "count as misses" in cmp
+    assert write_report(result, tmp_path)["heatmap"].read_bytes()[:8] == PNG_MAGIC
 
 
 def test_tasks_without_depth_use_one_row():
