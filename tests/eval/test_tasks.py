@@ -6,7 +6,7 @@ import pytest
 
 from longreach.eval.haystack import SyntheticText
 from longreach.eval.backends import ApproxTokenizer
-from longreach.eval.tasks import _NIAH_HEADER, PASSKEY_FILLER, PASSKEY_INSTRUCTION, TASKS, make_sample
+from longreach.eval.tasks import _NIAH_HEADER, _QA_HEADER, PASSKEY_FILLER, PASSKEY_INSTRUCTION, TASKS, make_sample
 from longreach.model.tokenizer import ByteTokenizer
 
 BYTE = ByteTokenizer()
@@ -152,3 +152,54 @@ def test_bad_arguments_are_named():
 def test_approx_tokenizer_is_roughly_a_bpe_count():
     text = SyntheticText(0).prefix(10_000)
     assert 0.15 < len(ApproxTokenizer().encode(text)) / len(text) < 0.4
+
+
+def _target_needle(task, sample):
+    """(header, target needle text, other needle texts, text that ends the context) of a multi-needle task."""
+    prompt = sample.prompt
+    if task == "variable_tracking":
+        names = sample.expected
+        value = re.search(r"VAR " + names[0] + r" = (\d+)\.", prompt).group(1)
+        others = [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
+        header = prompt[:prompt.index("\n\n") + 2]
+        return header, f"VAR {names[0]} = {value}.", others, "\nQuestion: Find all variables"
+    if task == "qa":
+        name = re.search(r"Question: (?:In which city was|Which company does|What is the name of) (\w+ \w+)",
+                         prompt).group(1)
+        [doc] = [d for d in prompt.split("\n\n") if d.startswith(name + " was born")]
+        return _QA_HEADER, doc, [], "\n\nAnswer the question based on the given documents"
+    needles = re.findall(r"One of the special magic numbers for [a-z]+-[a-z]+ is: \d+\.", prompt)
+    [target] = [n for n in needles if n.endswith(f" {sample.expected[0]}.")]
+    end = "\nWhat is the special magic number" if task == "niah_multikey" else "\nWhat are all the special"
+    return _NIAH_HEADER, target, [n for n in needles if n != target], end
+
+
+@pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "qa"])
+@pytest.mark.parametrize("length", [2048, 4096])
+def test_multi_needle_tasks_target_sits_at_the_requested_token_depth(task, length, hf_tokenizer):
+    """The target needle (the queried key's, the first value, the chain's start, the asked-about document)
+    lands at the requested depth counted in the model's tokens, the prompt still fills `length`, and the
+    other needles neither shift nor duplicate it. With the BPE tokenizer, where characters and tokens differ."""
+    tokenizer = hf_tokenizer
+    needles_per_task = {"niah_multikey": 4, "niah_multivalue": 4, "niah_multiquery": 4, "variable_tracking": 5}
+    # needles snap to a sentence start (essay sentences are at most 90 characters) or a document start (qa's
+    # biographies, at most 137); at depth 100 a trailing partial sentence stays after the needle
+    unit_chars = 140 if task == "qa" else 90
+    for depth in (0, 25, 50, 75, 100):
+        sample = make_sample(task, tokenizer, length, depth=depth, seed=11)
+        total = len(tokenizer.encode(sample.prompt)) + sample.max_new_tokens
+        assert total == sample.num_prompt_tokens + sample.max_new_tokens and 0 <= length - total <= 3, (depth, total)
+        header, target, others, end = _target_needle(task, sample)
+        assert sample.prompt.startswith(header) and sample.prompt.count(target) == 1
+        if task in needles_per_task:
+            assert 1 + len(others) == needles_per_task[task] and all(sample.prompt.count(o) == 1 for o in others)
+        # measure on the haystack alone: drop the other needles (and the separator after each) first
+        prompt = sample.prompt
+        for other in others:
+            prompt = prompt.replace(other + " ", "", 1) if other + " " in prompt else prompt.replace(other, "", 1)
+        start = prompt.index(target)
+        hay_chars = prompt.rindex(end) - len(header) - len(target)
+        tolerance = 100.0 * unit_chars / hay_chars + 1.0            # one unit, plus a token's worth of slack
+        got = _needle_token_depth(tokenizer, prompt, header, start, start + len(target), prompt.rindex(end))
+        assert abs(got - depth) <= tolerance, (depth, got)
+        assert abs(sample.needle_depths[0] - depth) <= tolerance, (depth, sample.needle_depths)
