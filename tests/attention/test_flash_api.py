@@ -76,18 +76,20 @@ def _cu(batch, sq, sk):
 
 
 VARLEN_CASES = [
-    # seqlens_q, seqlens_k, heads, causal, window, dtype
-    ([113, 0, 256, 37], [203, 17, 256, 37], (4, 2), True, (-1, -1), torch.float16),
-    ([64, 300, 5], [64, 120, 5], (3, 3), True, (40, -1), torch.bfloat16),
-    ([200, 77, 129], [150, 300, 129], (4, 1), False, (30, 30), torch.float32),
-    ([128, 128, 1], [128, 256, 1], (6, 2), False, (-1, -1), torch.bfloat16),
+    # seqlens_q, seqlens_k, heads, causal, window, dtype, head dim
+    ([113, 0, 256, 37], [203, 17, 256, 37], (4, 2), True, (-1, -1), torch.float16, 64),
+    ([64, 300, 5], [64, 120, 5], (3, 3), True, (40, -1), torch.bfloat16, 80),
+    ([200, 77, 129], [150, 300, 129], (4, 1), False, (30, 30), torch.float32, 59),
+    ([128, 128, 1], [128, 256, 1], (6, 2), False, (-1, -1), torch.bfloat16, 128),
+    ([90, 33], [90, 160], (2, 1), True, (16, 8), torch.float16, 32),
+    ([17, 250], [17, 250], (4, 4), True, (-1, -1), torch.float32, 256),
+    ([100, 60], [217, 60], (8, 2), False, (-1, 20), torch.bfloat16, 96),
 ]
 
 
-@pytest.mark.parametrize("seqlens_q,seqlens_k,heads,causal,window,dtype", VARLEN_CASES)
-def test_flash_attn_varlen_parity(seqlens_q, seqlens_k, heads, causal, window, dtype):
+@pytest.mark.parametrize("seqlens_q,seqlens_k,heads,causal,window,dtype,d", VARLEN_CASES)
+def test_flash_attn_varlen_parity(seqlens_q, seqlens_k, heads, causal, window, dtype, d):
     hq, hkv = heads
-    d = 64
     meta = AttentionMetadata.from_seqlens(seqlens_q, seqlens_k, causal=causal)
     g = torch.Generator().manual_seed(1)
     q = torch.randn(sum(seqlens_q), hq, d, generator=g).to(dtype)
