@@ -19,8 +19,7 @@ block i (tokens [i * block_size, (i + 1) * block_size)) to a physical block.
 
 Scales (and int4 minimums) are fp16, matching `longreach.kvcache.spec`: int8 adds 2 bytes per (token, head) for
 K and for V; int4 adds 4 bytes (scale + min) per 32 values; the int4 window is a per-sequence cost, not per token.
-A stored scale is rounded up when fp16 rounding would make it too small, so every element's error is at most
-half its own stored scale: |x - dequant(x)| <= scale / 2.
+The codes themselves (and the error bound |x - dequant(x)| <= scale / 2) are `longreach.kvcache.codecs`.
 
 Engine API (`make_kv_quantizer(kv_cache_dtype, ...)` returns one of the `KVQuantizer` subclasses):
 `block_layout` / `window_layout` describe the tensors, `allocate` makes them, `write` stores a sequence's new
@@ -29,19 +28,20 @@ tokens and returns its new `num_quantized`, `read` returns dequantized (L, Hkv, 
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
+from longreach.kvcache.codecs import (
+    INT4_GROUP_SIZE, SCALE_DTYPE, dequantize_int4_per_channel, dequantize_int4_per_token, dequantize_int8,
+    quantize_int4_per_channel, quantize_int4_per_token, quantize_int8,
+)
+
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
 FULL_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-INT4_GROUP_SIZE = 32          # KIVI's group size; spec.py's accounting assumes it
 DEFAULT_INT4_WINDOW = 128     # KIVI's full-precision residual of recent tokens
-INT8_MAX, INT4_MAX = 127, 15
-SCALE_DTYPE = torch.float16
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
@@ -59,106 +59,6 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype = torch
         if dtype == model_dtype:
             return name
     raise ValueError(f"kv_cache_dtype 'auto' needs a bf16/fp16/fp32 model, got model dtype {model_dtype}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Primitives
-# ---------------------------------------------------------------------------------------------------------------
-
-def _round_up(scale: torch.Tensor, needed: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
-    """`scale` in scale_dtype, nudged up one ulp where rounding made it smaller than `needed` (fp32)."""
-    stored = scale.to(scale_dtype)
-    too_small = stored.float() < needed
-    return torch.where(too_small, torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
-
-
-def quantize_int8(x: torch.Tensor, scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 over the last dim. x: (..., D) -> codes int8 (..., D), scale (...,) in scale_dtype."""
-    xf = x.float()
-    absmax = xf.abs().amax(dim=-1)                                               # (...,)
-    scale = _round_up(absmax / INT8_MAX, absmax / INT8_MAX, scale_dtype)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    codes = torch.round(xf / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scale
-
-
-def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes int8 (..., D), scale (...,) -> (..., D) in dtype."""
-    return (codes.float() * scale.float()[..., None]).to(dtype)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes in [0, 15] (..., N) with N even -> uint8 (..., N // 2); element 2i in the low nibble, 2i+1 high."""
-    if codes.shape[-1] % 2:
-        raise ValueError(f"pack_int4 needs an even last dimension, got shape {tuple(codes.shape)}")
-    c = codes.to(torch.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., N // 2) -> codes uint8 (..., N), the inverse of `pack_int4`."""
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
-
-
-def quantize_int4(x: torch.Tensor, group_size: int, dim: int = -1,
-                  scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric 4-bit over groups of `group_size` consecutive elements along `dim` (unpacked codes).
-
-    x: (..., N, ...) with N = x.shape[dim] a multiple of group_size -> codes uint8 of x's shape in [0, 15],
-    scale and min of x's shape with N replaced by N // group_size. x ~ code * scale + min.
-    """
-    size = x.shape[dim]
-    if group_size < 1 or size % group_size:
-        raise ValueError(f"group_size={group_size} must be >= 1 and divide the quantized dimension ({size})")
-    xm = x.float().movedim(dim, -1)                                             # (..., N)
-    xg = xm.unflatten(-1, (size // group_size, group_size))                     # (..., N/G, G)
-    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)                                   # (..., N/G)
-    minimum = lo.to(scale_dtype)
-    # the stored min must not exceed the true min, or the lowest element would fall below code 0
-    minimum = torch.where(minimum.float() > lo, torch.nextafter(minimum, torch.full_like(minimum, -math.inf)), minimum)
-    span = hi - minimum.float()
-    scale = _round_up(span / INT4_MAX, span / INT4_MAX, scale_dtype)
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    codes = torch.round((xg - minimum.float()[..., None]) / safe[..., None]).clamp_(0, INT4_MAX).to(torch.uint8)
-    codes = codes.flatten(-2).movedim(-1, dim)
-    return codes, scale.movedim(-1, dim), minimum.movedim(-1, dim)
-
-
-def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
-                    dim: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Inverse of `quantize_int4` (unpacked codes): scale/min are repeated over their group along `dim`."""
-    scale = scale.float().repeat_interleave(group_size, dim=dim)
-    minimum = minimum.float().repeat_interleave(group_size, dim=dim)
-    return (codes.float() * scale + minimum).to(dtype)
-
-
-def quantize_int4_per_token(x: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                            scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, ...]:
-    """KIVI values: x (T, Hkv, D) -> packed uint8 (T, Hkv, D/2), scale and min (T, Hkv, D/G)."""
-    codes, scale, minimum = quantize_int4(x, group_size, dim=-1, scale_dtype=scale_dtype)
-    return pack_int4(codes), scale, minimum
-
-
-def dequantize_int4_per_token(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                              group_size: int = INT4_GROUP_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed (T, Hkv, D/2), scale/min (T, Hkv, D/G) -> (T, Hkv, D)."""
-    return dequantize_int4(unpack_int4(packed), scale, minimum, group_size, dim=-1, dtype=dtype)
-
-
-def quantize_int4_per_channel(x: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                              scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, ...]:
-    """KIVI keys: x (T, Hkv, D), T a multiple of G -> packed uint8 (T, Hkv, D/2), scale and min (T/G, Hkv, D).
-
-    Groups run along the token axis (dim -3); packing pairs neighbouring channels, independent of grouping.
-    """
-    codes, scale, minimum = quantize_int4(x, group_size, dim=-3, scale_dtype=scale_dtype)
-    return pack_int4(codes), scale, minimum
-
-
-def dequantize_int4_per_channel(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                                group_size: int = INT4_GROUP_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """packed (T, Hkv, D/2), scale/min (T/G, Hkv, D) -> (T, Hkv, D)."""
-    return dequantize_int4(unpack_int4(packed), scale, minimum, group_size, dim=-3, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from longreach.config import ModelConfig
-from longreach.kvcache.quant import INT8_MAX, pack_int4, quantize_int4, unpack_int4
+from longreach.kvcache.codecs import pack_int4, quantize_int4, quantize_int8, unpack_int4
 from longreach.model.llama import LlamaForCausalLM
 from longreach.model.loader import assign_checked, load_state_dict, read_config, resolve_dtype, save_model
 
@@ -43,19 +43,10 @@ def check_quantization(mode: str) -> str:
     return mode
 
 
-def _round_up(scale: torch.Tensor, needed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    stored = scale.to(dtype)
-    return torch.where(stored.float() < needed, torch.nextafter(stored, torch.full_like(stored, float("inf"))), stored)
-
-
 def quantize_weight_int8(weight: torch.Tensor, scale_dtype: torch.dtype | None = None):
-    """weight (out, in) -> int8 (out, in), scales (out,) in scale_dtype (default the weight's dtype)."""
-    scale_dtype = scale_dtype or weight.dtype
-    absmax = weight.detach().float().abs().amax(dim=1)                              # (out,)
-    scales = _round_up(absmax / INT8_MAX, absmax / INT8_MAX, scale_dtype)
-    safe = torch.where(scales == 0, torch.ones_like(scales), scales).float()
-    codes = torch.round(weight.detach().float() / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-    return codes, scales
+    """weight (out, in) -> int8 (out, in), scales (out,) in scale_dtype (default the weight's dtype):
+    the KV cache's symmetric int8 codec, one scale per output row."""
+    return quantize_int8(weight.detach(), scale_dtype or weight.dtype)
 
 
 def _int8_matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,13 @@ import torch
 
 from longreach.attention.reference import attention_one
 from longreach.kvcache import spec
+from longreach.kvcache.codecs import (
+    dequantize_int4_per_channel, dequantize_int4_per_token, dequantize_int8, pack_int4, quantize_int4_per_channel,
+    quantize_int4_per_token, quantize_int8, unpack_int4,
+)
 from longreach.kvcache.quant import (
-    KV_CACHE_DTYPES, FullPrecisionKV, Int4KV, Int8KV, check_kv_cache_dtype, dequantize_int4_per_channel,
-    dequantize_int4_per_token, dequantize_int8, kv_bytes_per_token, kv_window_bytes_per_sequence, make_kv_quantizer,
-    pack_int4, quantize_int4_per_channel, quantize_int4_per_token, quantize_int8, resolve_kv_cache_dtype, unpack_int4,
+    KV_CACHE_DTYPES, FullPrecisionKV, Int4KV, Int8KV, check_kv_cache_dtype, kv_bytes_per_token,
+    kv_window_bytes_per_sequence, make_kv_quantizer, resolve_kv_cache_dtype,
 )
 
 # |x - dequant(x)| <= scale / 2, up to fp32 rounding of the arithmetic itself
