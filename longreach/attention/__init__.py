@@ -12,7 +12,8 @@ softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False[, layou
   reference  naive O(N^2) oracle (reference.py)
   tiled      exact blockwise online softmax, O(N) memory, skips masked blocks (tiled.py)
   sdpa       torch.nn.functional.scaled_dot_product_attention, one call per distinct sequence shape
-  triton     FlashAttention forward/backward kernels (triton_flash.py), imported on first use
+  triton     FlashAttention forward/backward kernels (triton_flash.py), imported on first use; skips the
+             empty blocks of a layout whose block size is a multiple of 16
 `backend=None` picks: triton for CUDA tensors when it imports; otherwise SDPA for plain full/causal
 attention whose per-sequence query and key lengths match (its is_causal is top-left aligned, which
 equals bottom-right only then, and for decode's single query; SDPA's CPU flash kernel is the fastest

@@ -11,7 +11,7 @@ mask, partial blocks are masked with their tile. That is the format of the block
 BigBird (Zaheer et al. 2020), Longformer (Beltagy et al. 2020) and FlexAttention's BlockMask, and a
 Triton kernel consumes it as is: walk a row's nonzero blocks, load `tiles[tile_index[i, j]]` when >= 0.
 A layout is indexed by positions *within* a sequence, so one layout serves every sequence of a packed
-batch; the reference densifies it, the tiled backend skips its empty blocks.
+batch; the reference densifies it, the tiled backend and the Triton kernels skip its empty blocks.
 """
 from __future__ import annotations
 

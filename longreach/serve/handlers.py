@@ -11,107 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.requests import ClientDisconnect
 
 from longreach.engine.sampler import SamplingParams
 from longreach.serve import protocol as P
-from longreach.serve.engine_loop import EngineLoop, ServerClosedError, StreamItem
+from longreach.serve.engine_loop import EngineLoop, ServerClosedError
 from longreach.serve.metrics import ServerMetrics
+from longreach.serve.streams import Choice, EventStream, Group, sse, wait_for_disconnect
 
 DEFAULT_MAX_REQUEST_BYTES = 8 * 2**20
 _MAX_DISCARD_BYTES = 64 * 2**20      # read (and drop) at most this much of an oversized body before answering 413
 _TOKENIZE_IN_THREAD_CHARS = 16384   # longer prompts are tokenized off the event loop
-
-
-class _Choice:
-    """A choice being collected for a non-streaming response."""
-
-    def __init__(self):
-        self.text, self.token_ids, self.logprobs = "", [], []
-        self.finish_reason: str | None = None
-        self.error: str | None = None
-        self.num_output_tokens = 0
-
-    def add(self, item: StreamItem) -> None:
-        if item.finished and item.error is None:
-            self.text = item.text
-        self.token_ids += item.delta_token_ids
-        self.logprobs += item.delta_logprobs or []
-        self.finish_reason, self.error = item.finish_reason, item.error
-        self.num_output_tokens = max(self.num_output_tokens, item.num_output_tokens)
-
-
-class _Group:
-    """The engine requests of one HTTP request (prompts x n choices), all answering on one queue."""
-
-    def __init__(self, engine_loop: EngineLoop, request_id: str):
-        self.engine_loop, self.request_id = engine_loop, request_id
-        self.sink: asyncio.Queue = asyncio.Queue()
-        self.engine_ids: list[str] = []
-        self.finished: set[int] = set()
-
-    def abort_unfinished(self) -> None:
-        for index, engine_id in enumerate(self.engine_ids):
-            if index not in self.finished:
-                self.engine_loop.abort(engine_id)
-        self.finished.update(range(len(self.engine_ids)))
-
-    async def next(self) -> tuple[int, StreamItem]:
-        index, item = await self.sink.get()
-        if item.finished:
-            self.finished.add(index)
-        return index, item
-
-    @property
-    def is_done(self) -> bool:
-        return len(self.finished) == len(self.engine_ids)
-
-
-class EventStream(StreamingResponse):
-    """Server-sent events that watch for the client going away whatever the ASGI version, and call
-    `on_close` however the stream ends (finished, client gone, server cancelled), so requests get aborted."""
-
-    def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send) -> None:
-        async def pump():
-            with contextlib.suppress(OSError):
-                await self.stream_response(send)
-
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass
-
-        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(watch())]
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            self.on_close()
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(results[0], Exception):         # a bug while streaming: let uvicorn log it
-            raise results[0]
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
 def _finite(x: float) -> float:
@@ -257,9 +174,9 @@ class OpenAIServer:
     # ------------------------------------------------------------ running requests
 
     async def start(self, prompts: list[list[int]], params: list[list[SamplingParams]], request_id: str,
-                    arrival_time: float) -> _Group:
+                    arrival_time: float) -> Group:
         """Queue every (prompt, choice) on the engine; all or none (refusals become 400, shutdown 503)."""
-        group = _Group(self.engine_loop, request_id)
+        group = Group(self.engine_loop, request_id)
         try:
             for prompt_index, (ids, choice_params) in enumerate(zip(prompts, params)):
                 for p in choice_params:
@@ -276,10 +193,10 @@ class OpenAIServer:
             raise
         return group
 
-    async def collect(self, request: Request, group: _Group) -> list[_Choice] | None:
+    async def collect(self, request: Request, group: Group) -> list[Choice] | None:
         """Wait for every choice; None (and the requests aborted) if the client disconnects first."""
-        choices = [_Choice() for _ in group.engine_ids]
-        watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+        choices = [Choice() for _ in group.engine_ids]
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             while not group.is_done:
                 getter = asyncio.ensure_future(group.next())
@@ -378,14 +295,14 @@ class OpenAIServer:
         return JSONResponse(P.response("text_completion", request_id, created, model, body,
                                        P.usage(num_prompt_tokens, sum(c.num_output_tokens for c in choices))))
 
-    async def _completion_events(self, group: _Group, model: str, created: int, k: int | None,
+    async def _completion_events(self, group: Group, model: str, created: int, k: int | None,
                                  include_usage: bool, num_prompt_tokens: int) -> AsyncIterator[str]:
         num_out = [0] * len(group.engine_ids)
         offsets = [0] * len(group.engine_ids)
         while not group.is_done:
             index, item = await group.next()
             if item.error is not None:
-                yield _sse(P.APIError(500, item.error, type="server_error").to_dict())
+                yield sse(P.APIError(500, item.error, type="server_error").to_dict())
                 group.abort_unfinished()
                 break
             num_out[index] = item.num_output_tokens
@@ -395,10 +312,10 @@ class OpenAIServer:
             offsets[index] += len(item.delta_text)
             if item.delta_text or item.finish_reason or logprobs:
                 choice = P.completion_choice(index, item.delta_text, item.finish_reason, logprobs)
-                yield _sse(P.response("text_completion", group.request_id, created, model, [choice],
+                yield sse(P.response("text_completion", group.request_id, created, model, [choice],
                                       with_usage_key=include_usage))
         if include_usage:
-            yield _sse(P.response("text_completion", group.request_id, created, model, [],
+            yield sse(P.response("text_completion", group.request_id, created, model, [],
                                   P.usage(num_prompt_tokens, sum(num_out))))
         yield "data: [DONE]\n\n"
 
@@ -439,10 +356,10 @@ class OpenAIServer:
         return JSONResponse(P.response("chat.completion", request_id, created, model, body,
                                        P.usage(len(ids), sum(c.num_output_tokens for c in choices))))
 
-    async def _chat_events(self, group: _Group, model: str, created: int, k: int | None, include_usage: bool,
+    async def _chat_events(self, group: Group, model: str, created: int, k: int | None, include_usage: bool,
                            num_prompt_tokens: int) -> AsyncIterator[str]:
         def chunk(choices, usage=None):
-            return _sse(P.response("chat.completion.chunk", group.request_id, created, model, choices, usage,
+            return sse(P.response("chat.completion.chunk", group.request_id, created, model, choices, usage,
                                    with_usage_key=include_usage))
 
         for index in range(len(group.engine_ids)):
@@ -451,7 +368,7 @@ class OpenAIServer:
         while not group.is_done:
             index, item = await group.next()
             if item.error is not None:
-                yield _sse(P.APIError(500, item.error, type="server_error").to_dict())
+                yield sse(P.APIError(500, item.error, type="server_error").to_dict())
                 group.abort_unfinished()
                 break
             num_out[index] = item.num_output_tokens
