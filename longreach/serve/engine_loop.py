@@ -92,15 +92,16 @@ class EngineLoop:
         return self._thread is not None and self._thread.is_alive() and self.num_failures_in_a_row == 0
 
     async def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, arrival_time: float,
-                  sink: asyncio.Queue, tag: Any = None) -> None:
+                  sink: asyncio.Queue, tag: Any = None, cache_salt: str | None = None) -> None:
         """Queue a request; its `(tag, StreamItem)` pairs arrive on `sink`. Raises the engine's ValueError for
-        a request it refuses, ServerClosedError while shutting down."""
+        a request it refuses, ServerClosedError while shutting down. `cache_salt`: prefix-cache isolation
+        (only requests with the same salt share cached blocks)."""
         if not self._is_accepting:
             raise ServerClosedError("the server is shutting down and accepts no new requests")
         if self._thread is None or not self._thread.is_alive():
             raise ServerClosedError("the engine is not running (the app's lifespan did not start it)")
         done: Future = Future()
-        self._submit(("add", prompt_token_ids, params, request_id, arrival_time,
+        self._submit(("add", prompt_token_ids, params, request_id, arrival_time, cache_salt,
                       (asyncio.get_running_loop(), sink, tag), done))
         try:
             await asyncio.wrap_future(done)
@@ -175,14 +176,15 @@ class EngineLoop:
             command = self._commands.popleft()
             kind = command[0]
             if kind == "add":
-                _, ids, params, request_id, arrival_time, sink, done = command
+                _, ids, params, request_id, arrival_time, cache_salt, sink, done = command
                 if self._is_stopping:
                     _refuse(done)
                     continue
                 if not done.set_running_or_notify_cancel():
                     continue                    # the handler gave up before the engine saw the request
                 try:
-                    self.engine.add_request(ids, params, request_id=request_id, arrival_time=arrival_time)
+                    self.engine.add_request(ids, params, request_id=request_id, arrival_time=arrival_time,
+                                            cache_salt=cache_salt)
                 except Exception as exc:        # noqa: BLE001  (handed to the handler, which answers 400)
                     done.set_exception(exc)
                     continue

@@ -174,7 +174,7 @@ class OpenAIServer:
     # ------------------------------------------------------------ running requests
 
     async def start(self, prompts: list[list[int]], params: list[list[SamplingParams]], request_id: str,
-                    arrival_time: float) -> Group:
+                    arrival_time: float, cache_salt: str | None = None) -> Group:
         """Queue every (prompt, choice) on the engine; all or none (refusals become 400, shutdown 503)."""
         group = Group(self.engine_loop, request_id)
         try:
@@ -182,7 +182,8 @@ class OpenAIServer:
                 for p in choice_params:
                     index = len(group.engine_ids)
                     engine_id = f"{request_id}-{index}"
-                    await self.engine_loop.add(ids, p, engine_id, arrival_time, group.sink, tag=index)
+                    await self.engine_loop.add(ids, p, engine_id, arrival_time, group.sink, tag=index,
+                                               cache_salt=cache_salt)
                     group.engine_ids.append(engine_id)
         except BaseException as exc:
             group.abort_unfinished()
@@ -280,7 +281,7 @@ class OpenAIServer:
         k = self.logprobs_k(req.logprobs)
         params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)] for budget in budgets]
         request_id = P.new_id("cmpl")
-        group = await self.start(prompts, params, request_id, arrival_time)
+        group = await self.start(prompts, params, request_id, arrival_time, req.cache_salt)
         num_prompt_tokens = sum(map(len, prompts))
         created = P.now()
         if req.stream:
@@ -342,7 +343,7 @@ class OpenAIServer:
         k = self.logprobs_k((req.top_logprobs or 0) if req.logprobs else None)
         params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)]]
         request_id = P.new_id("chatcmpl")
-        group = await self.start([ids], params, request_id, arrival_time)
+        group = await self.start([ids], params, request_id, arrival_time, req.cache_salt)
         created = P.now()
         if req.stream:
             return EventStream(self._chat_events(group, model, created, k, req.include_usage_in_stream, len(ids)),

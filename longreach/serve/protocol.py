@@ -124,6 +124,7 @@ class _SamplingFields(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     logit_bias: dict[str, float] | None = None
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)   # vLLM's: prefix-cache isolation
 
     @field_validator("stop")
     @classmethod

@@ -149,3 +149,27 @@ def test_metrics_are_exposed(server):
     server.wait_idle()
     assert server.metric("longreach_prefix_cache_hits_total") - hits >= 8 * (len(prompt) // 8 - 1)
     assert 0 < server.metric("longreach_prefix_cache_hit_rate") <= 1
+
+
+def test_cache_salt_isolates_the_prefix_cache(server):
+    """vLLM's `cache_salt`: requests share cached prefix blocks only when their salts match (a tenant's
+    prompts cannot be probed by another's timing); the answer itself does not depend on the salt."""
+    client = server.client()
+    prompt = "a shared system prompt that spans several KV blocks of eight tokens, then the question"
+
+    def hits_after(**extra):
+        server.wait_idle()
+        before = server.metric("longreach_prefix_cache_hits_total")
+        out = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, **extra)
+        server.wait_idle()
+        return server.metric("longreach_prefix_cache_hits_total") - before, out.choices[0].text
+
+    first = hits_after(extra_body={"cache_salt": "tenant-a"})
+    same = hits_after(extra_body={"cache_salt": "tenant-a"})
+    other = hits_after(extra_body={"cache_salt": "tenant-b"})
+    unsalted = hits_after()
+    assert first[0] == 0 and same[0] >= 8 * 8 and other[0] == 0 and unsalted[0] == 0
+    assert first[1] == same[1] == other[1] == unsalted[1]
+    import httpx
+    bad = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "cache_salt": ""})
+    assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
