@@ -35,7 +35,7 @@ fi
 start=$SECONDS
 # shellcheck disable=SC2086
 LONGREACH_TRITON_AUTOTUNE=0 timeout "$TEST_LIMIT" "$PY" -m pytest -q -m gpu $workers -p no:cacheprovider \
-  tests/attention/test_triton_flash.py tests/attention/test_triton_decode.py 2>&1 | tee "$OUT/gpu_tests.log"
+  tests/attention/test_triton_flash.py tests/attention/test_triton_decode.py tests/attention/test_triton_sparse.py 2>&1 | tee "$OUT/gpu_tests.log"
 test_rc=${PIPESTATUS[0]}
 echo "gpu tests: rc=$test_rc in $((SECONDS - start)) s" | tee -a "$OUT/gpu_tests.log"
 
