@@ -151,7 +151,11 @@ def test_auto_backend_choice():
     assert attn.choose_backend(q, same, same, causal=True) == "sdpa"
     assert attn.choose_backend(q, docs, docs.clone(), causal=True) == "sdpa"     # one SDPA call per document
     assert attn.choose_backend(q, same, longer_k, causal=False) == "sdpa"
-    assert attn.choose_backend(q, same, longer_k, causal=True) == "tiled"        # SDPA is top-left aligned
+    assert attn.choose_backend(q, same, longer_k, causal=True) == "sdpa"         # CPU: prefix + causal flash calls
+    training = q.clone().requires_grad_(True)                                   # (inference only)
+    assert attn.choose_backend(training, same, longer_k, causal=True) == "tiled"
+    elsewhere = torch.zeros(8, 2, 16, device="meta")                            # not CPU, no Triton: SDPA is
+    assert attn.choose_backend(elsewhere, same, longer_k, causal=True) == "tiled"  # top-left aligned
     assert attn.choose_backend(q, same, same, causal=True, window_size=(4, 0)) == "tiled"
     layout = attn.masks.bigbird_layout(8, block_size=4, num_random_blocks=0)
     assert attn.choose_backend(q, same, same, causal=False, layout=layout) == "tiled"
@@ -178,7 +182,33 @@ def test_auto_backend_runs_the_chosen_backend(monkeypatch):
     flash_attn_func(q, k, v, causal=True)
     flash_attn_func(q, k, v, causal=True, window_size=(3, 0))
     flash_attn_func(q, k[:, :9], v[:, :9], causal=True)
-    assert calls == ["sdpa", "tiled", "tiled"]
+    assert calls == ["sdpa", "tiled", "sdpa"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("seqlens_q,seqlens_k,heads", [
+    ([1500], [3000], (6, 2)),                # a prefill chunk over twice its keys
+    ([64, 7, 200], [64 + 500, 7 + 9, 201], (4, 1)),   # packed chunks, one with a single earlier key
+])
+def test_prefill_chunk_after_earlier_keys_on_cpu(seqlens_q, seqlens_k, heads, dtype):
+    """Causal with more keys than queries, without gradients (a serving prefill chunk): SDPA's CPU flash kernel
+    on the prefix keys and on the diagonal block, merged by log-sum-exp; same answer and lse as the reference."""
+    meta = AttentionMetadata.from_seqlens(seqlens_q, seqlens_k, causal=True)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(sum(seqlens_q), heads[0], 64, generator=g).to(dtype)
+    k = torch.randn(sum(seqlens_k), heads[1], 64, generator=g).to(dtype)
+    v = torch.randn(sum(seqlens_k), heads[1], 64, generator=g).to(dtype)
+    args = (meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q, meta.max_seqlen_k)
+    truth, truth_lse = reference.varlen_attention(q.double(), k.double(), v.double(), *args, causal=True,
+                                                  return_lse=True)
+    same = reference.varlen_attention(q, k, v, *args, causal=True)
+    with torch.no_grad():
+        assert attn.choose_backend(q, meta.cu_seqlens_q, meta.cu_seqlens_k, causal=True) == "sdpa"
+        out, lse = flash_attn_varlen_func(q, k, v, *args, causal=True, return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    err, bound = (out.double() - truth).abs().max().item(), (same.double() - truth).abs().max().item()
+    assert err <= 2 * bound + 1e-5, (err, bound)
+    assert (lse.double() - truth_lse).abs().max().item() < (1e-4 if dtype == torch.float32 else 2e-2)
 
 
 def test_triton_backend_reports_import_failure(monkeypatch):
