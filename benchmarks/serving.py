@@ -3,7 +3,7 @@
     python benchmarks/serving.py                      # the CPU benchmark of docs/benchmarks.md
     python benchmarks/serving.py --preset 1b --device cuda --min-prompt 8192 --max-prompt 32768 ...
 
-Three cases, each system and case in a fresh subprocess (so peak memory is its own):
+Four cases, each system and case in a fresh subprocess (so peak memory is its own):
 
 1. throughput: N requests (prompt lengths uniform in [min, max], fixed output length, greedy, EOS
    ignored so every request makes the same number of tokens), all submitted at t0. Systems: ours;
@@ -13,7 +13,9 @@ Three cases, each system and case in a fresh subprocess (so peak memory is its o
 2. shared prefix: one request with a long prefix runs first; then the others, sharing the prefix (each
    with its own 32-token suffix), arrive all together, and then again one after another. With prefix
    caching their TTFT should be a small fraction of the first's.
-3. long prompt: one very long prompt prefilled in chunks vs in one piece: peak memory of each.
+3. prefill only: the throughput case's prompts with one output token, ours vs transformers: the matmuls
+   both must do, so transformers' one-at-a-time wall time over our prefill time bounds the throughput ratio.
+4. long prompt: one very long prompt prefilled in chunks vs in one piece: peak memory of each.
 
 Peak memory is the process's peak RSS (CPU) or peak allocated CUDA memory, reported in full and above
 the level right after the weights were loaded.
@@ -114,6 +116,25 @@ def ours(path, prompts, output_len, device, max_num_batched_tokens, dtype="fp32"
     ttfts = [o.metrics.first_token_time - start for o in outs]
     return _summary(sum(len(o.token_ids) for o in outs), seconds, ttfts, _memory_now(device), loaded,
                     token_ids=[o.token_ids for o in outs])
+
+
+def prefill_only(path, prompts, device, max_num_batched_tokens, system, dtype="fp32", **_):
+    """Every prompt's prefill and first token, nothing else: `system` "ours" (one LLM.generate with
+    max_tokens=1) or "hf" (`generate(max_new_tokens=1)` one prompt at a time). The same matmuls in both, so
+    this bounds what batching decode can win."""
+    import torch
+
+    if system == "ours":
+        res = ours(path, prompts, 1, device, max_num_batched_tokens, dtype)
+        return {"seconds": res["seconds"], "prompt_tokens": sum(map(len, prompts))}
+    model = _hf_model(path, device, dtype)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for p in prompts:
+            ids = torch.tensor([p], device=device)
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False,
+                           pad_token_id=0)
+    return {"seconds": time.perf_counter() - start, "prompt_tokens": sum(map(len, prompts))}
 
 
 def _kv_bytes(model, num_tokens, dtype):
@@ -276,7 +297,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prefix-requests", type=int, default=16)
     ap.add_argument("--long-len", type=int, default=32768)
     ap.add_argument("--long-chunk", type=int, default=2048)
-    ap.add_argument("--cases", default="throughput,prefix,long")
+    ap.add_argument("--cases", default="throughput,prefill,prefix,long")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--system-timeout", type=float, default=300.0,
                     help="stop a throughput system that runs longer than this (seconds) and report it")
@@ -320,6 +341,23 @@ def main(argv=None) -> int:
             if "token_ids" in results.get("ours", {}) and "token_ids" in results.get("hf_single", {}):
                 same = sum(a == b for a, b in zip(results["ours"]["token_ids"], results["hf_single"]["token_ids"]))
                 print(f"\ngreedy outputs identical to transformers one-at-a-time: {same}/{len(prompts)}")
+        if "prefill" in cases:
+            print(f"\n## prefill only: the same {args.num_requests} prompts, 1 output token\n")
+            print("| system | wall (s) | prompt tok/s |")
+            print("|---|---:|---:|")
+            for system in ("ours", "hf"):
+                res = run_isolated("prefill_only", path=path, prompts=prompts, system=system,
+                                   max_num_batched_tokens=args.max_num_batched_tokens, **common)
+                results[f"prefill_{system}"] = res
+                if "error" in res:
+                    print(f"| {system} | failed: {res['error']} | |", flush=True)
+                    continue
+                print(f"| {system} | {res['seconds']:.1f} | {res['prompt_tokens'] / res['seconds']:.0f} |", flush=True)
+            hf_wall = results.get("hf_single", {}).get("seconds")
+            ours_prefill = results["prefill_ours"].get("seconds")
+            if hf_wall and ours_prefill:
+                print(f"\nupper bound on ours / hf_single throughput (our decode free): "
+                      f"{hf_wall / ours_prefill:.2f}x", flush=True)
         if "prefix" in cases:
             print(f"\n## shared {args.prefix_len}-token prefix, {args.prefix_requests} requests\n")
             print("| prefix caching | first TTFT (s) | the rest arriving together: mean TTFT (s), ratio "
