@@ -108,3 +108,23 @@ def test_no_model_loads_the_bundled_demo_model():
     llm = LLM(max_num_seqs=2, max_model_len=256)
     out = llm.generate("The sky is", SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)[0]
     assert len(out.token_ids) <= 4 and out.text == llm.get_tokenizer().decode(out.token_ids)
+
+
+def test_rope_scaling_overrides_the_checkpoint(tiny_llama):
+    """LLM(rope_scaling=) loads the model as load_model(rope_scaling=) does, and generates what that model does."""
+    from longreach.model.generate import generate
+    from longreach.model.loader import load_model
+
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    llm = LLM(tiny_llama[0], "fp32", rope_scaling=rope, max_model_len=128)
+    assert llm.engine.model.config.rope.rope_type == "yarn"
+    prompt = [(7 * i) % 125 + 3 for i in range(70)]                   # past the original 32 positions
+    got = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                       use_tqdm=False)[0]
+    scaled = load_model(tiny_llama[0], dtype="fp32", rope_scaling=rope)
+    assert got.token_ids == generate(scaled, [prompt], 8)[0]
+    with torch.no_grad():                                              # the override changed the model
+        assert not torch.allclose(scaled(torch.tensor(prompt)), load_model(tiny_llama[0], dtype="fp32")(
+            torch.tensor(prompt)), atol=1e-3)
+    with pytest.raises(ValueError, match="already built"):
+        LLM(llm.engine.model, rope_scaling=rope)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import torch
 import pytest
 
 from longreach.cli import main
@@ -132,3 +133,23 @@ def test_make_run_announces_a_curl_that_works():
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_flags_reach_the_engine(byte_model_dir):
+    """What the flags configure, read back from the built app (no server started)."""
+    import argparse
+
+    from longreach.serve.cli import add_arguments, build_app
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    rope = '{"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 512}'
+    args = parser.parse_args([str(byte_model_dir), "--no-enable-prefix-caching", "--rope-scaling", rope,
+                              "--kv-cache-memory", "0.3", "--max-num-seqs", "3", "--api-key", "k",
+                              "--served-model-name", "a", "b", "--dtype", "fp32", "--device", "cpu"])
+    app, names = build_app(args)
+    engine = app.state.server.engine
+    assert names == ["a", "b"] and app.state.server.api_key == "k"
+    assert engine.kv_manager.pool.enable_caching is False
+    assert engine.model.config.rope.rope_type == "yarn" and engine.model.config.rope.scaling["factor"] == 4
+    assert engine.cache_config.memory_fraction == 0.3 and engine.scheduler_config.max_num_seqs == 3
+    assert next(engine.model.parameters()).dtype == torch.float32

@@ -173,3 +173,17 @@ def test_cache_salt_isolates_the_prefix_cache(server):
     import httpx
     bad = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "cache_salt": ""})
     assert bad.status_code == 400 and "cache_salt" in bad.json()["error"]["message"]
+
+
+def test_sampling_fields_reach_the_sampler(server):
+    """top_k=1 or a tiny top_p leave only the most likely token: a hot temperature then samples the greedy text;
+    different seeds without them differ."""
+    client = server.client()
+    base = dict(model="tiny", prompt="sampling fields", max_tokens=16, extra_body=FIXED)
+    greedy = client.completions.create(**base, temperature=0).choices[0].text
+    top_k = client.completions.create(model="tiny", prompt="sampling fields", max_tokens=16, temperature=1.5,
+                                      seed=1, extra_body={**FIXED, "top_k": 1}).choices[0].text
+    top_p = client.completions.create(**base, temperature=1.5, seed=2, top_p=1e-6).choices[0].text
+    assert top_k == greedy and top_p == greedy
+    hot = {client.completions.create(**base, temperature=1.5, seed=s).choices[0].text for s in (1, 2, 3)}
+    assert len(hot) > 1
