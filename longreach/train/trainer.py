@@ -279,12 +279,12 @@ class Trainer:
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self.save()
                     saved_at = self.step
-            bar.close()
+            bar.close()                    # before the final save and export print anything
             if saved_at != self.step:
                 self.save()
             self.export(Path(cfg.checkpoint.output_dir) / "final")
-        finally:   # an interrupted run still flushes its TensorBoard scalars
-            bar.close()
+        finally:   # an interrupted run still closes its bar and flushes its TensorBoard scalars
+            bar.close()                    # (closing twice is harmless)
             self.log.close()
         return records
 
