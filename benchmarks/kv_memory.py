@@ -28,7 +28,7 @@ POLICY_SETTINGS = {
 
 def curve(kwargs: dict, prompt: list[int], new_tokens: int, every: int, max_len: int) -> list[tuple[int, int]]:
     """(tokens in the request, KV bytes held) after every `every` engine steps, and at the end."""
-    llm = LLM(dtype="fp32", max_model_len=max_len, enable_prefix_caching=False, max_num_seqs=1,
+    llm = LLM(dtype="fp32", max_model_len=max_len, allow_long_max_model_len=True, enable_prefix_caching=False, max_num_seqs=1,
               num_kv_blocks=max_len // 16 + 64, **kwargs)
     engine = llm.engine
     request = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))

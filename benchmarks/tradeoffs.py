@@ -99,7 +99,8 @@ def run(args) -> dict:
         grids = {task: [] for task in args.tasks}
         for length in args.lengths:
             kwargs = engine_kwargs(setting, length, args.budget)
-            llm = LLM(model, dtype=args.dtype, max_model_len=length + 64, enable_prefix_caching=False,
+            llm = LLM(model, dtype=args.dtype, max_model_len=length + 64, allow_long_max_model_len=True,
+                      enable_prefix_caching=False,
                       max_num_batched_tokens=args.chunk, max_num_seqs=args.batch,
                       num_kv_blocks=args.batch * (length // 16 + 8), **kwargs)
             backend = LocalBackend(llm, batch_size=args.batch, name=setting)

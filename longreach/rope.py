@@ -65,9 +65,9 @@ class RopeConfig:
         if missing:
             raise ValueError(f"rope_type {self.rope_type!r} needs {missing} (got keys {sorted(self.scaling)})")
         unknown = sorted(set(self.scaling) - required - optional - _IGNORED_KEYS)
-        if unknown:
-            raise ValueError(f"rope_type {self.rope_type!r} does not accept {unknown}; "
-                             f"required {sorted(required)}, optional {sorted(optional)}")
+        if unknown:     # transformers loads such checkpoints with a warning, so we do too (and keep the keys)
+            warnings.warn(f"rope_type {self.rope_type!r} ignores unknown keys {unknown}; "
+                          f"required {sorted(required)}, optional {sorted(optional)}", stacklevel=2)
         factor = self.scaling.get("factor")
         if factor is not None and (not isinstance(factor, (int, float)) or factor < 1):
             if not (self.rope_type == "longrope"):
@@ -100,6 +100,30 @@ class RopeConfig:
     def is_length_dependent(self) -> bool:
         """True when inv_freq depends on the current sequence length (dynamic NTK, longrope)."""
         return self.rope_type in ("dynamic", "longrope")
+
+    def table_length(self, seq_len: int) -> int | None:
+        """The length whose tables a sequence of `seq_len` positions uses: equal results mean equal tables
+        (None for types that do not depend on length). LongRoPE has two tables (short up to the original
+        length, long beyond); dynamic NTK's base is fixed up to max_position_embeddings, then grows."""
+        if self.rope_type == "longrope":
+            original = self.original_max_position_embeddings
+            return original + 1 if seq_len > original else original
+        if self.rope_type == "dynamic":
+            return max(seq_len, self.max_position_embeddings)
+        return None
+
+    @property
+    def max_supported_length(self) -> int:
+        """The longest context this rope is meant for, derived as vLLM derives max_model_len: the checkpoint's
+        max_position_embeddings, or factor x the original length for a scaling that extends it."""
+        factor, max_pos = self.scaling.get("factor"), self.max_position_embeddings
+        if self.rope_type in ("linear", "dynamic", "ntk"):
+            return int(max_pos * factor)
+        if self.rope_type in ("yarn", "llama3"):
+            return max(max_pos, int(self.original_max_position_embeddings * factor))
+        if self.rope_type == "longrope" and factor:
+            return max(max_pos, int(self.original_max_position_embeddings * factor))
+        return max_pos
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The 5.x `rope_parameters` dict (rope_theta inside)."""
@@ -268,9 +292,10 @@ def compute_inv_freq(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for a flat batch of positions.
 
-    For length-dependent types (dynamic NTK, longrope) the frequencies follow the longest
-    position in the call, as transformers does; keys already in a KV cache keep the rotation
-    they were written with (transformers #25104 has the same property).
+    For length-dependent types (dynamic NTK, longrope) the frequencies follow `seq_len`: one length for the
+    whole call (default max(positions)+1, what transformers does per forward), or a (T,) tensor giving each
+    token its own request's length, so that a serving engine keeps every request's tables fixed whatever it
+    is batched or chunked with (docs/serving.md, "RoPE that depends on length").
     """
 
     def __init__(self, cfg: RopeConfig):
@@ -279,24 +304,36 @@ class RotaryEmbedding(nn.Module):
         # a plain attribute, not a buffer: the model is built on the meta device and this must stay real
         with torch.device("cpu"):
             self._inv_freq, self.attention_factor = compute_inv_freq(cfg)
-        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+        self._inv_freq_on: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
-        if self.cfg.is_length_dependent:
-            return compute_inv_freq(self.cfg, seq_len)[0].to(device)
-        if device not in self._inv_freq_on:
-            self._inv_freq_on[device] = self._inv_freq.to(device)
-        return self._inv_freq_on[device]
+        length = self.cfg.table_length(seq_len) if self.cfg.is_length_dependent and seq_len is not None else None
+        key = (device, length)
+        if key not in self._inv_freq_on:
+            if len(self._inv_freq_on) > 256:        # dynamic NTK: one table per distinct length; keep it bounded
+                self._inv_freq_on.clear()
+            table = self._inv_freq if length is None else compute_inv_freq(self.cfg, length)[0]
+            self._inv_freq_on[key] = table.to(device)
+        return self._inv_freq_on[key]
 
-    def forward(self, positions: torch.Tensor, seq_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor,
+                seq_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) long -> cos, sin: (T, rotary_dim/2) fp32, already scaled by attention_factor.
 
-        seq_len: the sequence length the frequencies are chosen for (defaults to max(positions)+1).
+        seq_len: the sequence length the frequencies are chosen for: an int for every token (default
+        max(positions)+1), or a (T,) int tensor of per-token lengths. Ignored by length-independent types.
         """
-        if self.cfg.is_length_dependent and seq_len is None:
-            seq_len = int(positions.max()) + 1 if positions.numel() else 0
-        inv_freq = self.inv_freq(positions.device, seq_len)
-        freqs = positions.to(torch.float32)[:, None] * inv_freq.float()[None, :]  # (T, rotary_dim/2)
+        pos = positions.to(torch.float32)[:, None]
+        if not self.cfg.is_length_dependent:
+            freqs = pos * self.inv_freq(positions.device)[None, :]                 # (T, rotary_dim/2)
+        elif isinstance(seq_len, torch.Tensor):
+            lengths, which = torch.unique(seq_len, return_inverse=True)             # (U,), (T,)
+            tables = torch.stack([self.inv_freq(positions.device, int(n)) for n in lengths.tolist()])  # (U, r/2)
+            freqs = pos * tables[which]
+        else:
+            if seq_len is None:
+                seq_len = int(positions.max()) + 1 if positions.numel() else 0
+            freqs = pos * self.inv_freq(positions.device, seq_len)[None, :]
         return freqs.cos() * self.attention_factor, freqs.sin() * self.attention_factor
 
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from longreach.rope import ROPE_FUNCTIONS, RopeConfig, compute_inv_freq, rope_config_from_hf
+from longreach.rope import ROPE_FUNCTIONS, RopeConfig, RotaryEmbedding, compute_inv_freq, rope_config_from_hf
 
 BASE = {"model_type": "llama", "hidden_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
         "num_hidden_layers": 1, "intermediate_size": 64, "vocab_size": 32, "max_position_embeddings": 4096}
@@ -99,7 +99,6 @@ def test_registry_covers_every_type():
     ({"rope_type": "warp", "factor": 2.0}, "unknown rope_type 'warp'"),
     ({"rope_type": "linear"}, "needs ['factor']"),
     ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 1024}, "low_freq_factor"),
-    ({"rope_type": "linear", "factor": 2.0, "beta_fast": 32}, "does not accept ['beta_fast']"),
     ({"rope_type": "linear", "factor": 0.5}, "factor=0.5"),
     ({"rope_type": "longrope", "short_factor": [1.0] * 3, "long_factor": [1.0] * 32}, "short_factor has 3 entries"),
     ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0}, "high_freq_factor"),
@@ -107,6 +106,47 @@ def test_registry_covers_every_type():
 def test_bad_rope_config_names_the_value(scaling, message):
     with pytest.raises(ValueError, match=__import__("re").escape(message)):
         rope_config_from_hf({**BASE, "rope_scaling": scaling})
+
+
+def test_unknown_keys_warn_and_load_as_in_transformers(tmp_path):
+    """transformers loads a rope dict with keys it does not know (with a warning), so we must load it too."""
+    scaling = {"rope_type": "linear", "factor": 2.0, "beta_fast": 32, "finetuned": True}
+    with pytest.warns(UserWarning, match=r"ignores unknown keys \['beta_fast', 'finetuned'\]"):
+        cfg = rope_config_from_hf({**BASE, "rope_scaling": scaling})
+    assert cfg.rope_type == "linear" and cfg.scaling["factor"] == 2.0
+    assert torch.equal(compute_inv_freq(cfg)[0], compute_inv_freq(rope_config_from_hf(
+        {**BASE, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}))[0])
+
+
+def test_per_token_lengths_give_each_token_its_own_table():
+    """RotaryEmbedding(seq_len=(T,) tensor): each token rotates with its own request's tables (longrope short vs
+    long, dynamic NTK's base), exactly as if its request ran alone with that length."""
+    for scaling in ({"rope_type": "dynamic", "factor": 4.0},
+                    {"rope_type": "longrope", "original_max_position_embeddings": 1024,
+                     "short_factor": [1.0 + 0.01 * i for i in range(32)],
+                     "long_factor": [2.0 + 0.1 * i for i in range(32)]}):
+        rope = RotaryEmbedding(rope_config_from_hf({**BASE, "rope_scaling": scaling}))
+        positions = torch.tensor([0, 5, 9, 0, 3, 700])
+        lengths = torch.tensor([10, 10, 10, 9000, 9000, 5000])
+        cos, sin = rope(positions, lengths)
+        for idx, length in (([0, 1, 2], 10), ([3, 4], 9000), ([5], 5000)):
+            c, s = rope(positions[idx], length)
+            assert torch.equal(cos[idx], c) and torch.equal(sin[idx], s)
+        assert not torch.equal(cos[1:2], rope(positions[1:2], 9000)[0])   # position 5: short vs long differ
+
+
+@pytest.mark.parametrize("scaling, max_pos, expected", [
+    ({}, 4096, 4096),
+    ({"rope_type": "linear", "factor": 4.0}, 4096, 16384),
+    ({"rope_type": "dynamic", "factor": 2.0}, 4096, 8192),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}, 16384, 16384),
+    ({"rope_type": "yarn", "factor": 4.0}, 8192, 32768),                # an override on an 8K checkpoint
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 8192}, 131072, 131072),      # Llama 3.1's own config
+])
+def test_max_supported_length_as_vllm_derives_it(scaling, max_pos, expected):
+    cfg = rope_config_from_hf({**BASE, "max_position_embeddings": max_pos, "rope_scaling": scaling or None})
+    assert cfg.max_supported_length == expected
 
 
 def test_yarn_factor_mismatch_warns():

@@ -74,6 +74,24 @@ def detokenize_incrementally(tokenizer, ids: list[int], prefix_offset: int, read
     return "", prefix_offset, read_offset
 
 
+ALLOW_LONG_ENV = "LONGREACH_ALLOW_LONG_MAX_MODEL_LEN"
+
+
+def check_max_model_len(cfg, scheduler_config: SchedulerConfig) -> None:
+    """Refuse a max_model_len beyond what the model's rope is meant for (vLLM's rule), unless allowed
+    (`allow_long_max_model_len=True` or LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1): then warn."""
+    max_len, supported = scheduler_config.max_model_len, cfg.rope.max_supported_length
+    if max_len <= supported:
+        return
+    what = (f"max_model_len={max_len} exceeds the {supported} tokens this model's rope supports "
+            f"(rope_type {cfg.rope.rope_type!r}, max_position_embeddings {cfg.max_position_embeddings})")
+    if scheduler_config.allow_long_max_model_len or os.environ.get(ALLOW_LONG_ENV, "") not in ("", "0"):
+        logger.warning("%s; positions beyond it are extrapolated and answers may degrade", what)
+        return
+    raise ValueError(f"{what}; extend the context with a rope scaling (rope_scaling= / --rope-scaling), or pass "
+                     f"allow_long_max_model_len=True (or set {ALLOW_LONG_ENV}=1) to run past it anyway")
+
+
 class LLMEngine:
     """Continuous-batching engine over one model (vLLM's LLMEngine); not thread-safe: one caller steps it."""
 
@@ -83,7 +101,8 @@ class LLMEngine:
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_config = cc = cache_config or CacheConfig()
-        self.scheduler_config = scheduler_config or SchedulerConfig(max_model_len=cfg.max_position_embeddings)
+        self.scheduler_config = scheduler_config or SchedulerConfig(max_model_len=cfg.rope.max_supported_length)
+        check_max_model_len(cfg, self.scheduler_config)
         param = next(model.parameters())
         attn = model.model.layers[0].self_attn             # local head counts (fewer per rank under TP)
         bs, max_len = cc.block_size, self.scheduler_config.max_model_len
@@ -169,7 +188,11 @@ class LLMEngine:
                              f"{longest - len(ids)} generated) but the cache holds {capacity} "
                              f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
                              "lower max_tokens or give the cache more memory")
-        seq = Sequence(request_id, ids, params, prompt=text, cache_salt=cache_salt,
+        # length-dependent RoPE: chosen once, from the most positions this request can ever run (the last
+        # sampled token is never fed back), never from the batch it happens to share a step with
+        rope = self.model.config.rope
+        rope_seq_len = rope.table_length(min(len(ids) + (params.max_tokens or max_len), max_len) - 1)
+        seq = Sequence(request_id, ids, params, prompt=text, cache_salt=cache_salt, rope_seq_len=rope_seq_len,
                        arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
@@ -201,9 +224,18 @@ class LLMEngine:
                 raise RuntimeError(f"no request could be scheduled ({self.scheduler.num_unfinished} waiting, "
                                    f"{self.kv_manager.num_free_blocks} of {self.num_kv_blocks} KV blocks free)")
             return []
-        sampling, logits = self.runner.execute(batch)
-        sampled = self.sampler(logits, sampling)
-        token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
+        try:
+            sampling, logits = self.runner.execute(batch)
+            sampled = self.sampler(logits, sampling)
+            token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
+        except BaseException:
+            # an out-of-memory, a Ctrl-C, a kernel error: the step's K/V may be missing or half written, so
+            # no block it registered may become a prefix hit, and its requests start over from their tokens
+            # (still queued: the caller decides whether to retry them by stepping again or to abort them)
+            self.kv_manager.rollback()
+            self.scheduler.requeue(batch)
+            raise
+        self.kv_manager.commit()
         self.scheduler.update(batch, sampling, token_ids, sampled.logprobs)
         self.runner.after_step()
         outputs = [self._output(seq) for seq in sampling]
@@ -272,6 +304,9 @@ class LLM:
     model. dtype: a torch dtype or its name ("bf16", "fp32", ...). The KV cache gets `num_kv_blocks` blocks,
     else `kv_cache_memory` bytes, else `memory_fraction` of the free memory (CacheConfig).
     tensor_parallel_size > 1: run under torchrun with that many processes; each holds a shard (tp.py).
+    max_model_len: prompt + output tokens per request; default what the rope supports (max_position_embeddings,
+    or factor x the original length for a scaling that extends it, as vLLM derives it); beyond that is an
+    error unless allow_long_max_model_len=True (or LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1).
 
     kv_cache_dtype: KV storage, "auto" (the model dtype), "bf16", "fp16", "fp32", "int8" (per token and head)
     or "int4" (KIVI; needs block_size a multiple of 32, the default block_size then, and turns prefix caching
@@ -297,7 +332,8 @@ class LLM:
                  max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
                  rope_scaling: dict[str, Any] | None = None, seed: int | None = 0,
                  tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", quantization: str | None = None,
-                 kv_policy: str = "none", kv_policy_args: dict[str, Any] | None = None):
+                 kv_policy: str = "none", kv_policy_args: dict[str, Any] | None = None,
+                 allow_long_max_model_len: bool = False):
         from longreach.model.loader import load_model, resolve_dtype
 
         if device is None and torch.cuda.is_available():
@@ -331,9 +367,10 @@ class LLM:
                                    memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching,
                                    kv_cache_dtype=kv_cache_dtype, kv_policy=kv_policy,
                                    kv_policy_args=dict(kv_policy_args or {}))
-        scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.max_position_embeddings,
+        scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.rope.max_supported_length,
                                            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                           enable_chunked_prefill=enable_chunked_prefill)
+                                           enable_chunked_prefill=enable_chunked_prefill,
+                                           allow_long_max_model_len=allow_long_max_model_len)
         self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed, parallel)
 
     def get_tokenizer(self):

@@ -42,6 +42,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.policy = None if policy is None or isinstance(policy, NoEviction) else policy
         self.is_int4 = cache.quantizer.needs_window
+        self.is_rope_length_dependent = model.config.rope.is_length_dependent
         self.kv_states = kv_states or KVStates()
         self._step: list[tuple[Sequence, int, SeqWrite | None, int | None]] = []
         self._gathered: GatheredRun | None = None
@@ -109,7 +110,8 @@ class ModelRunner:
         meta = AttentionMetadata.from_seqlens([1] * num_decodes + fresh_lens + cont_lens_q,
                                               [p + 1 for p in positions] + fresh_lens + cont_lens_k, device=dev)
         kwargs = dict(input_ids=input_ids_t, positions=positions_t, meta=meta, kv_cache=self.cache.bind(paged),
-                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
+                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+                      rope_seq_len=self._rope_lengths(seqs, counts))
         return sampling, kwargs
 
     def _prepare_gathered(self, batch: ScheduledBatch) -> tuple[list[Sequence], dict]:
@@ -174,8 +176,18 @@ class ModelRunner:
                                               device=dev)
         kwargs = dict(input_ids=torch.cat(ids_t).to(dev), positions=torch.cat(pos_t).to(dev), meta=meta,
                       kv_cache=self.cache.bind(paged),
-                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
+                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+                      rope_seq_len=self._rope_lengths(seqs, counts))
         return sampling, kwargs
+
+    def _rope_lengths(self, seqs: list[Sequence], counts: list[int]) -> torch.Tensor | None:
+        """(T,) per-token RoPE table lengths, each its own request's (fixed at admission), for length-dependent
+        rope types; None otherwise. Never the batch's longest position: that would make a request's rotation
+        depend on its neighbours and its chunking."""
+        if not self.is_rope_length_dependent:
+            return None
+        lengths = torch.tensor([s.rope_seq_len for s in seqs], dtype=torch.long)
+        return torch.repeat_interleave(lengths, torch.tensor(counts)).to(self.device)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[list[Sequence], torch.Tensor]:

@@ -73,7 +73,7 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, num_new,
-                                             salt=seq.cache_salt):
+                                             salt=seq.block_hash_salt):
                 victim = self.running.pop()                       # the newest running request
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -88,14 +88,14 @@ class Scheduler:
         while (not batch.preempted and self.waiting and budget > 0
                and len(self.running) < self.cfg.max_num_seqs):
             seq = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(seq.request_id, seq.token_ids, seq.cache_salt)
+            hits, num_hit_tokens = self.kv.get_computed_blocks(seq.request_id, seq.token_ids, seq.block_hash_salt)
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget:
                 if not self.cfg.enable_chunked_prefill:
                     break
                 num_new = budget
             if not self.kv.allocate_slots(seq.request_id, seq.token_ids, num_hit_tokens, num_new, hits,
-                                          salt=seq.cache_salt):
+                                          salt=seq.block_hash_salt):
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -116,6 +116,20 @@ class Scheduler:
         seq.metrics.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
+
+    def requeue(self, batch: ScheduledBatch) -> None:
+        """Undo a step whose forward pass failed: its requests free their blocks and go back to the front of
+        the queue, in the same order, to be recomputed from their tokens (as after a preemption, but not
+        counted as one). Their tokens so far are kept and nothing was sampled, so a retry is exact."""
+        for seq in reversed(batch.seqs):
+            if seq.is_finished:
+                continue
+            if seq.status is RequestStatus.RUNNING:
+                self.running.remove(seq)
+            self.kv.free(seq.request_id)
+            seq.status = RequestStatus.WAITING
+            seq.num_computed_tokens = 0
+            self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampling_seqs: Seq[Sequence], token_ids: Seq[int],
                logprobs: Seq[dict[int, float] | None]) -> list[Sequence]:

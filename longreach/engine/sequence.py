@@ -56,6 +56,7 @@ class Sequence:
     sampling_params: SamplingParams
     prompt: str | None = None
     cache_salt: str | None = None
+    rope_seq_len: int | None = None        # the length its RoPE tables are chosen for, fixed for its lifetime
     arrival_time: float = field(default_factory=time.perf_counter)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
@@ -80,6 +81,14 @@ class Sequence:
             self.logprobs = []
         if self.sampling_params.seed is not None:
             self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+
+    @property
+    def block_hash_salt(self) -> str | None:
+        """What besides its tokens decides a block's K/V: the client's cache salt and, for length-dependent
+        RoPE, the request's table length (a short-table block must never serve a long-table request)."""
+        if self.rope_seq_len is None:
+            return self.cache_salt
+        return f"{self.cache_salt or ''}\0rope:{self.rope_seq_len}"
 
     @property
     def num_prompt_tokens(self) -> int:

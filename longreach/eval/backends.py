@@ -69,6 +69,8 @@ def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope
     kwargs = {"model": str(model) if isinstance(model, Path) else model, "tokenizer": tokenizer, "dtype": dtype,
               "device": device, "rope_scaling": rope_scaling, "kv_cache_dtype": kv_cache_dtype,
               "max_model_len": max_model_len, **engine_kwargs}
+    if "allow_long_max_model_len" in inspect.signature(LLM).parameters:
+        kwargs.setdefault("allow_long_max_model_len", True)   # evals probe past the supported length on purpose
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(LLM).parameters
     sized = {"num_kv_blocks", "kv_cache_memory", "memory_fraction"} & set(kwargs)

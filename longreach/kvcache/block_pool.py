@@ -133,12 +133,19 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self.free_queue.append(block)
 
-    def cache_block(self, block: KVBlock, block_hash: bytes, token_ids: Sequence[int]) -> None:
-        """Register a full, owned block under its hash (a no-op if an equal block is already cached)."""
+    def cache_block(self, block: KVBlock, block_hash: bytes, token_ids: Sequence[int]) -> bool:
+        """Register a full, owned block under its hash; False (a no-op) if an equal block is already cached."""
         if not self.enable_caching or block.block_hash is not None or block_hash in self.cached:
-            return
+            return False
         block.block_hash, block.token_ids = block_hash, tuple(token_ids)
         self.cached[block_hash] = block
+        return True
+
+    def uncache_block(self, block: KVBlock) -> None:
+        """Forget a block's hash (its K/V was never written after all); it stays where it is otherwise."""
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash = block.token_ids = None
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached-and-free block's hash (owned blocks keep theirs)."""
@@ -179,7 +186,9 @@ class KVCacheManager:
     preempted. Full blocks are registered in the prefix cache as soon as their slots are allocated:
     their hash depends only on the (already known) token ids, and within one forward pass every layer
     writes the whole batch's K/V before any query reads, so a request admitted later in the same step
-    may already hit them.
+    may already hit them. Those registrations are provisional until the engine calls `commit` after the
+    step's forward pass succeeded; if it failed, `rollback` forgets them, so a block whose K/V was never
+    (or only partly) written can never be a hit.
     """
 
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
@@ -189,6 +198,7 @@ class KVCacheManager:
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}
         self.on_free = None     # called with a request id whenever its blocks are released (per-request KV state)
+        self._uncommitted: list[KVBlock] = []     # registered this step, K/V not yet known to be written
 
     @property
     def num_blocks(self) -> int:
@@ -249,10 +259,21 @@ class KVCacheManager:
             hashes = self._block_hashes(request_id, token_ids, num_full * self.block_size, salt)
             bs = self.block_size
             for i in range(self._num_cached.get(request_id, 0), num_full):
-                if table[i] is not None:
-                    self.pool.cache_block(table[i], hashes[i], token_ids[i * bs:(i + 1) * bs])
+                if table[i] is not None and self.pool.cache_block(table[i], hashes[i], token_ids[i * bs:(i + 1) * bs]):
+                    self._uncommitted.append(table[i])
             self._num_cached[request_id] = num_full
         return True
+
+    def commit(self) -> None:
+        """The step's forward pass wrote every block registered since the last commit: they are real hits now."""
+        self._uncommitted.clear()
+
+    def rollback(self) -> None:
+        """The step failed: forget the hashes registered since the last commit (the scheduler must also reset
+        the step's requests, whose computed counts may rest on those blocks)."""
+        for block in self._uncommitted:
+            self.pool.uncache_block(block)
+        self._uncommitted.clear()
 
     def free(self, request_id: str) -> None:
         """Release a request's blocks, tail first (so its tail is evicted first). Idempotent."""
