@@ -47,11 +47,16 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_tokens: int 
     outputs: list[list[int]] = [[] for _ in prompts]
     is_done = [False] * len(prompts)
     step_ids = [list(p) for p in prompts]
+    # length-dependent RoPE: each prompt keeps the tables of the most positions it can run, as in the engine
+    rope_lengths = torch.tensor([len(p) + max_tokens - 1 for p in prompts], device=device)
     for _ in range(max_tokens):
         meta, positions = cache.prepare([len(ids) for ids in step_ids])
         last = meta.cu_seqlens_q[1:].long() - 1
         input_ids = torch.tensor([t for ids in step_ids for t in ids], device=device)
-        logits = model(input_ids, positions, meta, kv_cache=cache, logits_indices=last)    # (B, V)
+        rope_seq_len = torch.repeat_interleave(rope_lengths, torch.tensor([len(ids) for ids in step_ids],
+                                                                          device=device))
+        logits = model(input_ids, positions, meta, kv_cache=cache, logits_indices=last,
+                       rope_seq_len=rope_seq_len)                                             # (B, V)
         cache.commit()
         next_ids = sample_next(logits, temperature, top_k, top_p, generator).tolist()
         for b, token in enumerate(next_ids):

@@ -135,3 +135,16 @@ def test_max_model_len_is_checked_against_the_rope(tiny_llama, monkeypatch, capl
 def test_a_rope_override_sets_the_default_max_model_len(tiny_llama, rope, expected):
     llm = LLM(tiny_llama[0], dtype="fp32", rope_scaling=rope, num_kv_blocks=8)
     assert llm.engine.scheduler_config.max_model_len == expected
+
+
+def test_contiguous_generator_keeps_each_prompt_on_its_own_tables(tmp_path_factory):
+    """`longreach generate`'s batched generator (the engine's reference) follows the same per-request rule."""
+    from longreach.model.generate import generate
+    from longreach.model.loader import load_model
+
+    path, _ = _rope_model("longrope", tmp_path_factory)
+    model = load_model(path, dtype="fp32")
+    prompts = _prompts()
+    batched = generate(model, prompts, max_tokens=MAX_NEW)
+    alone = [generate(model, [p], max_tokens=MAX_NEW)[0] for p in prompts]
+    assert batched == alone
