@@ -178,10 +178,10 @@ def build_app(args):
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
         raise CLIError(f"cannot serve {str(path)!r}: {exc}") from None
     engine = llm.engine
-    max_len, trained = engine.scheduler_config.max_model_len, engine.model.config.max_position_embeddings
-    if max_len > trained:
-        print(f"longreach serve: warning: --max-model-len {max_len} exceeds the model's max_position_embeddings "
-              f"{trained}; beyond it quality depends on the rope scaling (--rope-scaling)", file=sys.stderr)
+    max_len, supported = engine.scheduler_config.max_model_len, engine.model.config.rope.max_supported_length
+    if max_len > supported:             # only reachable with LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1
+        print(f"longreach serve: warning: --max-model-len {max_len} exceeds the {supported} tokens the model's "
+              "rope supports; beyond it answers may degrade (extend it with --rope-scaling)", file=sys.stderr)
     capacity = engine.num_kv_blocks * engine.cache_config.block_size
     if capacity < max_len:
         print(f"longreach serve: warning: the KV cache holds {capacity} tokens, fewer than --max-model-len "

@@ -153,3 +153,20 @@ def test_flags_reach_the_engine(byte_model_dir):
     assert engine.model.config.rope.rope_type == "yarn" and engine.model.config.rope.scaling["factor"] == 4
     assert engine.cache_config.memory_fraction == 0.3 and engine.scheduler_config.max_num_seqs == 3
     assert next(engine.model.parameters()).dtype == torch.float32
+    assert engine.scheduler_config.max_model_len == 4 * 512        # the override's factor x its original length
+
+
+def test_max_model_len_past_the_rope_is_refused_or_warned(byte_model_dir, monkeypatch, capsys):
+    import argparse
+
+    from longreach.serve.cli import CLIError, add_arguments, build_app
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args([str(byte_model_dir), "--max-model-len", "4096", "--num-kv-blocks", "8",
+                              "--dtype", "fp32", "--device", "cpu"])       # the checkpoint supports 2048
+    with pytest.raises(CLIError, match="max_model_len=4096 exceeds the 2048 tokens.*LONGREACH_ALLOW_LONG_MAX_MODEL_LEN"):
+        build_app(args)
+    monkeypatch.setenv("LONGREACH_ALLOW_LONG_MAX_MODEL_LEN", "1")
+    app, _ = build_app(args)
+    assert app.state.server.engine.scheduler_config.max_model_len == 4096
+    assert "exceeds the 2048 tokens the model's rope supports" in capsys.readouterr().err
