@@ -161,7 +161,8 @@ class CacheConfig:
 
     The block count comes from the first of: `num_blocks`; `kv_cache_memory` bytes; `memory_fraction`
     of the memory free on the device (default 0.9 on GPUs, 0.5 on CPUs, where it is shared with the OS).
-    A float `kv_cache_memory` in (0, 1] is that fraction (vLLM's gpu_memory_utilization style), e.g. 0.5.
+    Users' single "bytes or a fraction" value (`LLM(kv_cache_memory=0.5)`, `--kv-cache-memory 4GiB`) is split
+    into these two fields by `kv_cache_memory_fields`.
     `kv_cache_dtype` is the storage of K/V (`longreach.kvcache.quant`: auto = the model's dtype, bf16, fp16,
     fp32, int8, int4); `kv_policy` / `kv_policy_args` the eviction policy (`longreach.kvcache.policies`:
     none, window, sinks, h2o, with `make_policy`'s keyword budgets, e.g. {"window": 4096}).
@@ -169,7 +170,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_memory: int | float | None = None
+    kv_cache_memory: int | None = None
     memory_fraction: float | None = None
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"
@@ -190,22 +191,29 @@ class CacheConfig:
             raise ValueError(f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num_blocks={self.num_blocks!r} must be a positive integer or absent")
-        memory = self.kv_cache_memory
-        if isinstance(memory, float) and 0.0 < memory <= 1.0:      # a fraction of the free memory
-            if self.memory_fraction is not None:
-                raise ValueError(f"kv_cache_memory={memory} is a fraction and memory_fraction="
-                                 f"{self.memory_fraction} is another; give one")
-            object.__setattr__(self, "memory_fraction", memory)
-            object.__setattr__(self, "kv_cache_memory", None)
-        elif isinstance(memory, float) and memory.is_integer() and memory >= 1:   # 4e9 as a float: bytes
-            object.__setattr__(self, "kv_cache_memory", int(memory))
         if self.kv_cache_memory is not None and (isinstance(self.kv_cache_memory, bool)
                                                  or not isinstance(self.kv_cache_memory, int)
                                                  or self.kv_cache_memory < 1):
-            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes, a "
-                             "fraction in (0, 1] of the free memory, or absent")
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes or absent")
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1] or absent")
+
+
+def kv_cache_memory_fields(value: int | float | None, memory_fraction: float | None = None
+                           ) -> tuple[int | None, float | None]:
+    """(kv_cache_memory bytes, memory_fraction) from a user's single value: a float in (0, 1] is a fraction of
+    the free memory (vLLM's gpu_memory_utilization style), anything from 1 up a count of bytes (4e9 too)."""
+    if isinstance(value, float) and 0.0 < value <= 1.0:
+        if memory_fraction is not None:
+            raise ValueError(f"kv_cache_memory={value} is a fraction and memory_fraction={memory_fraction} is "
+                             "another; give one")
+        return None, value
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        return int(value), memory_fraction
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"kv_cache_memory={value!r} must be a positive number of bytes, a fraction in (0, 1] "
+                         "of the free memory, or absent")
+    return value, memory_fraction
 
 
 @dataclass(frozen=True)

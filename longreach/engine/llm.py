@@ -15,63 +15,26 @@ import logging
 import os
 import time
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from longreach.config import CacheConfig, SchedulerConfig
-from longreach.engine.kv_state import INT4_BLOCK_SIZE, KVStates, kv_storage
+from longreach.config import CacheConfig, SchedulerConfig, kv_cache_memory_fields
+from longreach.engine.kv_state import KVStates
+from longreach.engine.layouts import make_layout
+from longreach.engine.output import OutputProcessor, RequestOutput
 from longreach.engine.runner import ModelRunner
 from longreach.engine.sampler import Sampler, SamplingParams
 from longreach.engine.scheduler import Scheduler
-from longreach.engine.sequence import RequestMetrics, Sequence
+from longreach.engine.sequence import Sequence
 from longreach.kvcache.block_pool import KVCacheManager
-from longreach.kvcache.paged_cache import PagedKVCache, num_blocks_for
+from longreach.kvcache.paged_cache import PagedKVCache
+from longreach.kvcache.planner import INT4_BLOCK_SIZE, plan_kv_cache
 from longreach.model.llama import LlamaForCausalLM
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RequestOutput:
-    """A request's state after a step; `finished` once `finish_reason` is set ("stop", "length" or "abort").
-
-    `text` / `token_ids` are cumulative; `delta_text` / `delta_token_ids` are what this step added (for
-    streaming). `out.outputs[0].text` also works, as in vLLM."""
-
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    delta_text: str
-    delta_token_ids: list[int]
-    finish_reason: str | None
-    stop_reason: int | str | None
-    logprobs: list[dict[int, float]] | None
-    metrics: RequestMetrics
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def outputs(self) -> list["RequestOutput"]:
-        return [self]
-
-
-def detokenize_incrementally(tokenizer, ids: list[int], prefix_offset: int, read_offset: int):
-    """New text of ids[read_offset:] given a few tokens of context (vLLM's trick): decoding a token alone
-    can lose a leading space or split a UTF-8 character, so decode prefix..end and subtract prefix..read.
-    Returns (new_text, prefix_offset, read_offset); text ending in U+FFFD waits for the next token."""
-    prefix_text = tokenizer.decode(ids[prefix_offset:read_offset])
-    full_text = tokenizer.decode(ids[prefix_offset:])
-    if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-        return full_text[len(prefix_text):], read_offset, len(ids)
-    return "", prefix_offset, read_offset
 
 
 ALLOW_LONG_ENV = "LONGREACH_ALLOW_LONG_MAX_MODEL_LEN"
@@ -101,46 +64,28 @@ class LLMEngine:
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_config = cc = cache_config or CacheConfig()
-        self.scheduler_config = scheduler_config or SchedulerConfig(max_model_len=cfg.rope.max_supported_length)
-        check_max_model_len(cfg, self.scheduler_config)
+        self.scheduler_config = sc = scheduler_config or SchedulerConfig(max_model_len=cfg.rope.max_supported_length)
+        check_max_model_len(cfg, sc)
         param = next(model.parameters())
-        attn = model.model.layers[0].self_attn             # local head counts (fewer per rank under TP)
-        bs, max_len = cc.block_size, self.scheduler_config.max_model_len
-        quantizer, self.policy = kv_storage(cc, cfg, param.dtype)
-        num_window_slots = self.scheduler_config.max_num_seqs if quantizer.needs_window else 0
-        bytes_per_block = cfg.num_hidden_layers * quantizer.block_bytes(bs, attn.num_kv_heads, attn.head_dim)
-        window_bytes = num_window_slots * cfg.num_hidden_layers * quantizer.window_bytes(attn.num_kv_heads,
-                                                                                         attn.head_dim)
-        sizing = cc
-        if cc.kv_cache_memory is not None and window_bytes:
-            if cc.kv_cache_memory <= window_bytes + bytes_per_block:
-                raise ValueError(f"kv_cache_memory={cc.kv_cache_memory} bytes does not hold int4's window slots "
-                                 f"({window_bytes} bytes: max_num_seqs={num_window_slots} x the recent-token window) "
-                                 "plus one block; raise it or lower max_num_seqs")
-            sizing = replace(cc, kv_cache_memory=cc.kv_cache_memory - window_bytes)
-        max_useful_blocks = self.scheduler_config.max_num_seqs * -(-max_len // bs)
-        num_blocks = num_blocks_for(sizing, bytes_per_block, param.device, max_useful_blocks)
         self.parallel = parallel
-        if parallel is not None:
-            num_blocks = parallel.agree_min(num_blocks)     # every rank must schedule the same blocks
-        enable_caching = cc.enable_prefix_caching
-        if enable_caching and (quantizer.needs_window or self.policy is not None):
-            why = ("int4 KV keeps recent tokens in a per-request window, so a full block may not be quantized yet"
-                   if quantizer.needs_window else f"kv_policy {cc.kv_policy!r} makes a block's K/V depend on what "
-                   "was evicted before it")
-            logger.info("prefix caching is off: %s", why)
-            enable_caching = False
-        self.kv_manager = KVCacheManager(num_blocks, bs, enable_caching)
-        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, bs, attn.num_kv_heads, attn.head_dim,
-                                  param.dtype, param.device, quantizer=quantizer, num_window_slots=num_window_slots)
-        self.kv_states, self.num_window_slots = KVStates(num_window_slots), num_window_slots
+        self.plan = plan = plan_kv_cache(cfg, cc, sc, param.dtype, param.device,
+                                         tp_size=1 if parallel is None else parallel.world_size,
+                                         agree_min=None if parallel is None else parallel.agree_min)
+        self.policy = plan.policy
+        self.kv_manager = KVCacheManager(plan.num_blocks, plan.block_size, plan.enable_prefix_caching)
+        self.cache = PagedKVCache(cfg.num_hidden_layers, plan.num_blocks, plan.block_size, plan.num_kv_heads,
+                                  plan.head_dim, param.dtype, param.device, quantizer=plan.quantizer,
+                                  num_window_slots=plan.num_window_slots)
+        self.kv_states = KVStates(plan.num_window_slots)
         self.kv_manager.on_free = self.kv_states.release
         eos = list(cfg.eos_token_ids)
         tok_eos = getattr(tokenizer, "eos_token_ids", None) or [getattr(tokenizer, "eos_token_id", None)]
         eos += [t for t in tok_eos if t is not None and t not in eos]
         self.eos_token_ids = tuple(eos)
-        self.scheduler = Scheduler(self.scheduler_config, self.kv_manager, self.eos_token_ids)
-        self.runner = ModelRunner(model, self.cache, self.kv_manager, self.policy, self.kv_states)
+        self.scheduler = Scheduler(sc, self.kv_manager)
+        self.output = OutputProcessor(tokenizer, self.eos_token_ids, sc.max_model_len, self.scheduler.finish)
+        layout = make_layout(plan, self.cache, self.kv_manager, param.device, self.kv_states)
+        self.runner = ModelRunner(model, layout, self.kv_manager, plan.block_bytes, plan.window_slot_bytes)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -150,15 +95,19 @@ class LLMEngine:
         return self.kv_manager.num_blocks
 
     @property
+    def num_window_slots(self) -> int:
+        return self.plan.num_window_slots
+
+    @property
     def kv_cache_bytes_used(self) -> int:
         """Bytes of KV cache requests hold now: blocks (data and scales) plus int4 window slots in use."""
         used = self.kv_manager.num_blocks - self.kv_manager.num_free_blocks
-        return used * self.cache.block_bytes + self.kv_states.num_window_slots_used * self.cache.window_slot_bytes
+        return used * self.plan.block_bytes + self.kv_states.num_window_slots_used * self.plan.window_slot_bytes
 
     @property
     def kv_cache_bytes_total(self) -> int:
         """Bytes of the whole KV cache: every block plus every int4 window slot."""
-        return self.kv_manager.num_blocks * self.cache.block_bytes + self.num_window_slots * self.cache.window_slot_bytes
+        return self.plan.total_bytes
 
     def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
                     request_id: str | None = None, cache_salt: str | None = None,
@@ -178,14 +127,10 @@ class LLMEngine:
             raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_len}: it must be shorter, "
                              "leaving room for at least one generated token")
         longest = min(len(ids) + (params.max_tokens or max_len), max_len)
-        capacity = self.kv_manager.num_blocks * self.kv_manager.block_size
-        if self.policy is not None:     # held between steps, plus one step's new tokens (a prefill chunk)
-            bs = self.kv_manager.block_size
-            step = min(self.scheduler_config.max_num_batched_tokens, longest)
-            longest = min(longest, (self.policy.max_held_blocks(bs) + -(-step // bs) + 1) * bs)
-        if longest > capacity:
-            raise ValueError(f"request needs up to {longest} tokens of KV cache ({len(ids)} prompt + up to "
-                             f"{longest - len(ids)} generated) but the cache holds {capacity} "
+        needed = self.plan.max_held_tokens(longest, self.scheduler_config.max_num_batched_tokens)
+        if needed > self.plan.capacity_tokens:
+            raise ValueError(f"request needs up to {needed} tokens of KV cache ({len(ids)} prompt + up to "
+                             f"{longest - len(ids)} generated) but the cache holds {self.plan.capacity_tokens} "
                              f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
                              "lower max_tokens or give the cache more memory")
         # length-dependent RoPE: chosen once, from the most positions this request can ever run (the last
@@ -196,6 +141,7 @@ class LLMEngine:
                        arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
         self.requests[request_id] = seq
         self.scheduler.add(seq)
+        self.output.add(seq)
         return request_id
 
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -225,8 +171,8 @@ class LLMEngine:
                                    f"{self.kv_manager.num_free_blocks} of {self.num_kv_blocks} KV blocks free)")
             return []
         try:
-            sampling, logits = self.runner.execute(batch)
-            sampled = self.sampler(logits, sampling)
+            step, logits = self.runner.execute(batch)
+            sampled = self.sampler(logits, step.sampling)
             token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
         except BaseException:
             # an out-of-memory, a Ctrl-C, a kernel error: the step's K/V may be missing or half written, so
@@ -236,10 +182,10 @@ class LLMEngine:
             self.scheduler.requeue(batch)
             raise
         self.kv_manager.commit()
-        self.scheduler.update(batch, sampling, token_ids, sampled.logprobs)
-        self.runner.after_step()
-        outputs = [self._output(seq) for seq in sampling]
-        for seq in sampling:
+        self.scheduler.update(batch, step.sampling, token_ids, sampled.logprobs)
+        outputs = self.output.process(step.sampling)
+        self.runner.after_step(step)
+        for seq in step.sampling:
             if seq.is_finished:
                 del self.requests[seq.request_id]
         return outputs
@@ -249,52 +195,7 @@ class LLMEngine:
         seq = self.requests.pop(str(request_id), None)
         if seq is None:
             return None
-        self.scheduler.finish(seq, "abort")
-        return self._output(seq)
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        if self.tokenizer is not None:
-            self._detokenize(seq)
-        holdback = 0
-        if not seq.is_finished and seq.sampling_params.stop:
-            holdback = max(map(len, seq.sampling_params.stop)) - 1   # a stop string may still complete
-        shown = len(seq.text) - holdback
-        delta_text = seq.text[seq.num_reported_chars:shown] if shown > seq.num_reported_chars else ""
-        seq.num_reported_chars = max(seq.num_reported_chars, shown)
-        outputs = seq.output_token_ids
-        delta_ids = outputs[seq.num_reported_tokens:]
-        seq.num_reported_tokens = len(outputs)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, seq.text[:max(shown, 0)],
-                             outputs, delta_text, delta_ids, seq.finish_reason, seq.stop_reason,
-                             seq.logprobs, seq.metrics)
-
-    def _detokenize(self, seq: Sequence) -> None:
-        """Extend seq.text with the new tokens and finish the request if a stop string appeared."""
-        outputs = seq.output_token_ids
-        if seq.finish_reason == "stop" and seq.stop_reason is None:
-            outputs = outputs[:-1]                      # EOS is not part of the text
-        new, seq.detok_prefix_offset, seq.detok_read_offset = detokenize_incrementally(
-            self.tokenizer, outputs, seq.detok_prefix_offset, seq.detok_read_offset)
-        old_len = len(seq.text)
-        seq.text += new
-        stops = seq.sampling_params.stop
-        if stops and not (seq.is_finished and isinstance(seq.stop_reason, str)):
-            start = max(0, old_len - max(map(len, stops)) + 1)
-            hits = [(seq.text.find(s, start), s) for s in stops]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                index, stop = min(hits)
-                end = index + (len(stop) if seq.sampling_params.include_stop_str_in_output else 0)
-                seq.text = seq.text[:end]
-                if seq.is_finished:             # finished on the same token for another reason: the string wins
-                    seq.finish_reason, seq.stop_reason = "stop", stop
-                else:
-                    self.scheduler.finish(seq, "stop", stop)
-                return
-        if seq.is_finished:                     # flush what the incremental decoder held back
-            final = self.tokenizer.decode(outputs)
-            if final.startswith(seq.text):
-                seq.text = final
+        return self.output.abort(seq)
 
 
 class LLM:
@@ -363,6 +264,7 @@ class LLM:
             tokenizer = load_tokenizer(tokenizer)
         if block_size is None:
             block_size = INT4_BLOCK_SIZE if kv_cache_dtype == "int4" else 16
+        kv_cache_memory, memory_fraction = kv_cache_memory_fields(kv_cache_memory, memory_fraction)
         cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
                                    memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching,
                                    kv_cache_dtype=kv_cache_dtype, kv_policy=kv_policy,

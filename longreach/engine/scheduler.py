@@ -46,10 +46,9 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, cfg: SchedulerConfig, kv_manager: KVCacheManager, eos_token_ids: Seq[int] = ()):
+    def __init__(self, cfg: SchedulerConfig, kv_manager: KVCacheManager):
         self.cfg = cfg
         self.kv = kv_manager
-        self.eos_token_ids = frozenset(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -132,51 +131,25 @@ class Scheduler:
             self.waiting.appendleft(seq)
 
     def update(self, batch: ScheduledBatch, sampling_seqs: Seq[Sequence], token_ids: Seq[int],
-               logprobs: Seq[dict[int, float] | None]) -> list[Sequence]:
-        """Advance computed counts, append the sampled tokens and finish requests that hit a stop condition.
-
-        Returns the requests finished by this step."""
+               logprobs: Seq[dict[int, float] | None]) -> None:
+        """Advance computed counts and append the sampled tokens (stop conditions are output.py's)."""
         now = time.perf_counter()
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += num_new
-        finished = []
         for seq, token, lp in zip(sampling_seqs, token_ids, logprobs):
             seq.append_token(token, lp)
             if seq.metrics.first_token_time is None:
                 seq.metrics.first_token_time = now
             seq.metrics.last_token_time = now
-            reason, stop_reason = self._check_stop(seq, token)
-            if reason is not None:
-                self.finish(seq, reason, stop_reason, now=now, remove=False)
-                finished.append(seq)
-        if finished:
-            self.running = [s for s in self.running if not s.is_finished]
-        return finished
 
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
-        p = seq.sampling_params
-        if seq.num_output_tokens >= p.min_tokens:
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop", None
-            if token in p.stop_token_ids:
-                return "stop", token
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length", None
-        if seq.num_tokens >= self.cfg.max_model_len:
-            return "length", None
-        return None, None
-
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None,
-               now: float | None = None, remove: bool = True) -> None:
-        """End a request (stop string, abort, ...) and free its blocks; a no-op if it already finished."""
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted request and free its blocks; a no-op if it already finished."""
         if seq.is_finished:
             return
-        if remove:
-            if seq.status is RequestStatus.RUNNING:
-                self.running.remove(seq)
-            else:
-                self.waiting.remove(seq)
+        if seq.status is RequestStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
         self.kv.forget(seq.request_id)
         seq.status = RequestStatus.FINISHED
-        seq.finish_reason, seq.stop_reason = reason, stop_reason
-        seq.metrics.finished_time = now if now is not None else time.perf_counter()
+        seq.metrics.finished_time = time.perf_counter()

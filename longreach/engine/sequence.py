@@ -61,18 +61,11 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None       # "stop" | "length" | "abort" (OpenAI's names)
+    finish_reason: str | None = None       # "stop" | "length" | "abort" (OpenAI's names); output.py writes it
     stop_reason: int | str | None = None   # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None
     metrics: RequestMetrics = field(init=False)
-    # output state (see llm.LLMEngine): the text detokenized so far, incremental-detokenizer offsets into
-    # the output ids (vLLM's prefix/read offsets), and how many ids and characters were already reported
-    text: str = ""
-    detok_prefix_offset: int = 0
-    detok_read_offset: int = 0
-    num_reported_tokens: int = 0
-    num_reported_chars: int = 0
 
     def __post_init__(self):
         self.token_ids = list(self.prompt_token_ids)

@@ -98,6 +98,7 @@ class TensorParallel:
 
     def __init__(self, device: torch.device):
         self.device = device if dist.get_backend() == "nccl" else torch.device("cpu")
+        self.world_size = dist.get_world_size()
 
     def agree_min(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.long, device=self.device)

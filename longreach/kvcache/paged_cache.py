@@ -13,8 +13,9 @@ The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages
 and decode on CUDA); int8 pages are written quantized. On CUDA the Triton decode kernel reads the int8 pages and
 their scales and dequantizes in the kernel; on CPU a decode dequantizes just the blocks the step's tables
 reference into a compact page set, then runs the PyTorch decode.
-int4 (KIVI) and eviction policies route their sequences through `paged_gather`: keys read (dequantized)
-per sequence, one varlen attention call.
+int4 (KIVI) and eviction policies bring their own batch (`paged_gather.GatheredBatch`): keys read
+(dequantized) per sequence, one varlen attention call. Either batch kind writes and attends for itself;
+`BoundPagedKVCache` hands each layer's K/V to it.
 """
 from __future__ import annotations
 
@@ -26,13 +27,13 @@ import torch
 
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
 from longreach.config import CacheConfig
-from longreach.kvcache.paged_gather import GatheredRun, SeqWrite, gathered_attention
 from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, Int8KV, KVQuantizer
 
 
 @dataclass(frozen=True)
 class PagedBatch:
-    """Cache addressing of one engine step (built by the runner; all tensors on the cache's device).
+    """Cache addressing of one engine step in the paged layout (built by the runner's layout; all tensors on
+    the cache's device).
 
     slot_mapping: (T,) int64, where each of the step's tokens is written. The batch holds three runs of
     sequences, in this order:
@@ -43,9 +44,6 @@ class PagedBatch:
     - continued prefills (a chunk after earlier chunks or a prefix-cache hit): continued_meta (varlen,
       queries over these tokens, keys over their whole contexts) and continued_kv_slots (total_k,) int64,
       the slots of all those keys in order.
-    With int4 KV or an eviction policy the runner puts fresh prefills first (num_decodes is 0) and every
-    other sequence in `gathered` (see paged_gather); `seq_writes` then carries int4's per-sequence writes, and
-    `window_left` an eviction window that narrows every layer's attention window.
     """
 
     slot_mapping: torch.Tensor
@@ -56,9 +54,36 @@ class PagedBatch:
     fresh_meta: AttentionMetadata | None
     continued_meta: AttentionMetadata | None
     continued_kv_slots: torch.Tensor | None
-    gathered: GatheredRun | None = None
-    seq_writes: tuple[SeqWrite, ...] | None = None
-    window_left: int | None = None
+
+    def write(self, cache: "PagedKVCache", store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        cache.write_slots(store, k, v, self.slot_mapping)
+
+    def attend(self, cache: "PagedKVCache", store: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+        """q (T, Hq, D), k/v (T, Hkv, D) of the step (already written) -> (T, Hq, D)."""
+        num_decodes = self.num_decodes
+        if num_decodes == q.shape[0]:
+            return cache.decode(store, q, self.decode_block_table, self.decode_seqlens, window_size)
+        out = torch.empty_like(q)
+        if num_decodes:
+            out[:num_decodes] = cache.decode(store, q[:num_decodes], self.decode_block_table, self.decode_seqlens,
+                                             window_size)
+        start, end = num_decodes, num_decodes + self.num_fresh_tokens
+        if self.fresh_meta is not None:
+            out[start:end] = attend_fresh(q[start:end], k[start:end], v[start:end], self.fresh_meta, window_size)
+        if self.continued_meta is not None:
+            keys, values = cache.read_slots(store, self.continued_kv_slots, q.dtype)           # (Tk, Hkv, D)
+            m = self.continued_meta
+            out[end:] = flash_attn_varlen_func(q[end:], keys, values, m.cu_seqlens_q, m.cu_seqlens_k,
+                                               m.max_seqlen_q, m.max_seqlen_k, causal=True, window_size=window_size)
+        return out
+
+
+def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 window_size: tuple[int, int]) -> torch.Tensor:
+    """Prefills from position 0 attend their own K/V: equal query and key lengths, the fastest varlen path."""
+    return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
+                                  meta.max_seqlen_k, causal=True, window_size=window_size)
 
 
 def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -217,16 +242,13 @@ class PagedKVCache:
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def write(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, batch: PagedBatch) -> None:
-        """Store the step's K/V (T, Hkv, D): a slot scatter, or int4's per-sequence quantize-on-write."""
-        if batch.seq_writes is not None:
-            for w in batch.seq_writes:
-                w.new_num_quantized = self.quantizer.write(store, k[w.row_start:w.row_end], v[w.row_start:w.row_end],
-                                                           w.block_table, w.start, w.num_quantized, w.window_slot)
-        elif self.is_plain:
-            self._write_kv(k, v, store["k"], store["v"], batch.slot_mapping)
+    def write_slots(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+        """Store K/V (T, Hkv, D) at flat slots (T,) (token-local dtypes: plain, int8)."""
+        if self.is_plain:
+            self._write_kv(k, v, store["k"], store["v"], slot_mapping)
         else:
-            self.quantizer.write_slots(store, k, v, batch.slot_mapping)
+            self.quantizer.write_slots(store, k, v, slot_mapping)
 
     def read_slots(self, store: dict[str, torch.Tensor], slots: torch.Tensor,
                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,67 +259,42 @@ class PagedKVCache:
             return keys.to(dtype), values.to(dtype)
         return self.quantizer.read_slots(store, slots, dtype)
 
-    def bind(self, batch: PagedBatch) -> "BoundPagedKVCache":
-        """The object the model receives as `kv_cache` for one step."""
+    def decode(self, store: dict[str, torch.Tensor], q: torch.Tensor, block_table: torch.Tensor,
+               seqlens: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+        """One query per sequence over its pages: q (B, Hq, D) -> (B, Hq, D)."""
+        kwargs = {"workspace": self.workspace} if self._decode is torch_paged_decode_attention else {}
+        k_cache, v_cache = store["k"], store["v"]
+        if isinstance(self.quantizer, Int8KV) and self._decode is not torch_paged_decode_attention:
+            return self._decode(q, k_cache, v_cache, block_table, seqlens, window_size=tuple(window_size),
+                                k_scale=store["k_scale"], v_scale=store["v_scale"])       # dequantized in-kernel
+        if not self.is_plain or (k_cache.dtype != q.dtype and self._decode is not torch_paged_decode_attention):
+            # dequantize only the referenced blocks into a compact page set, renumbering the tables to match
+            used, compact = torch.unique(block_table, return_inverse=True)              # (U,), table's shape
+            keys, values = self.quantizer.read_blocks(store, used[None, :], dtype=q.dtype)  # (1, U * bs, Hkv, D)
+            k_cache = keys.view(used.numel(), self.block_size, *keys.shape[2:])
+            v_cache = values.view(used.numel(), self.block_size, *values.shape[2:])
+            block_table = compact.to(torch.int32)
+        return self._decode(q, k_cache, v_cache, block_table, seqlens, window_size=tuple(window_size), **kwargs)
+
+    def bind(self, batch) -> "BoundPagedKVCache":
+        """The object the model receives as `kv_cache` for one step (batch: a PagedBatch or GatheredBatch)."""
         return BoundPagedKVCache(self, batch)
 
 
-def _narrow_window(window_size: tuple[int, int], left: int | None) -> tuple[int, int]:
-    if left is None:
-        return tuple(window_size)
-    return (left if window_size[0] < 0 else min(window_size[0], left), window_size[1])
-
-
 class BoundPagedKVCache:
-    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+    """The model's view of the cache for one step: each layer's K/V go to the batch, which writes them into
+    that layer's pages for the *whole* batch and only then attends."""
+
+    def __init__(self, cache: PagedKVCache, batch):
         self.cache, self.batch = cache, batch
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                meta: AttentionMetadata, window_size: tuple[int, int]) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D). `meta` describes the unpaged batch and is not needed:
         the paged addressing is in `self.batch`."""
-        cache, batch = self.cache, self.batch
-        store = cache.stores[layer_idx]
-        window_size = _narrow_window(window_size, batch.window_left)
-        cache.write(store, k, v, batch)
-        num_decodes = batch.num_decodes
-        if num_decodes == q.shape[0]:
-            return self._decode(q, store, window_size)
-        out = torch.empty_like(q)
-        if num_decodes:
-            out[:num_decodes] = self._decode(q[:num_decodes], store, window_size)
-        start, end = num_decodes, num_decodes + batch.num_fresh_tokens
-        if batch.fresh_meta is not None:      # equal query and key lengths: the fastest varlen path
-            m = batch.fresh_meta
-            out[start:end] = flash_attn_varlen_func(q[start:end], k[start:end], v[start:end], m.cu_seqlens_q,
-                                                    m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
-                                                    window_size=window_size)
-        if batch.continued_meta is not None:
-            m = batch.continued_meta
-            keys, values = cache.read_slots(store, batch.continued_kv_slots, q.dtype)           # (Tk, Hkv, D)
-            out[end:] = flash_attn_varlen_func(q[end:], keys, values, m.cu_seqlens_q,
-                                               m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k, causal=True,
-                                               window_size=window_size)
-        if batch.gathered is not None:
-            out[end:] = gathered_attention(cache, store, q[end:], batch.gathered, batch.seq_writes, window_size)
-        return out
-
-    def _decode(self, q, store, window_size):
-        batch, cache = self.batch, self.cache
-        kwargs = {"workspace": cache.workspace} if cache._decode is torch_paged_decode_attention else {}
-        k_cache, v_cache, table = store["k"], store["v"], batch.decode_block_table
-        if isinstance(cache.quantizer, Int8KV) and cache._decode is not torch_paged_decode_attention:
-            return cache._decode(q, k_cache, v_cache, table, batch.decode_seqlens, window_size=tuple(window_size),
-                                 k_scale=store["k_scale"], v_scale=store["v_scale"])       # dequantized in-kernel
-        if not cache.is_plain or (k_cache.dtype != q.dtype and cache._decode is not torch_paged_decode_attention):
-            # dequantize only the referenced blocks into a compact page set, renumbering the tables to match
-            used, compact = torch.unique(table, return_inverse=True)                  # (U,), table's shape
-            keys, values = cache.quantizer.read_blocks(store, used[None, :], dtype=q.dtype)  # (1, U * bs, Hkv, D)
-            k_cache = keys.view(used.numel(), cache.block_size, *keys.shape[2:])
-            v_cache = values.view(used.numel(), cache.block_size, *values.shape[2:])
-            table = compact.to(torch.int32)
-        return cache._decode(q, k_cache, v_cache, table, batch.decode_seqlens,
-                             window_size=tuple(window_size), **kwargs)
+        store = self.cache.stores[layer_idx]
+        self.batch.write(self.cache, store, k, v)
+        return self.batch.attend(self.cache, store, q, k, v, tuple(window_size))
 
 
 def available_memory(device: torch.device) -> int:

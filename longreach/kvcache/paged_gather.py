@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
+from longreach.kvcache.paged_cache import PagedKVCache, attend_fresh
 from longreach.kvcache.policies import key_attention_mass
 
 # H2O's mass materializes (Hq, queries, keys) fp32 probabilities: chunk the queries to stay under this many
@@ -54,6 +55,44 @@ class GatheredRun:
     query_positions: tuple[torch.Tensor, ...] | None = None
     key_positions: tuple[torch.Tensor, ...] | None = None
     mass: list[torch.Tensor | None] | None = None
+
+
+@dataclass(frozen=True)
+class GatheredBatch:
+    """Cache addressing of one engine step in a gathered layout (int4, eviction policies).
+
+    slot_mapping: (T,) int64 slots of the step's tokens (token-local storage writes there). Fresh prefills
+    that attend their own K/V come first (int4 only: num_fresh_tokens under fresh_meta), then the `gathered`
+    run. seq_writes: int4's per-sequence writes (None: write by slot); window_left: an eviction window that
+    narrows every layer's attention window."""
+
+    slot_mapping: torch.Tensor
+    num_fresh_tokens: int
+    fresh_meta: AttentionMetadata | None
+    gathered: GatheredRun | None
+    seq_writes: tuple[SeqWrite | None, ...] | None = None
+    window_left: int | None = None
+
+    def write(self, cache: PagedKVCache, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+        if self.seq_writes is None:
+            cache.write_slots(store, k, v, self.slot_mapping)
+            return
+        for w in self.seq_writes:       # int4: quantize-on-write per sequence, through its window slot
+            w.new_num_quantized = cache.quantizer.write(store, k[w.row_start:w.row_end], v[w.row_start:w.row_end],
+                                                        w.block_table, w.start, w.num_quantized, w.window_slot)
+
+    def attend(self, cache: PagedKVCache, store: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+        if self.window_left is not None:
+            left = self.window_left if window_size[0] < 0 else min(window_size[0], self.window_left)
+            window_size = (left, window_size[1])
+        out = torch.empty_like(q)
+        end = self.num_fresh_tokens
+        if self.fresh_meta is not None:
+            out[:end] = attend_fresh(q[:end], k[:end], v[:end], self.fresh_meta, window_size)
+        if self.gathered is not None:
+            out[end:] = gathered_attention(cache, store, q[end:], self.gathered, self.seq_writes, window_size)
+        return out
 
 
 def gathered_attention(cache, store: dict[str, torch.Tensor], q: torch.Tensor, run: GatheredRun,

@@ -80,6 +80,7 @@ class EvictionPolicy(abc.ABC):
     """The protocol: `keep_mask` decides; `plan` turns the decision into kept positions and freeable blocks."""
 
     name = ""
+    uses_attention_scores = False     # True: plan() wants each kept key's accumulated attention (H2O)
 
     def max_kept_tokens(self, block_size: int) -> int | None:
         """Most tokens a sequence keeps between steps; None means unbounded."""
@@ -190,6 +191,7 @@ class H2OPolicy(EvictionPolicy):
     """H2O: keep the last `recent` tokens plus `heavy` heavy hitters by accumulated attention."""
 
     name = "h2o"
+    uses_attention_scores = True
 
     def __init__(self, heavy: int, recent: int, unit: str = "token"):
         self.heavy = _positive_int("heavy", heavy, 0)

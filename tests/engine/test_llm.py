@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from longreach import LLM, SamplingParams
-from longreach.config import CacheConfig
+from longreach.config import CacheConfig, kv_cache_memory_fields
 from longreach.model.bundled import BUNDLED_MODEL_DIR
 
 
@@ -87,12 +87,15 @@ def test_kv_cache_memory_as_a_fraction_and_dtype_second(tiny_llama):
     cc = llm.engine.cache_config
     assert (cc.memory_fraction, cc.kv_cache_memory) == (0.5, None)
     assert llm.engine.num_kv_blocks == 3 * 512 // 16                  # as with memory_fraction=0.5
-    assert CacheConfig(kv_cache_memory=4e6).kv_cache_memory == 4_000_000   # a float count of bytes
+    assert kv_cache_memory_fields(4e6) == (4_000_000, None)                # a float count of bytes
+    assert kv_cache_memory_fields(0.25) == (None, 0.25)
     for bad, needle in [(0.0, "0.0"), (-2, "-2"), (1.5, "1.5"), (True, "True")]:
         with pytest.raises(ValueError, match=f"kv_cache_memory={needle}"):
-            CacheConfig(kv_cache_memory=bad)
+            kv_cache_memory_fields(bad)
+    with pytest.raises(ValueError, match="kv_cache_memory=0.5 must be a positive number of bytes"):
+        CacheConfig(kv_cache_memory=0.5)                                  # the config holds bytes only
     with pytest.raises(ValueError, match="give one"):
-        CacheConfig(kv_cache_memory=0.3, memory_fraction=0.4)
+        LLM(tiny_llama[0], kv_cache_memory=0.3, memory_fraction=0.4)
     with pytest.raises(TypeError):
         LLM(tiny_llama[0], "fp32", "a-tokenizer")                   # tokenizer is keyword-only
 

@@ -1,7 +1,9 @@
-"""The scheduler alone (no model): token budget, mixed prefill/decode steps, FCFS, preemption newest-first."""
+"""The scheduler alone (no model): token budget, mixed prefill/decode steps, FCFS, preemption newest-first;
+with the output processor deciding stops (as the engine wires them)."""
 import pytest
 
 from longreach.config import SchedulerConfig
+from longreach.engine.output import OutputProcessor
 from longreach.engine.sampler import SamplingParams
 from longreach.engine.scheduler import Scheduler
 from longreach.engine.sequence import RequestStatus, Sequence
@@ -10,19 +12,31 @@ from longreach.kvcache.block_pool import KVCacheManager
 
 def make(num_blocks=64, block_size=4, **cfg):
     kv = KVCacheManager(num_blocks, block_size)
-    return Scheduler(SchedulerConfig(max_model_len=cfg.pop("max_model_len", 256), **cfg), kv, eos_token_ids=[0])
+    sched = Scheduler(SchedulerConfig(max_model_len=cfg.pop("max_model_len", 256), **cfg), kv)
+    sched.output = OutputProcessor(None, [0], sched.cfg.max_model_len, sched.finish)    # stops, as the engine
+    return sched
+
+
+def submit(sched, seq):
+    sched.add(seq)
+    sched.output.add(seq)
+    return seq
 
 
 def add(sched, rid, prompt_len, max_tokens=8, first=1):
-    seq = Sequence(str(rid), list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens))
-    sched.add(seq)
-    return seq
+    return submit(sched, Sequence(str(rid), list(range(first, first + prompt_len)),
+                                  SamplingParams(max_tokens=max_tokens)))
+
+
+def update(sched, batch, tokens):
+    sampling = batch.sampling_seqs
+    sched.update(batch, sampling, tokens, [None] * len(sampling))
+    sched.output.process(sampling)
 
 
 def step(sched, token=5):
     batch = sched.schedule()
-    sampling = batch.sampling_seqs
-    sched.update(batch, sampling, [token] * len(sampling), [None] * len(sampling))
+    update(sched, batch, [token] * len(batch.sampling_seqs))
     sched.kv.check_invariants()
     return batch
 
@@ -87,11 +101,11 @@ def test_stop_conditions():
     by_id = Sequence("id", [1, 2], SamplingParams(stop_token_ids=[5]))
     ignoring = Sequence("ign", [1, 2], SamplingParams(max_tokens=3, ignore_eos=True))
     by_len = add(sched, "len", 10, max_tokens=None, first=60)
-    sched.add(by_id)
-    sched.add(ignoring)
+    submit(sched, by_id)
+    submit(sched, ignoring)
     batch = sched.schedule()
     tokens = {"eos": 0, "id": 5, "ign": 0, "len": 7}
-    sched.update(batch, batch.sampling_seqs, [tokens[s.request_id] for s in batch.sampling_seqs], [None] * 4)
+    update(sched, batch, [tokens[s.request_id] for s in batch.sampling_seqs])
     assert (by_eos.finish_reason, by_eos.stop_reason) == ("stop", None)
     assert (by_id.finish_reason, by_id.stop_reason) == ("stop", 5)
     assert not ignoring.is_finished
@@ -105,9 +119,9 @@ def test_abort_frees_blocks_of_waiting_and_running_requests():
     running = add(sched, "r", 9)
     step(sched)
     waiting = add(sched, "w", 5, first=30)
-    sched.finish(running, "abort")
-    sched.finish(waiting, "abort")
-    sched.finish(waiting, "abort")                          # idempotent
+    sched.output.abort(running)
+    sched.output.abort(waiting)
+    sched.output.abort(waiting)                             # idempotent
     assert not sched.has_unfinished() and sched.kv.num_free_blocks == sched.kv.num_blocks
     assert running.finish_reason == waiting.finish_reason == "abort"
 

@@ -1,0 +1,248 @@
+"""How a step's requests address the KV cache: one strategy per storage layout, chosen once per engine.
+
+- `PagedLayout` (every token stays, token-local storage: bf16/fp16/fp32, int8): decodes first (the paged
+  decode kernel), then prefills starting at position 0 (their keys are their own tokens), then continued
+  prefill chunks (keys gathered from their pages). vLLM's and nano-vllm's runner.
+- `Int4Layout` (KIVI int4): a request's recent tokens live in its full-precision window slot and its blocks
+  are quantized group-wise, so it is written and read as a whole; fresh prefills still attend their own K/V.
+- `EvictionLayout` (window, sinks, H2O): a request holds only the positions its policy kept, so its keys are
+  those positions' slots plus the step's new ones; after the step the policy frees whole blocks.
+
+Each layout's `prepare` turns a scheduled batch into the model's inputs (`StepInputs`), and its `after_step`
+receives those inputs back once the scheduler has advanced the requests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from longreach.attention import AttentionMetadata
+from longreach.engine.kv_state import KVStates
+from longreach.engine.scheduler import ScheduledBatch
+from longreach.engine.sequence import RequestStatus, Sequence
+from longreach.kvcache.block_pool import KVCacheManager
+from longreach.kvcache.paged_cache import PagedBatch, PagedKVCache
+from longreach.kvcache.paged_gather import GatheredBatch, GatheredRun, SeqWrite
+from longreach.kvcache.planner import KVPlan
+from longreach.kvcache.policies import WindowPolicy, accumulate_attention
+
+
+@dataclass
+class StepInputs:
+    """One step's model inputs, the sequences that sample (in logits row order) and what `after_step` needs."""
+
+    seqs: list[Sequence]                  # in row order
+    counts: list[int]                     # new tokens per sequence
+    sampling: list[Sequence]
+    kwargs: dict[str, Any]
+    writes: list[SeqWrite | None] = field(default_factory=list)     # int4: per sequence
+    gathered: GatheredRun | None = None
+
+
+def _slots(block_ids: torch.Tensor, start: int, end: int, block_size: int) -> torch.Tensor:
+    """Cache slots of positions [start, end) of a request whose block table is `block_ids` (int64)."""
+    pos = torch.arange(start, end)
+    return block_ids[pos // block_size] * block_size + pos % block_size
+
+
+def _sampling_rows(seqs: list[Sequence], counts: list[int]) -> tuple[list[int], list[Sequence]]:
+    """Rows to sample: the last token of each sequence that catches up to its length this step."""
+    last_rows, sampling, row = [], [], 0
+    for seq, n in zip(seqs, counts):
+        row += n
+        if seq.num_computed_tokens + n == seq.num_tokens:
+            last_rows.append(row - 1)
+            sampling.append(seq)
+    return last_rows, sampling
+
+
+def _ordered(batch: ScheduledBatch, rank) -> tuple[list[Sequence], list[int]]:
+    order = sorted(range(len(batch.seqs)), key=lambda i: rank(batch.seqs[i], batch.num_new_tokens[i]))
+    return [batch.seqs[i] for i in order], [batch.num_new_tokens[i] for i in order]
+
+
+class KVLayout:
+    """The strategy protocol (and shared plumbing)."""
+
+    def __init__(self, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device):
+        self.cache, self.kv, self.device = cache, kv_manager, device
+        self.block_size = kv_manager.block_size
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        raise NotImplementedError(f"{type(self).__name__} must define prepare")   # an abstract method
+
+    def after_step(self, step: StepInputs) -> None:
+        """After the scheduler advanced the step's requests (finished / preempted ones already released)."""
+
+    def _inputs(self, seqs, counts, cache_batch, meta: AttentionMetadata, ids, positions) -> StepInputs:
+        dev = self.device
+        last_rows, sampling = _sampling_rows(seqs, counts)
+        kwargs = dict(input_ids=torch.cat(ids).to(dev), positions=torch.cat(positions).to(dev), meta=meta,
+                      kv_cache=self.cache.bind(cache_batch),
+                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
+        return StepInputs(seqs, counts, sampling, kwargs)
+
+
+class PagedLayout(KVLayout):
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs, dev = self.block_size, self.device
+        # decodes first, then prefills starting at position 0, then continued prefill chunks
+        seqs, counts = _ordered(batch, lambda s, n: 0 if n == 1 else 1 if s.num_computed_tokens == 0 else 2)
+        num_decodes = sum(1 for n, s in zip(counts, seqs) if n == 1)
+        tables = [self.kv.block_ids(s.request_id) for s in seqs]
+        positions = [s.num_computed_tokens for s in seqs[:num_decodes]]           # decodes: Python scalars
+        ids_t = [torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)], dtype=torch.long)]
+        pos_t = [torch.tensor(positions, dtype=torch.long)]
+        slot_t = [torch.tensor([tables[b][p // bs] * bs + p % bs for b, p in enumerate(positions)], dtype=torch.long)]
+        fresh_lens, cont_lens_q, cont_lens_k, kv_slots = [], [], [], []
+        for s, n, table in zip(seqs[num_decodes:], counts[num_decodes:], tables[num_decodes:]):
+            start, end = s.num_computed_tokens, s.num_computed_tokens + n
+            block_ids = torch.tensor(table, dtype=torch.long)
+            ids_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
+            pos_t.append(torch.arange(start, end))
+            slot_t.append(_slots(block_ids, start, end, bs))
+            if start == 0:
+                fresh_lens.append(n)
+            else:
+                cont_lens_q.append(n)
+                cont_lens_k.append(end)
+                kv_slots.append(_slots(block_ids, 0, end, bs))
+        dec_table = dec_lens = None
+        if num_decodes:
+            width = max(len(t) for t in tables[:num_decodes])
+            dec_table = torch.tensor([t + [0] * (width - len(t)) for t in tables[:num_decodes]],
+                                     dtype=torch.int32, device=dev)
+            dec_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev)
+        paged = PagedBatch(
+            slot_mapping=torch.cat(slot_t).to(dev), num_decodes=num_decodes,
+            decode_block_table=dec_table, decode_seqlens=dec_lens, num_fresh_tokens=sum(fresh_lens),
+            fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
+            continued_meta=AttentionMetadata.from_seqlens(cont_lens_q, cont_lens_k, device=dev) if cont_lens_q else None,
+            continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None)
+        meta = AttentionMetadata.from_seqlens([1] * num_decodes + fresh_lens + cont_lens_q,
+                                              [p + 1 for p in positions] + fresh_lens + cont_lens_k, device=dev)
+        return self._inputs(seqs, counts, paged, meta, ids_t, pos_t)
+
+
+class _GatheredLayout(KVLayout):
+    """Shared by int4 and eviction: [fresh prefills that own their keys] + [sequences with gathered keys]."""
+
+    fresh_prefills_own_keys = False
+    window_left: int | None = None
+
+    def __init__(self, cache, kv_manager, device, kv_states: KVStates):
+        super().__init__(cache, kv_manager, device)
+        self.kv_states = kv_states
+
+    def _write(self, seq: Sequence, row: int, start: int, n: int, table: torch.Tensor) -> SeqWrite | None:
+        return None
+
+    def _keys(self, seq: Sequence, start: int, end: int, table: torch.Tensor, write_index: int):
+        """(key slots or None, read or None, key positions or None) of a gathered sequence."""
+        raise NotImplementedError(f"{type(self).__name__} must define _keys")   # an abstract method
+
+    def _run(self, meta: AttentionMetadata, kv_slots, reads, q_positions, k_positions) -> GatheredRun:
+        return GatheredRun(meta, kv_slots=torch.cat(kv_slots).to(self.device) if kv_slots else None,
+                           reads=tuple(reads) if reads else None)
+
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        bs, dev = self.block_size, self.device
+        seqs, counts = _ordered(batch, lambda s, n: not (self.fresh_prefills_own_keys and s.num_computed_tokens == 0))
+        ids_t, pos_t, slot_t, writes, fresh_lens, lens_q, lens_k = [], [], [], [], [], [], []
+        kv_slots, reads, q_positions, k_positions, row = [], [], [], [], 0
+        for s, n in zip(seqs, counts):
+            start, end = s.num_computed_tokens, s.num_computed_tokens + n
+            table = torch.tensor(self.kv.block_ids(s.request_id), dtype=torch.long)
+            ids_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
+            pos_t.append(torch.arange(start, end))
+            slot_t.append(_slots(table, start, end, bs))
+            writes.append(self._write(s, row, start, n, table))
+            row += n
+            if self.fresh_prefills_own_keys and start == 0:
+                fresh_lens.append(n)
+                continue
+            slots, read, key_pos = self._keys(s, start, end, table, len(writes) - 1)
+            kv_slots += [slots] if slots is not None else []
+            reads += [read] if read is not None else []
+            lens_q.append(n)
+            lens_k.append(end if key_pos is None else key_pos.numel())
+            q_positions.append(torch.arange(start, end))
+            k_positions.append(key_pos)
+        run = self._run(AttentionMetadata.from_seqlens(lens_q, lens_k, device=dev), kv_slots, reads, q_positions,
+                        k_positions) if lens_q else None
+        gathered = GatheredBatch(
+            slot_mapping=torch.cat(slot_t).to(dev), num_fresh_tokens=sum(fresh_lens),
+            fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
+            gathered=run, seq_writes=tuple(writes) if any(w is not None for w in writes) else None,
+            window_left=self.window_left)
+        meta = AttentionMetadata.from_seqlens(counts, [s.num_computed_tokens + n for s, n in zip(seqs, counts)],
+                                              device=dev)
+        step = self._inputs(seqs, counts, gathered, meta, ids_t, pos_t)
+        step.writes, step.gathered = writes, run
+        return step
+
+
+class Int4Layout(_GatheredLayout):
+    fresh_prefills_own_keys = True
+
+    def _write(self, seq, row, start, n, table):
+        state = self.kv_states.get(seq.request_id)
+        return SeqWrite(row, row + n, start, table.to(self.device), state.num_quantized,
+                        self.kv_states.window_slot(seq.request_id))
+
+    def _keys(self, seq, start, end, table, write_index):
+        return None, (write_index, end), None                 # read [0, end) through its write
+
+    def after_step(self, step: StepInputs) -> None:
+        for seq, write in zip(step.seqs, step.writes):
+            if seq.status is RequestStatus.RUNNING:
+                self.kv_states.get(seq.request_id).num_quantized = write.new_num_quantized
+
+
+class EvictionLayout(_GatheredLayout):
+    def __init__(self, cache, kv_manager, device, kv_states: KVStates, policy):
+        super().__init__(cache, kv_manager, device, kv_states)
+        self.policy = policy
+        self.window_left = policy.window if isinstance(policy, WindowPolicy) else None
+
+    def _keys(self, seq, start, end, table, write_index):
+        held = self.kv_states.get(seq.request_id).held
+        key_pos = torch.cat([torch.arange(start) if held is None else held, torch.arange(start, end)])
+        return table[key_pos // self.block_size] * self.block_size + key_pos % self.block_size, None, key_pos
+
+    def _run(self, meta, kv_slots, reads, q_positions, k_positions) -> GatheredRun:
+        run = super()._run(meta, kv_slots, reads, q_positions, k_positions)
+        if self.policy.uses_attention_scores:        # the attention mass each kept key receives, summed per step
+            run.query_positions, run.key_positions = tuple(q_positions), tuple(k_positions)
+            run.mass = [None] * len(q_positions)
+        return run
+
+    def after_step(self, step: StepInputs) -> None:
+        """Apply the policy to every request still running: keep its chosen positions, free emptied blocks."""
+        for index, (seq, num_new) in enumerate(zip(step.seqs, step.counts)):
+            if seq.status is not RequestStatus.RUNNING:
+                continue
+            state = self.kv_states.get(seq.request_id)
+            end = seq.num_computed_tokens
+            start = end - num_new
+            held = torch.cat([torch.arange(start) if state.held is None else state.held, torch.arange(start, end)])
+            scores = None
+            if step.gathered is not None and step.gathered.mass is not None:
+                scores = accumulate_attention(state.scores, step.gathered.mass[index].cpu())
+            plan = self.policy.plan(end, self.block_size, held=held, scores=scores)
+            if plan.free_blocks:
+                self.kv.evict_blocks(seq.request_id, plan.free_blocks)
+            state.held = plan.keep
+            state.scores = None if scores is None else scores[plan.keep_index]
+
+
+def make_layout(plan: KVPlan, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device,
+                kv_states: KVStates) -> KVLayout:
+    """The layout a KV plan calls for."""
+    if plan.policy is not None:
+        return EvictionLayout(cache, kv_manager, device, kv_states, plan.policy)
+    if plan.quantizer.needs_window:
+        return Int4Layout(cache, kv_manager, device, kv_states)
+    return PagedLayout(cache, kv_manager, device)
