@@ -14,7 +14,7 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "generate": ("longreach.model.generate", "generate text with a simple contiguous KV cache"),
-    "kv-size": ("longreach.kvcache.spec", "KV-cache bytes, prefill FLOPs and $ per request for a model"),
+    "kv-size": ("longreach.kvcache.size_report", "KV-cache bytes, prefill FLOPs and $ per request for a model"),
     "serve": ("longreach.serve.cli", "OpenAI-compatible HTTP server"),
     "train": ("longreach.train.cli", "train / continue pretraining (packing, bf16, FSDP2)"),
     "extend": ("longreach.train.extend", "extend a checkpoint's context: rewrite its rope config and continue pretraining"),

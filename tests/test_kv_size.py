@@ -6,11 +6,28 @@ import json
 import pytest
 
 from longreach.cli import main as cli_main
-from longreach.kvcache.spec import (GiB, KiB, PRESETS, ArchSpec, kv_bytes_per_request,
-                                    kv_bytes_per_request_without_gqa, kv_bytes_per_token, num_params, parse_length,
-                                    prefill_cost, prefill_flops, resolve_arch)
+from longreach.config import ModelConfig
+from longreach.kvcache.presets import PRESETS, resolve_model
+from longreach.kvcache.size_report import parse_length
+from longreach.kvcache.spec import (
+    GiB,
+    KiB,
+    kv_bytes_per_request,
+    kv_bytes_per_request_without_gqa,
+    kv_bytes_per_token,
+    num_params,
+    prefill_cost,
+    prefill_flops,
+)
 
 N_128K = 131_072
+
+
+def _config(**overrides) -> ModelConfig:
+    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32, "intermediate_size": 64,
+              "vocab_size": 100}
+    return ModelConfig.from_hf_dict(config | overrides)
 
 
 def _row(text: str, dtype: str) -> list[str]:
@@ -20,7 +37,7 @@ def _row(text: str, dtype: str) -> list[str]:
 
 
 def test_llama_70b_figures():
-    arch = resolve_arch("Llama-3.1-70B")
+    arch = resolve_model("Llama-3.1-70B").config
     assert kv_bytes_per_token(arch, "bf16") == (320 * KiB, 0)
     data, scales = kv_bytes_per_request(arch, N_128K, "bf16")
     assert (data / GiB, scales) == (40.0, 0)
@@ -34,10 +51,10 @@ def test_llama_70b_figures():
 
 
 def test_params_and_flops():
-    assert round(num_params(resolve_arch("Llama-3.1-8B")) / 1e9, 2) == 8.03
-    assert round(num_params(resolve_arch("Llama-3.1-70B")) / 1e9, 1) == 70.6
-    assert round(num_params(resolve_arch("Llama-3.1-405B")) / 1e9) == 406
-    arch = ArchSpec(2, 4, 2, 8, 32, 64, 100, "tiny")
+    assert round(num_params(resolve_model("Llama-3.1-8B").config) / 1e9, 2) == 8.03
+    assert round(num_params(resolve_model("Llama-3.1-70B").config) / 1e9, 1) == 70.6
+    assert round(num_params(resolve_model("Llama-3.1-405B").config) / 1e9) == 406
+    arch = _config()
     flops = prefill_flops(arch, 10)
     assert flops["dense"] == 2 * num_params(arch, include_embeddings=False) * 10
     assert flops["lm_head"] == 2 * 32 * 100 * 10
@@ -84,24 +101,31 @@ def test_cli_json_dtype_and_batch(capsys):
     ("qwen2.5-72b-instruct", "Qwen/Qwen2.5-72B"),
 ])
 def test_name_resolution(name, preset):
-    assert resolve_arch(name) is PRESETS[preset]
+    assert resolve_model(name) is PRESETS[preset]
+    assert resolve_model(name).name == preset
 
 
 def test_preset_numbers():
-    qwen = PRESETS["Qwen/Qwen2.5-7B"]
-    assert (qwen.num_layers, qwen.num_attention_heads, qwen.num_kv_heads, qwen.head_dim, qwen.hidden_size,
-            qwen.intermediate_size, qwen.vocab_size) == (28, 28, 4, 128, 3584, 18944, 152064)
+    qwen = PRESETS["Qwen/Qwen2.5-7B"].config
+    shapes = (qwen.num_hidden_layers, qwen.num_attention_heads, qwen.num_key_value_heads, qwen.head_dim,
+              qwen.hidden_size, qwen.intermediate_size, qwen.vocab_size)
+    assert shapes == (28, 28, 4, 128, 3584, 18944, 152064)
     assert kv_bytes_per_token(qwen, "bf16")[0] == 56 * KiB
-    assert kv_bytes_per_token(PRESETS["meta-llama/Llama-3.1-8B"], "bf16")[0] == 128 * KiB
+    assert kv_bytes_per_token(PRESETS["meta-llama/Llama-3.1-8B"].config, "bf16")[0] == 128 * KiB
+    # presets are real ModelConfigs, built by the one config.json parser: Llama 3.1's rope is there too
+    llama = PRESETS["meta-llama/Llama-3.1-70B"].config
+    assert (llama.rope.rope_type, llama.max_position_embeddings) == ("llama3", 131072)
 
 
 def test_checkpoint_dir(tmp_path, capsys):
-    config = {"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "hidden_size": 256, "intermediate_size": 688, "vocab_size": 1000}
+    config = {"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "hidden_size": 256, "intermediate_size": 688, "vocab_size": 1000}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    arch = resolve_arch(tmp_path)
-    assert (arch.num_layers, arch.num_kv_heads, arch.head_dim) == (4, 2, 32)
-    assert resolve_arch(tmp_path / "config.json") == arch
+    model = resolve_model(tmp_path)
+    arch = model.config
+    assert model.name == str(tmp_path)
+    assert (arch.num_hidden_layers, arch.num_key_value_heads, arch.head_dim) == (4, 2, 32)
+    assert resolve_model(tmp_path / "config.json") == model
     assert kv_bytes_per_token(arch, "bf16") == (2 * 4 * 2 * 32 * 2, 0)
     assert cli_main(["kv-size", str(tmp_path), "--context", "1k", "--dtype", "bf16"]) == 0
     assert "1,024 tokens" in capsys.readouterr().out
@@ -109,18 +133,37 @@ def test_checkpoint_dir(tmp_path, capsys):
     del config["num_key_value_heads"]
     config["head_dim"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))
-    arch = resolve_arch(tmp_path)
-    assert (arch.num_kv_heads, arch.head_dim) == (8, 64)
+    arch = resolve_model(tmp_path).config
+    assert (arch.num_key_value_heads, arch.head_dim) == (8, 64)
 
 
 def test_checkpoint_dir_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        resolve_arch(tmp_path)
+        resolve_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
     with pytest.raises(ValueError, match="num_attention_heads"):
-        resolve_arch(tmp_path)
-    with pytest.raises(ValueError, match="num_kv_heads=3"):
-        ArchSpec(2, 4, 3, 8, 32, 64, 100)
+        resolve_model(tmp_path)
+    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 3, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 100}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{tmp_path}: .*num_key_value_heads=3"):
+        resolve_model(tmp_path)
+    # ModelConfig is Llama-family only, so is the calculator; the error names the checkpoint and the value
+    gemma = config | {"model_type": "gemma", "num_key_value_heads": 1}
+    (tmp_path / "config.json").write_text(json.dumps(gemma))
+    with pytest.raises(ValueError, match=f"{tmp_path}: unsupported model_type 'gemma'"):
+        resolve_model(tmp_path)
+
+
+def test_checkpoint_dir_multimodal_and_sliding_window(tmp_path):
+    """A multimodal config's text_config is sized; sliding-window layers are counted at the full context."""
+    text = {"model_type": "mistral", "num_hidden_layers": 40, "num_attention_heads": 32,
+            "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 5120, "intermediate_size": 32768,
+            "vocab_size": 131072, "sliding_window": 4096}
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": text}))
+    arch = resolve_model(tmp_path).config
+    assert arch.sliding_window == 4096
+    assert kv_bytes_per_request(arch, N_128K, "bf16") == (2 * 40 * 8 * 128 * 2 * N_128K, 0)
 
 
 @pytest.mark.parametrize("text, tokens", [("131072", 131072), ("128k", 131072), ("128K", 131072),
@@ -144,7 +187,7 @@ def test_cli_bad_context_names_value(capsys):
 
 def test_unknown_model_lists_presets(capsys):
     with pytest.raises(ValueError, match="unknown model 'gpt-5'") as exc:
-        resolve_arch("gpt-5")
+        resolve_model("gpt-5")
     assert all(name in str(exc.value) for name in PRESETS)
     assert cli_main(["kv-size", "gpt-5"]) == 2
     err = capsys.readouterr().err
@@ -153,7 +196,7 @@ def test_unknown_model_lists_presets(capsys):
 
 def test_unknown_dtype():
     with pytest.raises(ValueError, match="'int2'.*bf16"):
-        kv_bytes_per_token(PRESETS["Qwen/Qwen2.5-7B"], "int2")
+        kv_bytes_per_token(PRESETS["Qwen/Qwen2.5-7B"].config, "int2")
 
 
 def test_cli_policy_rows_are_bounded(capsys):

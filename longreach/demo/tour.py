@@ -20,14 +20,15 @@ def tour(out_dir: str | Path = "runs/demo-tour") -> int:
     from longreach.eval.backends import LocalBackend
     from longreach.eval.ppl import evaluate_perplexity
     from longreach.eval.runner import run_grid, write_report
-    from longreach.kvcache.spec import format_report, report, resolve_arch
+    from longreach.kvcache.presets import resolve_model
+    from longreach.kvcache.size_report import format_report, report
     from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, resolve_model_path
     from longreach.model.loader import read_config
 
     out_dir = Path(out_dir)
     _section("1. KV cache of one 128K-token request (longreach kv-size)")
     for name in ("Llama-3.1-8B", "Llama-3.1-70B"):
-        print(format_report(report(resolve_arch(name), 131072, dtypes=["bf16", "int8", "int4"])))
+        print(format_report(report(resolve_model(name), 131072, dtypes=["bf16", "int8", "int4"])))
         print()
 
     model_dir = resolve_model_path(None)

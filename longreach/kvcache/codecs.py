@@ -11,7 +11,7 @@ import math
 
 import torch
 
-INT4_GROUP_SIZE = 32          # KIVI's group size; spec.py's accounting assumes it
+INT4_GROUP_SIZE = 32          # KIVI's group size: the int4 KV cache's default and spec.py's accounting
 INT8_MAX, INT4_MAX = 127, 15
 SCALE_DTYPE = torch.float16
 

@@ -342,27 +342,12 @@ def make_kv_quantizer(kv_cache_dtype: str, model_dtype: torch.dtype = torch.bflo
     return FullPrecisionKV(name)
 
 
-def kv_bytes_per_token(kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int,
-                       model_dtype: torch.dtype = torch.bfloat16,
-                       group_size: int = INT4_GROUP_SIZE) -> tuple[float, float]:
-    """(data_bytes, scale_bytes) of K and V for one token across all layers, as stored in our blocks.
-
-    Matches `longreach.kvcache.spec.kv_bytes_per_token` for bf16/fp16/int8/int4 (group 32); the int4 window is a
-    per-sequence cost: see `kv_window_bytes_per_sequence`.
-    """
-    name = resolve_kv_cache_dtype(kv_cache_dtype, model_dtype)
-    num_values = 2 * num_layers * num_kv_heads * head_dim
-    scale_bytes = torch.empty((), dtype=SCALE_DTYPE).element_size()
-    if name == "int8":
-        return float(num_values), float(2 * num_layers * num_kv_heads * scale_bytes)
-    if name == "int4":
-        return num_values / 2, num_values / group_size * 2 * scale_bytes
-    return float(num_values * torch.empty((), dtype=FULL_PRECISION[name]).element_size()), 0.0
-
-
 def kv_window_bytes_per_sequence(kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int,
                                  model_dtype: torch.dtype = torch.bfloat16, group_size: int = INT4_GROUP_SIZE,
                                  window: int = DEFAULT_INT4_WINDOW) -> int:
-    """Bytes of one sequence's full-precision window slots across all layers (int4 only; else 0)."""
+    """Bytes of one sequence's full-precision window slots across all layers (int4 only; else 0).
+
+    The per-sequence cost that `longreach.kvcache.spec` (bytes per token, the one KV-size calculator) leaves out;
+    read from the quantizer's own window layout, so it is what the engine allocates."""
     quantizer = make_kv_quantizer(kv_cache_dtype, model_dtype, group_size, window)
     return num_layers * quantizer.window_bytes(num_kv_heads, head_dim)

@@ -3,15 +3,16 @@ import pytest
 import torch
 
 from longreach.attention.reference import attention_one
-from longreach.kvcache import spec
 from longreach.kvcache.codecs import (
     dequantize_int4_per_channel, dequantize_int4_per_token, dequantize_int8, pack_int4, quantize_int4_per_channel,
     quantize_int4_per_token, quantize_int8, unpack_int4,
 )
+from longreach.kvcache.presets import PRESETS
 from longreach.kvcache.quant import (
-    KV_CACHE_DTYPES, FullPrecisionKV, Int4KV, Int8KV, check_kv_cache_dtype, kv_bytes_per_token,
-    kv_window_bytes_per_sequence, make_kv_quantizer, resolve_kv_cache_dtype,
+    KV_CACHE_DTYPES, FullPrecisionKV, Int4KV, Int8KV, check_kv_cache_dtype, kv_window_bytes_per_sequence,
+    make_kv_quantizer, resolve_kv_cache_dtype,
 )
+from longreach.kvcache.spec import kv_bytes_per_request, kv_bytes_per_token
 
 # |x - dequant(x)| <= scale / 2, up to fp32 rounding of the arithmetic itself
 SLACK = 1 + 1e-5
@@ -212,19 +213,15 @@ def test_dtype_names_and_validation():
 
 
 def test_bytes_per_token_match_spec():
-    for arch in spec.PRESETS.values():
+    # a block's stored bytes are exactly block_size tokens' worth of the calculator's bytes per token
+    for preset in PRESETS.values():
+        config = preset.config
         for name in ("bf16", "fp16", "int8", "int4"):
-            ours = kv_bytes_per_token(name, arch.num_layers, arch.num_kv_heads, arch.head_dim)
-            assert ours == pytest.approx(spec.kv_bytes_per_token(arch, name))
-    # a block's stored bytes are exactly block_size tokens' worth
-    for name in ("bf16", "int8", "int4"):
-        quantizer = make_kv_quantizer(name)
-        per_token = sum(kv_bytes_per_token(name, 1, 8, 128))
-        assert quantizer.block_bytes(64, 8, 128) == 64 * per_token
+            block_bytes = make_kv_quantizer(name).block_bytes(64, config.num_key_value_heads, config.head_dim)
+            assert config.num_hidden_layers * block_bytes == 64 * kv_bytes_per_token(config, name).total
     # Llama-3.1-70B at 128K: 40 GiB bf16; int8 20.3 GiB; int4 12.5 GiB (+ a 2.5 MiB window per sequence)
-    arch = spec.PRESETS["meta-llama/Llama-3.1-70B"]
-    gib = {name: sum(kv_bytes_per_token(name, arch.num_layers, 8, 128)) * 131072 / 2**30
-           for name in ("bf16", "int8", "int4")}
+    config = PRESETS["meta-llama/Llama-3.1-70B"].config
+    gib = {name: kv_bytes_per_request(config, 131072, name).total / 2**30 for name in ("bf16", "int8", "int4")}
     assert gib == pytest.approx({"bf16": 40.0, "int8": 20.3125, "int4": 12.5})
     assert kv_window_bytes_per_sequence("int4", 80, 8, 128) == 80 * 2 * 160 * 8 * 128 * 2
     assert kv_window_bytes_per_sequence("int8", 80, 8, 128) == 0
