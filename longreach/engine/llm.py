@@ -25,7 +25,8 @@ from longreach.engine.kv_state import KVStates
 from longreach.engine.layouts import make_layout
 from longreach.engine.output import OutputProcessor, RequestOutput
 from longreach.engine.runner import ModelRunner
-from longreach.engine.sampler import Sampler, SamplingParams
+from longreach.engine.sampler import Sampler
+from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.scheduler import Scheduler
 from longreach.engine.sequence import Sequence
 from longreach.kvcache.block_pool import KVCacheManager

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from longreach.engine.sampler import SamplingParams
+from longreach.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):

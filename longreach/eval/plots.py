@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
-from longreach.eval.runner import GridResult, format_length
+from longreach.eval.results import GridResult, format_length
 
 # red (missed) -> amber -> green (retrieved); grey only for a cell the grid has no sample in
 RETRIEVAL_CMAP = LinearSegmentedColormap.from_list("retrieval", ["#c0392b", "#f39c12", "#f7dc6f", "#27ae60"])

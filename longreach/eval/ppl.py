@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from longreach.attention import AttentionMetadata
-from longreach.eval.runner import format_length
+from longreach.eval.results import format_length
 
 TOKENS_PER_BATCH = 16384     # windows of one length are batched in the flat layout up to this many tokens
 

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from longreach.engine.sampler import SamplingParams
+from longreach.engine.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from longreach.engine.llm import LLMEngine, RequestOutput

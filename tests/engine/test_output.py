@@ -1,7 +1,7 @@
 """The output processor alone (no model): token stops, incremental text, stop strings and their holdback, and
 that it alone writes finish reasons (the scheduler is told to release, nothing more)."""
 from longreach.engine.output import OutputProcessor, detokenize_incrementally
-from longreach.engine.sampler import SamplingParams
+from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.sequence import RequestStatus, Sequence
 from longreach.model.tokenizer import EOS_TOKEN_ID, ByteTokenizer
 

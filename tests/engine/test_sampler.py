@@ -50,7 +50,7 @@ def test_penalties():
 
 def test_greedy_top_k_one_and_seeded_sampling():
     sampler = Sampler(seed=0)
-    logits = torch.randn(4, 50)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))   # seeded: the asserts below are fixed
     greedy = [seq(SamplingParams(temperature=0)), seq(SamplingParams(top_k=1, temperature=5.0))]
     assert sampler(logits[:2], greedy).token_ids == logits[:2].argmax(-1).tolist()
     draws = lambda s: [Sampler(seed=None)(logits[2:3], [seq(SamplingParams(seed=s))]).token_ids[0]  # noqa: E731

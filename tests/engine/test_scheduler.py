@@ -4,7 +4,7 @@ import pytest
 
 from longreach.config import SchedulerConfig
 from longreach.engine.output import OutputProcessor
-from longreach.engine.sampler import SamplingParams
+from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.scheduler import Scheduler
 from longreach.engine.sequence import RequestStatus, Sequence
 from longreach.kvcache.block_pool import KVCacheManager

@@ -5,7 +5,7 @@ import asyncio
 import httpx
 import pytest
 
-from longreach.engine.sampler import SamplingParams
+from longreach.engine.sampling_params import SamplingParams
 from longreach.serve.engine_loop import EngineLoop, ServerClosedError
 from tests.serve.conftest import make_engine, run_server
 
