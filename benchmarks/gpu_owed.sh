@@ -4,6 +4,7 @@
 #   1. versions and nvidia-smi                                                -> $OUT/gpu_env.log
 #   2. gpu-marked tests never run on a GPU: the engine through the CUDA kernels (int8/int4 KV, policies,
 #      int8 weights), block-sparse Triton attention, int8 KV dequantized inside the paged decode kernel
+#      (the every-autotune-config kernel tests run in gpu_check.sh, in a step of their own)
 #                                                                             -> $OUT/gpu_tests.log
 #   3. serving: a ~1B random Llama, 16 requests of 8K-32K tokens, ours vs transformers -> $OUT/serving_gpu.*
 #   4. training: the 1B model at 32K tokens, Triton vs SDPA (16K was measured)  -> $OUT/train_gpu.*
@@ -46,7 +47,8 @@ step() {  # step NAME LIMIT_S COMMAND...: run with a time limit, log to $OUT/NAM
 workers=""
 "$PY" -c "import xdist" 2>/dev/null && workers="-n 8"
 # shellcheck disable=SC2086
-LONGREACH_TRITON_AUTOTUNE=0 step gpu_tests 150 "$PY" -m pytest -q -m gpu $workers -p no:cacheprovider \
+LONGREACH_TRITON_AUTOTUNE=0 step gpu_tests 150 "$PY" -m pytest -q -m gpu -k "not every_autotune_config" $workers \
+  -p no:cacheprovider \
   tests/engine/test_gpu.py tests/attention/test_triton_sparse.py tests/attention/test_triton_decode.py
 step serving_gpu 200 "$PY" benchmarks/serving.py "${SERVING[@]}" --systems ours,hf_single \
   --cases throughput,prefill,prefix --system-timeout 60 --json "$OUT/serving_gpu.json"

@@ -183,20 +183,34 @@ def _require_device(t: torch.Tensor):
                          "before importing triton to run them on CPU")
 
 
+def _check_config(config):
+    """A pinned split-kernel config: a triton.Config of BLOCK_N alone, a power of two >= 16 (tl.dot's smallest)."""
+    if not isinstance(config, triton.Config) or set(config.kwargs) != {"BLOCK_N"}:
+        raise ValueError(f"config must be a triton.Config of BLOCK_N, got {config!r}")
+    block_n = config.kwargs["BLOCK_N"]
+    if block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"config BLOCK_N={block_n} must be a power of two >= 16")
+
+
 def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False, num_splits=None, k_scale=None, v_scale=None):
+                           window_size=(-1, -1), return_lse=False, num_splits=None, k_scale=None, v_scale=None,
+                           config=None):
     """Flash-Decoding over a paged KV cache; same contract as `paged.paged_decode_attention_torch`.
 
     q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D], int8 with k_scale, v_scale
     [num_blocks, block_size, Hkv] (dequantized in the kernel); block_table: (B, max_blocks) int32;
-    cache_seqlens: (B,) int32. num_splits (1..64) overrides the split heuristic.
+    cache_seqlens: (B,) int32. num_splits (1..64) overrides the split heuristic; config (a triton.Config
+    of BLOCK_N) pins the split kernel's tile instead of the autotuner's choice (the tests run every one).
     Returns out (B, Hq, D) in q's dtype and, with return_lse, lse (B, Hq) fp32 (natural log).
+    Every (sequence, head) of out and lse is written by the merge kernel, an empty sequence's with 0 and -inf.
     """
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
         q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
     _require_device(q)
     if block_table.stride(-1) != 1 or cache_seqlens.stride(-1) != 1:
         raise ValueError("block_table and cache_seqlens must be contiguous in their last dim")
+    if config is not None:
+        _check_config(config)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     left = int(window_size[0])
     capacity = block_table.shape[1] * block_size
@@ -214,31 +228,40 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, soft
     granule = 256 if span >= 256 * num_splits else 16
     split_len = triton.cdiv(triton.cdiv(span, int(num_splits)), granule) * granule
     num_splits = triton.cdiv(span, split_len)
-    group = num_heads // num_kv_heads
-    block_d = max(16, triton.next_power_of_2(head_dim))
     out_part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
     lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    quantized = k_scale is not None
-    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)     # unread without KV_INT8
+    block_d = max(16, triton.next_power_of_2(head_dim))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _SPLIT((batch, num_kv_heads, num_splits),
-               Q=q, K=k_cache, V=v_cache, KScale=k_scale, VScale=v_scale, BlockTable=block_table,
-               SeqLens=cache_seqlens, OutPart=out_part, LsePart=lse_part, stride_qb=q.stride(0), stride_qh=q.stride(1),
-               stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
-               stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
-               stride_ksb=k_scale.stride(0), stride_kss=k_scale.stride(1), stride_ksh=k_scale.stride(2),
-               stride_vsb=v_scale.stride(0), stride_vss=v_scale.stride(1), stride_vsh=v_scale.stride(2),
-               stride_bt=block_table.stride(0), stride_pb=out_part.stride(0), stride_ph=out_part.stride(1),
-               stride_ps=out_part.stride(2), stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
-               qk_scale=scale * LOG2E, window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
-               split_len=split_len, group=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
-               BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE_SIZE=block_size,
-               PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=quantized)
+        _launch_split(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part,
+                      scale, left, split_len, block_d, config)
         _decode_merge_kernel[(batch, num_heads)](
             out_part, lse_part, out, lse, out_part.stride(0), out_part.stride(1), out_part.stride(2),
             lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), lse.stride(0), num_splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
     return (out, lse) if return_lse else out
+
+
+def _launch_split(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part,
+                  scale, left, split_len, block_d, config):
+    """The split kernel over (sequence, KV head, split): partial outputs and log2-domain lse's of each split."""
+    batch, num_splits = q.shape[0], out_part.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    quantized = k_scale is not None
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)     # unread without KV_INT8
+    _SPLIT((batch, num_kv_heads, num_splits), config=config,
+           Q=q, K=k_cache, V=v_cache, KScale=k_scale, VScale=v_scale, BlockTable=block_table,
+           SeqLens=cache_seqlens, OutPart=out_part, LsePart=lse_part, stride_qb=q.stride(0), stride_qh=q.stride(1),
+           stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
+           stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
+           stride_ksb=k_scale.stride(0), stride_kss=k_scale.stride(1), stride_ksh=k_scale.stride(2),
+           stride_vsb=v_scale.stride(0), stride_vss=v_scale.stride(1), stride_vsh=v_scale.stride(2),
+           stride_bt=block_table.stride(0), stride_pb=out_part.stride(0), stride_ph=out_part.stride(1),
+           stride_ps=out_part.stride(2), stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
+           qk_scale=scale * LOG2E, window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
+           split_len=split_len, group=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d,
+           BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE_SIZE=k_cache.shape[1],
+           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=quantized)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

@@ -4,16 +4,24 @@ The kernels, and how they walk the causal/window band and a block-sparse layout,
 `triton_flash_kernels.py`. On a GPU the configs are autotuned per (head dim, causal, dtype) over a
 small Hopper set (LONGREACH_TRITON_AUTOTUNE=0 takes the first config that fits instead); under
 TRITON_INTERPRET=1 one small fixed config keeps CPU tests fast. With a layout only configs whose
-tiles divide its block size take part, so each kernel tile lies in one layout cell.
+tiles divide its block size take part, so each kernel tile lies in one layout cell. `configs=` pins a
+kernel's config instead (the tests run every config of the lists this way).
+
+FlashAttention's contract for rows past cu_seqlens_q[-1] (padding): output 0, lse -inf, and zero
+gradients for them (and for keys past cu_seqlens_k[-1]). The kernels only visit rows inside sequences,
+so those rows are cleared here, from cu_seqlens read on the host (see `_seqlens_summary`).
 """
 from __future__ import annotations
 
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
+from torch.utils.weak import WeakIdKeyDictionary
+from triton.compiler import errors as _compile_errors
 from triton.runtime import errors as _triton_errors
 
 from longreach.attention.masks import BlockSparseLayout
@@ -25,9 +33,12 @@ MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this; keeps every index sum inside int32
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# errors a too-large config raises when compiled or loaded (PTXASError exists from triton 3.2 on)
-_CONFIG_ERRORS = tuple(getattr(_triton_errors, name) for name in ("OutOfResources", "PTXASError")
-                       if hasattr(_triton_errors, name)) + (RuntimeError,)
+# Errors a config that does not suit the device raises when compiled or loaded: the set triton's own
+# autotuner skips (PTXASError exists from triton 3.2 on). Anything else, a CUDA fault above all, propagates:
+# after an illegal access the context is broken, and trying the next config would only hide the cause.
+_CONFIG_ERRORS = tuple(getattr(module, name) for module, name in (
+    (_triton_errors, "OutOfResources"), (_triton_errors, "PTXASError"),
+    (_compile_errors, "CompileTimeAssertionFailure")) if hasattr(module, name))
 
 
 # ----------------------------------------------------------------------------- configs and launch
@@ -60,7 +71,7 @@ def _fits(kind: str, config: triton.Config, block_d: int, elt: int) -> bool:
 
 
 class Launcher:
-    """One kernel launched with an autotuned, a first-fitting, or (interpreter) a fixed config.
+    """One kernel launched with an autotuned, a first-fitting, (interpreter) a fixed, or a pinned config.
 
     `fits(config, args)` drops configs whose tiles cannot fit; `key` names the arguments the
     autotuner (and the first-fit cache) keys on, besides the tensors' dtypes.
@@ -78,7 +89,19 @@ class Launcher:
         args = {**named_args, **kwargs}
         return [c for c in configs if self.fits(c, args)] or [configs[-1]]
 
-    def __call__(self, grid, **kwargs):
+    def candidates(self, **args) -> list[triton.Config]:
+        """The configs the autotuner may choose for a launch with these arguments (those that fit)."""
+        return self._prune(self.configs, args)
+
+    def _launch(self, grid, config: triton.Config, kwargs: dict):
+        self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    def __call__(self, grid, config: triton.Config | None = None, **kwargs):
+        """Launch `fn` on `grid` with the kernel arguments `kwargs`; `config` pins the tile config
+        (any device, interpreter included), else it is autotuned, first-fit or fixed."""
+        if config is not None:
+            self._launch(grid, config, kwargs)
+            return
         if INTERPRET:
             self.fn[grid](**kwargs, **self.interpret_meta)
             return
@@ -88,17 +111,16 @@ class Launcher:
         key = tuple(kwargs[k] for k in self.key) + tuple(
             str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor))
         if key in self.chosen:
-            config = self.chosen[key]
-            self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+            self._launch(grid, self.chosen[key], kwargs)
             return
         first_error = None
-        for config in self._prune(self.configs, {}, **kwargs):
+        for candidate in self._prune(self.configs, {}, **kwargs):
             try:  # shared memory or registers the estimate missed fail at compile time: try the next config
-                self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+                self._launch(grid, candidate, kwargs)
             except _CONFIG_ERRORS as e:
                 first_error = first_error or e
                 continue
-            self.chosen[key] = config
+            self.chosen[key] = candidate
             return
         raise RuntimeError(f"no config of {getattr(self.fn, '__name__', 'kernel')} compiles for "
                            f"{dict(zip(self.key, key))}") from first_error
@@ -141,72 +163,89 @@ def _layout_tables(layout: BlockSparseLayout | None, device) -> tuple | None:
     return cells, tiles.to(device, torch.int8).contiguous(), layout.block_size
 
 
-def _common(q, causal, window_left, window_right, group, cu_q, tables):
+def _common(q, plan, group, cu_q):
     head_dim = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     # without a layout the kernels never read Cells and Tiles: cu_q stands in for them
-    cells, tiles, layout_block = tables if tables is not None else (cu_q, cu_q, 0)
-    return dict(window_left=window_left, window_right=window_right, group=group, HEAD_DIM=head_dim,
-                BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_CAUSAL=causal,
+    cells, tiles, layout_block = plan.tables if plan.tables is not None else (cu_q, cu_q, 0)
+    return dict(window_left=plan.window_left, window_right=plan.window_right, group=group, HEAD_DIM=head_dim,
+                BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_CAUSAL=plan.causal,
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                 Cells=cells, Tiles=tiles, stride_cells=cells.stride(0), LAYOUT_BLOCK=layout_block)
 
 
-def _forward(q, k, v, cu_q, cu_k, max_seqlen_q, softmax_scale, causal, window_left, window_right, tables):
+@dataclass(frozen=True)
+class _Plan:
+    """What the kernels take besides tensors, fixed on the host at the call (nothing is read back later)."""
+
+    max_seqlen_q: int
+    max_seqlen_k: int
+    end_q: int            # cu_seqlens_q[-1]: rows from here on are padding (output 0, lse -inf, zero dq)
+    end_k: int            # cu_seqlens_k[-1]: keys from here on get zero dk, dv
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    tables: tuple | None  # _layout_tables(layout)
+    configs: dict         # kernel kind -> a pinned triton.Config (empty: autotune)
+
+
+def _forward(q, k, v, cu_q, cu_k, plan: _Plan):
     total_q, num_heads, _ = q.shape
     batch = cu_q.numel() - 1
     out = torch.empty_like(q)                                                       # (total_q, Hq, D)
     lse = torch.empty(num_heads, total_q, dtype=torch.float32, device=q.device)     # (Hq, total_q)
-    if total_q == 0 or max_seqlen_q == 0 or batch == 0:                             # nothing to launch
-        return out.zero_(), lse.fill_(float("-inf"))
-    common = _common(q, causal, window_left, window_right, num_heads // k.shape[1], cu_q, tables)
-    grid = lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)  # noqa: E731
+    out[plan.end_q:].zero_()
+    lse[:, plan.end_q:].fill_(float("-inf"))
+    if plan.end_q == 0:                                                             # no query rows
+        return out, lse
+    common = _common(q, plan, num_heads // k.shape[1], cu_q)
+    grid = lambda meta: (triton.cdiv(plan.max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)  # noqa: E731
     _launcher("fwd", common["LAYOUT_BLOCK"])(
-        grid, Q=q, K=k, V=v, Out=out, Lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+        grid, config=plan.configs.get("fwd"), Q=q, K=k, V=v, Out=out, Lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
-        stride_lh=lse.stride(0), qk_scale=softmax_scale * LOG2E, **common)
+        stride_lh=lse.stride(0), qk_scale=plan.softmax_scale * LOG2E, **common)
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-              window_left, window_right, tables):
+def _backward(do, q, k, v, out, lse, cu_q, cu_k, plan: _Plan):
     total_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     batch = cu_q.numel() - 1
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if total_q == 0 or max_seqlen_q == 0 or max_seqlen_k == 0 or batch == 0:     # no query sees a key
+    if plan.end_q == 0 or plan.end_k == 0:                                          # no query sees a key
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     delta = torch.empty_like(lse)                                                   # (Hq, total_q)
     bwd_preprocess[(triton.cdiv(total_q, 64), num_heads)](
         out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), total_q,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common = _common(q, causal, window_left, window_right, num_heads // num_kv_heads, cu_q, tables)
+    dq[plan.end_q:].zero_()          # padding rows: the kernels visit only rows inside sequences
+    dk[plan.end_k:].zero_()
+    dv[plan.end_k:].zero_()
+    common = _common(q, plan, num_heads // num_kv_heads, cu_q)
     strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
                    stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
-                   stride_lh=lse.stride(0), qk_scale=softmax_scale * LOG2E, sm_scale=softmax_scale)
+                   stride_lh=lse.stride(0), qk_scale=plan.softmax_scale * LOG2E, sm_scale=plan.softmax_scale)
     _launcher("dkdv", common["LAYOUT_BLOCK"])(
-        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), num_kv_heads, batch),
-        Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dK=dk, dV=dv, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        stride_dkt=dk.stride(0), stride_dkh=dk.stride(1), stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
-        **strides, **common)
+        lambda meta: (triton.cdiv(plan.max_seqlen_k, meta["BLOCK_N"]), num_kv_heads, batch),
+        config=plan.configs.get("dkdv"), Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dK=dk, dV=dv,
+        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
+        stride_dvt=dv.stride(0), stride_dvh=dv.stride(1), **strides, **common)
     _launcher("dq", common["LAYOUT_BLOCK"])(
-        lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), num_heads, batch),
-        Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dQ=dq, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **strides, **common)
+        lambda meta: (triton.cdiv(plan.max_seqlen_q, meta["BLOCK_M"]), num_heads, batch),
+        config=plan.configs.get("dq"), Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dQ=dq, cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **strides, **common)
     return dq, dk, dv
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
-                window_right, tables):
+    def forward(ctx, q, k, v, cu_q, cu_k, plan):
         with _on_device(q):
-            out, lse = _forward(q, k, v, cu_q, cu_k, max_seqlen_q, softmax_scale, causal, window_left, window_right,
-                                tables)
+            out, lse = _forward(q, k, v, cu_q, cu_k, plan)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, tables)
+        ctx.plan = plan
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -215,8 +254,8 @@ class _FlashAttnVarlen(torch.autograd.Function):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         dout = dout if dout.stride(-1) == 1 else dout.contiguous()
         with _on_device(q):
-            dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-        return dq, dk, dv, *([None] * 9)
+            dq, dk, dv = _backward(dout, q, k, v, out, lse, cu_q, cu_k, ctx.plan)
+        return dq, dk, dv, None, None, None
 
 
 class _on_device:
@@ -269,6 +308,65 @@ def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size):
                          "before importing triton to run it on CPU")
 
 
+# cu_seqlens already read on the host, by tensor identity: (version counter or None, summary)
+_SEQLENS_READ = WeakIdKeyDictionary()
+
+
+def _seqlens_summary(cu: torch.Tensor) -> tuple[int, int, int, int]:
+    """(first offset, last offset, longest length, shortest length) of cu_seqlens, read on the host.
+
+    On CUDA the read is a device-to-host copy that waits for the stream, and the checks it serves need it:
+    a max_seqlen below the longest sequence would leave rows silently unwritten, offsets past the tensors
+    would read and write out of bounds. It is remembered per tensor: a model's layers all pass the same
+    metadata (`AttentionMetadata.from_seqlens` builds it from host lengths once per step), so a forward pass
+    waits once per cu_seqlens tensor, not once per layer. An in-place change is seen through the tensor's
+    version counter; inference tensors keep none, so one changed in place after a call is not read again.
+    """
+    version = None if cu.is_inference() else cu._version
+    memo = _SEQLENS_READ.get(cu)
+    if memo is not None and memo[0] == version:
+        return memo[1]
+    lengths = cu[1:] - cu[:-1]
+    if lengths.numel():
+        summary = tuple(torch.stack([cu[0], cu[-1], lengths.max(), lengths.min()]).tolist())
+    else:  # no sequences
+        summary = (cu.item(), cu.item(), 0, 0)
+    _SEQLENS_READ[cu] = (version, summary)
+    return summary
+
+
+def _check_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
+    """Validate the offsets and max_seqlen_* against them (None: the longest); returns
+    (max_seqlen_q, max_seqlen_k, end_q, end_k) as host ints."""
+    checked = []
+    for side, cu, total, max_len in (("q", cu_seqlens_q, total_q, max_seqlen_q),
+                                     ("k", cu_seqlens_k, total_k, max_seqlen_k)):
+        first, last, longest, shortest = _seqlens_summary(cu)
+        if first != 0 or shortest < 0 or last > total:
+            raise ValueError(f"cu_seqlens_{side} must start at 0, never decrease, and end at most at the {total} "
+                             f"tokens given; it runs from {first} to {last}"
+                             + (" and decreases" if shortest < 0 else ""))
+        if max_len is not None and int(max_len) < longest:
+            raise ValueError(f"max_seqlen_{side}={max_len} is below the longest sequence in cu_seqlens_{side} "
+                             f"({longest}): its rows past {max_len} would never be computed")
+        checked.append((longest if max_len is None else int(max_len), last))
+    (max_q, end_q), (max_k, end_k) = checked
+    return max_q, max_k, end_q, end_k
+
+
+def _check_configs(configs: dict, layout_block: int) -> dict:
+    """Pinned configs: known kernel kinds, triton.Config objects with both tile sizes, dividing a layout's blocks."""
+    for kind, config in configs.items():
+        if kind not in _KERNELS:
+            raise ValueError(f"configs names kernel {kind!r}; the kernels are {sorted(_KERNELS)}")
+        if not isinstance(config, triton.Config) or set(config.kwargs) != {"BLOCK_M", "BLOCK_N"}:
+            raise ValueError(f"configs[{kind!r}] must be a triton.Config of BLOCK_M and BLOCK_N, got {config!r}")
+        if layout_block and not _divides(config.kwargs, layout_block):
+            raise ValueError(f"configs[{kind!r}] tiles {config.kwargs} do not divide the layout's {layout_block}-token "
+                             "blocks")
+    return dict(configs)
+
+
 def _check_layout(layout, max_seqlen_q, max_seqlen_k):
     """The layout must cover the longest sequence, and some kernel tile must divide its blocks."""
     bs = layout.block_size
@@ -281,25 +379,32 @@ def _check_layout(layout, max_seqlen_q, max_seqlen_k):
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                     causal=False, window_size=(-1, -1), return_lse=False, layout: BlockSparseLayout | None = None):
+                     causal=False, window_size=(-1, -1), return_lse=False, layout: BlockSparseLayout | None = None,
+                     configs: dict | None = None):
     """FlashAttention-2 over packed sequences, differentiable in q, k and v.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D) with Hq % Hkv == 0 and D <= 256; cu_seqlens_q/_k:
-    (B + 1,) int32; max_seqlen_q/_k: the longest query / key length (sizes the grid).
+    (B + 1,) int32, ending at most at total_q / total_k (rows past the end are padding: output 0, lse -inf,
+    zero gradients); max_seqlen_q/_k: the longest query / key length (sizes the grid; checked against
+    cu_seqlens, which are read on the host once per tensor; None reads them).
     layout: optional block-sparse pattern ANDed with causal/window, indexed by positions within each
     sequence (one layout for every sequence); its block size must be a multiple of 16.
+    configs: optional {"fwd" | "dkdv" | "dq": triton.Config} pinning those kernels' tiles instead of the
+    autotuner's choice (the tests run every config of the lists this way).
     Returns out (total_q, Hq, D) in q's dtype and, with return_lse, lse (Hq, total_q) fp32 (natural log).
     """
     _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size)
+    max_seqlen_q, max_seqlen_k, end_q, end_k = _check_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                                              max_seqlen_q, max_seqlen_k)
     if layout is not None:
         _check_layout(layout, max_seqlen_q, max_seqlen_k)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     left, right = (UNBOUNDED if w < 0 else min(int(w), UNBOUNDED) for w in window_size)
-    if causal:
-        right = 0
-    out, lse = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                      scale, bool(causal), left, right, _layout_tables(layout, q.device))
+    plan = _Plan(max_seqlen_q, max_seqlen_k, end_q, end_k,
+                 float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+                 bool(causal), left, 0 if causal else right, _layout_tables(layout, q.device),
+                 _check_configs(configs or {}, layout.block_size if layout is not None else 0))
+    out, lse = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, plan)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["Launcher", "MAX_HEAD_DIM", "varlen_attention"]
+__all__ = ["MAX_HEAD_DIM", "Launcher", "varlen_attention"]

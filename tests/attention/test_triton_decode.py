@@ -282,6 +282,58 @@ def test_triton_matches_reference_gpu(case):
     _check_decode(paged.paged_decode_attention, lengths, hq, hkv, d, block_size, dtype)  # dispatches to Triton
 
 
+# ------------------------------------------------------------------------------------------ every autotune config
+# The split kernel's autotuner may pick any config of its list that fits; each is pinned (`config=`) and
+# checked once against the reference, on CPU every BLOCK_N (the interpreter ignores warps and stages).
+
+def _split_candidates(head_dim, dtype, int8=False):
+    probe = torch.empty(0, dtype=dtype)
+    return triton_decode._SPLIT.candidates(BLOCK_D=max(16, triton.next_power_of_2(head_dim)), Q=probe,
+                                           K=torch.empty(0, dtype=torch.int8) if int8 else probe, KV_INT8=int8)
+
+
+def _config_id(config):
+    return f"n{config.kwargs['BLOCK_N']}w{config.num_warps}s{config.num_stages}"
+
+
+@needs_triton
+@pytest.mark.parametrize("config", list({c.kwargs["BLOCK_N"]: c for c in _split_candidates(32, F32)}.values()),
+                         ids=_config_id)
+def test_every_split_tile_matches_reference(config):
+    # 300 tokens in 2 splits: every tile size sees full tiles, a split boundary and a ragged end
+    _check_decode(triton_decode.paged_decode_attention, [300, 0, 77], 4, 2, 32, 16, F32, num_splits=2, config=config)
+
+
+GPU_SPLIT_PROBLEMS = [(BF16, 128, 16, 32, 8), (F16, 64, 32, 8, 8), (F32, 128, 16, 16, 1), (BF16, 256, 64, 8, 2)]
+
+
+def _gpu_split_cases():
+    return [pytest.param(problem, config, id=f"{str(problem[0])[6:]}-d{problem[1]}-bs{problem[2]}-"
+                                              f"h{problem[3]}/{problem[4]}-{_config_id(config)}")
+            for problem in GPU_SPLIT_PROBLEMS for config in _split_candidates(problem[1], problem[0])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("problem,config", _gpu_split_cases())
+def test_every_autotune_config_matches_reference_gpu(problem, config):
+    dtype, d, block_size, hq, hkv = problem
+    _check_decode(triton_decode.paged_decode_attention, [1, 700, 0, 1500], hq, hkv, d, block_size, dtype,
+                  config=config)
+    _check_decode(triton_decode.paged_decode_attention, [1, 700, 0, 1500], hq, hkv, d, block_size, dtype,
+                  window=(300, -1), num_splits=3, config=config)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", _split_candidates(128, F16, int8=True), ids=_config_id)
+def test_every_autotune_config_int8_gpu(config):
+    # fp16 queries: INT8_TOLERANCE was measured with fp32/fp16 (bf16 would add its own rounding)
+    q, k, v, (k_codes, v_codes, k_scale, v_scale), table, seqlens = _int8_cache([1, 700, 1500], 32, 8, 128, 16, F16)
+    out, lse = triton_decode.paged_decode_attention(q, k_codes, v_codes, table, seqlens, k_scale=k_scale,
+                                                    v_scale=v_scale, return_lse=True, config=config)
+    ref_out, ref_lse = paged.paged_decode_attention_torch(q.float(), k, v, table, seqlens, return_lse=True)
+    assert max_err(out, ref_out) <= INT8_TOLERANCE and max_err(lse, ref_lse) <= INT8_TOLERANCE
+
+
 @pytest.mark.gpu
 def test_dispatch_uses_triton_on_gpu():
     q = torch.randn(1, 4, 32, device="cuda")

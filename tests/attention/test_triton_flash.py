@@ -1,7 +1,8 @@
 """Triton FlashAttention-2 forward/backward against the reference, under FlashAttention's test rule.
 
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on a trimmed grid in fp16/fp32
-(the interpreter's bf16 tl.dot is wrong); the full grid, bf16 included, is marked `gpu`.
+(the interpreter's bf16 tl.dot is wrong); the full grid, bf16 included, is marked `gpu`. Every config of
+the autotune lists is also pinned and checked once (`gpu`; on CPU every tile shape, small sizes).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _cu(lengths):
     return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(DEVICE)
 
 
-def _check_case(head_dim, seqlens_q, seqlens_k, heads, mask, dtype, seed=0):
+def _check_case(head_dim, seqlens_q, seqlens_k, heads, mask, dtype, seed=0, configs=None):
     (num_heads, num_kv_heads), (causal, window) = heads, mask
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(sum(seqlens_q), num_heads, head_dim, generator=g).to(DEVICE, dtype)
@@ -62,7 +63,7 @@ def _check_case(head_dim, seqlens_q, seqlens_k, heads, mask, dtype, seed=0):
 
     def ours(q, k, v):
         return triton_flash.varlen_attention(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=causal,
-                                             window_size=window, return_lse=True)
+                                             window_size=window, return_lse=True, configs=configs)
 
     got = run(ours, q, k, v, dout)
     truth, same = truth_and_same_precision(q, k, v, dout, reference_varlen(cu_q, cu_k, causal=causal,
@@ -70,7 +71,8 @@ def _check_case(head_dim, seqlens_q, seqlens_k, heads, mask, dtype, seed=0):
     # FlashAttention's tests allow gradients 2-3x; 3x only below the documented 32..256 head dims, where a
     # dot over 8 products leaves the same-precision reference's own gradient error unusually small
     grad_factor = 3.0 if head_dim < 16 else 2.0
-    check_all(_case_id((head_dim, seqlens_q, seqlens_k, heads, mask, dtype)), got, truth, same, grad_factor)
+    tag = _case_id((head_dim, seqlens_q, seqlens_k, heads, mask, dtype)) + (f" {_round_id(configs)}" if configs else "")
+    check_all(tag, got, truth, same, grad_factor)
 
 
 @pytest.mark.parametrize("case", CPU_GRID, ids=_case_id)
@@ -86,6 +88,62 @@ def test_custom_scale_and_plain_output():
     assert isinstance(out, torch.Tensor) and out.shape == q.shape
     ref = reference_varlen(cu, cu, causal=True, softmax_scale=0.3)(q.double(), k.double(), v.double(), False)[0]
     assert (out.double() - ref).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------------ every autotune config
+# The autotuner may pick any config of the lists that fits the head dim and dtype; the grids above run one
+# (the interpreter's fixed tile, or on a GPU with LONGREACH_TRITON_AUTOTUNE=0 the first that fits). Here each
+# config is pinned (varlen_attention's `configs=`) and checked once: round i pins every kernel's i-th candidate,
+# cycling the shorter lists.
+
+def _config_rounds(head_dim, dtype, distinct_tiles=False):
+    """[{kind: config}] covering every candidate config of each kernel for this head dim and dtype.
+    distinct_tiles keeps one config per tile shape (the interpreter ignores warps and stages)."""
+    probe = {"BLOCK_D": max(16, triton.next_power_of_2(head_dim)), "Q": torch.empty(0, dtype=dtype)}
+    lists = {}
+    for kind in ("fwd", "dkdv", "dq"):
+        configs = triton_flash._launcher(kind, 0).candidates(**probe)
+        if distinct_tiles:
+            configs = list({(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]): c for c in configs}.values())
+        lists[kind] = configs
+    return [{kind: c[i % len(c)] for kind, c in lists.items()} for i in range(max(map(len, lists.values())))]
+
+
+def _round_id(configs):
+    return "-".join(f"{kind}{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+                    for kind, c in configs.items())
+
+
+# CPU: every tile shape once, at sizes where even 128-row tiles see a partial block and several key blocks
+CPU_CONFIG_MASKS = [CAUSAL_WINDOW, FULL, CAUSAL, WINDOW, DIAGONAL]
+
+
+@pytest.mark.parametrize("index,configs", list(enumerate(_config_rounds(32, F32, distinct_tiles=True))),
+                         ids=lambda p: _round_id(p) if isinstance(p, dict) else str(p))
+def test_every_tile_shape_matches_reference(index, configs):
+    dtype = (F32, F16)[index % 2]
+    _check_case(32, [150, 0, 37], [170, 20, 30], GQA, CPU_CONFIG_MASKS[index % len(CPU_CONFIG_MASKS)], dtype,
+                configs=configs)
+
+
+# GPU: every config (warps and stages too) for the head dims and dtypes that decide which ones fit
+GPU_CONFIG_PROBLEMS = [(BF16, 128, CAUSAL), (BF16, 64, CAUSAL_WINDOW), (BF16, 256, CAUSAL), (F16, 80, WINDOW),
+                       (F32, 128, FULL), (F32, 64, CAUSAL)]
+
+
+def _gpu_config_cases():
+    cases = []
+    for dtype, d, mask in GPU_CONFIG_PROBLEMS:
+        for configs in _config_rounds(d, dtype):
+            case = (d, [300, 0, 129], [400, 17, 129], GQA, mask, dtype)
+            cases.append(pytest.param(case, configs, id=f"{_case_id(case)}-{_round_id(configs)}"))
+    return cases
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case,configs", _gpu_config_cases())
+def test_every_autotune_config_matches_reference_gpu(case, configs):
+    _check_case(*case, configs=configs)
 
 
 @pytest.mark.parametrize("kind,configs", [("fwd", triton_flash._FWD_CONFIGS), ("dkdv", triton_flash._DKDV_CONFIGS),
