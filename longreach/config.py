@@ -9,6 +9,8 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from longreach.kvcache.policies import POLICIES
+from longreach.kvcache.quant import check_kv_cache_dtype
 from longreach.rope import RopeConfig, rope_config_from_hf
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -178,8 +180,6 @@ class CacheConfig:
     kv_policy_args: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self):
-        from longreach.kvcache.policies import POLICIES
-        from longreach.kvcache.quant import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype)
         if self.kv_policy not in POLICIES:

@@ -104,7 +104,8 @@ def function_level_imports(root: Path = ROOT) -> list[str]:
                     names = _resolve(name, node, path.name == "__init__.py")
                     is_project = any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names) or (
                         isinstance(node, ast.ImportFrom) and node.level)
-                    if is_project and "# lazy:" not in lines[node.lineno - 1]:
+                    statement = "\n".join(lines[node.lineno - 1:node.end_lineno])
+                    if is_project and "# lazy:" not in statement:
                         out.append(f"{path.relative_to(root)}:{node.lineno} {lines[node.lineno - 1].strip()}")
     return out
 

@@ -7,12 +7,12 @@ Decode has one query per sequence, the newest token, so the causal mask lets it 
 cache; a window (left, right) keeps the last left + 1 keys (right has nothing to cut). GQA: query
 head h reads KV head h // (Hq // Hkv). int8 caches (`kvcache.quant.Int8KV`) come with `k_scale, v_scale:
 [num_blocks, block_size, Hkv]`, one scale per (token, KV head): a key or value is `code * scale`,
-dequantized where it is read (in the Triton kernel on CUDA).
+dequantized where it is read.
 
 `paged_decode_attention` / `write_kv` dispatch to the Triton kernels (Flash-Decoding split-K, see
-`triton_decode.py`) for CUDA tensors when Triton imports, and to the PyTorch versions here
-otherwise. The PyTorch versions take any block size and are the reference the kernels are tested
-against.
+`triton_decode.py`) for CUDA tensors when Triton imports, and to the PyTorch versions here otherwise.
+The PyTorch decode is built for CPU serving (batched, one gather per group of similar-length sequences);
+`reference.paged_decode_reference` is the per-sequence oracle both are tested against.
 """
 from __future__ import annotations
 
@@ -20,133 +20,138 @@ import math
 
 import torch
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+from longreach.attention.paged_checks import check_decode_inputs, check_write_inputs
+
+# a group's gathered K and V together stay under this, so they are still in cache when the products read them
+GROUP_GATHER_BYTES = 8 * 2**20
 
 
-def check_decode_inputs(q, k_cache, v_cache, block_table, cache_seqlens, window_size=(-1, -1),
-                        k_scale=None, v_scale=None):
-    """Validate decode inputs (int8 caches with both scales); returns (batch, Hq, Hkv, D, block_size)."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.dim() != 4:
-            raise ValueError(f"{name} must be [num_blocks, block_size, kv_heads, head_dim], got {tuple(cache.shape)}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ")
-    quantized = _check_scales(q, k_cache, v_cache, k_scale, v_scale)
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dtype not in SUPPORTED_DTYPES and not (quantized and name != "q"):
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-        if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if not quantized and not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, cache_dim = k_cache.shape
-    if cache_dim != head_dim:
-        raise ValueError(f"q head dim {head_dim} != cache head dim {cache_dim}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} is unsupported: expected 1..{MAX_HEAD_DIM}")
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
-    if block_table.dim() != 2 or block_table.shape[0] != batch or block_table.dtype != torch.int32:
-        raise ValueError(f"block_table must be (batch={batch}, max_blocks) int32, got {tuple(block_table.shape)} "
-                         f"{block_table.dtype}")
-    if cache_seqlens.shape != (batch,) or cache_seqlens.dtype != torch.int32:
-        raise ValueError(f"cache_seqlens must be (batch={batch},) int32, got {tuple(cache_seqlens.shape)} "
-                         f"{cache_seqlens.dtype}")
-    for name, t in (("block_table", block_table), ("cache_seqlens", cache_seqlens)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size must be (left, right) with each >= -1 (-1 = unbounded), got {window_size}")
-    return batch, num_heads, num_kv_heads, head_dim, block_size
-
-
-def _check_scales(q, k_cache, v_cache, k_scale, v_scale) -> bool:
-    """Validate int8 caches' scales (both or neither, and only with int8 caches); True when quantized."""
-    if (k_scale is None) != (v_scale is None):
-        raise ValueError("pass both k_scale and v_scale, or neither")
-    int8 = (k_cache.dtype == torch.int8, v_cache.dtype == torch.int8)
-    if k_scale is None:
-        if any(int8):
-            raise ValueError(f"int8 caches need k_scale and v_scale (got k_cache {k_cache.dtype}, "
-                             f"v_cache {v_cache.dtype} without scales)")
-        return False
-    if not all(int8):
-        raise ValueError(f"k_scale and v_scale go with int8 caches, got k_cache {k_cache.dtype}, "
-                         f"v_cache {v_cache.dtype}")
-    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
-        if t.shape != k_cache.shape[:3]:
-            raise ValueError(f"{name} must be [num_blocks, block_size, kv_heads] = {tuple(k_cache.shape[:3])}, "
-                             f"got {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; expected float16, bfloat16 or float32")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    return True
-
-
-def check_write_inputs(k, v, k_cache, v_cache, slot_mapping):
-    """Validate write_kv inputs; returns (num_tokens, Hkv, D, block_size)."""
-    if k.dim() != 3 or k.shape != v.shape:
-        raise ValueError(f"k and v must both be (tokens, kv_heads, head_dim), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"caches must both be [num_blocks, block_size, kv_heads, head_dim], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"k's (kv_heads, head_dim) {tuple(k.shape[1:])} != cache's {tuple(k_cache.shape[2:])}")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype != torch.int64:
-        raise ValueError(f"slot_mapping must be ({k.shape[0]},) int64, got {tuple(slot_mapping.shape)} {slot_mapping.dtype}")
-    for name, t in (("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
-        if t.device != k.device:
-            raise ValueError(f"{name} is on {t.device} but k is on {k.device}")
-    return k.shape[0], k.shape[1], k.shape[2], k_cache.shape[1]
+def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
+    """`source.index_select(0, index)`, written into a reused buffer when `workspace` is given: a fresh
+    multi-MB tensor per call comes from new pages the kernel must fault in, which made the gather ~10x slower."""
+    if workspace is None:
+        return source.index_select(0, index)
+    rows = index.numel()
+    buf = workspace.get(key)
+    if buf is None or buf.shape[0] < rows or buf.shape[1:] != source.shape[1:] or buf.dtype != source.dtype:
+        buf = torch.empty((max(rows, 1), *source.shape[1:]), dtype=source.dtype, device=source.device)
+        workspace[key] = buf
+    return torch.index_select(source, 0, index, out=buf[:rows])
 
 
 def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                                 window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None):
-    """One query token per sequence against its paged K/V, in PyTorch (fp32 math).
+                                 window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None,
+                                 workspace: dict | None = None):
+    """One query per sequence over its pages, batched: q (B, Hq, D) -> out (B, Hq, D) in q's dtype and, with
+    return_lse, lse (B, Hq) fp32 (natural log; an empty sequence gives a zero output and -inf).
 
-    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D] (any block_size >= 1), int8 with
-    k_scale, v_scale [num_blocks, block_size, Hkv]; block_table: (B, max_blocks) int32; cache_seqlens: (B,) int32.
-    Returns out (B, Hq, D) in q's dtype and, with return_lse, lse (B, Hq) fp32 (natural log;
-    -inf and a zero output for an empty sequence).
-    """
+    CPU decode is memory-bound, so this reads each needed block once and copies nothing else: sequences are
+    sorted by length and cut into groups of similar length (bounding the padding) and of a few MiB (so the
+    gathered pages are still cached when read back); each group's blocks are gathered with one
+    `index_select` (int8 codes dequantized with their gathered scales) and every KV head's (B, G, D) x
+    (B, D, L) product runs as one strided `bmm` (or, with one or two KV heads, all heads as one
+    block-diagonal product). Keys at or past `cache_seqlens` (or left of the window) are masked; softmax in
+    fp32. workspace: a dict the caller keeps between calls, holding the gather buffers (see `gather_rows`)."""
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
         q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
+    dtype = q.dtype if k_scale is not None else k_cache.dtype         # the products' dtype
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    left = int(window_size[0])
     group = num_heads // num_kv_heads
-    out = torch.zeros_like(q)
-    lse = torch.full((batch, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    out = torch.zeros(batch, num_kv_heads, group, head_dim, dtype=dtype, device=q.device)
+    lse = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=torch.float32, device=q.device)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(dtype)                      # (B, Hkv, G, D)
     lengths = cache_seqlens.tolist()
     capacity = block_table.shape[1] * block_size
-    for b, length in enumerate(lengths):
-        if not 0 <= length <= capacity:
-            raise ValueError(f"cache_seqlens[{b}] = {length} is outside 0..{capacity} (block_table width x block_size)")
-        start = max(0, length - 1 - left) if left >= 0 else 0
-        if length == 0:
-            continue
-        pos = torch.arange(start, length, device=q.device)
-        blocks = block_table[b, pos // block_size].long()
-        if int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]:
-            raise ValueError(f"block_table[{b}] points outside the cache's {k_cache.shape[0]} blocks")
-        k = k_cache[blocks, pos % block_size].float()                       # (n, Hkv, D)
-        v = v_cache[blocks, pos % block_size].float()
-        if k_scale is not None:
-            k = k * k_scale[blocks, pos % block_size].float()[..., None]
-            v = v * v_scale[blocks, pos % block_size].float()[..., None]
-        qb = q[b].float().reshape(num_kv_heads, group, head_dim)             # (Hkv, G, D)
-        scores = torch.einsum("hgd,nhd->hgn", qb, k) * scale                 # (Hkv, G, n)
-        lse_b = torch.logsumexp(scores, dim=-1)                              # (Hkv, G)
-        probs = torch.exp(scores - lse_b[..., None])
-        out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(num_heads, head_dim).to(q.dtype)
-        lse[b] = lse_b.reshape(num_heads)
-    return (out, lse) if return_lse else out
+    bad = next((b for b, n in enumerate(lengths) if not 0 <= n <= capacity), None)
+    if bad is not None:
+        raise ValueError(f"cache_seqlens[{bad}] = {lengths[bad]} is outside 0..{capacity} "
+                         "(block_table width x block_size)")
+    max_keys = GROUP_GATHER_BYTES // (2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size())
+    pages = (k_cache, v_cache, k_scale, v_scale)
+    for rows, num_blocks in _length_groups(lengths, block_size, max_keys=max_keys):
+        if not max(lengths[r] for r in rows):
+            continue                                           # only empty sequences: 0 and -inf stand
+        idx = torch.tensor(rows, device=q.device)
+        flat = block_table.index_select(0, idx)[:, :num_blocks].reshape(-1).long()
+        k, v = _gather_pages(pages, flat, len(rows), dtype, workspace)                # (n, L, Hkv, D) each
+        pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
+        seqlens = cache_seqlens.index_select(0, idx).long()[:, None]
+        hidden = pos >= seqlens                                                      # (n, L)
+        if window_size[0] >= 0:
+            hidden |= pos < seqlens - 1 - window_size[0]
+        decode = _block_diagonal_decode if num_kv_heads <= 2 else _per_head_decode
+        o, lse_rows = decode(qg.index_select(0, idx), k, v, hidden[:, None, :], scale)
+        out.index_copy_(0, idx, o)
+        lse.index_copy_(0, idx, lse_rows)
+    out = out.view(batch, num_heads, head_dim).to(q.dtype)
+    return (out, lse.view(batch, num_heads)) if return_lse else out
+
+
+def _gather_pages(pages, flat: torch.Tensor, n: int, dtype: torch.dtype, workspace: dict | None):
+    """K and V of `flat` blocks as (n, L, Hkv, D) in `dtype`; int8 codes times their (gathered) scales."""
+    k_cache, v_cache, k_scale, v_scale = pages
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
+    k = gather_rows(k_cache, flat, workspace, "k")
+    v = gather_rows(v_cache, flat, workspace, "v")
+    if k_scale is not None:
+        k = k.to(dtype) * k_scale.index_select(0, flat).to(dtype)[..., None]
+        v = v.to(dtype) * v_scale.index_select(0, flat).to(dtype)[..., None]
+    shape = (n, flat.numel() // n * block_size, num_kv_heads, head_dim)
+    return k.view(shape), v.view(shape)
+
+
+def _per_head_decode(q, k, v, hidden, scale):
+    """q (n, Hkv, G, D), k/v (n, L, Hkv, D): a loop over KV heads, not tokens; each is one batched product."""
+    n, num_kv_heads, group, head_dim = q.shape
+    o = torch.empty(n, num_kv_heads, group, head_dim, dtype=v.dtype, device=q.device)
+    lse = torch.empty(n, num_kv_heads, group, dtype=torch.float32, device=q.device)
+    for h in range(num_kv_heads):
+        scores = torch.bmm(q[:, h], k[:, :, h].transpose(1, 2)).float() * scale      # (n, G, L)
+        scores.masked_fill_(hidden, float("-inf"))
+        lse[:, h] = torch.logsumexp(scores, dim=-1)
+        torch.bmm(scores.softmax(-1).nan_to_num_(0.0).to(v.dtype), v[:, :, h], out=o[:, h])   # (n, G, D)
+    return o, lse
+
+
+def _block_diagonal_decode(q, k, v, hidden, scale):
+    """All heads in two contiguous bmm's: q (n, Hkv, G, D) placed block-diagonally against k/v (n, L, Hkv*D).
+
+    Reads K and V once, contiguously, for Hkv times the multiply-adds: faster than per-head strided products
+    when there are one or two KV heads (MQA, small GQA models), where decode is bound by memory."""
+    n, num_kv_heads, group, head_dim = q.shape
+    num_keys = k.shape[1]
+    q_bd = q.new_zeros(n, num_kv_heads, group, num_kv_heads, head_dim)
+    for h in range(num_kv_heads):
+        q_bd[:, h, :, h] = q[:, h]
+    q_bd = q_bd.view(n, num_kv_heads * group, num_kv_heads * head_dim)                     # (n, Hq, Hkv*D)
+    scores = torch.bmm(q_bd, k.reshape(n, num_keys, -1).transpose(1, 2)).float() * scale   # (n, Hq, L)
+    scores.masked_fill_(hidden, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1).view(n, num_kv_heads, group)
+    probs = scores.softmax(-1).nan_to_num_(0.0).to(v.dtype)
+    o = torch.bmm(probs, v.reshape(n, num_keys, -1))                                       # (n, Hq, Hkv*D)
+    o = o.view(n, num_kv_heads, group, num_kv_heads, head_dim)
+    return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2), lse                     # (n, Hkv, G, D)
+
+
+def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25, max_keys: int | None = None):
+    """Rows sorted by length, cut so each group's padding to its longest is at most `max_waste` of it and,
+    with `max_keys`, its padded keys stay under that many (so its gathered K/V stay in cache while used)."""
+    order = sorted(range(len(seqlens)), key=lambda b: seqlens[b], reverse=True)
+    groups, rows, width, used = [], [], 0, 0
+    for b in order:
+        blocks = -(-seqlens[b] // block_size)
+        padded = width * (len(rows) + 1)
+        if rows and (padded - used - blocks > max_waste * padded
+                     or (max_keys is not None and padded * block_size > max_keys)):
+            groups.append((rows, width))
+            rows, used = [], 0
+        if not rows:
+            width = max(blocks, 1)
+        rows.append(b)
+        used += blocks
+    if rows:
+        groups.append((rows, width))
+    return groups
 
 
 def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
@@ -156,16 +161,16 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
     slot = block_id * block_size + offset, and slot < 0 meaning "skip this token" (padding).
     """
     _, _, _, block_size = check_write_inputs(k, v, k_cache, v_cache, slot_mapping)
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
-    if slots.numel() == 0:
+    if slot_mapping.numel() and int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    if slot_mapping.numel() == 0:
         return
     num_slots = k_cache.shape[0] * block_size
-    if int(slots.max()) >= num_slots:
-        raise ValueError(f"slot_mapping holds slot {int(slots.max())} but the cache has {num_slots} slots")
-    blocks, offsets = slots // block_size, slots % block_size
-    k_cache[blocks, offsets] = k[keep].to(k_cache.dtype)
-    v_cache[blocks, offsets] = v[keep].to(v_cache.dtype)
+    if int(slot_mapping.max()) >= num_slots:
+        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())} but the cache has {num_slots} slots")
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 _triton_decode = None
@@ -178,7 +183,7 @@ def _triton_for(t: torch.Tensor):
         return None
     if _triton_decode is None:
         try:
-            from longreach.attention import triton_decode
+            from longreach.attention import triton_decode  # lazy: optional heavy dependency (triton)
         except ImportError:
             triton_decode = False
         _triton_decode = triton_decode
@@ -186,13 +191,19 @@ def _triton_for(t: torch.Tensor):
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None):
-    """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere. Shapes as in the torch version
-    (int8 caches with their k_scale, v_scale)."""
+                           window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None,
+                           workspace: dict | None = None):
+    """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere (each validates its inputs once).
+    Shapes as in the PyTorch version (int8 caches with their k_scale, v_scale); `workspace` serves the
+    PyTorch path's gather buffers and is ignored by the kernel."""
     impl = _triton_for(q)
-    fn = impl.paged_decode_attention if impl else paged_decode_attention_torch
-    return fn(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=softmax_scale,
-              window_size=window_size, return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    if impl:
+        return impl.paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens,
+                                           softmax_scale=softmax_scale, window_size=window_size,
+                                           return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
+    return paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=softmax_scale,
+                                        window_size=window_size, return_lse=return_lse, k_scale=k_scale,
+                                        v_scale=v_scale, workspace=workspace)
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

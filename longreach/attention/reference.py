@@ -12,8 +12,9 @@ import math
 import torch
 
 from longreach.attention.masks import BlockSparseLayout, visible_mask
+from longreach.attention.paged_checks import check_decode_inputs
 
-__all__ = ["attention_one", "varlen_attention", "visible_mask"]
+__all__ = ["attention_one", "paged_decode_reference", "varlen_attention", "visible_mask"]
 
 
 def attention_one(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1), mask=None, upcast=True):
@@ -69,4 +70,46 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     lses.append(torch.full((q.shape[1], tail), float("-inf"), dtype=torch.float32, device=q.device))
     out = torch.cat(outs, dim=0)
     lse = torch.cat(lses, dim=1)
+    return (out, lse) if return_lse else out
+
+
+def paged_decode_reference(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
+                                 window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None):
+    """Paged decode's oracle: one query token per sequence against its paged K/V, a sequence at a time, fp32.
+
+    q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D] (any block_size >= 1), int8 with
+    k_scale, v_scale [num_blocks, block_size, Hkv]; block_table: (B, max_blocks) int32; cache_seqlens: (B,) int32.
+    Returns out (B, Hq, D) in q's dtype and, with return_lse, lse (B, Hq) fp32 (natural log;
+    -inf and a zero output for an empty sequence).
+    """
+    batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
+        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+    left = int(window_size[0])
+    group = num_heads // num_kv_heads
+    out = torch.zeros_like(q)
+    lse = torch.full((batch, num_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    lengths = cache_seqlens.tolist()
+    capacity = block_table.shape[1] * block_size
+    for b, length in enumerate(lengths):
+        if not 0 <= length <= capacity:
+            raise ValueError(f"cache_seqlens[{b}] = {length} is outside 0..{capacity} (block_table width x block_size)")
+        start = max(0, length - 1 - left) if left >= 0 else 0
+        if length == 0:
+            continue
+        pos = torch.arange(start, length, device=q.device)
+        blocks = block_table[b, pos // block_size].long()
+        if int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]:
+            raise ValueError(f"block_table[{b}] points outside the cache's {k_cache.shape[0]} blocks")
+        k = k_cache[blocks, pos % block_size].float()                       # (n, Hkv, D)
+        v = v_cache[blocks, pos % block_size].float()
+        if k_scale is not None:
+            k = k * k_scale[blocks, pos % block_size].float()[..., None]
+            v = v * v_scale[blocks, pos % block_size].float()[..., None]
+        qb = q[b].float().reshape(num_kv_heads, group, head_dim)             # (Hkv, G, D)
+        scores = torch.einsum("hgd,nhd->hgn", qb, k) * scale                 # (Hkv, G, n)
+        lse_b = torch.logsumexp(scores, dim=-1)                              # (Hkv, G)
+        probs = torch.exp(scores - lse_b[..., None])
+        out[b] = torch.einsum("hgn,nhd->hgd", probs, v).reshape(num_heads, head_dim).to(q.dtype)
+        lse[b] = lse_b.reshape(num_heads)
     return (out, lse) if return_lse else out

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from longreach.attention.paged import check_decode_inputs, check_write_inputs
+from longreach.attention.paged_checks import check_decode_inputs, check_write_inputs
 from longreach.attention.triton_flash import SMEM_BUDGET, INTERPRET, LOG2E, UNBOUNDED, Launcher
 
 MAX_SPLITS = 64

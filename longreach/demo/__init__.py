@@ -54,14 +54,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     verb = args.demo_verb or "tour"
     if verb == "train":
-        from longreach.demo.train import export_bf16, train_base
+        from longreach.demo.train import (  # lazy: CLI verb, keeps --help fast
+            export_bf16,
+            train_base,
+        )
 
         final = train_base(args.run_dir, args.max_steps, overrides=args.overrides)
         if args.export:
             print(f"exported: {export_bf16(final, args.export)}")
         return 0
     if verb == "retrieval":
-        from longreach.demo.train import export_bf16, train_retrieval
+        from longreach.demo.train import (  # lazy: CLI verb, keeps --help fast
+            export_bf16,
+            train_retrieval,
+        )
 
         final = train_retrieval(args.base, args.run_dir, args.max_steps, args.prompt_steps, lr=args.lr,
                                 min_bytes=args.min_bytes, max_bytes=args.max_bytes)
@@ -69,7 +75,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"exported: {export_bf16(final, args.export)}")
         return 0
     if verb == "extend":
-        from longreach.demo.train import export_bf16, extend_base
+        from longreach.demo.train import (  # lazy: CLI verb, keeps --help fast
+            export_bf16,
+            extend_base,
+        )
 
         final = extend_base(args.base, args.run_dir, args.factor, args.seq_len, args.max_steps, lr=args.lr, batch_size=args.batch_size, mix=args.mix, dtype=args.dtype,
                             overrides=args.overrides)
@@ -77,9 +86,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"exported: {export_bf16(final, args.export)}")
         return 0
     if verb == "experiment":
-        from longreach.demo.experiment import run_experiment
+        from longreach.demo.experiment import (
+            run_experiment,  # lazy: CLI verb, keeps --help fast
+        )
 
         return run_experiment(args)
-    from longreach.demo.tour import tour
+    from longreach.demo.tour import tour  # lazy: CLI verb, keeps --help fast
 
     return tour()

@@ -13,6 +13,8 @@ import random
 from pathlib import Path
 from typing import Iterator
 
+from longreach.eval.tasks import PASSKEY_INSTRUCTION
+
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -62,7 +64,6 @@ def passkey_doc(rng: random.Random, num_bytes: int) -> str:
 def passkey_prompt_doc(rng: random.Random, num_bytes: int) -> str:
     """A passkey document laid out exactly as `longreach eval passkey` asks: the instruction line, the
     haystack cut anywhere (not only at a sentence), the needle and the question on lines of their own."""
-    from longreach.eval.tasks import PASSKEY_INSTRUCTION
 
     key = rng.randint(10000, 99999)
     needle = PASSKEY_LINE.format(key=key).strip()

@@ -15,8 +15,12 @@ from pathlib import Path
 
 from longreach.demo.corpus import write_prose_text
 from longreach.demo.train import EXTEND_SEQ_LEN
-
+from longreach.eval.backends import LocalBackend
+from longreach.eval.plots import plot_comparison, plot_perplexity
+from longreach.eval.ppl import evaluate_perplexity
+from longreach.eval.runner import run_grid
 from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, BUNDLED_MODEL_DIR
+from longreach.model.loader import read_config
 
 FACTOR = 8.0
 
@@ -45,11 +49,6 @@ def _markdown_table(title: str, rows: dict[str, dict[int, str]], lengths: list[i
 def run_experiment(args: argparse.Namespace) -> int:
     import torch
 
-    from longreach.eval.backends import LocalBackend
-    from longreach.eval.plots import plot_comparison, plot_perplexity
-    from longreach.eval.ppl import evaluate_perplexity
-    from longreach.eval.runner import run_grid
-    from longreach.model.loader import read_config
 
     base = Path(args.base) if args.base else BUNDLED_BASE_MODEL_DIR
     extended = Path(args.extended) if args.extended else BUNDLED_MODEL_DIR

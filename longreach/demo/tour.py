@@ -10,20 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longreach.demo.corpus import write_prose_text
+from longreach.eval.backends import LocalBackend
+from longreach.eval.ppl import evaluate_perplexity
+from longreach.eval.runner import run_grid, write_report
+from longreach.kvcache.presets import resolve_model
+from longreach.kvcache.size_report import format_report, report
+from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, resolve_model_path
+from longreach.model.loader import read_config
+
 
 def _section(title: str) -> None:
     print(f"\n== {title} " + "=" * max(0, 74 - len(title)))
 
 
 def tour(out_dir: str | Path = "runs/demo-tour") -> int:
-    from longreach.demo.corpus import write_prose_text
-    from longreach.eval.backends import LocalBackend
-    from longreach.eval.ppl import evaluate_perplexity
-    from longreach.eval.runner import run_grid, write_report
-    from longreach.kvcache.presets import resolve_model
-    from longreach.kvcache.size_report import format_report, report
-    from longreach.model.bundled import BUNDLED_BASE_MODEL_DIR, resolve_model_path
-    from longreach.model.loader import read_config
 
     out_dir = Path(out_dir)
     _section("1. KV cache of one 128K-token request (longreach kv-size)")

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import torch
 
+from longreach.cli import main as cli
 from longreach.demo.corpus import write_corpus
+from longreach.model.loader import load_model, save_model
+from longreach.model.tokenizer import load_tokenizer
+from longreach.train.config import TrainConfig
+from longreach.train.trainer import Trainer
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.toml"
 BASE_SEQ_LEN = 512
@@ -27,8 +32,6 @@ def corpus_for(run_dir: Path, seq_len: int, num_docs: int, seed: int, mix: str =
 
 def export_bf16(src: str | Path, dst: str | Path) -> Path:
     """Re-save a checkpoint in bf16 with its tokenizer: the form the package ships (half the bytes)."""
-    from longreach.model.loader import load_model, save_model
-    from longreach.model.tokenizer import load_tokenizer
 
     model = load_model(src, dtype=torch.bfloat16)
     out = save_model(model, dst)
@@ -39,8 +42,6 @@ def export_bf16(src: str | Path, dst: str | Path) -> Path:
 def train_base(run_dir: str | Path = "runs/demo", max_steps: int | None = None, num_docs: int = 200_000,
                overrides: list[str] = ()) -> Path:
     """Train the base model at 512 tokens; returns the exported (fp32) Hugging Face directory."""
-    from longreach.train.config import TrainConfig
-    from longreach.train.trainer import Trainer
 
     run_dir = Path(run_dir)
     corpus = corpus_for(run_dir, BASE_SEQ_LEN, num_docs, seed=0)
@@ -52,8 +53,6 @@ def train_base(run_dir: str | Path = "runs/demo", max_steps: int | None = None, 
 
 
 def _retrieval_phase(model: str | Path, out: Path, corpus: Path, max_steps: int, lr: float) -> Path:
-    from longreach.train.config import TrainConfig
-    from longreach.train.trainer import Trainer
 
     cfg = TrainConfig.from_dict({
         "model": {"path": str(model)},
@@ -101,7 +100,6 @@ def extend_base(base: str | Path, run_dir: str | Path = "runs/demo", factor: flo
                 max_steps: int = 200, num_docs: int = 40_000, lr: float = 5e-4, batch_size: int = 32,
                 mix: str = "base", dtype: str = "bf16", overrides: list[str] = ()) -> Path:
     """YaRN x factor on the base model, then continued pretraining at seq_len through `longreach extend`."""
-    from longreach.cli import main as cli
 
     run_dir = Path(run_dir)
     corpus = corpus_for(run_dir, seq_len, num_docs, seed=1, mix=mix, min_bytes=100)

@@ -51,17 +51,23 @@ def _check(args) -> None:
 def _build_model(args):
     import torch
 
-    from longreach.model.loader import build_model, load_model, resolve_dtype
+    from longreach.model.loader import (  # lazy: CLI verb, keeps --help fast
+        build_model,
+        load_model,
+        resolve_dtype,
+    )
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.random_model:
-        from longreach.config import ModelConfig
+        from longreach.config import ModelConfig  # lazy: CLI verb, keeps --help fast
 
         shape = RANDOM_MODELS[args.random_model]
         cfg = ModelConfig.from_hf_dict({"model_type": "llama", **shape, "rope_theta": 10000.0,
                                         "max_position_embeddings": args.max_input + args.output_len})
         return build_model(cfg, dtype=resolve_dtype(args.dtype) or torch.float32, device=device)
-    from longreach.model.bundled import resolve_model_path
+    from longreach.model.bundled import (
+        resolve_model_path,  # lazy: CLI verb, keeps --help fast
+    )
 
     return load_model(resolve_model_path(args.model), dtype=args.dtype, device=device)
 
@@ -69,8 +75,10 @@ def _build_model(args):
 def main(args) -> int:
     import torch
 
-    from longreach.engine.llm import LLM
-    from longreach.engine.sampler import SamplingParams
+    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
+    from longreach.engine.sampler import (
+        SamplingParams,  # lazy: CLI verb, keeps --help fast
+    )
 
     _check(args)
     if args.threads:

@@ -33,6 +33,11 @@ from longreach.kvcache.block_pool import KVCacheManager
 from longreach.kvcache.paged_cache import PagedKVCache
 from longreach.kvcache.planner import INT4_BLOCK_SIZE, plan_kv_cache
 from longreach.model.llama import LlamaForCausalLM
+from longreach.model.tokenizer import load_tokenizer
+from longreach.engine.tp import TensorParallel, shard_model
+from longreach.model.bundled import resolve_model_path
+from longreach.model.loader import load_model, resolve_dtype
+from longreach.model.quant import check_quantization, quantize_model
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
@@ -236,7 +241,6 @@ class LLM:
                  tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", quantization: str | None = None,
                  kv_policy: str = "none", kv_policy_args: dict[str, Any] | None = None,
                  allow_long_max_model_len: bool = False):
-        from longreach.model.loader import load_model, resolve_dtype
 
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tensor_parallel_size > 1 else "cuda"
@@ -247,21 +251,17 @@ class LLM:
                 raise ValueError("rope_scaling applies when loading a checkpoint; this model is already built")
             model = model.to(device=device, dtype=resolve_dtype(dtype))
         else:
-            from longreach.model.bundled import resolve_model_path
             path = resolve_model_path(None if model is None else str(model))
             model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
         if quantization is not None:
-            from longreach.model.quant import check_quantization, quantize_model
             quantize_model(model, check_quantization(quantization))
         parallel = None
         if tensor_parallel_size > 1:
-            from longreach.engine.tp import TensorParallel, shard_model
             shard_model(model, tensor_parallel_size)
             parallel = TensorParallel(device)
         if tokenizer is None and path is not None:
             tokenizer = _try_load_tokenizer(path)
         elif isinstance(tokenizer, (str, Path)):
-            from longreach.model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(tokenizer)
         if block_size is None:
             block_size = INT4_BLOCK_SIZE if kv_cache_dtype == "int4" else 16
@@ -334,10 +334,6 @@ class LLM:
 
 def _try_load_tokenizer(path: Path):
     """The checkpoint's tokenizer, or None when it ships none (token-id prompts still work)."""
-    try:
-        from longreach.model.tokenizer import load_tokenizer
-    except ImportError:
-        return None
     try:
         return load_tokenizer(path)
     except FileNotFoundError:

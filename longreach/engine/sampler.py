@@ -17,6 +17,7 @@ import torch
 from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.sequence import Sequence
 
+
 @dataclass
 class SamplerOutput:
     token_ids: list[int]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from longreach.train.parallel import join_process_group
 
 
 class RowParallelLinear(nn.Module):
@@ -48,7 +49,6 @@ def ensure_initialized(world_size: int) -> tuple[int, int]:
             raise RuntimeError(f"tensor_parallel_size={world_size} needs {world_size} processes: launch with "
                                f"`torchrun --nproc-per-node {world_size} ...` or call "
                                "torch.distributed.init_process_group first")
-        from longreach.train.parallel import join_process_group
 
         join_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != world_size:

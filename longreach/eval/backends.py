@@ -34,6 +34,11 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from longreach.eval.tasks import Tokenizer
+from longreach.engine.llm import SamplingParams
+from longreach.model.bundled import resolve_model_path
+from longreach.model.generate import generate
+from longreach.model.loader import load_model
+from longreach.model.tokenizer import load_tokenizer
 
 IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]   # (prompt ids, max_tokens) -> new ids
 
@@ -102,7 +107,6 @@ def _llm_runner(llm, SamplingParams) -> IdsGenerator:
 
 
 def _reference_generator(model, stop_token_ids: Sequence[int]) -> tuple[IdsGenerator, str]:
-    from longreach.model.generate import generate
 
     stops = tuple(stop_token_ids)
 
@@ -122,7 +126,7 @@ def _local_generator(model, tokenizer, dtype, device, rope_scaling, kv_cache_dty
     answers instead (the same greedy tokens, but no KV-cache options).
     """
     try:
-        from longreach.engine.llm import LLM, SamplingParams
+        from longreach.engine.llm import LLM, SamplingParams  # lazy: optional: a build without the engine falls back to the reference generator
     except ModuleNotFoundError as exc:
         if exc.name not in ("longreach.engine.llm", "longreach.engine"):
             raise                       # the engine exists but one of its imports is broken: say so
@@ -137,7 +141,6 @@ def _local_generator(model, tokenizer, dtype, device, rope_scaling, kv_cache_dty
         raise ValueError(f"engine options {sorted(engine_kwargs)} need the paged serving engine "
                          "(longreach.engine.llm), which this build does not have")
     if isinstance(model, Path):
-        from longreach.model.loader import load_model
         model = load_model(model, dtype=dtype, rope_scaling=rope_scaling,
                            device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     elif rope_scaling is not None or dtype is not None:
@@ -167,7 +170,6 @@ class LocalBackend:
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if model is None or isinstance(model, (str, Path)):
-            from longreach.model.bundled import resolve_model_path
             model = resolve_model_path(None if model is None else str(model))
             if not Path(model).is_dir():
                 raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
@@ -177,7 +179,6 @@ class LocalBackend:
         if tokenizer is None:
             if not isinstance(model, Path):
                 raise ValueError("pass tokenizer= along with a model object")
-            from longreach.model.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(model)
         self.tokenizer = tokenizer
         self.name = name or (model.name if isinstance(model, Path) else type(model).__name__)
@@ -187,7 +188,6 @@ class LocalBackend:
         self._generator: IdsGenerator | None = None
         self.kind: str | None = None        # "engine" or "contiguous-cache generator" once built
         if type(model).__name__ == "LLM":   # an engine built by the caller
-            from longreach.engine.llm import SamplingParams
             self._generator, self.kind = _llm_runner(model, SamplingParams), "engine"
 
     def ensure_max_len(self, num_tokens: int) -> None:

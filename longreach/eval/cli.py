@@ -173,11 +173,11 @@ def build_settings(args) -> dict[str | None, dict]:
 
 
 def make_backend(options: dict, args, max_len: int):
-    from longreach.eval.backends import EndpointBackend, LocalBackend
+    from longreach.eval.backends import EndpointBackend, LocalBackend  # lazy: CLI verb, keeps --help fast
     if options.get("endpoint"):
         tokenizer = None
         if options.get("tokenizer"):
-            from longreach.model.tokenizer import load_tokenizer
+            from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
             tokenizer = load_tokenizer(options["tokenizer"])
         backend = EndpointBackend(options["endpoint"], api_key=options.get("api_key"),
                                   model_name=options.get("model_name"), tokenizer=tokenizer,
@@ -187,7 +187,7 @@ def make_backend(options: dict, args, max_len: int):
         return backend
     tokenizer = None
     if options.get("tokenizer"):
-        from longreach.model.tokenizer import load_tokenizer
+        from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
         tokenizer = load_tokenizer(options["tokenizer"])
     return LocalBackend(options.get("model"), tokenizer=tokenizer, dtype=options.get("dtype"),
                         rope_scaling=options.get("rope_scaling"), kv_cache_dtype=options.get("kv_cache_dtype"),
@@ -237,7 +237,12 @@ def _main(args) -> int:
     out_dir = Path(args.out or Path("eval-results") / args.task)
     if args.task == "ppl":
         return _main_ppl(args, settings, lengths, out_dir)
-    from longreach.eval.runner import run_grid, write_comparison, write_report, comparison_table
+    from longreach.eval.runner import (  # lazy: CLI verb, keeps --help fast
+        comparison_table,
+        run_grid,
+        write_comparison,
+        write_report,
+    )
 
     depths = parse_depths(args.depths)
     grid = dict(depths=depths, num_samples=args.samples, seed=args.seed, haystack=args.haystack,
@@ -268,8 +273,12 @@ def _main(args) -> int:
 
 
 def _main_ppl(args, settings, lengths, out_dir) -> int:
-    from longreach.eval.ppl import evaluate_perplexity, perplexity_table, write_perplexity_report
-    from longreach.model.tokenizer import load_tokenizer
+    from longreach.eval.ppl import (  # lazy: CLI verb, keeps --help fast
+        evaluate_perplexity,
+        perplexity_table,
+        write_perplexity_report,
+    )
+    from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
 
     results = []
     for name, options in settings.items():

@@ -16,7 +16,6 @@ Words used by the tasks (keys, variable names, word lists) are built here too: `
 from __future__ import annotations
 
 import abc
-
 import bisect
 import os
 import random

@@ -27,6 +27,11 @@ import torch.nn.functional as F
 
 from longreach.attention import AttentionMetadata
 from longreach.eval.results import format_length
+from longreach.eval.haystack import SyntheticText
+from longreach.eval.plots import plot_perplexity
+from longreach.model.bundled import resolve_model_path
+from longreach.model.loader import load_model
+from longreach.model.tokenizer import load_tokenizer
 
 TOKENS_PER_BATCH = 16384     # windows of one length are batched in the flat layout up to this many tokens
 
@@ -109,7 +114,6 @@ def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_toke
                 raise FileNotFoundError(f"data file {str(path)!r} does not exist")
             docs.append(tokenizer.encode(path.read_text(encoding="utf-8", errors="replace")))
         return docs
-    from longreach.eval.haystack import SyntheticText
     source = SyntheticText(seed=f"ppl:{seed}")
     num_chars = 4 * min_tokens
     while True:
@@ -125,11 +129,8 @@ def evaluate_perplexity(model, data: Sequence[str | os.PathLike] | None = None, 
                         device: str | None = None, progress: bool = True) -> PerplexityResult:
     """Perplexity vs length of a checkpoint directory (or a loaded model with `tokenizer`) on `data` files.
     device: where a checkpoint is loaded (default: CUDA when available)."""
-    from longreach.model.bundled import resolve_model_path
     if model is None or isinstance(model, (str, Path)):
         path = resolve_model_path(None if model is None else str(model))
-        from longreach.model.loader import load_model
-        from longreach.model.tokenizer import load_tokenizer
         name = path.name
         tokenizer = tokenizer or load_tokenizer(path)
         model = load_model(path, dtype=dtype, rope_scaling=rope_scaling,
@@ -183,6 +184,5 @@ def write_perplexity_report(results: Sequence[PerplexityResult], out_dir: str | 
     (out_dir / "ppl.txt").write_text(perplexity_table(results) + "\n")
     paths = {"results": out_dir / "ppl.json", "table": out_dir / "ppl.txt"}
     if plot:
-        from longreach.eval.plots import plot_perplexity
         paths["plot"] = plot_perplexity(results, out_dir / "perplexity.png")
     return paths

@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-
 _ANY_DEPTH = object()   # "all depths" (None is itself a depth: the one of tasks without a depth)
 
 

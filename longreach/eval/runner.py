@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from longreach.eval.backends import LocalBackend
 from longreach.eval.plots import plot_comparison, plot_heatmap
 from longreach.eval.results import GridResult, SampleResult, format_length, pct
 from longreach.eval.scoring import is_correct, score_output
@@ -35,7 +36,6 @@ from longreach.eval.tasks import TASKS, make_sample
 def _as_backend(model_or_backend, **backend_kwargs):
     if hasattr(model_or_backend, "complete") and hasattr(model_or_backend, "tokenizer"):
         return model_or_backend
-    from longreach.eval.backends import LocalBackend
     return LocalBackend(model_or_backend, **backend_kwargs)
 
 

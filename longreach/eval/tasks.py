@@ -39,8 +39,19 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Protocol, Sequence
 
-from longreach.eval.haystack import (_ADJECTIVES, _NOUNS, EntityDocuments, RepeatedText, SyntheticText, TextSource,
-                                     entity_document, entity_facts, person_name, pseudo_word, read_text_files)
+from longreach.eval.haystack import (
+    _ADJECTIVES,
+    _NOUNS,
+    EntityDocuments,
+    RepeatedText,
+    SyntheticText,
+    TextSource,
+    entity_document,
+    entity_facts,
+    person_name,
+    pseudo_word,
+    read_text_files,
+)
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "

@@ -9,23 +9,23 @@ decode kernel; prefills starting at position 0 through `flash_attn_varlen_func` 
 continued prefill chunks through `flash_attn_varlen_func` over keys gathered from their pages,
 bottom-right causal as FlashAttention defines it.
 
-The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors (Triton write
-and decode on CUDA); int8 pages are written quantized. On CUDA the Triton decode kernel reads the int8 pages and
-their scales and dequantizes in the kernel; on CPU a decode dequantizes just the blocks the step's tables
-reference into a compact page set, then runs the PyTorch decode.
+The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors; int8 pages
+are written quantized. The decode and the write are the attention package's (`attention.paged`: Triton on CUDA,
+batched PyTorch on CPU), which read int8 pages with their scales and dequantize where they read.
+This module keeps storage: allocation, writes, slot reads, and the sizing of the cache.
 int4 (KIVI) and eviction policies bring their own batch (`paged_gather.GatheredBatch`): keys read
 (dequantized) per sequence, one varlen attention call. Either batch kind writes and attends for itself;
 `BoundPagedKVCache` hands each layer's K/V to it.
 """
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 
 import torch
 
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
+from longreach.attention.paged import gather_rows, paged_decode_attention, write_kv
 from longreach.config import CacheConfig
 from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, Int8KV, KVQuantizer
 
@@ -86,125 +86,6 @@ def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Attent
                                   meta.max_seqlen_k, causal=True, window_size=window_size)
 
 
-def torch_write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """k, v: (T, Hkv, D) into slots (T,) of caches [num_blocks, block_size, Hkv, D]."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
-
-
-def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: dict | None, key: str) -> torch.Tensor:
-    """`source.index_select(0, index)`, written into a reused buffer when `workspace` is given: a fresh
-    multi-MB tensor per call comes from new pages the kernel must fault in, which made the gather ~10x slower."""
-    if workspace is None:
-        return source.index_select(0, index)
-    rows = index.numel()
-    buf = workspace.get(key)
-    if buf is None or buf.shape[0] < rows or buf.shape[1:] != source.shape[1:] or buf.dtype != source.dtype:
-        buf = torch.empty((max(rows, 1), *source.shape[1:]), dtype=source.dtype, device=source.device)
-        workspace[key] = buf
-    return torch.index_select(source, 0, index, out=buf[:rows])
-
-
-# a group's gathered K and V together stay under this, so they are still in cache when the products read them
-GROUP_GATHER_BYTES = 8 * 2**20
-
-
-def torch_paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                                 window_size=(-1, -1), workspace: dict | None = None):
-    """One query per sequence over its pages, batched: q (B, Hq, D) -> (B, Hq, D).
-
-    CPU decode is memory-bound, so this reads each needed block once and copies nothing else: sequences
-    are sorted by length and cut into groups of similar length (bounding the padding) and of a few MiB
-    (so the gathered pages are still cached when read back), each group's blocks are gathered with one
-    `index_select`, and every KV head's (B, G, D) x (B, D, L) product runs
-    as one strided `bmm` on the gathered pages (or, with one or two KV heads, all heads as one
-    block-diagonal product). Keys at or past `cache_seqlens` (or left of the window)
-    are masked; softmax in fp32. GQA: query head h reads KV head h // (Hq // Hkv).
-    workspace: a dict the caller keeps between calls, holding the gather buffers (see `gather_rows`)."""
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    out = torch.empty(batch, num_kv_heads, group, head_dim, dtype=k_cache.dtype, device=q.device)
-    qg = q.view(batch, num_kv_heads, group, head_dim).to(k_cache.dtype)                 # (B, Hkv, G, D)
-    max_keys = GROUP_GATHER_BYTES // (2 * num_kv_heads * head_dim * k_cache.element_size())
-    for rows, num_blocks in _length_groups(cache_seqlens.tolist(), block_size, max_keys=max_keys):
-        idx = torch.tensor(rows, device=q.device)
-        flat = block_table.index_select(0, idx)[:, :num_blocks].reshape(-1).long()
-        n, num_keys = len(rows), num_blocks * block_size
-        k = gather_rows(k_cache, flat, workspace, "k").view(n, num_keys, num_kv_heads, head_dim)  # (n, L, Hkv, D)
-        v = gather_rows(v_cache, flat, workspace, "v").view(n, num_keys, num_kv_heads, head_dim)
-        pos = torch.arange(num_keys, device=q.device)[None, :]
-        seqlens = cache_seqlens.index_select(0, idx).long()[:, None]
-        hidden = pos >= seqlens                                                          # (n, L)
-        if window_size[0] >= 0:
-            hidden |= pos < seqlens - 1 - window_size[0]
-        hidden = hidden[:, None, :]
-        q_rows = qg.index_select(0, idx)
-        if num_kv_heads <= 2:
-            o = _block_diagonal_decode(q_rows, k, v, hidden, scale)
-        else:
-            o = torch.empty(n, num_kv_heads, group, head_dim, dtype=k_cache.dtype, device=q.device)
-            for h in range(num_kv_heads):   # a loop over KV heads, not tokens: each is one batched product
-                scores = torch.bmm(q_rows[:, h], k[:, :, h].transpose(1, 2)).float() * scale   # (n, G, L)
-                probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).to(v.dtype)
-                torch.bmm(probs, v[:, :, h], out=o[:, h])                                    # (n, G, D)
-        out.index_copy_(0, idx, o)
-    return out.view(batch, num_heads, head_dim).to(q.dtype)
-
-
-def _block_diagonal_decode(q, k, v, hidden, scale):
-    """All heads in two contiguous bmm's: q (n, Hkv, G, D) placed block-diagonally against k/v (n, L, Hkv*D).
-
-    Reads K and V once, contiguously, for Hkv times the multiply-adds: faster than per-head strided products
-    when there are one or two KV heads (MQA, small GQA models), where decode is bound by memory."""
-    n, num_kv_heads, group, head_dim = q.shape
-    num_keys = k.shape[1]
-    q_bd = q.new_zeros(n, num_kv_heads, group, num_kv_heads, head_dim)
-    for h in range(num_kv_heads):
-        q_bd[:, h, :, h] = q[:, h]
-    q_bd = q_bd.view(n, num_kv_heads * group, num_kv_heads * head_dim)                     # (n, Hq, Hkv*D)
-    scores = torch.bmm(q_bd, k.reshape(n, num_keys, -1).transpose(1, 2)).float() * scale   # (n, Hq, L)
-    probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).to(v.dtype)
-    o = torch.bmm(probs, v.reshape(n, num_keys, -1))                                       # (n, Hq, Hkv*D)
-    o = o.view(n, num_kv_heads, group, num_kv_heads, head_dim)
-    return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2)                            # (n, Hkv, G, D)
-
-
-def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25, max_keys: int | None = None):
-    """Rows sorted by length, cut so each group's padding to its longest is at most `max_waste` of it and,
-    with `max_keys`, its padded keys stay under that many (so its gathered K/V stay in cache while used)."""
-    order = sorted(range(len(seqlens)), key=lambda b: seqlens[b], reverse=True)
-    groups, rows, width, used = [], [], 0, 0
-    for b in order:
-        blocks = -(-seqlens[b] // block_size)
-        padded = width * (len(rows) + 1)
-        if rows and (padded - used - blocks > max_waste * padded
-                     or (max_keys is not None and padded * block_size > max_keys)):
-            groups.append((rows, width))
-            rows, used = [], 0
-        if not rows:
-            width = max(blocks, 1)
-        rows.append(b)
-        used += blocks
-    if rows:
-        groups.append((rows, width))
-    return groups
-
-
-def _kernels(device: torch.device):
-    """(write_kv, decode) for the cache's device: the attention package's Triton kernels on CUDA (Flash-Decoding
-    split-K); on CPU our batched PyTorch versions above, which serve all decodes with one gather and two
-    matmuls (`attention.paged`'s PyTorch path is its per-sequence reference)."""
-    if device.type == "cuda":
-        try:
-            from longreach.attention import paged
-            return paged.write_kv, paged.paged_decode_attention
-        except ImportError:
-            pass
-    return torch_write_kv, torch_paged_decode_attention
-
-
 class PagedKVCache:
     """Per-layer pages in `stores[layer]`: the quantizer's named tensors, each `[num_blocks, *block shape]`
     (plain K/V: `k_caches[layer]`, `v_caches[layer]` are [num_blocks, block_size, Hkv, D]), plus int4's
@@ -226,7 +107,6 @@ class PagedKVCache:
         self.is_plain = isinstance(quantizer, FullPrecisionKV)
         self.block_bytes = num_layers * quantizer.block_bytes(block_size, num_kv_heads, head_dim)
         self.window_slot_bytes = num_layers * quantizer.window_bytes(num_kv_heads, head_dim)
-        self._write_kv, self._decode = _kernels(torch.device(device))
         self.workspace: dict[str, torch.Tensor] = {}   # reused gather buffers (CPU paths)
 
     @property
@@ -237,16 +117,11 @@ class PagedKVCache:
     def v_caches(self) -> list[torch.Tensor]:
         return [store["v"] for store in self.stores]
 
-    @staticmethod
-    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
-                        dtype: torch.dtype) -> int:
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
-
     def write_slots(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                     slot_mapping: torch.Tensor) -> None:
         """Store K/V (T, Hkv, D) at flat slots (T,) (token-local dtypes: plain, int8)."""
         if self.is_plain:
-            self._write_kv(k, v, store["k"], store["v"], slot_mapping)
+            write_kv(k, v, store["k"], store["v"], slot_mapping)
         else:
             self.quantizer.write_slots(store, k, v, slot_mapping)
 
@@ -261,20 +136,22 @@ class PagedKVCache:
 
     def decode(self, store: dict[str, torch.Tensor], q: torch.Tensor, block_table: torch.Tensor,
                seqlens: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
-        """One query per sequence over its pages: q (B, Hq, D) -> (B, Hq, D)."""
-        kwargs = {"workspace": self.workspace} if self._decode is torch_paged_decode_attention else {}
+        """One query per sequence over its pages: q (B, Hq, D) -> (B, Hq, D). Plain and int8 pages go to
+        the paged decode as they are (int8 dequantized where it reads); pages stored in another dtype than
+        the queries are converted first, only the blocks the tables reference, into a compact page set."""
         k_cache, v_cache = store["k"], store["v"]
-        if isinstance(self.quantizer, Int8KV) and self._decode is not torch_paged_decode_attention:
-            return self._decode(q, k_cache, v_cache, block_table, seqlens, window_size=tuple(window_size),
-                                k_scale=store["k_scale"], v_scale=store["v_scale"])       # dequantized in-kernel
-        if not self.is_plain or (k_cache.dtype != q.dtype and self._decode is not torch_paged_decode_attention):
-            # dequantize only the referenced blocks into a compact page set, renumbering the tables to match
+        if isinstance(self.quantizer, Int8KV):
+            return paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, window_size=window_size,
+                                          k_scale=store["k_scale"], v_scale=store["v_scale"],
+                                          workspace=self.workspace)
+        if not self.is_plain or k_cache.dtype != q.dtype:
             used, compact = torch.unique(block_table, return_inverse=True)              # (U,), table's shape
             keys, values = self.quantizer.read_blocks(store, used[None, :], dtype=q.dtype)  # (1, U * bs, Hkv, D)
             k_cache = keys.view(used.numel(), self.block_size, *keys.shape[2:])
             v_cache = values.view(used.numel(), self.block_size, *values.shape[2:])
             block_table = compact.to(torch.int32)
-        return self._decode(q, k_cache, v_cache, block_table, seqlens, window_size=tuple(window_size), **kwargs)
+        return paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, window_size=window_size,
+                                      workspace=self.workspace)
 
     def bind(self, batch) -> "BoundPagedKVCache":
         """The object the model receives as `kv_cache` for one step (batch: a PagedBatch or GatheredBatch)."""

@@ -85,7 +85,7 @@ def add_arguments(parser) -> None:
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
-    from longreach.rope import parse_rope_scaling_arg
+    from longreach.rope import parse_rope_scaling_arg  # lazy: CLI verb, keeps --help fast
 
     try:
         return parse_rope_scaling_arg(text)
@@ -94,14 +94,14 @@ def parse_rope_scaling(text: str | None) -> dict | None:
 
 
 def main(args) -> int:
-    from longreach.model.bundled import resolve_model_path
-    from longreach.model.loader import load_model
-    from longreach.model.tokenizer import load_tokenizer
+    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    from longreach.model.loader import load_model  # lazy: CLI verb, keeps --help fast
+    from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
 
     path = resolve_model_path(args.model)
     model = load_model(path, dtype=args.dtype, rope_scaling=parse_rope_scaling(args.rope_scaling))
     if args.quantization is not None:
-        from longreach.model.quant import quantize_model
+        from longreach.model.quant import quantize_model  # lazy: CLI verb, keeps --help fast
         try:
             quantize_model(model, args.quantization)
         except ValueError as exc:

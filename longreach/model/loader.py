@@ -16,8 +16,15 @@ import torch
 from longreach.config import ModelConfig
 from longreach.model.llama import LlamaForCausalLM
 from longreach.model.quant import maybe_load_quantized
-from longreach.model.safetensors_io import (DTYPES, assign_checked, load_state_dict, read_config,  # noqa: F401
-                                            resolve_dtype, save_model)
+from longreach.model.safetensors_io import (  # noqa: F401
+    DTYPES,
+    assign_checked,
+    load_state_dict,
+    read_config,
+    resolve_dtype,
+    save_model,
+)
+
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu", init: bool = True) -> LlamaForCausalLM:

@@ -27,9 +27,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from longreach.config import ModelConfig
-from longreach.kvcache.codecs import pack_int4, quantize_int4, quantize_int8, unpack_int4
+from longreach.kvcache.codecs import (
+    pack_int4,
+    quantize_int4,
+    quantize_int8,
+    unpack_int4,
+)
 from longreach.model.llama import LlamaForCausalLM
-from longreach.model.safetensors_io import assign_checked, load_state_dict, read_config, resolve_dtype, save_model
+from longreach.model.safetensors_io import (
+    assign_checked,
+    load_state_dict,
+    read_config,
+    resolve_dtype,
+    save_model,
+)
 
 QUANT_METHOD = "longreach"
 QUANT_MODES = {"int8": 8, "int4": 4}

@@ -56,6 +56,45 @@ def _refuse(done: Future) -> None:
         done.set_exception(ServerClosedError("the server has stopped and accepts no new requests"))
 
 
+class Sinks:
+    """Where each request's news goes: its handler's asyncio queue, reached from the engine thread with
+    `loop.call_soon_threadsafe` (engine thread only)."""
+
+    def __init__(self, metrics: "ServerMetrics | None" = None):
+        self.metrics = metrics
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = {}
+
+    def register(self, request_id: str, sink: tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]) -> None:
+        self._sinks[request_id] = sink
+
+    def deliver(self, out: "RequestOutput") -> None:
+        """Copy what a step added to a request into a StreamItem (the engine mutates its own) and send it."""
+        if self.metrics is not None:
+            self.metrics.record_output(out)
+        sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
+        if sink is None:
+            return
+        num_out, num_new = len(out.token_ids), len(out.delta_token_ids)
+        logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new:num_out])
+        item = StreamItem(out.text if out.finished else "", out.delta_text, list(out.delta_token_ids), logprobs,
+                          len(out.prompt_token_ids), num_out, out.finish_reason)
+        self._send(sink, item)
+
+    def fail_all(self, message: str) -> None:
+        """Every waiting handler gets the error (the engine failed: a server bug, not bad input)."""
+        for sink in self._sinks.values():
+            self._send(sink, StreamItem("", "", [], None, 0, 0, None, error=message))
+        self._sinks.clear()
+
+    @staticmethod
+    def _send(sink, item: StreamItem) -> None:
+        loop, queue, tag = sink
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (tag, item))
+        except RuntimeError:                    # the event loop is closed: nobody is listening any more
+            pass
+
+
 class EngineLoop:
     """Runs `engine` in a background thread; `add` and `abort` may be called from the event loop."""
 
@@ -65,7 +104,7 @@ class EngineLoop:
         self._lock = threading.Lock()               # orders the last commands against the thread's exit
         self._is_closed = False
         self._wake = threading.Event()
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Any]] = {}  # engine thread only
+        self._sinks = Sinks(metrics)                # engine thread only
         self._thread: threading.Thread | None = None
         self._is_accepting = True
         self._is_stopping = False
@@ -188,12 +227,12 @@ class EngineLoop:
                 except Exception as exc:        # noqa: BLE001  (handed to the handler, which answers 400)
                     done.set_exception(exc)
                     continue
-                self._sinks[request_id] = sink
+                self._sinks.register(request_id, sink)
                 done.set_result(None)
             elif kind == "abort":
                 out = self.engine.abort(command[1])
                 if out is not None:
-                    self._deliver(out)
+                    self._sinks.deliver(out)
             elif kind == "drain":
                 self._abort_all_at = command[1]
             elif kind == "stop":
@@ -204,13 +243,13 @@ class EngineLoop:
         for request_id in list(self.engine.requests):
             out = self.engine.abort(request_id)
             if out is not None:
-                self._deliver(out)
+                self._sinks.deliver(out)
 
     def _step(self) -> None:
         outputs = self.engine.step()
         self.num_failures_in_a_row = 0
         for out in outputs:
-            self._deliver(out)
+            self._sinks.deliver(out)
 
     def _fail_all(self, message: str) -> None:
         self.num_failures_in_a_row += 1
@@ -219,26 +258,4 @@ class EngineLoop:
                 self.engine.abort(request_id)
             except Exception:                   # noqa: BLE001
                 logger.exception("could not abort request %s", request_id)
-        for request_id, sink in list(self._sinks.items()):
-            self._send(sink, StreamItem("", "", [], None, 0, 0, None, error=message))
-        self._sinks.clear()
-
-    def _deliver(self, out: "RequestOutput") -> None:
-        if self.metrics is not None:
-            self.metrics.record_output(out)
-        sink = self._sinks.pop(out.request_id) if out.finished else self._sinks.get(out.request_id)
-        if sink is None:
-            return
-        num_out, num_new = len(out.token_ids), len(out.delta_token_ids)
-        logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new:num_out])
-        item = StreamItem(out.text if out.finished else "", out.delta_text, list(out.delta_token_ids), logprobs,
-                          len(out.prompt_token_ids), num_out, out.finish_reason)
-        self._send(sink, item)
-
-    @staticmethod
-    def _send(sink, item: StreamItem) -> None:
-        loop, queue, tag = sink
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, (tag, item))
-        except RuntimeError:                    # the event loop is closed: nobody is listening any more
-            pass
+        self._sinks.fail_all(message)

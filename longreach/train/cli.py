@@ -77,7 +77,7 @@ def collect_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def run_training(cfg) -> int:
-    from longreach.train.trainer import Trainer
+    from longreach.train.trainer import Trainer  # lazy: CLI verb, keeps --help fast
 
     trainer = Trainer(cfg)
     records = trainer.train()
@@ -90,7 +90,7 @@ def run_training(cfg) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from longreach.train.config import TrainConfig
+    from longreach.train.config import TrainConfig  # lazy: CLI verb, keeps --help fast
 
     try:
         cfg = TrainConfig.from_toml(args.config, collect_overrides(args))

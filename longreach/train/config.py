@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 DTYPES = ("bf16", "fp32")
 DECAYS = ("cosine", "linear", "constant")

@@ -25,12 +25,15 @@ import argparse
 import copy
 import json
 import sys
-import tomllib
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from longreach.train.cli import add_common_arguments, collect_overrides, run_training
 from longreach.train.config import TrainConfig, apply_overrides
+from longreach.model.loader import read_config
+from longreach.rope import rope_config_from_hf
 
 ROPE_TYPES = ("linear", "dynamic", "ntk", "yarn", "llama3", "longrope")
 RECIPE_DEFAULTS: dict[str, Any] = {
@@ -43,7 +46,6 @@ RECIPE_DEFAULTS: dict[str, Any] = {
 def extended_rope(hf_config: dict[str, Any], rope_type: str, factor: float,
                   params: dict[str, Any] | None = None) -> dict[str, Any]:
     """config.json overrides (`rope_parameters`, `max_position_embeddings`) stretching RoPE by `factor`."""
-    from longreach.rope import rope_config_from_hf
 
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unknown rope type {rope_type!r}; choose one of {list(ROPE_TYPES)}")
@@ -74,7 +76,6 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 
 def _rewrite(args: argparse.Namespace) -> dict[str, Any]:
-    from longreach.model.loader import read_config
 
     try:
         params = json.loads(args.rope_params) if args.rope_params else None
@@ -114,10 +115,10 @@ def extend_config(args: argparse.Namespace) -> TrainConfig:
 
 def rewrite_only(args: argparse.Namespace) -> Path:
     """--max-steps 0: the checkpoint with its new rope config and unchanged weights (stored dtype kept)."""
-    from longreach.model.loader import resolve_dtype, save_model
-    from longreach.train.config import ModelSource
-    from longreach.train.parallel import DistInfo
-    from longreach.train.trainer import build_training_model, resolve_tokenizer
+    from longreach.model.loader import resolve_dtype, save_model  # lazy: CLI verb, keeps --help fast
+    from longreach.train.config import ModelSource  # lazy: CLI verb, keeps --help fast
+    from longreach.train.parallel import DistInfo  # lazy: CLI verb, keeps --help fast
+    from longreach.train.trainer import build_training_model, resolve_tokenizer  # lazy: CLI verb, keeps --help fast
 
     out = Path(_default_output(args)) / "final"
     if not DistInfo.from_env().is_main:   # under torchrun, one writer is enough

@@ -145,7 +145,10 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded state dict on CPU (filled on rank 0, empty on the other ranks)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     if not (dist.is_available() and dist.is_initialized()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}

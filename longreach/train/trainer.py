@@ -32,7 +32,13 @@ from longreach.model.tokenizer import ByteTokenizer, load_tokenizer
 from longreach.train import checkpoint as ckpt
 from longreach.train import parallel
 from longreach.train.config import ModelSource, ScheduleConfig, TrainConfig
-from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples
+from longreach.train.data import (
+    IGNORE_INDEX,
+    Batch,
+    SequenceStream,
+    collate,
+    take_samples,
+)
 from longreach.train.parallel import DistInfo
 
 METRICS_FILE = "metrics.jsonl"

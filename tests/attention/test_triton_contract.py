@@ -14,7 +14,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from longreach.attention import paged, triton_decode, triton_flash  # noqa: E402
+from longreach.attention import reference, triton_decode, triton_flash  # noqa: E402
 from _ref_rule import check_all, reference_varlen, run, truth_and_same_precision  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
@@ -93,7 +93,7 @@ def test_decode_writes_every_sequence_and_head(poisoned_allocations):
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     out, lse = triton_decode.paged_decode_attention(q, k_cache, v_cache, table, seqlens, return_lse=True,
                                                     num_splits=3)
-    ref_out, ref_lse = paged.paged_decode_attention_torch(q, k_cache, v_cache, table, seqlens, return_lse=True)
+    ref_out, ref_lse = reference.paged_decode_reference(q, k_cache, v_cache, table, seqlens, return_lse=True)
     assert _is_zero(out[0]) and torch.isneginf(lse[0]).all()
     assert (out[1:] - ref_out[1:]).abs().max() < 1e-5 and (lse[1:] - ref_lse[1:]).abs().max() < 1e-5
 

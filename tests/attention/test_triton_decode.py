@@ -228,14 +228,14 @@ def test_triton_int8_dequantizes_in_kernel(case):
                                                             seqlens, **common)
     tight = 1e-5 if dtype == F32 else 1e-3
     assert max_err(out, deq_out) <= tight and max_err(lse, deq_lse) <= 1e-5
-    # the PyTorch path with the same scales (fp32 throughout: the kernel's fp16 K/V, p and output round)
-    torch_out, torch_lse = paged.paged_decode_attention_torch(q, k_codes, v_codes, block_table, seqlens,
+    # the oracle with the same scales (fp32 throughout: the kernel's fp16 K/V, p and output round)
+    torch_out, torch_lse = reference.paged_decode_reference(q, k_codes, v_codes, block_table, seqlens,
                                                               window_size=window, return_lse=True, k_scale=k_scale,
                                                               v_scale=v_scale)
     close = (1e-5, 1e-5) if dtype == F32 else (4e-3, 1e-3)
     assert max_err(out, torch_out) <= close[0] and max_err(lse, torch_lse) <= close[1]
     # (b) fp32 attention over the unquantized K/V
-    ref_out, ref_lse = paged.paged_decode_attention_torch(q.float(), k, v, block_table, seqlens, window_size=window,
+    ref_out, ref_lse = reference.paged_decode_reference(q.float(), k, v, block_table, seqlens, window_size=window,
                                                           return_lse=True)
     assert max_err(out, ref_out) <= INT8_TOLERANCE and max_err(lse, ref_lse) <= INT8_TOLERANCE
 
@@ -330,7 +330,7 @@ def test_every_autotune_config_int8_gpu(config):
     q, k, v, (k_codes, v_codes, k_scale, v_scale), table, seqlens = _int8_cache([1, 700, 1500], 32, 8, 128, 16, F16)
     out, lse = triton_decode.paged_decode_attention(q, k_codes, v_codes, table, seqlens, k_scale=k_scale,
                                                     v_scale=v_scale, return_lse=True, config=config)
-    ref_out, ref_lse = paged.paged_decode_attention_torch(q.float(), k, v, table, seqlens, return_lse=True)
+    ref_out, ref_lse = reference.paged_decode_reference(q.float(), k, v, table, seqlens, return_lse=True)
     assert max_err(out, ref_out) <= INT8_TOLERANCE and max_err(lse, ref_lse) <= INT8_TOLERANCE
 
 

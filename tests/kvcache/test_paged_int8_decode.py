@@ -1,10 +1,11 @@
-"""int8 KV decode through `PagedKVCache`: the CUDA route hands the int8 pages and their scales to the Triton
-kernel (dequantized in the kernel; run here under TRITON_INTERPRET=1) and matches the CPU route, which
-dequantizes the referenced blocks into a compact page set first."""
+"""int8 KV decode through `PagedKVCache`: the cache hands the int8 pages and their scales to the paged decode as
+they are; the Triton kernel (the CUDA route, run here under TRITON_INTERPRET=1) dequantizes them in the kernel
+and matches the batched PyTorch route (the CPU one), which dequantizes the rows it gathers."""
 import pytest
 import torch
 
 from longreach.attention import AttentionMetadata
+from longreach.kvcache import paged_cache
 from longreach.kvcache.paged_cache import PagedBatch, PagedKVCache
 from longreach.kvcache.quant import Int8KV
 
@@ -14,7 +15,7 @@ from longreach.attention import triton_decode, triton_flash  # noqa: E402
 
 @pytest.mark.skipif(not triton_flash.INTERPRET, reason="runs the kernel on CPU tensors: needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("window", [(-1, -1), (6, 0)])
-def test_int8_decode_reads_pages_in_kernel(window):
+def test_int8_decode_reads_pages_in_kernel(window, monkeypatch):
     g = torch.Generator().manual_seed(0)
     hq, hkv, d, bs, lengths = 4, 2, 32, 4, [9, 3, 14]            # lengths after this step's token
     cache = PagedKVCache(1, 16, bs, hkv, d, quantizer=Int8KV())
@@ -31,15 +32,15 @@ def test_int8_decode_reads_pages_in_kernel(window):
                        decode_seqlens=torch.tensor(lengths, dtype=torch.int32), num_fresh_tokens=0, fresh_meta=None,
                        continued_meta=None, continued_kv_slots=None)
     meta = AttentionMetadata.from_seqlens([1] * 3, lengths)
-    want = cache.bind(batch).attend(0, q, k, v, meta, window)                        # CPU: compact dequantized pages
+    want = cache.bind(batch).attend(0, q, k, v, meta, window)                        # CPU: batched PyTorch
 
     calls = []
 
-    def kernel(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs):
+    def kernel(q, k_cache, v_cache, block_table, cache_seqlens, workspace=None, **kwargs):
         calls.append((k_cache, v_cache, kwargs["k_scale"], kwargs["v_scale"]))
         return triton_decode.paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, **kwargs)
 
-    cache._decode = kernel                                                            # the CUDA route
+    monkeypatch.setattr(paged_cache, "paged_decode_attention", kernel)               # the CUDA route
     got = cache.bind(batch).attend(0, q, k, v, meta, window)
     assert [tuple(map(id, c)) for c in calls] == [tuple(id(store[n]) for n in ("k", "v", "k_scale", "v_scale"))]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
