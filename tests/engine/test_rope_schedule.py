@@ -12,7 +12,7 @@ import torch
 from longreach import LLM, SamplingParams
 from tests.engine.test_parity import _hf_greedy
 from tests.model.conftest import make_hf_model
-from tests.model.test_parity import ORIG, ROPES
+from tests.model.test_llama import ORIG, ROPES
 
 MAX_NEW = 12
 TYPES = ["default", "linear", "dynamic", "yarn", "llama3", "longrope"]
