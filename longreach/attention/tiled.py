@@ -256,6 +256,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max
     layout: block-sparse pattern per sequence; block_size defaults to the layout's, else 128.
     stats: if given, the forward adds `visited_blocks` (key blocks computed) and `total_blocks`
     (key blocks a dense kernel would compute) to it.
+    Inputs are taken as checked (`flash_attn_varlen_func` validates them once); only this backend's own
+    block_size and chunk_blocks are checked here.
     """
     if layout is not None:
         if block_size is not None and block_size != layout.block_size:

@@ -9,7 +9,11 @@ kernel's config instead (the tests run every config of the lists this way).
 
 FlashAttention's contract for rows past cu_seqlens_q[-1] (padding): output 0, lse -inf, and zero
 gradients for them (and for keys past cu_seqlens_k[-1]). The kernels only visit rows inside sequences,
-so those rows are cleared here, from cu_seqlens read on the host (see `_seqlens_summary`).
+so those rows are cleared here, from cu_seqlens read on the host (`longreach.attention.seqlens_summary`).
+
+Input is validated once per call: the public API (`flash_attn_varlen_func`) runs `check_varlen_inputs` and
+then `varlen_attention_prechecked`, which checks only the kernels' own limits; a direct call of
+`varlen_attention` runs the same check itself.
 """
 from __future__ import annotations
 
@@ -20,10 +24,10 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch.utils.weak import WeakIdKeyDictionary
 from triton.compiler import errors as _compile_errors
 from triton.runtime import errors as _triton_errors
 
+from longreach.attention import check_varlen_inputs, seqlens_summary
 from longreach.attention.masks import BlockSparseLayout
 from longreach.attention.triton_flash_kernels import EMPTY, bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess, fwd_kernel
 
@@ -32,7 +36,6 @@ AUTOTUNE = not INTERPRET and os.environ.get("LONGREACH_TRITON_AUTOTUNE", "1") !=
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
 UNBOUNDED = 1 << 30  # a window side of -1 becomes this; keeps every index sum inside int32
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Errors a config that does not suit the device raises when compiled or loaded: the set triton's own
 # autotuner skips (PTXASError exists from triton 3.2 on). Anything else, a CUDA fault above all, propagates:
 # after an illegal access the context is broken, and trying the next config would only hide the cause.
@@ -271,87 +274,27 @@ class _on_device:
         return self.ctx.__exit__(*exc) if self.ctx is not None else False
 
 
-def _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size):
+def _check_kernel_limits(q, k, v, cu_seqlens_q, layout: BlockSparseLayout | None,
+                         configs: dict | None) -> dict:
+    """What the kernels need beyond the contract `check_varlen_inputs` checks (run it first): unit-stride
+    rows, a head dim the tiles take, a batch one grid axis holds, a device to run on, layout blocks some
+    tile divides, and well-formed pinned configs. Returns the configs as a dict."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} has dtype {t.dtype}; the Triton backend takes float16, bfloat16 or float32")
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}")
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    head_dim = q.shape[2]
-    if k.shape[2] != head_dim or v.shape[2] != head_dim:
-        raise ValueError(f"head dims differ: q {head_dim}, k {k.shape[2]}, v {v.shape[2]}")
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head dim {head_dim} is unsupported: the Triton backend takes 1..{MAX_HEAD_DIM}")
-    if k.shape[:2] != v.shape[:2]:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in tokens and heads")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads ({k.shape[1]})")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if cu.dtype != torch.int32 or cu.dim() != 1 or cu.device != q.device:
-            raise ValueError(f"{name} must be a 1-D int32 tensor on {q.device}, got {cu.dtype} "
-                             f"{tuple(cu.shape)} on {cu.device}")
-    if cu_seqlens_q.numel() != cu_seqlens_k.numel() or cu_seqlens_q.numel() < 1:
-        raise ValueError(f"cu_seqlens_q ({cu_seqlens_q.numel()}) and cu_seqlens_k ({cu_seqlens_k.numel()}) "
-                         "must both have batch + 1 entries")
+            raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), "
+                             f"got strides {t.stride()}")
+    if not 1 <= q.shape[2] <= MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[2]} is unsupported: the Triton backend takes 1..{MAX_HEAD_DIM}")
     if cu_seqlens_q.numel() - 1 > 65535:
         raise ValueError(f"batch {cu_seqlens_q.numel() - 1} exceeds the 65535 sequences one launch can take")
-    if len(window_size) != 2 or any(int(w) < -1 for w in window_size):
-        raise ValueError(f"window_size must be (left, right) with each >= -1 (-1 = unbounded), got {window_size}")
     if not (q.is_cuda or INTERPRET):
         raise ValueError(f"the Triton backend needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
                          "before importing triton to run it on CPU")
-
-
-# cu_seqlens already read on the host, by tensor identity: (version counter or None, summary)
-_SEQLENS_READ = WeakIdKeyDictionary()
-
-
-def _seqlens_summary(cu: torch.Tensor) -> tuple[int, int, int, int]:
-    """(first offset, last offset, longest length, shortest length) of cu_seqlens, read on the host.
-
-    On CUDA the read is a device-to-host copy that waits for the stream, and the checks it serves need it:
-    a max_seqlen below the longest sequence would leave rows silently unwritten, offsets past the tensors
-    would read and write out of bounds. It is remembered per tensor: a model's layers all pass the same
-    metadata (`AttentionMetadata.from_seqlens` builds it from host lengths once per step), so a forward pass
-    waits once per cu_seqlens tensor, not once per layer. An in-place change is seen through the tensor's
-    version counter; inference tensors keep none, so one changed in place after a call is not read again.
-    """
-    version = None if cu.is_inference() else cu._version
-    memo = _SEQLENS_READ.get(cu)
-    if memo is not None and memo[0] == version:
-        return memo[1]
-    lengths = cu[1:] - cu[:-1]
-    if lengths.numel():
-        summary = tuple(torch.stack([cu[0], cu[-1], lengths.max(), lengths.min()]).tolist())
-    else:  # no sequences
-        summary = (cu.item(), cu.item(), 0, 0)
-    _SEQLENS_READ[cu] = (version, summary)
-    return summary
-
-
-def _check_seqlens(cu_seqlens_q, cu_seqlens_k, total_q, total_k, max_seqlen_q, max_seqlen_k):
-    """Validate the offsets and max_seqlen_* against them (None: the longest); returns
-    (max_seqlen_q, max_seqlen_k, end_q, end_k) as host ints."""
-    checked = []
-    for side, cu, total, max_len in (("q", cu_seqlens_q, total_q, max_seqlen_q),
-                                     ("k", cu_seqlens_k, total_k, max_seqlen_k)):
-        first, last, longest, shortest = _seqlens_summary(cu)
-        if first != 0 or shortest < 0 or last > total:
-            raise ValueError(f"cu_seqlens_{side} must start at 0, never decrease, and end at most at the {total} "
-                             f"tokens given; it runs from {first} to {last}"
-                             + (" and decreases" if shortest < 0 else ""))
-        if max_len is not None and int(max_len) < longest:
-            raise ValueError(f"max_seqlen_{side}={max_len} is below the longest sequence in cu_seqlens_{side} "
-                             f"({longest}): its rows past {max_len} would never be computed")
-        checked.append((longest if max_len is None else int(max_len), last))
-    (max_q, end_q), (max_k, end_k) = checked
-    return max_q, max_k, end_q, end_k
+    layout_block = layout.block_size if layout is not None else 0
+    if layout_block:
+        for kind in _KERNELS:
+            _launcher(kind, layout_block)  # raises when no config's tiles divide the block size
+    return _check_configs(configs or {}, layout_block)
 
 
 def _check_configs(configs: dict, layout_block: int) -> dict:
@@ -365,17 +308,6 @@ def _check_configs(configs: dict, layout_block: int) -> dict:
             raise ValueError(f"configs[{kind!r}] tiles {config.kwargs} do not divide the layout's {layout_block}-token "
                              "blocks")
     return dict(configs)
-
-
-def _check_layout(layout, max_seqlen_q, max_seqlen_k):
-    """The layout must cover the longest sequence, and some kernel tile must divide its blocks."""
-    bs = layout.block_size
-    need_q, need_k = -(-int(max_seqlen_q) // bs), -(-int(max_seqlen_k) // bs)
-    if need_q > layout.num_q_blocks or need_k > layout.num_k_blocks:
-        raise ValueError(f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks of {bs} but sequences "
-                         f"up to {max_seqlen_q}x{max_seqlen_k} tokens need {need_q}x{need_k}")
-    for kind in _KERNELS:
-        _launcher(kind, bs)  # raises when no config's tiles divide the block size
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
@@ -393,18 +325,29 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     autotuner's choice (the tests run every config of the lists this way).
     Returns out (total_q, Hq, D) in q's dtype and, with return_lse, lse (Hq, total_q) fp32 (natural log).
     """
-    _check_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, window_size)
-    max_seqlen_q, max_seqlen_k, end_q, end_k = _check_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
-                                                              max_seqlen_q, max_seqlen_k)
-    if layout is not None:
-        _check_layout(layout, max_seqlen_q, max_seqlen_k)
+    # Called directly (tests, benchmarks), nothing has checked the arguments, and the kernels index raw
+    # pointers with them: offsets past the tensors would read and write out of bounds, a max_seqlen below
+    # the longest sequence would leave rows unwritten. So this entry runs the public API's one check.
+    max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                     max_seqlen_k, window_size, layout)
+    return varlen_attention_prechecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                       softmax_scale, causal, window_size, return_lse, layout, configs)
+
+
+def varlen_attention_prechecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                                softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
+                                layout: BlockSparseLayout | None = None, configs: dict | None = None):
+    """`varlen_attention` for a caller that has run `check_varlen_inputs` on these arguments and passes the
+    max_seqlen_q/_k it returned (the public API's registry entry): checks only the kernels' own limits."""
+    configs = _check_kernel_limits(q, k, v, cu_seqlens_q, layout, configs)
+    # the check's remembered host read of the offsets: no second device-to-host copy
+    end_q, end_k = seqlens_summary(cu_seqlens_q)[1], seqlens_summary(cu_seqlens_k)[1]
     left, right = (UNBOUNDED if w < 0 else min(int(w), UNBOUNDED) for w in window_size)
-    plan = _Plan(max_seqlen_q, max_seqlen_k, end_q, end_k,
+    plan = _Plan(int(max_seqlen_q), int(max_seqlen_k), end_q, end_k,
                  float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-                 bool(causal), left, 0 if causal else right, _layout_tables(layout, q.device),
-                 _check_configs(configs or {}, layout.block_size if layout is not None else 0))
+                 bool(causal), left, 0 if causal else right, _layout_tables(layout, q.device), configs)
     out, lse = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, plan)
     return (out, lse) if return_lse else out
 
 
-__all__ = ["MAX_HEAD_DIM", "Launcher", "varlen_attention"]
+__all__ = ["MAX_HEAD_DIM", "Launcher", "varlen_attention", "varlen_attention_prechecked"]

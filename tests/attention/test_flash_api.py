@@ -251,6 +251,13 @@ def _varlen(q, k, v, cu_q=None, cu_k=None, **kw):
     (lambda: _varlen(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8),
                      cu_q=torch.tensor([0, 5], dtype=torch.int32)),
      r"cu_seqlens_q=\[0, 5\] .* 4 tokens"),
+    (lambda: _varlen(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8),
+                     cu_q=torch.tensor([0, 3, 2], dtype=torch.int32),
+                     cu_k=torch.tensor([0, 2, 4], dtype=torch.int32)),
+     r"cu_seqlens_q=\[0, 3, 2\] must start at 0, never decrease.*it decreases"),
+    (lambda: flash_attn_varlen_func(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8),
+                                    *_cu(1, 4, 4), 3, 4),
+     r"max_seqlen_q=3 is below the longest sequence in cu_seqlens_q \(4\)"),
     (lambda: _varlen(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), torch.zeros(4, 2, 8), backend="flashy"),
      r"unknown attention backend 'flashy'"),
     (lambda: _varlen(torch.zeros(4, 2, 8), torch.zeros(4, 2, 8, dtype=torch.float16), torch.zeros(4, 2, 8)),
@@ -266,6 +273,40 @@ def _varlen(q, k, v, cu_q=None, cu_k=None, **kw):
 def test_bad_inputs_raise_value_error(make, pattern):
     with pytest.raises(ValueError, match=pattern):
         make()
+
+
+def test_max_seqlen_none_is_read_from_the_offsets():
+    q = torch.zeros(10, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 3, 10], dtype=torch.int32), torch.tensor([0, 4, 6], dtype=torch.int32)
+    assert attn.check_varlen_inputs(q, q[:6], q[:6], cu_q, cu_k) == (7, 4)
+    assert attn.check_varlen_inputs(q, q[:6], q[:6], cu_q, cu_k, 9, 5) == (9, 5)
+
+
+def _backends_that_run_here():
+    names = ["reference", "tiled", "sdpa"]
+    triton_fn = attn._load_triton()
+    if triton_fn is not None and (torch.cuda.is_available() or attn.triton_flash.INTERPRET):
+        names.append("triton")
+    return names
+
+
+@pytest.mark.parametrize("backend", _backends_that_run_here())
+def test_inputs_are_checked_once_per_call(backend, monkeypatch):
+    """The public entry checks; the backend it calls does not check again (the Triton backend's direct
+    entry would run the same check: counted too)."""
+    calls = []
+    checked = attn.check_varlen_inputs
+    counting = lambda *a, **kw: calls.append(1) or checked(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(attn, "check_varlen_inputs", counting)
+    if backend == "triton":
+        monkeypatch.setattr(attn.triton_flash, "check_varlen_inputs", counting)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    q, k, v, _ = (t.to(device) for t in _inputs(2, 16, 24, 2, 1, 16, torch.float32))
+    flash_attn_func(q, k, v, causal=True, backend=backend)
+    assert len(calls) == 1
+    meta = AttentionMetadata.from_seqlens([16, 16], [24, 24], device=device)
+    attn.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), meta, backend=backend)
+    assert len(calls) == 2
 
 
 def test_environment_pins_the_backend(monkeypatch):
