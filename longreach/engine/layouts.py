@@ -13,6 +13,7 @@ receives those inputs back once the scheduler has advanced the requests.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,15 +64,16 @@ def _ordered(batch: ScheduledBatch, rank) -> tuple[list[Sequence], list[int]]:
     return [batch.seqs[i] for i in order], [batch.num_new_tokens[i] for i in order]
 
 
-class KVLayout:
+class KVLayout(abc.ABC):
     """The strategy protocol (and shared plumbing)."""
 
     def __init__(self, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device):
         self.cache, self.kv, self.device = cache, kv_manager, device
         self.block_size = kv_manager.block_size
 
+    @abc.abstractmethod
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        raise NotImplementedError(f"{type(self).__name__} must define prepare")   # an abstract method
+        """The step's model inputs: ids, positions, attention metadata, the bound cache, rows to sample."""
 
     def after_step(self, step: StepInputs) -> None:
         """After the scheduler advanced the step's requests (finished / preempted ones already released)."""
@@ -139,9 +141,9 @@ class _GatheredLayout(KVLayout):
     def _write(self, seq: Sequence, row: int, start: int, n: int, table: torch.Tensor) -> SeqWrite | None:
         return None
 
+    @abc.abstractmethod
     def _keys(self, seq: Sequence, start: int, end: int, table: torch.Tensor, write_index: int):
         """(key slots or None, read or None, key positions or None) of a gathered sequence."""
-        raise NotImplementedError(f"{type(self).__name__} must define _keys")   # an abstract method
 
     def _run(self, meta: AttentionMetadata, kv_slots, reads, q_positions, k_positions) -> GatheredRun:
         return GatheredRun(meta, kv_slots=torch.cat(kv_slots).to(self.device) if kv_slots else None,
