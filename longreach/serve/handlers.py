@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import math
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -31,8 +32,16 @@ _MAX_DISCARD_BYTES = 64 * 2**20      # read (and drop) at most this much of an o
 _TOKENIZE_IN_THREAD_CHARS = 16384   # longer prompts are tokenized off the event loop
 
 
+def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
+    """`ids`, or a 400 naming the first one outside [0, vocab)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise P.APIError(400, f"{param}: token id {bad} is outside the vocabulary [0, {vocab})", param=param)
+    return list(ids)
+
+
 def _finite(x: float) -> float:
-    return x if x == x and abs(x) != float("inf") else -9999.0
+    return x if math.isfinite(x) else -9999.0
 
 
 class OpenAIServer:
@@ -143,11 +152,7 @@ class OpenAIServer:
 
     def check_sampling(self, req: P._SamplingFields, num_prompts: int) -> None:
         """What the schema cannot know: the vocabulary size and the per-request fan-out."""
-        vocab = self.engine.model.config.vocab_size
-        bad = next((t for t in req.stop_token_ids or () if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise P.APIError(400, f"stop_token_ids: {bad} is outside the vocabulary [0, {vocab})",
-                             param="stop_token_ids")
+        _in_vocab(req.stop_token_ids or [], self.engine.model.config.vocab_size, "stop_token_ids")
         if num_prompts * req.n > P.MAX_CHOICES:
             raise P.APIError(400, f"n: {num_prompts} prompts x n={req.n} = {num_prompts * req.n} completions; at "
                                   f"most {P.MAX_CHOICES} per request", param="n")
@@ -276,7 +281,9 @@ class OpenAIServer:
         prompts = []
         for index, prompt in enumerate(batch):
             param = "prompt" if len(batch) == 1 else f"prompt.{index}"
-            prompts.append(await self.encode(prompt, param) if isinstance(prompt, str) else list(prompt))
+            # token ids are checked before any prompt is queued: an engine refusal would roll back the others
+            prompts.append(await self.encode(prompt, param) if isinstance(prompt, str) else
+                           _in_vocab(prompt, self.engine.model.config.vocab_size, param))
         budgets = [self.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
         k = self.logprobs_k(req.logprobs)
         params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)] for budget in budgets]

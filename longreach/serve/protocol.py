@@ -1,23 +1,28 @@
 """OpenAI request and response shapes (the Completions and Chat Completions APIs), as pydantic models.
 
-Requests are validated strictly (a string where a number belongs is an error, not coerced), unknown fields
-are ignored as OpenAI's own server does, and vLLM's sampling extensions (`top_k`, `min_p`,
-`repetition_penalty`, `ignore_eos`, `min_tokens`, `stop_token_ids`) are accepted. Responses are plain dicts
-built by the helpers at the bottom, in the field order OpenAI returns them.
+Requests are validated strictly (a string where a number belongs is an error, not coerced; only an integral
+number such as `16.0` counts as an integer, as JSON Schema has it), unknown fields are ignored as OpenAI's own
+server does, and vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`min_tokens`, `stop_token_ids`) are accepted. The models' JSON schemas are the server's documented request
+bodies (`openapi`); where a validator checks what a type cannot say, the schema states it too (`minItems`,
+`enum`, ...). Responses are plain dicts built by the helpers at the bottom, in the field order OpenAI returns them.
 """
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
 
 MAX_N = 128                   # choices per prompt
 MAX_CHOICES = 1024            # completions per request (prompts x n)
 MAX_LOGPROBS = 20             # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
+MAX_STOP = 64                 # stop strings (OpenAI: 4); each is searched for after every token of every choice
+MAX_STOP_TOKEN_IDS = 1024     # likewise
 
 
 class APIError(Exception):
@@ -25,11 +30,18 @@ class APIError(Exception):
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None):
+        message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
     def to_dict(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _encodable(text: str) -> str:
+    """`text` with lone surrogates (legal in JSON's \\u escapes, not in UTF-8) written as `\\udxxx`: an error that
+    quotes the client's input must still encode, or the client would get a 500 instead of its 400."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def error_from_validation(exc: ValidationError) -> APIError:
@@ -65,11 +77,13 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
 
 
-def _finite_float(text: str) -> float:
+def _json_number(text: str) -> float | int:
+    """A JSON number written with a fraction or exponent; integral ones (`2.0`, `1e3`) are integers, as JSON
+    Schema counts them, so `"max_tokens": 16.0` is accepted (and `"max_tokens": 16.5` is not)."""
     value = float(text)
-    if value != value or abs(value) == float("inf"):
+    if math.isnan(value) or math.isinf(value):
         raise ValueError(f"{text} overflows a 64-bit float (numbers must be finite)")
-    return value
+    return int(value) if value.is_integer() else value
 
 
 def parse_request(body: bytes, cls: type[BaseModel]) -> BaseModel:
@@ -81,9 +95,10 @@ def parse_request(body: bytes, cls: type[BaseModel]) -> BaseModel:
         raise APIError(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})",
                        code="invalid_json") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_json_number)
     except (ValueError, RecursionError) as exc:
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        reason = ("nested too deeply" if isinstance(exc, RecursionError) else "a number has too many digits"
+                  if "integer string conversion" in str(exc) else str(exc))
         raise APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(obj, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
@@ -103,35 +118,46 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+_STOP_SCHEMA = {"description": "up to the first of these strings, which is left out", "anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}, {"type": "null"}]}
+
+
 class _SamplingFields(_Request):
     """Fields shared by both endpoints; ranges as OpenAI documents them (top_k/min_p/... as vLLM)."""
 
-    model: str | None = None                  # None: the served model
+    model: str | None = Field(None, description="a served model name (GET /v1/models); absent: the first one")
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1, le=2**31 - 1)    # -1 / 0 / None: no limit
-    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="vLLM's; -1, 0 or absent: no limit")
+    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM's")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    min_tokens: int = Field(0, ge=0, le=2**31 - 1)
+    repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM's; 1 disables it")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="choice i of n uses seed + i")
+    stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
+                                             description="vLLM's; ids in [0, vocabulary size)",
+                                             json_schema_extra={"items": {"type": "integer", "minimum": 0}})
+    ignore_eos: bool = Field(False, description="vLLM's")
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1, description="vLLM's; at most max_tokens")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
-    cache_salt: str | None = Field(None, min_length=1, max_length=1024)   # vLLM's: prefix-cache isolation
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty",
+                                                json_schema_extra={"maxProperties": 0})
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024, description=(
+        "vLLM's: only requests with the same salt share cached prompt prefixes"))
 
     @field_validator("stop")
     @classmethod
     def _no_empty_stop(cls, stop):
         stops = [stop] if isinstance(stop, str) else stop or []
         if any(not s for s in stops):
-            raise ValueError(f"stop: stop strings must not be empty (got {stop!r})")
+            raise ValueError(f"stop: stop strings must not be empty (got {_short(stop)})")
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"stop: at most {MAX_STOP} stop strings (got {len(stops)})")
         return stop
 
     @model_validator(mode="after")
@@ -147,13 +173,21 @@ class _SamplingFields(_Request):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
+_TEXT = {"type": "string", "minLength": 1}
+_TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+_PROMPT_SCHEMA = {"description": "one prompt (text or token ids) or a batch of them", "anyOf": [
+    _TEXT, _TOKEN_IDS, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TOKEN_IDS]}}]}
+
+
 class CompletionRequest(_SamplingFields):
-    prompt: Any
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]      # checked by _check_prompt, for its messages
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = False
-    best_of: int | None = None
-    suffix: str | None = None
+    echo: bool | None = Field(False, description="not supported: absent or false", json_schema_extra={
+        "enum": [False, None]})
+    best_of: int | None = Field(None, description="absent or equal to n")
+    suffix: str | None = Field(None, description="not supported: absent or empty", json_schema_extra={
+        "maxLength": 0})
 
     @field_validator("prompt")
     @classmethod
@@ -190,13 +224,14 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str
+    type: str = Field(json_schema_extra={"enum": ["text"]})          # others: a 400 naming the type
     text: str | None = None
 
 
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str
+    role: str = Field(description="the roles the model's chat template accepts (these three for most)",
+                      json_schema_extra={"enum": ["system", "user", "assistant"]})
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -215,14 +250,15 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage]
-    max_tokens: int | None = Field(None, ge=1)            # None: up to max_model_len
+    messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
+    max_tokens: int | None = Field(None, ge=1, description="absent: up to the model's context length")
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs true")
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: absent or empty",
+                                               json_schema_extra={"maxItems": 0})
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
 
     @model_validator(mode="after")
     def _check_chat(self):

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from longreach.serve import openapi as O
 from longreach.serve import protocol as P
 from longreach.serve.handlers import DEFAULT_MAX_REQUEST_BYTES, OpenAIServer
 
@@ -51,6 +52,14 @@ def create_app(engine, model_name: str | list[str], *, api_key: str | None = Non
     app = FastAPI(title="longreach", summary="OpenAI-compatible server", lifespan=lifespan)
     app.state.server = server
     app.state.engine_loop = server.engine_loop
+    _add_error_handlers(app)
+    _add_routes(app, server)
+    O.install(app, [P.CompletionRequest, P.ChatCompletionRequest], has_api_key=api_key is not None)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, Starlette's (unknown route, wrong method) and bugs (500)."""
 
     @app.exception_handler(P.APIError)
     async def _api_error(request: Request, exc: P.APIError):
@@ -73,38 +82,48 @@ def create_app(engine, model_name: str | list[str], *, api_key: str | None = Non
         return JSONResponse(P.APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
                             .to_dict(), status_code=500)
 
-    @app.get("/health")
+
+def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
+    """The endpoints; what each takes and answers is declared for the OpenAPI schema (`openapi`)."""
+
+    @app.get("/health", responses=O.HEALTH_RESPONSES)
     async def health():
+        """Readiness probe (no API key needed)."""
         if not server.engine_loop.is_accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         if not server.engine_loop.is_healthy:
             return JSONResponse({"status": "engine failing"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=Response, responses=O.METRICS_RESPONSES)
     async def metrics():
+        """Prometheus metrics (no API key needed)."""
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=O.responses(O.ModelList, 401))
     async def models(request: Request):
+        """The served model names."""
         server.authorize(request)
         return server.models()
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=O.responses(O.ModelCard, 401, 404))
     async def model(request: Request, model_id: str):
+        """One served model."""
         server.authorize(request)
         name = server.check_model(model_id)
         return P.model_card(name, server.created, server.max_model_len)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=O.json_body(P.CompletionRequest),
+              responses=O.responses(O.CompletionResponse, 400, 401, 404, 413, 503, stream=True))
     async def completions(request: Request):
+        """OpenAI's Completions API (streams server-sent events when `stream` is true)."""
         return await server.completions(request)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=O.json_body(P.ChatCompletionRequest),
+              responses=O.responses(O.ChatCompletionResponse, 400, 401, 404, 413, 503, stream=True))
     async def chat_completions(request: Request):
+        """OpenAI's Chat Completions API (streams server-sent events when `stream` is true)."""
         return await server.chat_completions(request)
-
-    return app
 
 
 class Server(uvicorn.Server):
@@ -114,7 +133,7 @@ class Server(uvicorn.Server):
     re-raises the signal after its shutdown, which would end the process with 143.)"""
 
     def __init__(self, config: uvicorn.Config, shutdown_timeout: float = 30.0,
-                 on_started: Callable[["Server"], None] | None = None):
+                 on_started: Callable[[Server], None] | None = None):
         # uvicorn's own timeout is the backstop, should a handler ignore the aborts
         config.timeout_graceful_shutdown = shutdown_timeout + 10.0
         super().__init__(config)
