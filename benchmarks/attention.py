@@ -18,6 +18,7 @@ after every measurement so a run cut short keeps what it measured.
     python benchmarks/attention.py               # the GPU run (a few minutes on an H100/H200)
     python benchmarks/attention.py --dry-run     # tiny sizes; on CPU under TRITON_INTERPRET=1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,10 +31,18 @@ from pathlib import Path
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.environ.get("OUT") or "./out", help="results folder (default $OUT or ./out)")
-    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384, 65536], help="prefill sequence lengths")
-    p.add_argument("--tokens", type=int, default=65536, help="tokens per prefill batch (batch = tokens // seqlen)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", default=os.environ.get("OUT") or "./out", help="results folder (default $OUT or ./out)"
+    )
+    p.add_argument(
+        "--seqlens", type=int, nargs="+", default=[4096, 16384, 65536], help="prefill sequence lengths"
+    )
+    p.add_argument(
+        "--tokens", type=int, default=65536, help="tokens per prefill batch (batch = tokens // seqlen)"
+    )
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072], help="decode context lengths")
@@ -44,14 +53,31 @@ def _parse(argv):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-reps", type=int, default=20)
     p.add_argument("--skip", nargs="*", default=[], help="backends to leave out, e.g. flex")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="stop starting new measurements after this many seconds (the rest report n/a)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="tiny sizes and fp16 to exercise the code paths (on CPU: under TRITON_INTERPRET=1)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="stop starting new measurements after this many seconds (the rest report n/a)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny sizes and fp16 to exercise the code paths (on CPU: under TRITON_INTERPRET=1)",
+    )
     args = p.parse_args(argv)
     if args.dry_run:  # tiny defaults; sizes given on the command line still win
-        p.set_defaults(seqlens=[64, 128], tokens=256, heads=2, head_dim=32, contexts=[200, 600], decode_batch=2,
-                       decode_heads=[4, 2], warmup=1, reps=1, decode_reps=1)
+        p.set_defaults(
+            seqlens=[64, 128],
+            tokens=256,
+            heads=2,
+            head_dim=32,
+            contexts=[200, 600],
+            decode_batch=2,
+            decode_heads=[4, 2],
+            warmup=1,
+            reps=1,
+            decode_reps=1,
+        )
         args = p.parse_args(argv)
     return args
 
@@ -67,9 +93,13 @@ class Bench:
         self.deadline = time.time() + args.budget_s if args.budget_s else None
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if self.cuda else "cpu"}
+        self.env = {
+            "torch": torch.__version__,
+            "device": torch.cuda.get_device_name() if self.cuda else "cpu",
+        }
         try:
             import triton
+
             self.env["triton"] = triton.__version__
         except ImportError as e:
             self.env["triton"] = f"n/a ({e})"
@@ -104,7 +134,9 @@ class Bench:
                 ms = self.time_ms(fn, self.args.warmup, reps)
                 row[f"{label}_ms"], row[f"{label}_rate"] = ms, work / (ms * 1e-3)
             except Exception as e:  # a failing peer must not stop the run
-                row[f"{label}_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                row[f"{label}_error"] = (
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
+                )
                 print(f"  {row['backend']} {label}: n/a ({row[f'{label}_error']})", flush=True)
                 break
         self.rows.append(row)
@@ -112,8 +144,9 @@ class Bench:
         print("  " + _line(row), flush=True)
 
     def write(self):
-        (self.out / "attention.json").write_text(json.dumps({"env": self.env, "args": vars(self.args),
-                                                             "results": self.rows}, indent=1))
+        (self.out / "attention.json").write_text(
+            json.dumps({"env": self.env, "args": vars(self.args), "results": self.rows}, indent=1)
+        )
         (self.out / "attention.md").write_text(self.markdown())
 
     def markdown(self) -> str:
@@ -121,19 +154,29 @@ class Bench:
         lines = [f"Device: {self.env['device']}; torch {self.env['torch']}, triton {self.env['triton']}.", ""]
         prefill = [r for r in self.rows if r["kind"] == "prefill"]
         if prefill:
-            lines += [f"Prefill, causal, {prefill[0]['dtype']}, H={a.heads}, D={a.head_dim}, {a.tokens} tokens per batch "
-                      "(TFLOP/s; backward counted as 2.5x forward)", "",
-                      "| N | batch | backend | fwd TFLOP/s | fwd+bwd TFLOP/s |", "|---|---|---|---|---|"]
+            lines += [
+                f"Prefill, causal, {prefill[0]['dtype']}, H={a.heads}, D={a.head_dim}, {a.tokens} tokens per batch "
+                "(TFLOP/s; backward counted as 2.5x forward)",
+                "",
+                "| N | batch | backend | fwd TFLOP/s | fwd+bwd TFLOP/s |",
+                "|---|---|---|---|---|",
+            ]
             for r in prefill:
-                lines.append(f"| {r['n']} | {r['batch']} | {r['backend']} | {_cell(r, 'fwd', 1e12)} | "
-                             f"{_cell(r, 'fwdbwd', 1e12)} |")
+                lines.append(
+                    f"| {r['n']} | {r['batch']} | {r['backend']} | {_cell(r, 'fwd', 1e12)} | "
+                    f"{_cell(r, 'fwdbwd', 1e12)} |"
+                )
             lines.append("")
         decode = [r for r in self.rows if r["kind"] == "decode"]
         if decode:
             hq, hkv = a.decode_heads
-            lines += [f"Decode, {decode[0]['dtype']}, GQA {hq}/{hkv}, batch {a.decode_batch}, D={a.head_dim}, "
-                      f"block size {a.block_size} (GB/s of K+V cache read; the copy counts read+write)", "",
-                      "| context | backend | ms | GB/s |", "|---|---|---|---|"]
+            lines += [
+                f"Decode, {decode[0]['dtype']}, GQA {hq}/{hkv}, batch {a.decode_batch}, D={a.head_dim}, "
+                f"block size {a.block_size} (GB/s of K+V cache read; the copy counts read+write)",
+                "",
+                "| context | backend | ms | GB/s |",
+                "|---|---|---|---|",
+            ]
             for r in decode:
                 ms = f"{r['run_ms']:.3f}" if "run_ms" in r else "n/a"
                 lines.append(f"| {r['n']} | {r['backend']} | {ms} | {_cell(r, 'run', 1e9)} |")
@@ -170,6 +213,7 @@ def prefill(bench: Bench, dtype):
     if "flex" not in a.skip and bench.cuda:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
             flex = torch.compile(flex_attention, dynamic=False)
         except Exception as e:  # older torch
             flex = e
@@ -197,7 +241,10 @@ def prefill(bench: Bench, dtype):
         # peers: BHSD layout
         q, k, v = rand(batch, h, n, d), rand(batch, h, n, d), rand(batch, h, n, d)
         dout = torch.randn_like(q)
-        for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION)):
+        for name, backend in (
+            ("sdpa flash", SDPBackend.FLASH_ATTENTION),
+            ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION),
+        ):
             if name.split()[1] in a.skip:
                 continue
 
@@ -213,7 +260,9 @@ def prefill(bench: Bench, dtype):
                 bench.measure(row)
             else:
                 try:
-                    mask = create_block_mask(lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device=bench.device)
+                    mask = create_block_mask(
+                        lambda b_, h_, qi, ki: qi >= ki, None, None, n, n, device=bench.device
+                    )
                     _run_pair(bench, row, lambda: flex(q, k, v, block_mask=mask), (q, k, v), dout, work)
                 except Exception as e:
                     row["fwd_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -251,16 +300,28 @@ def decode(bench: Bench, dtype):
         g = torch.Generator(device=bench.device).manual_seed(0)
         k_cache = torch.randn(num_blocks, bs, hkv, d, device=bench.device, dtype=dtype, generator=g)
         v_cache = torch.randn(num_blocks, bs, hkv, d, device=bench.device, dtype=dtype, generator=g)
-        table = torch.randperm(num_blocks, device=bench.device, generator=g).view(batch, blocks_per_seq).to(torch.int32)
+        table = (
+            torch.randperm(num_blocks, device=bench.device, generator=g)
+            .view(batch, blocks_per_seq)
+            .to(torch.int32)
+        )
         seqlens = torch.full((batch,), n, dtype=torch.int32, device=bench.device)
         q = torch.randn(batch, hq, d, device=bench.device, dtype=dtype, generator=g)
         nbytes = 2 * batch * n * hkv * d * k_cache.element_size()
-        runs = {"longreach triton split-K": lambda: paged.paged_decode_attention(q, k_cache, v_cache, table, seqlens)}
+        runs = {
+            "longreach triton split-K": lambda: paged.paged_decode_attention(
+                q, k_cache, v_cache, table, seqlens
+            )
+        }
         if not bench.cuda:  # on CPU the dispatcher takes PyTorch: name the interpreted kernel explicitly
             from longreach.attention import triton_decode
+
             runs["longreach triton split-K"] = lambda: triton_decode.paged_decode_attention(
-                q, k_cache, v_cache, table, seqlens)
-        runs["longreach torch fallback"] = lambda: paged.paged_decode_attention_torch(q, k_cache, v_cache, table, seqlens)
+                q, k_cache, v_cache, table, seqlens
+            )
+        runs["longreach torch fallback"] = lambda: paged.paged_decode_attention_torch(
+            q, k_cache, v_cache, table, seqlens
+        )
         for name, fn in runs.items():
             bench.measure(dict(base, backend=name), run=(fn, nbytes))
         k_dst, v_dst = torch.empty_like(k_cache), torch.empty_like(v_cache)
@@ -272,15 +333,30 @@ def decode(bench: Bench, dtype):
         bench.measure(dict(base, backend="device copy (read+write)"), run=(copy, 2 * nbytes))
         del k_dst, v_dst
         try:  # contiguous K/V in SDPA's layout; built from the pages so it holds the same values
-            k_flat = k_cache[table.long()].reshape(batch, blocks_per_seq * bs, hkv, d)[:, :n].transpose(1, 2).contiguous()
-            v_flat = v_cache[table.long()].reshape(batch, blocks_per_seq * bs, hkv, d)[:, :n].transpose(1, 2).contiguous()
-            q4 = q[:, :, None]                                                          # (B, Hq, 1, D)
+            k_flat = (
+                k_cache[table.long()]
+                .reshape(batch, blocks_per_seq * bs, hkv, d)[:, :n]
+                .transpose(1, 2)
+                .contiguous()
+            )
+            v_flat = (
+                v_cache[table.long()]
+                .reshape(batch, blocks_per_seq * bs, hkv, d)[:, :n]
+                .transpose(1, 2)
+                .contiguous()
+            )
+            q4 = q[:, :, None]  # (B, Hq, 1, D)
             sdpa = lambda: F.scaled_dot_product_attention(q4, k_flat, v_flat, enable_gqa=True)  # noqa: E731
             bench.measure(dict(base, backend="sdpa (contiguous KV, enable_gqa)"), run=(sdpa, nbytes))
             del k_flat, v_flat
         except Exception as e:
-            bench.measure(dict(base, backend="sdpa (contiguous KV, enable_gqa)",
-                               run_error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))
+            bench.measure(
+                dict(
+                    base,
+                    backend="sdpa (contiguous KV, enable_gqa)",
+                    run_error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+                )
+            )
         del k_cache, v_cache
         if bench.cuda:
             torch.cuda.empty_cache()
@@ -292,7 +368,10 @@ def main(argv=None) -> int:
 
     if not torch.cuda.is_available():
         if not args.dry_run:
-            print("no CUDA device: run on a GPU, or pass --dry-run to exercise the code at tiny sizes", file=sys.stderr)
+            print(
+                "no CUDA device: run on a GPU, or pass --dry-run to exercise the code at tiny sizes",
+                file=sys.stderr,
+            )
             return 2
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
     bench = Bench(args, torch)
@@ -300,9 +379,11 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if bench.cuda else torch.float16
     t0 = time.time()
     print(f"{bench.env}", flush=True)
-    decode(bench, dtype)   # the quick half first: a run cut short still has it
+    decode(bench, dtype)  # the quick half first: a run cut short still has it
     prefill(bench, dtype)
-    print(f"\n{bench.markdown()}\nwrote {bench.out / 'attention.md'} and attention.json in {time.time() - t0:.0f} s")
+    print(
+        f"\n{bench.markdown()}\nwrote {bench.out / 'attention.md'} and attention.json in {time.time() - t0:.0f} s"
+    )
     return 0
 
 

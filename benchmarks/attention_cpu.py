@@ -21,6 +21,7 @@ Results are printed and written as the "## Attention on CPU" section of docs/ben
     .venv/bin/python benchmarks/attention_cpu.py --threads 1  # on a machine shared with other jobs
     .venv/bin/python benchmarks/attention_cpu.py --quick      # small sizes, a smoke test; writes nothing
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def _run_case(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     n, heads, dim = spec["n"], spec["heads"], spec["dim"]
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(n, heads, dim, generator=g) for _ in range(3))        # (N, H, D) each
+    q, k, v = (torch.randn(n, heads, dim, generator=g) for _ in range(3))  # (N, H, D) each
     cu = torch.tensor([0, n], dtype=torch.int32)
     train = spec.get("train", False)
     if train:
@@ -67,8 +68,19 @@ def _run_case(spec: dict) -> dict:
 
     def call():
         with torch.set_grad_enabled(train):
-            out = flash_attn_varlen_func(q, k, v, cu, cu, n, n, causal=spec.get("causal", True),
-                                         window_size=tuple(spec["window"]), backend=spec["backend"], layout=layout)
+            out = flash_attn_varlen_func(
+                q,
+                k,
+                v,
+                cu,
+                cu,
+                n,
+                n,
+                causal=spec.get("causal", True),
+                window_size=tuple(spec["window"]),
+                backend=spec["backend"],
+                layout=layout,
+            )
             if train:
                 torch.autograd.backward(out, dout)
                 q.grad = k.grad = v.grad = None
@@ -78,7 +90,7 @@ def _run_case(spec: dict) -> dict:
     for _ in range(spec["repeats"]):
         before = _status_kib("VmRSS")
         try:
-            Path("/proc/self/clear_refs").write_text("5")                      # reset VmHWM to current RSS
+            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to current RSS
         except OSError:
             pass
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -88,12 +100,18 @@ def _run_case(spec: dict) -> dict:
         peaks.append((_status_kib("VmHWM") - before) * 1024)
         del out
     best = min(range(len(times)), key=times.__getitem__)
-    return {"seconds": times[best], "cpu_seconds": cpu_times[best], "extra_rss_bytes": max(peaks),
-            "threads": torch.get_num_threads()}
+    return {
+        "seconds": times[best],
+        "cpu_seconds": cpu_times[best],
+        "extra_rss_bytes": max(peaks),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _spawn(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode:
         return {"error": (proc.stderr.strip().splitlines() or ["exit code %d" % proc.returncode])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -108,7 +126,9 @@ def main(argv=None):
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true", help="small sizes; print only")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch threads in each case (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads in each case (default: torch's choice)"
+    )
     p.add_argument("--out", help="markdown file for the section (default docs/benchmarks.md; --quick: none)")
     args = p.parse_args(argv)
     if args.child:
@@ -126,28 +146,52 @@ def main(argv=None):
     rows = {}
 
     def case(key, **spec):
-        spec = {"heads": heads, "dim": dim, "window": (-1, -1), "repeats": args.repeats, "threads": args.threads,
-                **spec}
+        spec = {
+            "heads": heads,
+            "dim": dim,
+            "window": (-1, -1),
+            "repeats": args.repeats,
+            "threads": args.threads,
+            **spec,
+        }
         rows[key] = {**spec, **_spawn(spec)}
         r = rows[key]
-        shown = "error: " + r["error"] if "error" in r else \
-            f"{r['seconds']:.2f} s (CPU {r['cpu_seconds']:.2f} s), extra RSS {_fmt_gib(r['extra_rss_bytes'])}"
+        shown = (
+            "error: " + r["error"]
+            if "error" in r
+            else f"{r['seconds']:.2f} s (CPU {r['cpu_seconds']:.2f} s), extra RSS {_fmt_gib(r['extra_rss_bytes'])}"
+        )
         print(f"{key:32s} {shown}", flush=True)
 
     case("a_tiled", n=long_n, backend="tiled", repeats=1)
     case("a_sdpa", n=long_n, backend="sdpa", repeats=1)
     for n in window_ns:
         case(f"b_tiled_{n}", n=n, backend="tiled", window=window)
-        case(f"b_sdpa_{n}", n=n, backend="sdpa", window=window, repeats=1 if n == window_ns[1] else args.repeats)
+        case(
+            f"b_sdpa_{n}",
+            n=n,
+            backend="sdpa",
+            window=window,
+            repeats=1 if n == window_ns[1] else args.repeats,
+        )
     for backend in ("tiled", "sdpa"):
-        case(f"d_{backend}", n=bigbird_n, backend=backend, causal=False, bigbird_block=64,
-             repeats=args.repeats if backend == "tiled" else 1)
+        case(
+            f"d_{backend}",
+            n=bigbird_n,
+            backend=backend,
+            causal=False,
+            bigbird_block=64,
+            repeats=args.repeats if backend == "tiled" else 1,
+        )
     case("c_tiled", n=train_n, backend="tiled", train=True, repeats=1)
     case("c_sdpa", n=train_n, backend="sdpa", train=True, repeats=1)
     elapsed = time.time() - started
 
-    command = COMMAND + (f" --threads {args.threads}" if args.threads else "") + \
-        (f" --repeats {args.repeats}" if args.repeats != 2 else "")
+    command = (
+        COMMAND
+        + (f" --threads {args.threads}" if args.threads else "")
+        + (f" --repeats {args.repeats}" if args.repeats != 2 else "")
+    )
     reference_bytes = long_n * long_n * heads * 4
     small, large = window_ns
     ratio_tiled = rows[f"b_tiled_{large}"]["seconds"] / rows[f"b_tiled_{small}"]["seconds"]
@@ -155,7 +199,8 @@ def main(argv=None):
     cpu_ratio_tiled = rows[f"b_tiled_{large}"]["cpu_seconds"] / rows[f"b_tiled_{small}"]["cpu_seconds"]
     a = rows["a_tiled"]
     checks = {
-        "a: tiled N=%d finishes with extra RSS < 2 GiB" % long_n: a.get("extra_rss_bytes", GIB * 99) < 2 * GIB,
+        "a: tiled N=%d finishes with extra RSS < 2 GiB" % long_n: a.get("extra_rss_bytes", GIB * 99)
+        < 2 * GIB,
         "b: tiled time(%d) / time(%d) <= 5" % (large, small): ratio_tiled <= 5,
     }
     for name, ok in checks.items():
@@ -184,49 +229,93 @@ def main(argv=None):
         ("a", "a_sdpa", "causal", "SDPA is_causal (auto's choice)", long_n, forward_flops(long_n)),
         ("b", f"b_tiled_{small}", "window 1024", "tiled (skips blocks)", small, forward_flops(small, 1024)),
         ("b", f"b_tiled_{large}", "window 1024", "tiled (skips blocks)", large, forward_flops(large, 1024)),
-        ("b", f"b_sdpa_{small}", "window 1024", "SDPA + explicit bool mask", small, forward_flops(small, 1024)),
-        ("b", f"b_sdpa_{large}", "window 1024", "SDPA + explicit bool mask", large, forward_flops(large, 1024)),
-        ("c", "c_tiled", "causal, fwd + bwd", "tiled (saves q, k, v, out, lse)", train_n, 3.5 * forward_flops(train_n)),
+        (
+            "b",
+            f"b_sdpa_{small}",
+            "window 1024",
+            "SDPA + explicit bool mask",
+            small,
+            forward_flops(small, 1024),
+        ),
+        (
+            "b",
+            f"b_sdpa_{large}",
+            "window 1024",
+            "SDPA + explicit bool mask",
+            large,
+            forward_flops(large, 1024),
+        ),
+        (
+            "c",
+            "c_tiled",
+            "causal, fwd + bwd",
+            "tiled (saves q, k, v, out, lse)",
+            train_n,
+            3.5 * forward_flops(train_n),
+        ),
         ("c", "c_sdpa", "causal, fwd + bwd", "SDPA is_causal", train_n, 3.5 * forward_flops(train_n)),
-        ("d", "d_tiled", f"BigBird ({density:.1%} of blocks)", "tiled (layout's blocks only)", bigbird_n,
-         forward_flops(bigbird_n, fraction=density)),
-        ("d", "d_sdpa", f"BigBird ({density:.1%} of blocks)", "SDPA + layout as dense bool mask", bigbird_n,
-         forward_flops(bigbird_n, fraction=density)),
+        (
+            "d",
+            "d_tiled",
+            f"BigBird ({density:.1%} of blocks)",
+            "tiled (layout's blocks only)",
+            bigbird_n,
+            forward_flops(bigbird_n, fraction=density),
+        ),
+        (
+            "d",
+            "d_sdpa",
+            f"BigBird ({density:.1%} of blocks)",
+            "SDPA + layout as dense bool mask",
+            bigbird_n,
+            forward_flops(bigbird_n, fraction=density),
+        ),
     ]
-    lines = [SECTION, "",
-             f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
-             f"torch {__import__('torch').__version__}, {a.get('threads', '?')} torch thread(s) per case). The machine "
-             f"is shared with other jobs (load average {load[0]:.1f} at start), so wall times carry their noise; CPU "
-             "time is this process's own. One run of the command below "
-             f"({elapsed:.0f} s in all), each case in its own subprocess; extra RSS = peak resident memory during "
-             "the call minus resident memory just before it (inputs excluded); times are the best of "
-             f"{args.repeats} calls (one call for (a), (c) and the SDPA masks at the larger N). 8 heads, head dim 64, fp32, batch 1. Useful GFLOP/s "
-             "counts only visible query-key pairs (4 H D per pair forward; x3.5 for forward + backward).", "",
-             f"    {command}", "",
-             "| | mask | backend | N | time (s) | CPU time (s) | useful GFLOP/s | extra RSS |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        SECTION,
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on this machine ({os.cpu_count()} CPU cores, {platform.machine()}, "
+        f"torch {__import__('torch').__version__}, {a.get('threads', '?')} torch thread(s) per case). The machine "
+        f"is shared with other jobs (load average {load[0]:.1f} at start), so wall times carry their noise; CPU "
+        "time is this process's own. One run of the command below "
+        f"({elapsed:.0f} s in all), each case in its own subprocess; extra RSS = peak resident memory during "
+        "the call minus resident memory just before it (inputs excluded); times are the best of "
+        f"{args.repeats} calls (one call for (a), (c) and the SDPA masks at the larger N). 8 heads, head dim 64, fp32, batch 1. Useful GFLOP/s "
+        "counts only visible query-key pairs (4 H D per pair forward; x3.5 for forward + backward).",
+        "",
+        f"    {command}",
+        "",
+        "| | mask | backend | N | time (s) | CPU time (s) | useful GFLOP/s | extra RSS |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for part, key, mask, label, n, flop in table:
         r = rows[key]
         if "error" in r:
             lines.append(f"| {part} | {mask} | {label} | {n:,} | n/a ({r['error']}) | | | |")
             continue
-        lines.append(f"| {part} | {mask} | {label} | {n:,} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
-                     f"{flop / r['seconds'] / 1e9:.0f} | {_fmt_gib(r['extra_rss_bytes'])} |")
-    lines.append(f"| a | causal | reference (materialised scores) | {long_n:,} | not run | | | needs N^2 x heads x "
-                 f"4 B = {reference_bytes / GIB:g} GiB for the scores alone |")
-    lines += ["",
-              f"- (a) tiled causal attention at N = {long_n:,} completes with {_fmt_gib(a.get('extra_rss_bytes', 0))} "
-              "of extra RSS (required < 2 GiB), where the reference would need "
-              f"{reference_bytes / GIB:g} GiB.",
-              f"- (b) fixed 1024-token window, time at {large:,} over time at {small:,} (4x the tokens): tiled "
-              f"**{ratio_tiled:.2f}** (CPU time {cpu_ratio_tiled:.2f}; the visible pairs grow "
-              f"{forward_flops(large, 1024) / forward_flops(small, 1024):.2f}x, the first 1024 rows having fewer "
-              f"keys; required <= 5); SDPA with the mask {ratio_sdpa:.2f} (its work grows 16x).",
-              "- Checks: " + "; ".join(("PASS " if ok else "FAIL ") + name for name, ok in checks.items()) + ".",
-              "- Reading: plain causal attention is fastest through SDPA's C++ flash kernel, which is why the auto "
-              "choice sends it there; the tiled backend stays exact and O(N) in memory for the masks SDPA can only "
-              "take densely (windows, BigBird/Longformer layouts), where it does linear instead of quadratic work.",
-              ""]
+        lines.append(
+            f"| {part} | {mask} | {label} | {n:,} | {r['seconds']:.2f} | {r['cpu_seconds']:.2f} | "
+            f"{flop / r['seconds'] / 1e9:.0f} | {_fmt_gib(r['extra_rss_bytes'])} |"
+        )
+    lines.append(
+        f"| a | causal | reference (materialised scores) | {long_n:,} | not run | | | needs N^2 x heads x "
+        f"4 B = {reference_bytes / GIB:g} GiB for the scores alone |"
+    )
+    lines += [
+        "",
+        f"- (a) tiled causal attention at N = {long_n:,} completes with {_fmt_gib(a.get('extra_rss_bytes', 0))} "
+        "of extra RSS (required < 2 GiB), where the reference would need "
+        f"{reference_bytes / GIB:g} GiB.",
+        f"- (b) fixed 1024-token window, time at {large:,} over time at {small:,} (4x the tokens): tiled "
+        f"**{ratio_tiled:.2f}** (CPU time {cpu_ratio_tiled:.2f}; the visible pairs grow "
+        f"{forward_flops(large, 1024) / forward_flops(small, 1024):.2f}x, the first 1024 rows having fewer "
+        f"keys; required <= 5); SDPA with the mask {ratio_sdpa:.2f} (its work grows 16x).",
+        "- Checks: " + "; ".join(("PASS " if ok else "FAIL ") + name for name, ok in checks.items()) + ".",
+        "- Reading: plain causal attention is fastest through SDPA's C++ flash kernel, which is why the auto "
+        "choice sends it there; the tiled backend stays exact and O(N) in memory for the masks SDPA can only "
+        "take densely (windows, BigBird/Longformer layouts), where it does linear instead of quadratic work.",
+        "",
+    ]
     _write_section(out_path, "\n".join(lines))
     print(f"wrote {SECTION!r} to {out_path}")
 

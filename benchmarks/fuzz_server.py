@@ -56,7 +56,9 @@ class Server:
             "--log-level",
             "warning",
         ]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+        )
         self.url, self.log = None, []
         deadline = time.monotonic() + 180
         while self.url is None:
@@ -161,10 +163,14 @@ def summarize(
     for c in counts.values():
         total.update(c)
     accepted = sum(
-        rates.get("accepted", 0) for phases in report.get("valid_rates", {}).values() for rates in phases.values()
+        rates.get("accepted", 0)
+        for phases in report.get("valid_rates", {}).values()
+        for rates in phases.values()
     )
     rejected = sum(
-        rates.get("rejected", 0) for phases in report.get("valid_rates", {}).values() for rates in phases.values()
+        rates.get("rejected", 0)
+        for phases in report.get("valid_rates", {}).values()
+        for rates in phases.values()
     )
     return {
         "requests": sum(total.values()),
@@ -276,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="concurrent schemathesis workers")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="directory for the reports (default: a temporary one)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="directory for the reports (default: a temporary one)"
+    )
     args = p.parse_args(argv)
     args.serve_args = (
         ([args.model] if args.model else [])

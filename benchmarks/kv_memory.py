@@ -7,6 +7,7 @@ into docs/tradeoffs.md's "KV held over a long generation" section and docs/img/k
     python benchmarks/kv_memory.py                    # budget 256 tokens, 3,584 new tokens
     python benchmarks/kv_memory.py --new-tokens 512 --out /tmp/m
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,17 +22,31 @@ POLICY_SETTINGS = {
     "int4": {"kv_cache_dtype": "int4"},
     "window": lambda b: {"kv_cache_dtype": "bf16", "kv_policy": "window", "kv_policy_args": {"window": b}},
     "sinks": lambda b: {"kv_cache_dtype": "bf16", "kv_policy": "sinks", "kv_policy_args": {"window": b - 4}},
-    "h2o-block": lambda b: {"kv_cache_dtype": "bf16", "kv_policy": "h2o",
-                            "kv_policy_args": {"heavy": b // 2, "recent": b - b // 2, "unit": "block"}},
+    "h2o-block": lambda b: {
+        "kv_cache_dtype": "bf16",
+        "kv_policy": "h2o",
+        "kv_policy_args": {"heavy": b // 2, "recent": b - b // 2, "unit": "block"},
+    },
 }
 
 
-def curve(kwargs: dict, prompt: list[int], new_tokens: int, every: int, max_len: int) -> list[tuple[int, int]]:
+def curve(
+    kwargs: dict, prompt: list[int], new_tokens: int, every: int, max_len: int
+) -> list[tuple[int, int]]:
     """(tokens in the request, KV bytes held) after every `every` engine steps, and at the end."""
-    llm = LLM(dtype="fp32", max_model_len=max_len, allow_long_max_model_len=True, enable_prefix_caching=False, max_num_seqs=1,
-              num_kv_blocks=max_len // 16 + 64, **kwargs)
+    llm = LLM(
+        dtype="fp32",
+        max_model_len=max_len,
+        allow_long_max_model_len=True,
+        enable_prefix_caching=False,
+        max_num_seqs=1,
+        num_kv_blocks=max_len // 16 + 64,
+        **kwargs,
+    )
     engine = llm.engine
-    request = engine.add_request(prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True))
+    request = engine.add_request(
+        prompt, SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    )
     points, step = [], 0
     while engine.has_unfinished_requests():
         engine.step()
@@ -39,7 +54,7 @@ def curve(kwargs: dict, prompt: list[int], new_tokens: int, every: int, max_len:
         seq = engine.requests.get(request)
         if seq is not None and step % every == 0:
             points.append((seq.num_tokens, engine.kv_cache_bytes_used))
-    points.append((len(prompt) + new_tokens, engine.kv_cache_bytes_used))   # after the finish: all freed
+    points.append((len(prompt) + new_tokens, engine.kv_cache_bytes_used))  # after the finish: all freed
     return points
 
 
@@ -61,31 +76,52 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "img").mkdir(parents=True, exist_ok=True)
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for name, points in curves.items():
         ax.plot([n for n, _ in points[:-1]], [b / 1024 for _, b in points[:-1]], marker="o", ms=3, label=name)
-    ax.set(xlabel="tokens in the request (prompt + generated)", ylabel="KV held (KiB)",
-           title=f"KV held by one request while generating (eviction budget {args.budget} tokens)")
+    ax.set(
+        xlabel="tokens in the request (prompt + generated)",
+        ylabel="KV held (KiB)",
+        title=f"KV held by one request while generating (eviction budget {args.budget} tokens)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "img" / "kv-memory.png", dpi=110)
     marks = [n for n, _ in curves["bf16"][:-1]]
-    lines = ["| setting | " + " | ".join(f"{n:,} tokens" for n in marks) + " | after finish |",
-             "|---" * (len(marks) + 2) + "|"]
+    lines = [
+        "| setting | " + " | ".join(f"{n:,} tokens" for n in marks) + " | after finish |",
+        "|---" * (len(marks) + 2) + "|",
+    ]
     for name, points in curves.items():
         held = dict(points[:-1])
-        lines.append(f"| `{name}` | " + " | ".join(f"{held[n] / 1024:,.0f} KiB" if n in held else "—" for n in marks)
-                     + f" | {points[-1][1]} B |")
+        lines.append(
+            f"| `{name}` | "
+            + " | ".join(f"{held[n] / 1024:,.0f} KiB" if n in held else "—" for n in marks)
+            + f" | {points[-1][1]} B |"
+        )
     command = "python benchmarks/kv_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    section = "\n".join(["## KV held over a long generation", "",
-                         f"One {args.prompt_tokens}-token prompt, {args.new_tokens:,} generated tokens, eviction "
-                         f"budget {args.budget} tokens, KV bytes the engine holds (`kv_cache_bytes_used`):", "",
-                         "```", command.strip(), "```", "", *lines, "",
-                         "![KV held while generating](img/kv-memory.png)", ""])
+    section = "\n".join(
+        [
+            "## KV held over a long generation",
+            "",
+            f"One {args.prompt_tokens}-token prompt, {args.new_tokens:,} generated tokens, eviction "
+            f"budget {args.budget} tokens, KV bytes the engine holds (`kv_cache_bytes_used`):",
+            "",
+            "```",
+            command.strip(),
+            "```",
+            "",
+            *lines,
+            "",
+            "![KV held while generating](img/kv-memory.png)",
+            "",
+        ]
+    )
     doc = out / "tradeoffs.md"
     text = doc.read_text() if doc.is_file() else "# Trade-offs of the KV-cache levers\n"
     marker = "## KV held over a long generation"

@@ -4,6 +4,7 @@ Chance is ln 10 = 2.30 nats a digit; a model that retrieves gets ~0 and exact an
 sensitive than generating (it shows progress long before greedy answers come out right).
 Usage: python benchmarks/passkey_probe.py MODEL_DIR [--docs 30] [--seed 7]
 """
+
 import argparse
 import random
 
@@ -29,10 +30,12 @@ def main() -> None:
         with torch.no_grad():
             logits = model(ids)
         losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
-        total += losses[-6:-1].mean().item()                                     # the five answer digits
+        total += losses[-6:-1].mean().item()  # the five answer digits
         exact += int(torch.equal(logits[-7:-2].argmax(-1), ids[-6:-1]))
-    print(f"{args.model}: answer-digit loss {total / args.docs:.2f} nats (chance 2.30), "
-          f"exact {exact}/{args.docs}")
+    print(
+        f"{args.model}: answer-digit loss {total / args.docs:.2f} nats (chance 2.30), "
+        f"exact {exact}/{args.docs}"
+    )
 
 
 if __name__ == "__main__":

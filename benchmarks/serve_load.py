@@ -10,6 +10,7 @@ request that stayed got the same text as alone, and the KV blocks still held aft
     .venv/bin/python benchmarks/serve_load.py                   # 64 clients, 6 leave; ~4 min on 2 cores
     .venv/bin/python benchmarks/serve_load.py --clients 16 --leavers 2 --out /tmp/load
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,8 +46,14 @@ def make_requests(num: int, min_len: int, max_len: int, max_tokens: int, seed: i
         hay = (FILLER * (room // len(FILLER) + 1))[:room]
         cut = rng.randint(0, len(hay))
         sampled = i % 2 == 1
-        out.append({"prompt": hay[:cut] + needle + hay[cut:] + question, "max_tokens": max_tokens,
-                    "temperature": 0.8 if sampled else 0.0, "seed": 1000 + i if sampled else None})
+        out.append(
+            {
+                "prompt": hay[:cut] + needle + hay[cut:] + question,
+                "max_tokens": max_tokens,
+                "temperature": 0.8 if sampled else 0.0,
+                "seed": 1000 + i if sampled else None,
+            }
+        )
     return out
 
 
@@ -55,9 +62,26 @@ class Server:
 
     def __init__(self, extra: list[str], threads: int):
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-m", "longreach", "serve", "--port", "0", "--dtype", "fp32", "--device", "cpu",
-               "--log-level", "warning", "--served-model-name", "demo", *extra]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        cmd = [
+            sys.executable,
+            "-m",
+            "longreach",
+            "serve",
+            "--port",
+            "0",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+            "--served-model-name",
+            "demo",
+            *extra,
+        ]
+        self.proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+        )
         self.url = None
         deadline = time.monotonic() + 180
         while self.url is None:
@@ -70,7 +94,11 @@ class Server:
 
     def metric(self, name: str, labels: str = "") -> float:
         text = httpx.get(self.url + "/metrics", timeout=30).text
-        pattern = rf"^longreach_{name}{re.escape(labels)}\s+(\S+)$" if labels else rf"^longreach_{name}(?:{{[^}}]*}})?\s+(\S+)$"
+        pattern = (
+            rf"^longreach_{name}{re.escape(labels)}\s+(\S+)$"
+            if labels
+            else rf"^longreach_{name}(?:{{[^}}]*}})?\s+(\S+)$"
+        )
         return sum(float(v) for v in re.findall(pattern, text, re.M))
 
     def stop(self) -> int:
@@ -82,8 +110,12 @@ async def one(client, req: dict, leave_after: int | None) -> dict:
     """Stream one completion; `leave_after` chunks then close the connection (a client that goes away)."""
     start = time.perf_counter()
     ttft, text, chunks = None, [], 0
-    stream = await client.completions.create(model="demo", stream=True, **{k: v for k, v in req.items() if v is not None},
-                                             extra_body={"ignore_eos": True})
+    stream = await client.completions.create(
+        model="demo",
+        stream=True,
+        **{k: v for k, v in req.items() if v is not None},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         piece = chunk.choices[0].text if chunk.choices else ""
         if piece and ttft is None:
@@ -128,24 +160,35 @@ def pct(values: list[float], q: float) -> float:
 def run_setting(name: str, extra: list[str], reqs: list[dict], leavers: set[int], threads: int) -> dict:
     server = Server(extra, threads)
     try:
-        results, wall = asyncio.run(burst(server.url, reqs, leavers))     # cold: no prefix cached yet
+        results, wall = asyncio.run(burst(server.url, reqs, leavers))  # cold: no prefix cached yet
         deadline = time.monotonic() + 60
-        while (server.metric("num_requests_running") or server.metric("num_requests_waiting")) \
-                and time.monotonic() < deadline:
+        while (
+            server.metric("num_requests_running") or server.metric("num_requests_waiting")
+        ) and time.monotonic() < deadline:
             time.sleep(0.2)
         counters = {k: server.metric(k) for k in ("num_preemptions_total", "generation_tokens_total")}
         aborted = server.metric("request_success_total", '{finished_reason="abort"}')
         kv_after = server.metric("kv_cache_blocks_used")
-        reference = alone(server.url, reqs)                               # afterwards, one at a time
+        reference = alone(server.url, reqs)  # afterwards, one at a time
         stayed = [(i, r) for i, r in enumerate(results) if not r["left"]]
         same = sum(r["text"] == reference[i] for i, r in stayed)
         ttfts = [r["ttft"] for _, r in stayed]
         row = {
-            "setting": name, "flags": " ".join(extra), "clients": len(reqs), "left": len(leavers),
-            "completed": len(stayed), "same_as_alone": same, "wall_s": wall, "requests_per_s": len(stayed) / wall,
+            "setting": name,
+            "flags": " ".join(extra),
+            "clients": len(reqs),
+            "left": len(leavers),
+            "completed": len(stayed),
+            "same_as_alone": same,
+            "wall_s": wall,
+            "requests_per_s": len(stayed) / wall,
             "output_tokens_per_s": counters["generation_tokens_total"] / wall,
-            "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99), "ttft_mean_s": statistics.fmean(ttfts),
-            "preemptions": counters["num_preemptions_total"], "aborted": aborted, "kv_blocks_used_after": kv_after,
+            "ttft_p50_s": pct(ttfts, 50),
+            "ttft_p99_s": pct(ttfts, 99),
+            "ttft_mean_s": statistics.fmean(ttfts),
+            "preemptions": counters["num_preemptions_total"],
+            "aborted": aborted,
+            "kv_blocks_used_after": kv_after,
             "kv_blocks_total": server.metric("kv_cache_blocks_total"),
         }
     finally:
@@ -169,36 +212,46 @@ def main(argv: list[str] | None = None) -> int:
     if not 0 <= args.leavers < args.clients:
         p.error(f"--leavers {args.leavers} must be in [0, --clients {args.clients})")
     if args.tight_blocks * 16 < args.max_len + args.max_tokens:
-        p.error(f"--tight-blocks {args.tight_blocks} x 16 tokens cannot hold one request of --max-len "
-                f"{args.max_len} + --max-tokens {args.max_tokens}")
+        p.error(
+            f"--tight-blocks {args.tight_blocks} x 16 tokens cannot hold one request of --max-len "
+            f"{args.max_len} + --max-tokens {args.max_tokens}"
+        )
     reqs = make_requests(args.clients, args.min_len, args.max_len, args.max_tokens, args.seed)
     leavers = set(random.Random(args.seed + 1).sample(range(args.clients), args.leavers))
     total_tokens = sum(len(r["prompt"]) + r["max_tokens"] for r in reqs)
     roomy_blocks = (total_tokens // 16) + 2 * args.clients
     common = ["--max-model-len", "2048", "--max-num-seqs", str(args.clients)]
-    settings = [("roomy", common + ["--num-kv-blocks", str(roomy_blocks)]),
-                ("tight", common + ["--num-kv-blocks", str(args.tight_blocks)])]
+    settings = [
+        ("roomy", common + ["--num-kv-blocks", str(roomy_blocks)]),
+        ("tight", common + ["--num-kv-blocks", str(args.tight_blocks)]),
+    ]
     rows = []
     for name, extra in settings:
         print(f"[{name}] {' '.join(extra)}", file=sys.stderr, flush=True)
         rows.append(run_setting(name, extra, reqs, leavers, args.threads))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    lines = ["| KV cache | clients (left) | completed, same text as alone | requests/s | output tok/s | "
-             "TTFT p50 (s) | TTFT p99 (s) | preemptions | aborted | KV blocks held after |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| KV cache | clients (left) | completed, same text as alone | requests/s | output tok/s | "
+        "TTFT p50 (s) | TTFT p99 (s) | preemptions | aborted | KV blocks held after |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['setting']} ({int(r['kv_blocks_total'])} blocks of 16) | {r['clients']} ({r['left']}) | "
-                     f"{r['completed']}, {r['same_as_alone']} | {r['requests_per_s']:.1f} | "
-                     f"{r['output_tokens_per_s']:.0f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
-                     f"{int(r['preemptions'])} | {int(r['aborted'])} | {int(r['kv_blocks_used_after'])} |")
+        lines.append(
+            f"| {r['setting']} ({int(r['kv_blocks_total'])} blocks of 16) | {r['clients']} ({r['left']}) | "
+            f"{r['completed']}, {r['same_as_alone']} | {r['requests_per_s']:.1f} | "
+            f"{r['output_tokens_per_s']:.0f} | {r['ttft_p50_s']:.2f} | {r['ttft_p99_s']:.2f} | "
+            f"{int(r['preemptions'])} | {int(r['aborted'])} | {int(r['kv_blocks_used_after'])} |"
+        )
     table = "\n".join(lines)
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "load.json").write_text(json.dumps(rows, indent=2))
         (args.out / "load.md").write_text(table + "\n")
-    ok = all(r["same_as_alone"] == r["completed"] and r["kv_blocks_used_after"] == 0 and r["exit_status"] == 0
-             for r in rows)
+    ok = all(
+        r["same_as_alone"] == r["completed"] and r["kv_blocks_used_after"] == 0 and r["exit_status"] == 0
+        for r in rows
+    )
     return 0 if ok else 1
 
 

@@ -16,6 +16,7 @@ for a long stream: a policy that keeps a token only within one chunk cannot see 
     python benchmarks/tradeoffs.py                          # the bundled model, writes docs/tradeoffs.md
     python benchmarks/tradeoffs.py --lengths 512,1024 --samples 4 --out /tmp/t --settings bf16,int8
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,22 +47,36 @@ def engine_kwargs(setting: str, length: int, budget_ratio: float) -> dict:
     if setting == "window":
         return {"kv_cache_dtype": "bf16", "kv_policy": "window", "kv_policy_args": {"window": budget}}
     if setting == "sinks":
-        return {"kv_cache_dtype": "bf16", "kv_policy": "sinks",
-                "kv_policy_args": {"window": budget - NUM_SINKS, "num_sinks": NUM_SINKS}}
+        return {
+            "kv_cache_dtype": "bf16",
+            "kv_policy": "sinks",
+            "kv_policy_args": {"window": budget - NUM_SINKS, "num_sinks": NUM_SINKS},
+        }
     if setting in ("h2o", "h2o-block"):
-        return {"kv_cache_dtype": "bf16", "kv_policy": "h2o",
-                "kv_policy_args": {"heavy": budget // 2, "recent": budget - budget // 2,
-                                   "unit": "block" if setting == "h2o-block" else "token"}}
+        return {
+            "kv_cache_dtype": "bf16",
+            "kv_policy": "h2o",
+            "kv_policy_args": {
+                "heavy": budget // 2,
+                "recent": budget - budget // 2,
+                "unit": "block" if setting == "h2o-block" else "token",
+            },
+        }
     raise ValueError(f"unknown setting {setting!r}; choose from {SETTINGS}")
 
 
 def describe(setting: str, budget_ratio: float) -> str:
     pct = f"{100 * budget_ratio:g}%"
-    return {"bf16": "KV in bf16 (the baseline)", "int8": "KV int8, per-token-per-head scales",
-            "int4": "KV int4, KIVI groups of 32 + a window of recent tokens in the model's dtype",
-            "window": f"last {pct} of the context", "sinks": f"{NUM_SINKS} sink tokens + last {pct}",
-            "h2o": f"{pct}: half heavy-hitter tokens, half recent",
-            "h2o-block": f"{pct}: half heavy-hitter blocks, half recent", "int8-weights": "weights int8 per channel, KV bf16"}[setting]
+    return {
+        "bf16": "KV in bf16 (the baseline)",
+        "int8": "KV int8, per-token-per-head scales",
+        "int4": "KV int4, KIVI groups of 32 + a window of recent tokens in the model's dtype",
+        "window": f"last {pct} of the context",
+        "sinks": f"{NUM_SINKS} sink tokens + last {pct}",
+        "h2o": f"{pct}: half heavy-hitter tokens, half recent",
+        "h2o-block": f"{pct}: half heavy-hitter blocks, half recent",
+        "int8-weights": "weights int8 per channel, KV bf16",
+    }[setting]
 
 
 def measure_decode(llm: LLM, tokenizer, length: int, batch: int, new_tokens: int) -> tuple[float, float]:
@@ -70,8 +85,10 @@ def measure_decode(llm: LLM, tokenizer, length: int, batch: int, new_tokens: int
     The clock starts once every prompt is prefilled and has its first token, so the rate is decode alone
     (chunked prefill of the later prompts would otherwise interleave with the first ones' decoding)."""
     engine = llm.engine
-    prompts = [tokenizer.encode(make_sample("passkey", tokenizer, length - new_tokens, 50.0, i, 99).prompt)
-               for i in range(batch)]
+    prompts = [
+        tokenizer.encode(make_sample("passkey", tokenizer, length - new_tokens, 50.0, i, 99).prompt)
+        for i in range(batch)
+    ]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     done, generated, start = {}, 0, None
@@ -86,7 +103,9 @@ def measure_decode(llm: LLM, tokenizer, length: int, batch: int, new_tokens: int
             start = time.perf_counter()
     elapsed = time.perf_counter() - start
     outs = [done[i] for i in ids]
-    per_token = [o.metrics.max_kv_bytes / (len(p) + o.metrics.num_generated_tokens) for o, p in zip(outs, prompts)]
+    per_token = [
+        o.metrics.max_kv_bytes / (len(p) + o.metrics.num_generated_tokens) for o, p in zip(outs, prompts)
+    ]
     return generated / elapsed, sum(per_token) / len(per_token)
 
 
@@ -94,30 +113,62 @@ def run(args) -> dict:
     model = resolve_model_path(args.model)
     rows = []
     for setting in args.settings:
-        row = {"setting": setting, "what": describe(setting, args.budget), "accuracy": {}, "kv_bytes_per_token": {},
-               "decode_tok_s": {}}
+        row = {
+            "setting": setting,
+            "what": describe(setting, args.budget),
+            "accuracy": {},
+            "kv_bytes_per_token": {},
+            "decode_tok_s": {},
+        }
         grids = {task: [] for task in args.tasks}
         for length in args.lengths:
             kwargs = engine_kwargs(setting, length, args.budget)
-            llm = LLM(model, dtype=args.dtype, max_model_len=length + 64, allow_long_max_model_len=True,
-                      enable_prefix_caching=False,
-                      max_num_batched_tokens=args.chunk, max_num_seqs=args.batch,
-                      num_kv_blocks=args.batch * (length // 16 + 8), **kwargs)
+            llm = LLM(
+                model,
+                dtype=args.dtype,
+                max_model_len=length + 64,
+                allow_long_max_model_len=True,
+                enable_prefix_caching=False,
+                max_num_batched_tokens=args.chunk,
+                max_num_seqs=args.batch,
+                num_kv_blocks=args.batch * (length // 16 + 8),
+                **kwargs,
+            )
             backend = LocalBackend(llm, batch_size=args.batch, name=setting)
             for task in args.tasks:
-                grids[task].append(run_grid(backend, task, [length], depths=args.depths, num_samples=args.samples,
-                                            seed=args.seed, batch_size=args.batch, setting=setting,
-                                            progress=not args.quiet))
+                grids[task].append(
+                    run_grid(
+                        backend,
+                        task,
+                        [length],
+                        depths=args.depths,
+                        num_samples=args.samples,
+                        seed=args.seed,
+                        batch_size=args.batch,
+                        setting=setting,
+                        progress=not args.quiet,
+                    )
+                )
             tok_s, per_token = measure_decode(llm, llm.get_tokenizer(), length, args.batch, args.new_tokens)
             row["decode_tok_s"][length], row["kv_bytes_per_token"][length] = tok_s, per_token
-            print(f"{setting:>13} {format_length(length):>5}: "
-                  + " ".join(f"{t} {100 * grids[t][-1].accuracy(length):.0f}%" for t in args.tasks)
-                  + f"  KV {per_token:,.0f} B/token  decode {tok_s:,.0f} tok/s", file=sys.stderr)
+            print(
+                f"{setting:>13} {format_length(length):>5}: "
+                + " ".join(f"{t} {100 * grids[t][-1].accuracy(length):.0f}%" for t in args.tasks)
+                + f"  KV {per_token:,.0f} B/token  decode {tok_s:,.0f} tok/s",
+                file=sys.stderr,
+            )
             del llm, backend
         for task, parts in grids.items():
-            merged = GridResult(task=task, model=parts[0].model, lengths=list(args.lengths), depths=parts[0].depths,
-                                num_samples=args.samples, seed=args.seed, setting=setting,
-                                samples=[s for g in parts for s in g.samples])
+            merged = GridResult(
+                task=task,
+                model=parts[0].model,
+                lengths=list(args.lengths),
+                depths=parts[0].depths,
+                num_samples=args.samples,
+                seed=args.seed,
+                setting=setting,
+                samples=[s for g in parts for s in g.samples],
+            )
             row["accuracy"][task] = {length: merged.accuracy(length) for length in args.lengths}
             grids[task] = merged
         row["grids"] = grids
@@ -132,24 +183,48 @@ def _pct(x) -> str:
 def markdown(result: dict, args, command: str, elapsed: float) -> str:
     rows, lengths, longest = result["rows"], args.lengths, args.lengths[-1]
     base = next((r for r in rows if r["setting"] == "bf16"), rows[0])
-    head = ["setting", "what"] + [f"{t} {format_length(n)}" for t in args.tasks for n in lengths] + [
-        f"KV B/token @{format_length(longest)}", "KV vs bf16", f"decode tok/s @{format_length(longest)}", "vs bf16"]
+    head = (
+        ["setting", "what"]
+        + [f"{t} {format_length(n)}" for t in args.tasks for n in lengths]
+        + [
+            f"KV B/token @{format_length(longest)}",
+            "KV vs bf16",
+            f"decode tok/s @{format_length(longest)}",
+            "vs bf16",
+        ]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kv, tok = r["kv_bytes_per_token"][longest], r["decode_tok_s"][longest]
-        cells = [f"`{r['setting']}`", r["what"]] + [_pct(r["accuracy"][t][n]) for t in args.tasks for n in lengths]
-        cells += [f"{kv:,.0f}", f"{kv / base['kv_bytes_per_token'][longest]:.2f}x", f"{tok:,.0f}",
-                  f"{tok / base['decode_tok_s'][longest]:.2f}x"]
+        cells = [f"`{r['setting']}`", r["what"]] + [
+            _pct(r["accuracy"][t][n]) for t in args.tasks for n in lengths
+        ]
+        cells += [
+            f"{kv:,.0f}",
+            f"{kv / base['kv_bytes_per_token'][longest]:.2f}x",
+            f"{tok:,.0f}",
+            f"{tok / base['decode_tok_s'][longest]:.2f}x",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    return "\n".join([
-        "## Measured table", "",
-        f"Model `{Path(result['model']).name}`, compute in {args.dtype} on {device} ({torch.get_num_threads()} threads), "
-        f"{args.samples} samples per task, length and depth ({', '.join(args.tasks)} at depths "
-        f"{', '.join(f'{d:g}' for d in args.depths)}%), greedy, "
-        f"prefill chunks of {args.chunk} tokens, eviction budget {100 * args.budget:g}% of the context; "
-        f"decode speed: {args.batch} prompts x {args.new_tokens} new tokens. Whole run: {elapsed / 60:.1f} min.", "",
-        "```", command, "```", "", *lines, ""])
+    return "\n".join(
+        [
+            "## Measured table",
+            "",
+            f"Model `{Path(result['model']).name}`, compute in {args.dtype} on {device} ({torch.get_num_threads()} threads), "
+            f"{args.samples} samples per task, length and depth ({', '.join(args.tasks)} at depths "
+            f"{', '.join(f'{d:g}' for d in args.depths)}%), greedy, "
+            f"prefill chunks of {args.chunk} tokens, eviction budget {100 * args.budget:g}% of the context; "
+            f"decode speed: {args.batch} prompts x {args.new_tokens} new tokens. Whole run: {elapsed / 60:.1f} min.",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            *lines,
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> int:
@@ -171,7 +246,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     for s in args.settings:
-        engine_kwargs(s, 1024, args.budget)              # unknown names fail before any work
+        engine_kwargs(s, 1024, args.budget)  # unknown names fail before any work
     args.lengths = sorted(int(x) for x in args.lengths.split(","))
     args.tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     args.depths = [float(d) for d in args.depths.split(",")]

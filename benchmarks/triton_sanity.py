@@ -4,6 +4,7 @@ Forward and backward of packed, causal, GQA attention in bf16 at the demo model'
 the fp32 reference under FlashAttention's test rule. Exit status 0 when it holds, 1 otherwise.
 Usage: python benchmarks/triton_sanity.py [--head-dim 32]
 """
+
 import argparse
 import sys
 
@@ -42,7 +43,9 @@ def main() -> int:
         err, bound = (o - e).abs().max().item(), 2 * (s - e).abs().max().item() + 1e-5
         good = err <= max(bound, 3 * (s - e).abs().max().item())  # gradients get FlashAttention's 3x
         ok &= good
-        print(f"{name}: max err {err:.2e} (same-precision reference {bound / 2:.2e}) {'ok' if good else 'FAIL'}")
+        print(
+            f"{name}: max err {err:.2e} (same-precision reference {bound / 2:.2e}) {'ok' if good else 'FAIL'}"
+        )
     return 0 if ok else 1
 
 

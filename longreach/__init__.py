@@ -2,6 +2,7 @@
 
 The public API is imported lazily, so `import longreach` stays cheap.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -5,6 +5,7 @@ Each verb lives next to the code it drives and exposes two functions,
 to those modules, so adding a verb never touches another verb's code and a
 verb's heavy imports happen only when it runs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,22 @@ import sys
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "generate": ("longreach.model.generate", "generate text with a simple contiguous KV cache"),
-    "kv-size": ("longreach.kvcache.size_report", "KV-cache bytes, prefill FLOPs and $ per request for a model"),
+    "kv-size": (
+        "longreach.kvcache.size_report",
+        "KV-cache bytes, prefill FLOPs and $ per request for a model",
+    ),
     "serve": ("longreach.serve.cli", "OpenAI-compatible HTTP server"),
     "train": ("longreach.train.cli", "train / continue pretraining (packing, bf16, FSDP2)"),
-    "extend": ("longreach.train.extend", "extend a checkpoint's context: rewrite its rope config and continue pretraining"),
+    "extend": (
+        "longreach.train.extend",
+        "extend a checkpoint's context: rewrite its rope config and continue pretraining",
+    ),
     "eval": ("longreach.eval.cli", "passkey / needle-in-a-haystack / RULER-style / perplexity evaluation"),
     "bench": ("longreach.engine.bench", "throughput benchmark of the serving engine"),
-    "demo": ("longreach.demo", "the bundled demo model: train it, reproduce the context-extension experiment"),
+    "demo": (
+        "longreach.demo",
+        "the bundled demo model: train it, reproduce the context-extension experiment",
+    ),
 }
 
 

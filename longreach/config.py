@@ -3,6 +3,7 @@
 `ModelConfig` mirrors the fields of a Hugging Face Llama / Mistral / Qwen2 `config.json`,
 so a real checkpoint's file loads unchanged and ours load in transformers.
 """
+
 from __future__ import annotations
 
 import copy
@@ -44,22 +45,35 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {self.model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim"):
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window={self.sliding_window} must be >= 1 or absent")
         if not self.layer_types:
             kind = "sliding_attention" if self.sliding_window else "full_attention"
             object.__setattr__(self, "layer_types", (kind,) * self.num_hidden_layers)
         if len(self.layer_types) != self.num_hidden_layers:
-            raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
-                             f"num_hidden_layers={self.num_hidden_layers}")
+            raise ValueError(
+                f"layer_types has {len(self.layer_types)} entries for "
+                f"num_hidden_layers={self.num_hidden_layers}"
+            )
         bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
         if bad:
             raise ValueError(f"unsupported layer_types {bad}; supported: {list(LAYER_TYPES)}")
@@ -82,9 +96,13 @@ class ModelConfig:
         """From a config.json dict; `rope_scaling` overrides the checkpoint's rope config."""
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r}; supported: {list(SUPPORTED_MODEL_TYPES)}"
+            )
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"hidden_act={d['hidden_act']!r} is not supported (Llama-family models use 'silu')")
+            raise ValueError(
+                f"hidden_act={d['hidden_act']!r} is not supported (Llama-family models use 'silu')"
+            )
         num_heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // num_heads
         sliding_window, layer_types = d.get("sliding_window"), d.get("layer_types")
@@ -94,26 +112,36 @@ class ModelConfig:
                 sliding_window = None
             if layer_types is None:
                 first_sliding = d.get("max_window_layers", num_layers)
-                layer_types = ["sliding_attention" if sliding_window and i >= first_sliding else "full_attention"
-                               for i in range(num_layers)]
+                layer_types = [
+                    "sliding_attention" if sliding_window and i >= first_sliding else "full_attention"
+                    for i in range(num_layers)
+                ]
         elif model_type == "llama":
             sliding_window = None
         if layer_types is None and sliding_window:
             layer_types = ["sliding_attention"] * num_layers
         attention_bias = bool(d.get("attention_bias", False))
         return ModelConfig(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=num_layers, num_attention_heads=num_heads,
-            num_key_value_heads=d.get("num_key_value_heads") or num_heads, head_dim=head_dim,
-            rope=rope_config_from_hf(d, rope_scaling), model_type=model_type,
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=d.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rope=rope_config_from_hf(d, rope_scaling),
+            model_type=model_type,
             max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=True if model_type == "qwen2" else attention_bias,
             o_bias=attention_bias if model_type == "llama" else False,
             mlp_bias=bool(d.get("mlp_bias", False)) if model_type == "llama" else False,
-            sliding_window=sliding_window, layer_types=tuple(layer_types or ()),
-            bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
+            sliding_window=sliding_window,
+            layer_types=tuple(layer_types or ()),
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_id=d.get("eos_token_id"),
+            pad_token_id=d.get("pad_token_id"),
             hf_config=copy.deepcopy(d),
         )
 
@@ -126,21 +154,37 @@ class ModelConfig:
         if rope.rope_type == "ntk":
             # static NTK is the default rope with a larger base: written that way so every loader understands it
             base_scale = rope.scaling["factor"] ** (rope.rotary_dim / (rope.rotary_dim - 2))
-            rope = RopeConfig(head_dim=rope.head_dim, theta=rope.theta * base_scale,
-                              partial_rotary_factor=rope.partial_rotary_factor,
-                              max_position_embeddings=rope.max_position_embeddings)
-        d.update({
-            "model_type": self.model_type, "architectures": [_ARCHITECTURES[self.model_type]],
-            "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads, "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim, "hidden_act": "silu", "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps, "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
-            "rope_theta": rope.theta,
-            "rope_parameters": rope.to_hf_dict(),
-        })
-        scaling = {k: v for k, v in rope.to_hf_dict().items() if k not in ("rope_theta", "partial_rotary_factor")}
+            rope = RopeConfig(
+                head_dim=rope.head_dim,
+                theta=rope.theta * base_scale,
+                partial_rotary_factor=rope.partial_rotary_factor,
+                max_position_embeddings=rope.max_position_embeddings,
+            )
+        d.update(
+            {
+                "model_type": self.model_type,
+                "architectures": [_ARCHITECTURES[self.model_type]],
+                "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size,
+                "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_hidden_layers,
+                "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_key_value_heads,
+                "head_dim": self.head_dim,
+                "hidden_act": "silu",
+                "max_position_embeddings": self.max_position_embeddings,
+                "rms_norm_eps": self.rms_norm_eps,
+                "tie_word_embeddings": self.tie_word_embeddings,
+                "bos_token_id": self.bos_token_id,
+                "eos_token_id": self.eos_token_id,
+                "pad_token_id": self.pad_token_id,
+                "rope_theta": rope.theta,
+                "rope_parameters": rope.to_hf_dict(),
+            }
+        )
+        scaling = {
+            k: v for k, v in rope.to_hf_dict().items() if k not in ("rope_theta", "partial_rotary_factor")
+        }
         d["rope_scaling"] = scaling if rope.rope_type != "default" else None
         if rope.partial_rotary_factor != 1.0:
             d["partial_rotary_factor"] = rope.partial_rotary_factor
@@ -185,34 +229,47 @@ class CacheConfig:
         if self.kv_policy not in POLICIES:
             raise ValueError(f"unknown kv_policy {self.kv_policy!r}; choose one of {list(POLICIES)}")
         if not isinstance(self.kv_policy_args, dict):
-            raise ValueError(f"kv_policy_args={self.kv_policy_args!r} must be a dict of the policy's budgets, "
-                             "e.g. {'window': 4096}")
+            raise ValueError(
+                f"kv_policy_args={self.kv_policy_args!r} must be a dict of the policy's budgets, "
+                "e.g. {'window': 4096}"
+            )
         if not isinstance(self.block_size, int) or self.block_size < 1:
-            raise ValueError(f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)")
+            raise ValueError(
+                f"block_size={self.block_size!r} must be a positive integer (16 is the usual choice)"
+            )
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num_blocks={self.num_blocks!r} must be a positive integer or absent")
-        if self.kv_cache_memory is not None and (isinstance(self.kv_cache_memory, bool)
-                                                 or not isinstance(self.kv_cache_memory, int)
-                                                 or self.kv_cache_memory < 1):
-            raise ValueError(f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes or absent")
+        if self.kv_cache_memory is not None and (
+            isinstance(self.kv_cache_memory, bool)
+            or not isinstance(self.kv_cache_memory, int)
+            or self.kv_cache_memory < 1
+        ):
+            raise ValueError(
+                f"kv_cache_memory={self.kv_cache_memory!r} must be a positive number of bytes or absent"
+            )
         if self.memory_fraction is not None and not 0.0 < self.memory_fraction <= 1.0:
             raise ValueError(f"memory_fraction={self.memory_fraction!r} must be in (0, 1] or absent")
 
 
-def kv_cache_memory_fields(value: int | float | None, memory_fraction: float | None = None
-                           ) -> tuple[int | None, float | None]:
+def kv_cache_memory_fields(
+    value: int | float | None, memory_fraction: float | None = None
+) -> tuple[int | None, float | None]:
     """(kv_cache_memory bytes, memory_fraction) from a user's single value: a float in (0, 1] is a fraction of
     the free memory (vLLM's gpu_memory_utilization style), anything from 1 up a count of bytes (4e9 too)."""
     if isinstance(value, float) and 0.0 < value <= 1.0:
         if memory_fraction is not None:
-            raise ValueError(f"kv_cache_memory={value} is a fraction and memory_fraction={memory_fraction} is "
-                             "another; give one")
+            raise ValueError(
+                f"kv_cache_memory={value} is a fraction and memory_fraction={memory_fraction} is "
+                "another; give one"
+            )
         return None, value
     if isinstance(value, float) and value.is_integer() and value >= 1:
         return int(value), memory_fraction
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"kv_cache_memory={value!r} must be a positive number of bytes, a fraction in (0, 1] "
-                         "of the free memory, or absent")
+        raise ValueError(
+            f"kv_cache_memory={value!r} must be a positive number of bytes, a fraction in (0, 1] "
+            "of the free memory, or absent"
+        )
     return value, memory_fraction
 
 
@@ -225,7 +282,7 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
-    allow_long_max_model_len: bool = False   # past what the rope supports: warn instead of refusing
+    allow_long_max_model_len: bool = False  # past what the rope supports: warn instead of refusing
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -233,5 +290,7 @@ class SchedulerConfig:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(f"without chunked prefill max_num_batched_tokens={self.max_num_batched_tokens} must be "
-                             f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled")
+            raise ValueError(
+                f"without chunked prefill max_num_batched_tokens={self.max_num_batched_tokens} must be "
+                f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled"
+            )

@@ -13,6 +13,7 @@ transformers' `modeling_rope_utils` (5.x) so real checkpoints reproduce exactly:
 
 The model multiplies cos and sin by `attention_factor`, so q.k scales by its square. Tables are fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,12 +30,18 @@ ROPE_KEYS: dict[str, tuple[frozenset, frozenset]] = {
     "linear": (frozenset({"factor"}), frozenset()),
     "dynamic": (frozenset({"factor"}), frozenset()),
     "ntk": (frozenset({"factor"}), frozenset()),
-    "yarn": (frozenset({"factor", "original_max_position_embeddings"}),
-             frozenset({"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"})),
-    "llama3": (frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
-               frozenset()),
-    "longrope": (frozenset({"short_factor", "long_factor", "original_max_position_embeddings"}),
-                 frozenset({"factor", "attention_factor"})),
+    "yarn": (
+        frozenset({"factor", "original_max_position_embeddings"}),
+        frozenset({"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    ),
+    "llama3": (
+        frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
+        frozenset(),
+    ),
+    "longrope": (
+        frozenset({"short_factor", "long_factor", "original_max_position_embeddings"}),
+        frozenset({"factor", "attention_factor"}),
+    ),
 }
 # keys every dict may carry; transformers also writes some bookkeeping keys we accept and ignore
 _COMMON_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
@@ -63,11 +70,16 @@ class RopeConfig:
         required, optional = ROPE_KEYS[self.rope_type]
         missing = sorted(required - set(self.scaling))
         if missing:
-            raise ValueError(f"rope_type {self.rope_type!r} needs {missing} (got keys {sorted(self.scaling)})")
+            raise ValueError(
+                f"rope_type {self.rope_type!r} needs {missing} (got keys {sorted(self.scaling)})"
+            )
         unknown = sorted(set(self.scaling) - required - optional - _IGNORED_KEYS)
-        if unknown:     # transformers loads such checkpoints with a warning, so we do too (and keep the keys)
-            warnings.warn(f"rope_type {self.rope_type!r} ignores unknown keys {unknown}; "
-                          f"required {sorted(required)}, optional {sorted(optional)}", stacklevel=2)
+        if unknown:  # transformers loads such checkpoints with a warning, so we do too (and keep the keys)
+            warnings.warn(
+                f"rope_type {self.rope_type!r} ignores unknown keys {unknown}; "
+                f"required {sorted(required)}, optional {sorted(optional)}",
+                stacklevel=2,
+            )
         factor = self.scaling.get("factor")
         if factor is not None and (not isinstance(factor, (int, float)) or factor < 1):
             if not (self.rope_type == "longrope"):
@@ -75,8 +87,10 @@ class RopeConfig:
         if self.rope_type == "longrope":
             for key in ("short_factor", "long_factor"):
                 if len(self.scaling[key]) != self.rotary_dim // 2:
-                    raise ValueError(f"longrope {key} has {len(self.scaling[key])} entries; "
-                                     f"expected rotary_dim/2 = {self.rotary_dim // 2}")
+                    raise ValueError(
+                        f"longrope {key} has {len(self.scaling[key])} entries; "
+                        f"expected rotary_dim/2 = {self.rotary_dim // 2}"
+                    )
         if self.rope_type == "llama3":
             low, high = self.scaling["low_freq_factor"], self.scaling["high_freq_factor"]
             if not high > low:
@@ -84,9 +98,11 @@ class RopeConfig:
         if self.rope_type == "yarn":
             expected = self.max_position_embeddings / self.scaling["original_max_position_embeddings"]
             if factor is not None and not math.isclose(factor, expected) and expected != 1:
-                warnings.warn(f"yarn factor={factor} differs from max_position_embeddings / "
-                              f"original_max_position_embeddings = {expected:g}; using factor={factor}",
-                              stacklevel=2)
+                warnings.warn(
+                    f"yarn factor={factor} differs from max_position_embeddings / "
+                    f"original_max_position_embeddings = {expected:g}; using factor={factor}",
+                    stacklevel=2,
+                )
 
     @property
     def rotary_dim(self) -> int:
@@ -143,13 +159,17 @@ def rope_config_from_hf(config: dict[str, Any], rope_scaling: dict[str, Any] | N
     max_pos = int(config.get("max_position_embeddings", 2048))
     params = dict(config.get("rope_parameters") or {})
     if params and all(isinstance(v, dict) for v in params.values()):
-        raise ValueError(f"per-layer rope_parameters (keys {sorted(params)}) are not supported by Llama-family models")
+        raise ValueError(
+            f"per-layer rope_parameters (keys {sorted(params)}) are not supported by Llama-family models"
+        )
     theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
     scaling = dict(config.get("rope_scaling") or {})
     scaling = {**params, **scaling} if scaling else params
     if rope_scaling is not None:
         if not isinstance(rope_scaling, dict):
-            raise ValueError(f"rope_scaling must be a dict, got {type(rope_scaling).__name__}: {rope_scaling!r}")
+            raise ValueError(
+                f"rope_scaling must be a dict, got {type(rope_scaling).__name__}: {rope_scaling!r}"
+            )
         scaling = dict(rope_scaling)
         theta = scaling.pop("rope_theta", theta)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
@@ -157,12 +177,20 @@ def rope_config_from_hf(config: dict[str, Any], rope_scaling: dict[str, Any] | N
     partial = scaling.pop("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
     scaling.pop("rope_theta", None)
     if rope_type in _NEEDS_ORIGINAL_LENGTH:
-        if config.get("original_max_position_embeddings"):  # Phi-3 keeps it at the top level, and it wins there
+        if config.get(
+            "original_max_position_embeddings"
+        ):  # Phi-3 keeps it at the top level, and it wins there
             scaling["original_max_position_embeddings"] = config["original_max_position_embeddings"]
         scaling.setdefault("original_max_position_embeddings", max_pos)
     scaling = {k: v for k, v in scaling.items() if v is not None}
-    return RopeConfig(head_dim=head_dim, theta=float(theta), rope_type=rope_type, partial_rotary_factor=float(partial),
-                      max_position_embeddings=max_pos, scaling=scaling)
+    return RopeConfig(
+        head_dim=head_dim,
+        theta=float(theta),
+        rope_type=rope_type,
+        partial_rotary_factor=float(partial),
+        max_position_embeddings=max_pos,
+        scaling=scaling,
+    )
 
 
 def parse_rope_scaling_arg(text: str | None) -> dict[str, Any] | None:
@@ -181,6 +209,7 @@ def parse_rope_scaling_arg(text: str | None) -> dict[str, Any] | None:
 
 
 # ---------------------------------------------------------------------------------------------- rope types
+
 
 def _base_inv_freq(base: float, dim: int) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -227,7 +256,9 @@ def yarn_rope(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor
             attention_factor = _yarn_mscale(factor)
     beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
 
-    def correction_dim(num_rotations: float) -> float:  # the dimension that turns num_rotations times over `original`
+    def correction_dim(
+        num_rotations: float,
+    ) -> float:  # the dimension that turns num_rotations times over `original`
         return dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
@@ -237,7 +268,7 @@ def yarn_rope(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor
     if low == high:
         high += 0.001  # avoid a zero-width ramp
     ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolate = 1 - ramp                          # 1 where the dimension keeps its trained frequency
+    extrapolate = 1 - ramp  # 1 where the dimension keeps its trained frequency
     pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
     inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolate) + (1.0 / pos_freqs) * extrapolate
     return inv_freq, float(attention_factor)
@@ -246,8 +277,12 @@ def yarn_rope(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor
 def llama3_rope(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Llama 3.1: long wavelengths divided by factor, short ones kept, a smooth band between."""
     s = cfg.scaling
-    factor, low_ff, high_ff, original = s["factor"], s["low_freq_factor"], s["high_freq_factor"], \
-        s["original_max_position_embeddings"]
+    factor, low_ff, high_ff, original = (
+        s["factor"],
+        s["low_freq_factor"],
+        s["high_freq_factor"],
+        s["original_max_position_embeddings"],
+    )
     inv_freq = _base_inv_freq(cfg.theta, cfg.rotary_dim)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > original / low_ff, inv_freq / factor, inv_freq)
@@ -265,7 +300,9 @@ def longrope_rope(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch.Te
     attention_factor = s.get("attention_factor")
     if attention_factor is None:
         attention_factor = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
-    ext = torch.tensor(s["long_factor"] if seq_len and seq_len > original else s["short_factor"], dtype=torch.float32)
+    ext = torch.tensor(
+        s["long_factor"] if seq_len and seq_len > original else s["short_factor"], dtype=torch.float32
+    )
     dim = cfg.rotary_dim
     inv_freq = 1.0 / (ext * cfg.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     return inv_freq, float(attention_factor)
@@ -289,6 +326,7 @@ def compute_inv_freq(cfg: RopeConfig, seq_len: int | None = None) -> tuple[torch
 
 # ---------------------------------------------------------------------------------------------- application
 
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for a flat batch of positions.
 
@@ -307,17 +345,20 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq_on: dict[tuple[torch.device, int | None], torch.Tensor] = {}
 
     def inv_freq(self, device: torch.device, seq_len: int | None = None) -> torch.Tensor:
-        length = self.cfg.table_length(seq_len) if self.cfg.is_length_dependent and seq_len is not None else None
+        length = (
+            self.cfg.table_length(seq_len) if self.cfg.is_length_dependent and seq_len is not None else None
+        )
         key = (device, length)
         if key not in self._inv_freq_on:
-            if len(self._inv_freq_on) > 256:        # dynamic NTK: one table per distinct length; keep it bounded
+            if len(self._inv_freq_on) > 256:  # dynamic NTK: one table per distinct length; keep it bounded
                 self._inv_freq_on.clear()
             table = self._inv_freq if length is None else compute_inv_freq(self.cfg, length)[0]
             self._inv_freq_on[key] = table.to(device)
         return self._inv_freq_on[key]
 
-    def forward(self, positions: torch.Tensor,
-                seq_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, positions: torch.Tensor, seq_len: int | torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: (T,) long -> cos, sin: (T, rotary_dim/2) fp32, already scaled by attention_factor.
 
         seq_len: the sequence length the frequencies are chosen for: an int for every token (default
@@ -325,10 +366,12 @@ class RotaryEmbedding(nn.Module):
         """
         pos = positions.to(torch.float32)[:, None]
         if not self.cfg.is_length_dependent:
-            freqs = pos * self.inv_freq(positions.device)[None, :]                 # (T, rotary_dim/2)
+            freqs = pos * self.inv_freq(positions.device)[None, :]  # (T, rotary_dim/2)
         elif isinstance(seq_len, torch.Tensor):
-            lengths, which = torch.unique(seq_len, return_inverse=True)             # (U,), (T,)
-            tables = torch.stack([self.inv_freq(positions.device, int(n)) for n in lengths.tolist()])  # (U, r/2)
+            lengths, which = torch.unique(seq_len, return_inverse=True)  # (U,), (T,)
+            tables = torch.stack(
+                [self.inv_freq(positions.device, int(n)) for n in lengths.tolist()]
+            )  # (U, r/2)
             freqs = pos * tables[which]
         else:
             if seq_len is None:
@@ -341,7 +384,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate the first rotary_dim channels of x (T, H, D) in the half-split (GPT-NeoX / HF) layout."""
     rotary_dim = cos.shape[-1] * 2
     rot, rest = x[..., :rotary_dim].float(), x[..., rotary_dim:]
-    x1, x2 = rot.chunk(2, dim=-1)                                   # (T, H, rotary_dim/2) each
-    cos, sin = cos[:, None, :], sin[:, None, :]                     # (T, 1, rotary_dim/2)
+    x1, x2 = rot.chunk(2, dim=-1)  # (T, H, rotary_dim/2) each
+    cos, sin = cos[:, None, :], sin[:, None, :]  # (T, 1, rotary_dim/2)
     rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
     return torch.cat((rotated, rest), dim=-1) if rest.numel() else rotated

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is first imported in the process, so it is set here,
 the first file pytest loads (in every xdist worker too).
 """
+
 import os
 
 import pytest

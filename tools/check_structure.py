@@ -8,6 +8,7 @@
 - no project import inside a function, except where the line says why with a `# lazy:` comment (an optional
   heavy dependency, or a CLI verb that keeps `--help` fast).
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,7 +38,7 @@ def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_package: bool) -
     base = node.module or ""
     if node.level:
         pkg = module.split(".") if is_package else module.split(".")[:-1]
-        pkg = pkg[:len(pkg) - node.level + 1]
+        pkg = pkg[: len(pkg) - node.level + 1]
         base = ".".join(pkg + ([node.module] if node.module else []))
     return [base] + [f"{base}.{alias.name}" for alias in node.names]
 
@@ -58,8 +59,12 @@ def _project_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
 def import_cycles(root: Path = ROOT) -> list[str]:
     """Pairs of modules that import each other (TYPE_CHECKING-only imports count too: keep them one-way)."""
     graph = _project_imports(_modules(root))
-    return sorted(f"{a} <-> {b}" for a, targets in graph.items() for b in targets
-                  if a < b and a in graph.get(b, ()) and not _is_package_of(a, b))
+    return sorted(
+        f"{a} <-> {b}"
+        for a, targets in graph.items()
+        for b in targets
+        if a < b and a in graph.get(b, ()) and not _is_package_of(a, b)
+    )
 
 
 def _is_package_of(a: str, b: str) -> bool:
@@ -103,15 +108,20 @@ def function_level_imports(root: Path = ROOT) -> list[str]:
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     names = _resolve(name, node, path.name == "__init__.py")
                     is_project = any(n == PACKAGE or n.startswith(PACKAGE + ".") for n in names) or (
-                        isinstance(node, ast.ImportFrom) and node.level)
-                    statement = "\n".join(lines[node.lineno - 1:node.end_lineno])
+                        isinstance(node, ast.ImportFrom) and node.level
+                    )
+                    statement = "\n".join(lines[node.lineno - 1 : node.end_lineno])
                     if is_project and "# lazy:" not in statement:
                         out.append(f"{path.relative_to(root)}:{node.lineno} {lines[node.lineno - 1].strip()}")
     return out
 
 
-CHECKS = {"import cycles": import_cycles, "functions over 60 lines": long_functions,
-          "classes over 15 methods": big_classes, "function-level project imports": function_level_imports}
+CHECKS = {
+    "import cycles": import_cycles,
+    "functions over 60 lines": long_functions,
+    "classes over 15 methods": big_classes,
+    "function-level project imports": function_level_imports,
+}
 
 
 def main() -> int:

@@ -27,6 +27,7 @@ blocks wins.
 Input is validated once per call, by `check_varlen_inputs` in `flash_attn_varlen_func`; backends called
 through it take their input as checked (see the validation section below).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -57,8 +58,12 @@ class AttentionMetadata:
     causal: bool = True
 
     @staticmethod
-    def from_seqlens(seqlens_q: list[int], seqlens_k: list[int] | None = None,
-                     device: torch.device | str = "cpu", causal: bool = True) -> AttentionMetadata:
+    def from_seqlens(
+        seqlens_q: list[int],
+        seqlens_k: list[int] | None = None,
+        device: torch.device | str = "cpu",
+        causal: bool = True,
+    ) -> AttentionMetadata:
         seqlens_k = seqlens_q if seqlens_k is None else seqlens_k
         if len(seqlens_q) != len(seqlens_k):
             raise ValueError(f"{len(seqlens_q)} query lengths but {len(seqlens_k)} key lengths")
@@ -68,8 +73,9 @@ class AttentionMetadata:
             out[1:] = torch.tensor(lens, dtype=torch.int32).cumsum(0)
             return out.to(device)
 
-        return AttentionMetadata(cu(seqlens_q), cu(seqlens_k), max(seqlens_q, default=0),
-                                 max(seqlens_k, default=0), causal)
+        return AttentionMetadata(
+            cu(seqlens_q), cu(seqlens_k), max(seqlens_q, default=0), max(seqlens_k, default=0), causal
+        )
 
 
 # ---------------------------------------------------------------- registry
@@ -82,6 +88,7 @@ def _load_triton():
     if "fn" not in _TRITON:
         try:
             from longreach.attention import triton_flash  # lazy: optional heavy dependency (triton)
+
             _TRITON.update(fn=triton_flash.varlen_attention_prechecked, error=None)
         except Exception as exc:  # triton missing, no driver, or the module failing: report, never pick
             _TRITON.update(fn=None, error=f"{type(exc).__name__}: {exc}")
@@ -91,8 +98,10 @@ def _load_triton():
 def _triton_backend(*args, **kwargs):
     fn = _load_triton()
     if fn is None:
-        raise RuntimeError(f"attention backend 'triton' is unavailable ({_TRITON['error']}); "
-                           f"use backend='tiled' or 'sdpa' on CPU")
+        raise RuntimeError(
+            f"attention backend 'triton' is unavailable ({_TRITON['error']}); "
+            f"use backend='tiled' or 'sdpa' on CPU"
+        )
     return fn(*args, **kwargs)
 
 
@@ -110,9 +119,14 @@ def _supports_layout(name: str) -> bool:
     return fn is not None and "layout" in inspect.signature(fn).parameters
 
 
-def choose_backend(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-                   causal: bool = False, window_size=(-1, -1),
-                   layout: BlockSparseLayout | None = None) -> str:
+def choose_backend(
+    q: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool = False,
+    window_size=(-1, -1),
+    layout: BlockSparseLayout | None = None,
+) -> str:
     """The backend `backend=None` runs (see the module docstring for the rule).
 
     LONGREACH_ATTENTION_BACKEND=<name> in the environment overrides the rule for every call (to pin a
@@ -125,12 +139,20 @@ def choose_backend(q: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: to
     if q.is_cuda and _load_triton() is not None and (layout is None or _supports_layout("triton")):
         return "triton"
     is_training = torch.is_grad_enabled() and q.requires_grad
-    if layout is None and tuple(window_size) == (-1, -1) and (
-            not causal or cu_seqlens_q is cu_seqlens_k
+    if (
+        layout is None
+        and tuple(window_size) == (-1, -1)
+        and (
+            not causal
+            or cu_seqlens_q is cu_seqlens_k
             or (q.device.type == "cpu" and not is_training)  # prefix + causal
             or torch.equal(cu_seqlens_q, cu_seqlens_k)
-            or torch.equal(cu_seqlens_q, torch.arange(len(cu_seqlens_q), dtype=cu_seqlens_q.dtype,
-                                                      device=cu_seqlens_q.device))):  # one query each: decode
+            or torch.equal(
+                cu_seqlens_q,
+                torch.arange(len(cu_seqlens_q), dtype=cu_seqlens_q.dtype, device=cu_seqlens_q.device),
+            )
+        )
+    ):  # one query each: decode
         return "sdpa"
     return "tiled"
 
@@ -173,8 +195,17 @@ def seqlens_summary(cu: torch.Tensor) -> tuple[int, int, int, int]:
     return summary
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                        window_size=(-1, -1), layout: BlockSparseLayout | None = None) -> tuple[int, int]:
+def check_varlen_inputs(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    window_size=(-1, -1),
+    layout: BlockSparseLayout | None = None,
+) -> tuple[int, int]:
     """The one validation of a varlen attention call; each error names the bad value and what is accepted.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_*: (B + 1,) int32 on q's device, read on the
@@ -191,27 +222,34 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, 
         if cu.device != q.device:
             raise ValueError(f"{name} is on {cu.device} but q is on {q.device}")
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
-                         f"{cu_seqlens_k.numel()}; both must be batch + 1")
+        raise ValueError(
+            f"cu_seqlens_q has {cu_seqlens_q.numel()} entries but cu_seqlens_k has "
+            f"{cu_seqlens_k.numel()}; both must be batch + 1"
+        )
     max_seqlen_q = _check_offsets("q", cu_seqlens_q, q.shape[0], max_seqlen_q)
     max_seqlen_k = _check_offsets("k", cu_seqlens_k, k.shape[0], max_seqlen_k)
     if layout is not None:
         bs = layout.block_size
         need_q, need_k = -(-max_seqlen_q // bs), -(-max_seqlen_k // bs)
         if need_q > layout.num_q_blocks or need_k > layout.num_k_blocks:
-            raise ValueError(f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks of {bs} but "
-                             f"sequences up to {max_seqlen_q}x{max_seqlen_k} tokens need {need_q}x{need_k}")
+            raise ValueError(
+                f"layout has {layout.num_q_blocks}x{layout.num_k_blocks} blocks of {bs} but "
+                f"sequences up to {max_seqlen_q}x{max_seqlen_k} tokens need {need_q}x{need_k}"
+            )
     return max_seqlen_q, max_seqlen_k
 
 
 def _check_tensors(q, k, v):
     """Shapes, dtypes, devices, GQA grouping and head dims of q, k, v (THD layout)."""
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
-        raise ValueError(f"q, k, v must be (tokens, heads, head_dim); got shapes {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (tokens, heads, head_dim); got shapes {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share one dtype of float16/bfloat16/float32; got {q.dtype}, "
-                         f"{k.dtype}, {v.dtype}")
+        raise ValueError(
+            f"q, k, v must share one dtype of float16/bfloat16/float32; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v are on different devices: {q.device}, {k.device}, {v.device}")
     if k.shape[:2] != v.shape[:2]:
@@ -229,19 +267,36 @@ def _check_offsets(side: str, cu: torch.Tensor, total: int, max_len) -> int:
     first, last, longest, shortest = seqlens_summary(cu)
     if first != 0 or shortest < 0 or last > total:
         # the error path may read the whole tensor: the message shows every offset
-        raise ValueError(f"cu_seqlens_{side}={cu.tolist()} must start at 0, never decrease, and end at most "
-                         f"at the {total} tokens given" + (", but it decreases" if shortest < 0 else ""))
+        raise ValueError(
+            f"cu_seqlens_{side}={cu.tolist()} must start at 0, never decrease, and end at most "
+            f"at the {total} tokens given" + (", but it decreases" if shortest < 0 else "")
+        )
     if max_len is None:
         return longest
     if int(max_len) < longest:
-        raise ValueError(f"max_seqlen_{side}={max_len} is below the longest sequence in cu_seqlens_{side} "
-                         f"({longest}): its rows past {max_len} would never be computed")
+        raise ValueError(
+            f"max_seqlen_{side}={max_len} is below the longest sequence in cu_seqlens_{side} "
+            f"({longest}): its rows past {max_len} would never be computed"
+        )
     return int(max_len)
 
 
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                           return_lse=False, backend=None, layout: BlockSparseLayout | None = None):
+def flash_attn_varlen_func(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    return_lse=False,
+    backend=None,
+    layout: BlockSparseLayout | None = None,
+):
     """Attention over packed sequences.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_*: (B + 1,) int32.
@@ -250,55 +305,120 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """
     if dropout_p:
         raise ValueError(f"dropout_p={dropout_p} is not supported (inference and our training use 0)")
-    max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, window_size, layout)
+    max_seqlen_q, max_seqlen_k = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, layout
+    )
     name = backend or choose_backend(q, cu_seqlens_q, cu_seqlens_k, causal, window_size, layout)
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; available: {sorted(BACKENDS)}")
     extra = {}
     if layout is not None:
         if not _supports_layout(name):
-            raise ValueError(f"attention backend {name!r} does not take a block-sparse layout; "
-                             f"use 'tiled', 'sdpa' or 'reference'")
+            raise ValueError(
+                f"attention backend {name!r} does not take a block-sparse layout; "
+                f"use 'tiled', 'sdpa' or 'reference'"
+            )
         extra["layout"] = layout
-    return BACKENDS[name](q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                          softmax_scale=softmax_scale, causal=causal, window_size=tuple(window_size),
-                          return_lse=return_lse, **extra)
+    return BACKENDS[name](
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=softmax_scale,
+        causal=causal,
+        window_size=tuple(window_size),
+        return_lse=return_lse,
+        **extra,
+    )
 
 
-def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
-                    return_lse=False, backend=None, layout: BlockSparseLayout | None = None):
+def flash_attn_func(
+    q,
+    k,
+    v,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    return_lse=False,
+    backend=None,
+    layout: BlockSparseLayout | None = None,
+):
     """Attention in BSHD layout. q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D).
 
     Returns out (B, Sq, Hq, D) and, with return_lse, lse (B, Hq, Sq) fp32.
     """
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, seqlen, heads, head_dim); got shapes {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (batch, seqlen, heads, head_dim); got shapes {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
     batch, seqlen_q = q.shape[:2]
     seqlen_k = k.shape[1]
     meta = AttentionMetadata.from_seqlens([seqlen_q] * batch, [seqlen_k] * batch, device=q.device)
-    out = flash_attn_varlen_func(q.reshape(batch * seqlen_q, *q.shape[2:]),                 # (B * Sq, Hq, D)
-                                 k.reshape(batch * seqlen_k, *k.shape[2:]),                 # (B * Sk, Hkv, D)
-                                 v.reshape(batch * seqlen_k, *v.shape[2:]),                 # (B * Sk, Hkv, D)
-                                 meta.cu_seqlens_q, meta.cu_seqlens_k, seqlen_q, seqlen_k, dropout_p,
-                                 softmax_scale, causal, window_size, return_lse, backend, layout)
+    out = flash_attn_varlen_func(
+        q.reshape(batch * seqlen_q, *q.shape[2:]),  # (B * Sq, Hq, D)
+        k.reshape(batch * seqlen_k, *k.shape[2:]),  # (B * Sk, Hkv, D)
+        v.reshape(batch * seqlen_k, *v.shape[2:]),  # (B * Sk, Hkv, D)
+        meta.cu_seqlens_q,
+        meta.cu_seqlens_k,
+        seqlen_q,
+        seqlen_k,
+        dropout_p,
+        softmax_scale,
+        causal,
+        window_size,
+        return_lse,
+        backend,
+        layout,
+    )
     if return_lse:
         out, lse = out
         return out.view(batch, seqlen_q, *out.shape[1:]), lse.view(-1, batch, seqlen_q).transpose(0, 1)
     return out.view(batch, seqlen_q, *out.shape[1:])
 
 
-def attention(q, k, v, meta: AttentionMetadata, window_size=(-1, -1), softmax_scale=None, backend=None,
-              layout: BlockSparseLayout | None = None):
+def attention(
+    q,
+    k,
+    v,
+    meta: AttentionMetadata,
+    window_size=(-1, -1),
+    softmax_scale=None,
+    backend=None,
+    layout: BlockSparseLayout | None = None,
+):
     """What the model calls: varlen attention described by one metadata object."""
-    return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
-                                  meta.max_seqlen_k, softmax_scale=softmax_scale, causal=meta.causal,
-                                  window_size=window_size, backend=backend, layout=layout)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        meta.cu_seqlens_q,
+        meta.cu_seqlens_k,
+        meta.max_seqlen_q,
+        meta.max_seqlen_k,
+        softmax_scale=softmax_scale,
+        causal=meta.causal,
+        window_size=window_size,
+        backend=backend,
+        layout=layout,
+    )
 
 
-__all__ = ["BACKENDS", "AttentionMetadata", "BlockSparseLayout", "attention", "check_varlen_inputs",
-           "choose_backend", "flash_attn_func", "flash_attn_varlen_func", "sdpa_varlen_attention",
-           "seqlens_summary"]
+__all__ = [
+    "BACKENDS",
+    "AttentionMetadata",
+    "BlockSparseLayout",
+    "attention",
+    "check_varlen_inputs",
+    "choose_backend",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "sdpa_varlen_attention",
+    "seqlens_summary",
+]

@@ -13,6 +13,7 @@ Linformer (Wang et al. 2020, "Linformer: Self-Attention with Linear Complexity")
 projections E, F compress keys and values along the sequence, so attention costs O(n k). Non-causal.
 Tensors are BSHD `(batch, seqlen, heads, head_dim)` like `flash_attn_func`.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,13 @@ def default_num_features(head_dim: int) -> int:
     return max(1, round(head_dim * math.log(head_dim))) if head_dim > 1 else 1
 
 
-def orthogonal_random_features(num_features: int, head_dim: int, seed: int | None = None,
-                               generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def orthogonal_random_features(
+    num_features: int,
+    head_dim: int,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    device=None,
+) -> torch.Tensor:
     """(num_features, head_dim) fp32 projection W: orthogonal rows in blocks of head_dim, chi(d) row norms."""
     if num_features < 1 or head_dim < 1:
         raise ValueError(f"num_features ({num_features}) and head_dim ({head_dim}) must be >= 1")
@@ -39,26 +45,35 @@ def orthogonal_random_features(num_features: int, head_dim: int, seed: int | Non
     for _ in range(-(-num_features // head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=generator)
         q, r = torch.linalg.qr(gaussian)
-        q = q * torch.sign(torch.diagonal(r))[None, :]   # unique QR: Haar-distributed rotation
-        blocks.append(q.T)                               # rows orthonormal
-    rows = torch.cat(blocks)[:num_features]                                              # (m, d)
-    norms = torch.randn(num_features, head_dim, generator=generator).norm(dim=1)        # chi(d)
+        q = q * torch.sign(torch.diagonal(r))[None, :]  # unique QR: Haar-distributed rotation
+        blocks.append(q.T)  # rows orthonormal
+    rows = torch.cat(blocks)[:num_features]  # (m, d)
+    norms = torch.randn(num_features, head_dim, generator=generator).norm(dim=1)  # chi(d)
     return (rows * norms[:, None]).to(device)
 
 
-def favor_features(x: torch.Tensor, projection: torch.Tensor, is_query: bool, eps: float = 1e-6) -> torch.Tensor:
+def favor_features(
+    x: torch.Tensor, projection: torch.Tensor, is_query: bool, eps: float = 1e-6
+) -> torch.Tensor:
     """Positive random features. x: (B, H, N, D); projection: (m, D) -> (B, H, N, m) fp32."""
-    x = x.float() * x.shape[-1] ** -0.25                                                # x' = x d^-1/4
-    wx = x @ projection.T                                                               # (B, H, N, m)
-    half_norm = (x * x).sum(-1, keepdim=True) / 2                                       # |x'|^2 / 2
+    x = x.float() * x.shape[-1] ** -0.25  # x' = x d^-1/4
+    wx = x @ projection.T  # (B, H, N, m)
+    half_norm = (x * x).sum(-1, keepdim=True) / 2  # |x'|^2 / 2
     # the stabiliser is constant per query row / per head over keys, so it cancels in num / den
     stabiliser = wx.amax(-1, keepdim=True) if is_query else wx.amax(dim=(-2, -1), keepdim=True)
     return (torch.exp(wx - half_norm - stabiliser) + eps) * projection.shape[0] ** -0.5
 
 
-def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_features: int | None = None,
-                        causal: bool = False, projection: torch.Tensor | None = None, seed: int = 0,
-                        chunk_size: int = 128) -> torch.Tensor:
+def performer_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_features: int | None = None,
+    causal: bool = False,
+    projection: torch.Tensor | None = None,
+    seed: int = 0,
+    chunk_size: int = 128,
+) -> torch.Tensor:
     """FAVOR+ attention. q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D) -> (B, Sq, Hq, D) in q's dtype.
 
     num_features: m (default d ln d); projection: a fixed (m, D) W (else drawn from `seed`).
@@ -73,24 +88,28 @@ def performer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_f
     if causal and seqlen_q != seqlen_k:
         raise ValueError(f"causal Performer needs seqlen_q == seqlen_k, got {seqlen_q} and {seqlen_k}")
     if projection is None:
-        projection = orthogonal_random_features(num_features or default_num_features(head_dim), head_dim, seed,
-                                                device=q.device)
+        projection = orthogonal_random_features(
+            num_features or default_num_features(head_dim), head_dim, seed, device=q.device
+        )
     group = num_heads // num_kv_heads
-    phi_q = favor_features(q.transpose(1, 2), projection, is_query=True)                 # (B, Hq, Sq, m)
-    phi_k = favor_features(k.transpose(1, 2), projection, is_query=False)                # (B, Hkv, Sk, m)
-    phi_k = phi_k.repeat_interleave(group, dim=1)                                        # (B, Hq, Sk, m)
-    vh = v.transpose(1, 2).float().repeat_interleave(group, dim=1)                       # (B, Hq, Sk, Dv)
+    phi_q = favor_features(q.transpose(1, 2), projection, is_query=True)  # (B, Hq, Sq, m)
+    phi_k = favor_features(k.transpose(1, 2), projection, is_query=False)  # (B, Hkv, Sk, m)
+    phi_k = phi_k.repeat_interleave(group, dim=1)  # (B, Hq, Sk, m)
+    vh = v.transpose(1, 2).float().repeat_interleave(group, dim=1)  # (B, Hq, Sk, Dv)
     if not causal:
-        kv = phi_k.transpose(-1, -2) @ vh                                                # (B, Hq, m, Dv)
-        normaliser = phi_q @ phi_k.sum(2)[..., None]                                     # (B, Hq, Sq, 1)
+        kv = phi_k.transpose(-1, -2) @ vh  # (B, Hq, m, Dv)
+        normaliser = phi_q @ phi_k.sum(2)[..., None]  # (B, Hq, Sq, 1)
         return (phi_q @ kv / normaliser).transpose(1, 2).to(q.dtype)
-    state = phi_q.new_zeros(batch, num_heads, projection.shape[0], v.shape[-1])          # sum of phi(k) v^T so far
-    key_sum = phi_q.new_zeros(batch, num_heads, projection.shape[0], 1)                  # sum of phi(k) so far
+    state = phi_q.new_zeros(batch, num_heads, projection.shape[0], v.shape[-1])  # sum of phi(k) v^T so far
+    key_sum = phi_q.new_zeros(batch, num_heads, projection.shape[0], 1)  # sum of phi(k) so far
     outs = []
     for start in range(0, seqlen_q, chunk_size):
-        pq, pk = phi_q[:, :, start:start + chunk_size], phi_k[:, :, start:start + chunk_size]   # (B, Hq, C, m)
-        vc = vh[:, :, start:start + chunk_size]                                          # (B, Hq, C, Dv)
-        within = (pq @ pk.transpose(-1, -2)).tril()                                      # (B, Hq, C, C)
+        pq, pk = (
+            phi_q[:, :, start : start + chunk_size],
+            phi_k[:, :, start : start + chunk_size],
+        )  # (B, Hq, C, m)
+        vc = vh[:, :, start : start + chunk_size]  # (B, Hq, C, Dv)
+        within = (pq @ pk.transpose(-1, -2)).tril()  # (B, Hq, C, C)
         numerator = pq @ state + within @ vc
         denominator = pq @ key_sum + within.sum(-1, keepdim=True)
         outs.append(numerator / denominator)
@@ -112,21 +131,33 @@ class LinformerAttention(nn.Module):
             raise ValueError(f"max_seq_len ({max_seq_len}) and proj_len ({proj_len}) must be >= 1")
         self.max_seq_len, self.proj_len = max_seq_len, proj_len
         self.E = nn.Parameter(torch.randn(max_seq_len, proj_len) / math.sqrt(proj_len))
-        self.F = self.E if share_kv else nn.Parameter(torch.randn(max_seq_len, proj_len) / math.sqrt(proj_len))
+        self.F = (
+            self.E if share_kv else nn.Parameter(torch.randn(max_seq_len, proj_len) / math.sqrt(proj_len))
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float | None = None):
         seqlen_k = k.shape[1]
         if seqlen_k > self.max_seq_len:
             raise ValueError(f"sequence of {seqlen_k} tokens exceeds max_seq_len={self.max_seq_len}")
-        k_proj = torch.einsum("bnhd,nk->bkhd", k, self.E[:seqlen_k].to(k.dtype))        # (B, k, Hkv, D)
-        v_proj = torch.einsum("bnhd,nk->bkhd", v, self.F[:seqlen_k].to(v.dtype))        # (B, k, Hkv, D)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k_proj.transpose(1, 2), v_proj.transpose(1, 2),
-                                             scale=softmax_scale, enable_gqa=q.shape[2] != k.shape[2])
-        return out.transpose(1, 2)                                                       # (B, Sq, Hq, D)
+        k_proj = torch.einsum("bnhd,nk->bkhd", k, self.E[:seqlen_k].to(k.dtype))  # (B, k, Hkv, D)
+        v_proj = torch.einsum("bnhd,nk->bkhd", v, self.F[:seqlen_k].to(v.dtype))  # (B, k, Hkv, D)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k_proj.transpose(1, 2),
+            v_proj.transpose(1, 2),
+            scale=softmax_scale,
+            enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return out.transpose(1, 2)  # (B, Sq, Hq, D)
 
     def extra_repr(self) -> str:
         return f"max_seq_len={self.max_seq_len}, proj_len={self.proj_len}, share_kv={self.F is self.E}"
 
 
-__all__ = ["LinformerAttention", "default_num_features", "favor_features", "orthogonal_random_features",
-           "performer_attention"]
+__all__ = [
+    "LinformerAttention",
+    "default_num_features",
+    "favor_features",
+    "orthogonal_random_features",
+    "performer_attention",
+]

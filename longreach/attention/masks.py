@@ -13,6 +13,7 @@ Triton kernel consumes it as is: walk a row's nonzero blocks, load `tiles[tile_i
 A layout is indexed by positions *within* a sequence, so one layout serves every sequence of a packed
 batch; the reference densifies it, the tiled backend and the Triton kernels skip its empty blocks.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,10 +32,14 @@ def window_bounds(causal: bool, window_size=(-1, -1)) -> tuple[int | None, int |
     return (None if left < 0 else left), (None if right < 0 else right)
 
 
-def visible_mask(seqlen_q: int, seqlen_k: int, causal: bool, window_size=(-1, -1), device=None) -> torch.Tensor:
+def visible_mask(
+    seqlen_q: int, seqlen_k: int, causal: bool, window_size=(-1, -1), device=None
+) -> torch.Tensor:
     """(Sq, Sk) bool: which keys each query may see (bottom-right aligned)."""
     left, right = window_bounds(causal, window_size)
-    q_pos = torch.arange(seqlen_q, device=device)[:, None] + (seqlen_k - seqlen_q)  # query i's aligned key index
+    q_pos = torch.arange(seqlen_q, device=device)[:, None] + (
+        seqlen_k - seqlen_q
+    )  # query i's aligned key index
     k_idx = torch.arange(seqlen_k, device=device)[None, :]
     mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device)
     if right is not None:
@@ -53,15 +58,18 @@ def document_ids(cu_seqlens: torch.Tensor, total: int | None = None) -> torch.Te
     return ids
 
 
-def document_mask(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool = False,
-                  window_size=(-1, -1)) -> torch.Tensor:
+def document_mask(
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, causal: bool = False, window_size=(-1, -1)
+) -> torch.Tensor:
     """(total_q, total_k) bool mask of a packed batch: same sequence and, per sequence, FlashAttention's
     bottom-right causal / window rule. What an explicit-mask backend (SDPA) needs for varlen input."""
     doc_q, doc_k = document_ids(cu_seqlens_q), document_ids(cu_seqlens_k)
     start_q, start_k = cu_seqlens_q.long()[doc_q], cu_seqlens_k.long()[doc_k]
     len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[doc_q]
     len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[doc_q]
-    q_pos = (torch.arange(len(doc_q), device=doc_q.device) - start_q + len_k - len_q)[:, None]  # aligned position
+    q_pos = (torch.arange(len(doc_q), device=doc_q.device) - start_q + len_k - len_q)[
+        :, None
+    ]  # aligned position
     k_pos = (torch.arange(len(doc_k), device=doc_k.device) - start_k)[None, :]
     mask = doc_q[:, None] == doc_k[None, :]
     left, right = window_bounds(causal, window_size)
@@ -91,12 +99,18 @@ class BlockSparseLayout:
         if self.block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {self.block_size}")
         if self.blocks.dim() != 2 or self.blocks.dtype != torch.bool:
-            raise ValueError(f"blocks must be a 2-D bool tensor, got {tuple(self.blocks.shape)} {self.blocks.dtype}")
+            raise ValueError(
+                f"blocks must be a 2-D bool tensor, got {tuple(self.blocks.shape)} {self.blocks.dtype}"
+            )
         if self.tile_index.shape != self.blocks.shape:
-            raise ValueError(f"tile_index shape {tuple(self.tile_index.shape)} != blocks shape {tuple(self.blocks.shape)}")
+            raise ValueError(
+                f"tile_index shape {tuple(self.tile_index.shape)} != blocks shape {tuple(self.blocks.shape)}"
+            )
         if self.tiles.dim() != 3 or tuple(self.tiles.shape[1:]) != (self.block_size, self.block_size):
-            raise ValueError(f"tiles must be (num_partial, {self.block_size}, {self.block_size}), "
-                             f"got {tuple(self.tiles.shape)}")
+            raise ValueError(
+                f"tiles must be (num_partial, {self.block_size}, {self.block_size}), "
+                f"got {tuple(self.tiles.shape)}"
+            )
 
     @property
     def num_q_blocks(self) -> int:
@@ -128,10 +142,12 @@ class BlockSparseLayout:
         seqlen_k = self.num_k_blocks * bs if seqlen_k is None else seqlen_k
         num_q, num_k = -(-seqlen_q // bs), -(-seqlen_k // bs)
         if num_q > self.num_q_blocks or num_k > self.num_k_blocks:
-            raise ValueError(f"layout of {self.num_q_blocks}x{self.num_k_blocks} blocks of {bs} cannot cover "
-                             f"a {seqlen_q}x{seqlen_k} score matrix")
+            raise ValueError(
+                f"layout of {self.num_q_blocks}x{self.num_k_blocks} blocks of {bs} cannot cover "
+                f"a {seqlen_q}x{seqlen_k} score matrix"
+            )
         blocks, index = self.blocks[:num_q, :num_k], self.tile_index[:num_q, :num_k]
-        dense = blocks[:, None, :, None].expand(num_q, bs, num_k, bs).clone()       # (nq, bs, nk, bs)
+        dense = blocks[:, None, :, None].expand(num_q, bs, num_k, bs).clone()  # (nq, bs, nk, bs)
         partial = index >= 0
         if partial.any():
             qi, kj = partial.nonzero(as_tuple=True)
@@ -142,14 +158,26 @@ class BlockSparseLayout:
     def from_dense(mask: torch.Tensor, block_size: int) -> "BlockSparseLayout":
         """Layout of an arbitrary (Sq, Sk) bool mask. O(Sq * Sk): for tests and small inputs."""
         seqlen_q, seqlen_k = mask.shape
-        candidates = torch.ones(-(-seqlen_q // block_size), -(-seqlen_k // block_size), dtype=torch.bool,
-                                device=mask.device)
-        return layout_from_mask_fn(lambda qi, kj: mask[qi.clamp(max=seqlen_q - 1), kj.clamp(max=seqlen_k - 1)],
-                                   seqlen_q, seqlen_k, block_size, candidates)
+        candidates = torch.ones(
+            -(-seqlen_q // block_size), -(-seqlen_k // block_size), dtype=torch.bool, device=mask.device
+        )
+        return layout_from_mask_fn(
+            lambda qi, kj: mask[qi.clamp(max=seqlen_q - 1), kj.clamp(max=seqlen_k - 1)],
+            seqlen_q,
+            seqlen_k,
+            block_size,
+            candidates,
+        )
 
 
-def layout_from_mask_fn(mask_fn: MaskFn, seqlen_q: int, seqlen_k: int, block_size: int,
-                        candidates: torch.Tensor, chunk: int = 4096) -> BlockSparseLayout:
+def layout_from_mask_fn(
+    mask_fn: MaskFn,
+    seqlen_q: int,
+    seqlen_k: int,
+    block_size: int,
+    candidates: torch.Tensor,
+    chunk: int = 4096,
+) -> BlockSparseLayout:
     """Classify the `candidates` blocks (bool (nq, nk), a superset of the non-empty ones) as empty, full or
     partial by evaluating `mask_fn(q_idx, k_idx)` on their tiles only, so building costs O(visited area)."""
     bs = block_size
@@ -158,10 +186,10 @@ def layout_from_mask_fn(mask_fn: MaskFn, seqlen_q: int, seqlen_k: int, block_siz
     offsets = torch.arange(bs, device=device)
     keep_q, keep_k, is_partial, tiles = [], [], [], []
     for start in range(0, len(qi_all), chunk):
-        qi, kj = qi_all[start:start + chunk], kj_all[start:start + chunk]
-        q_idx = (qi[:, None] * bs + offsets)[:, :, None]                             # (n, bs, 1)
-        k_idx = (kj[:, None] * bs + offsets)[:, None, :]                             # (n, 1, bs)
-        tile = mask_fn(q_idx, k_idx).expand(len(qi), bs, bs)                         # (n, bs, bs)
+        qi, kj = qi_all[start : start + chunk], kj_all[start : start + chunk]
+        q_idx = (qi[:, None] * bs + offsets)[:, :, None]  # (n, bs, 1)
+        k_idx = (kj[:, None] * bs + offsets)[:, None, :]  # (n, 1, bs)
+        tile = mask_fn(q_idx, k_idx).expand(len(qi), bs, bs)  # (n, bs, bs)
         in_range = (q_idx < seqlen_q) & (k_idx < seqlen_k)
         tile = tile & in_range
         any_visible = tile.flatten(1).any(1)
@@ -175,7 +203,9 @@ def layout_from_mask_fn(mask_fn: MaskFn, seqlen_q: int, seqlen_k: int, block_siz
     if keep_q:
         qi, kj, partial = torch.cat(keep_q), torch.cat(keep_k), torch.cat(is_partial)
         blocks[qi, kj] = True
-        tile_index[qi[partial], kj[partial]] = torch.arange(int(partial.sum()), dtype=torch.int32, device=device)
+        tile_index[qi[partial], kj[partial]] = torch.arange(
+            int(partial.sum()), dtype=torch.int32, device=device
+        )
         tiles_t = torch.cat(tiles)
     else:
         tiles_t = torch.zeros(0, bs, bs, dtype=torch.bool, device=device)
@@ -187,14 +217,15 @@ def _check_block_size(block_size: int):
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
 
 
-def sliding_window_layout(seqlen_q: int, seqlen_k: int, window_size, causal: bool = False,
-                          block_size: int = 64, device=None) -> BlockSparseLayout:
+def sliding_window_layout(
+    seqlen_q: int, seqlen_k: int, window_size, causal: bool = False, block_size: int = 64, device=None
+) -> BlockSparseLayout:
     """FlashAttention's causal / window band as a layout: band blocks full, edge blocks partial."""
     _check_block_size(block_size)
     left, right = window_bounds(causal, window_size)
     offset = seqlen_k - seqlen_q
     num_q, num_k = -(-seqlen_q // block_size), -(-seqlen_k // block_size)
-    q_lo = torch.arange(num_q, device=device)[:, None] * block_size + offset          # first aligned position
+    q_lo = torch.arange(num_q, device=device)[:, None] * block_size + offset  # first aligned position
     q_hi = q_lo + block_size - 1
     k_lo = torch.arange(num_k, device=device)[None, :] * block_size
     k_hi = k_lo + block_size - 1
@@ -215,8 +246,12 @@ def sliding_window_layout(seqlen_q: int, seqlen_k: int, window_size, causal: boo
     return layout_from_mask_fn(band, seqlen_q, seqlen_k, block_size, candidates)
 
 
-def document_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | None = None, causal: bool = False,
-                    block_size: int = 64) -> BlockSparseLayout:
+def document_layout(
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None = None,
+    causal: bool = False,
+    block_size: int = 64,
+) -> BlockSparseLayout:
     """A packed batch seen as one long sequence: blocks that straddle two documents are partial,
     blocks pairing different documents are empty (`document_mask` token by token)."""
     _check_block_size(block_size)
@@ -226,15 +261,20 @@ def document_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | Non
     start_q, start_k = cu_seqlens_q.long()[doc_q], cu_seqlens_k.long()[doc_k]
     len_q = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long()[doc_q]
     len_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).long()[doc_q]
-    q_pos = torch.arange(total_q, device=doc_q.device) - start_q + len_k - len_q        # bottom-right aligned
+    q_pos = torch.arange(total_q, device=doc_q.device) - start_q + len_k - len_q  # bottom-right aligned
     k_pos = torch.arange(total_k, device=doc_k.device) - start_k
     num_q, num_k = -(-total_q // block_size), -(-total_k // block_size)
     pad_q, pad_k = num_q * block_size - total_q, num_k * block_size - total_k
     # a block pair can only be visible if the document ranges of its rows and columns overlap
-    dq = torch.nn.functional.pad(doc_q, (0, pad_q), value=int(doc_q[-1]) if total_q else 0).view(num_q, block_size)
-    dk = torch.nn.functional.pad(doc_k, (0, pad_k), value=int(doc_k[-1]) if total_k else 0).view(num_k, block_size)
-    candidates = (dq.min(1).values[:, None] <= dk.max(1).values[None, :]) & \
-                 (dk.min(1).values[None, :] <= dq.max(1).values[:, None])
+    dq = torch.nn.functional.pad(doc_q, (0, pad_q), value=int(doc_q[-1]) if total_q else 0).view(
+        num_q, block_size
+    )
+    dk = torch.nn.functional.pad(doc_k, (0, pad_k), value=int(doc_k[-1]) if total_k else 0).view(
+        num_k, block_size
+    )
+    candidates = (dq.min(1).values[:, None] <= dk.max(1).values[None, :]) & (
+        dk.min(1).values[None, :] <= dq.max(1).values[:, None]
+    )
 
     def same_doc(q_idx, k_idx):
         qc, kc = q_idx.clamp(max=max(total_q - 1, 0)), k_idx.clamp(max=max(total_k - 1, 0))
@@ -246,8 +286,15 @@ def document_layout(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor | Non
     return layout_from_mask_fn(same_doc, total_q, total_k, block_size, candidates)
 
 
-def bigbird_layout(seqlen: int, block_size: int = 16, num_random_blocks: int = 3, num_window_blocks: int = 3,
-                   num_global_blocks: int = 1, seed: int = 0, device=None) -> BlockSparseLayout:
+def bigbird_layout(
+    seqlen: int,
+    block_size: int = 16,
+    num_random_blocks: int = 3,
+    num_window_blocks: int = 3,
+    num_global_blocks: int = 1,
+    seed: int = 0,
+    device=None,
+) -> BlockSparseLayout:
     """BigBird-ITC (Zaheer et al. 2020): each query block sees `num_window_blocks` neighbouring blocks, the
     first and last `num_global_blocks` blocks (which in turn see everything), and `num_random_blocks` random
     blocks drawn from the rest with a seeded generator. Purely block-level, so no partial tiles."""
@@ -269,12 +316,17 @@ def bigbird_layout(seqlen: int, block_size: int = 16, num_random_blocks: int = 3
         free = (~blocks[row]).nonzero().flatten()
         take = free[torch.randperm(len(free), generator=generator)[:num_random_blocks]]
         blocks[row, take] = True
-    return BlockSparseLayout(block_size, blocks.to(device), torch.full((num, num), -1, dtype=torch.int32, device=device),
-                             torch.zeros(0, block_size, block_size, dtype=torch.bool, device=device))
+    return BlockSparseLayout(
+        block_size,
+        blocks.to(device),
+        torch.full((num, num), -1, dtype=torch.int32, device=device),
+        torch.zeros(0, block_size, block_size, dtype=torch.bool, device=device),
+    )
 
 
-def longformer_layout(seqlen: int, window: int, global_tokens=(), block_size: int = 64,
-                      device=None) -> BlockSparseLayout:
+def longformer_layout(
+    seqlen: int, window: int, global_tokens=(), block_size: int = 64, device=None
+) -> BlockSparseLayout:
     """Longformer (Beltagy et al. 2020): token i sees keys within `window` on either side (2w+1 keys), and
     each global token attends to, and is attended by, every token. Window edges and the rows/columns of
     global tokens are partial blocks with exact token tiles."""
@@ -291,7 +343,9 @@ def longformer_layout(seqlen: int, window: int, global_tokens=(), block_size: in
     idx = torch.arange(num, device=device)
     # blocks whose index distance fits the window, plus the rows and columns of blocks holding a global token
     candidates = (idx[:, None] - idx[None, :]).abs() <= -(-window // block_size)
-    global_block = torch.nn.functional.pad(is_global, (0, num * block_size - seqlen)).view(num, block_size).any(1)
+    global_block = (
+        torch.nn.functional.pad(is_global, (0, num * block_size - seqlen)).view(num, block_size).any(1)
+    )
     candidates |= global_block[:, None] | global_block[None, :]
 
     def pattern(q_idx, k_idx):
@@ -301,5 +355,16 @@ def longformer_layout(seqlen: int, window: int, global_tokens=(), block_size: in
     return layout_from_mask_fn(pattern, seqlen, seqlen, block_size, candidates)
 
 
-__all__ = ["BlockSparseLayout", "MaskFn", "bigbird_layout", "document_ids", "document_layout", "document_mask",
-           "layout_from_mask_fn", "longformer_layout", "sliding_window_layout", "visible_mask", "window_bounds"]
+__all__ = [
+    "BlockSparseLayout",
+    "MaskFn",
+    "bigbird_layout",
+    "document_ids",
+    "document_layout",
+    "document_mask",
+    "layout_from_mask_fn",
+    "longformer_layout",
+    "sliding_window_layout",
+    "visible_mask",
+    "window_bounds",
+]

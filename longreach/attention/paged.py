@@ -14,6 +14,7 @@ dequantized where it is read.
 The PyTorch decode is built for CPU serving (batched, one gather per group of similar-length sequences);
 `reference.paged_decode_reference` is the per-sequence oracle both are tested against.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,9 +40,19 @@ def gather_rows(source: torch.Tensor, index: torch.Tensor, workspace: dict | Non
     return torch.index_select(source, 0, index, out=buf[:rows])
 
 
-def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                                 window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None,
-                                 workspace: dict | None = None):
+def paged_decode_attention_torch(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cache_seqlens,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    return_lse=False,
+    k_scale=None,
+    v_scale=None,
+    workspace: dict | None = None,
+):
     """One query per sequence over its pages, batched: q (B, Hq, D) -> out (B, Hq, D) in q's dtype and, with
     return_lse, lse (B, Hq) fp32 (natural log; an empty sequence gives a zero output and -inf).
 
@@ -53,30 +64,34 @@ def paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens
     block-diagonal product). Keys at or past `cache_seqlens` (or left of the window) are masked; softmax in
     fp32. workspace: a dict the caller keeps between calls, holding the gather buffers (see `gather_rows`)."""
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
-        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
-    dtype = q.dtype if k_scale is not None else k_cache.dtype         # the products' dtype
+        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale
+    )
+    dtype = q.dtype if k_scale is not None else k_cache.dtype  # the products' dtype
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     group = num_heads // num_kv_heads
     out = torch.zeros(batch, num_kv_heads, group, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=torch.float32, device=q.device)
-    qg = q.view(batch, num_kv_heads, group, head_dim).to(dtype)                      # (B, Hkv, G, D)
+    qg = q.view(batch, num_kv_heads, group, head_dim).to(dtype)  # (B, Hkv, G, D)
     lengths = cache_seqlens.tolist()
     capacity = block_table.shape[1] * block_size
     bad = next((b for b, n in enumerate(lengths) if not 0 <= n <= capacity), None)
     if bad is not None:
-        raise ValueError(f"cache_seqlens[{bad}] = {lengths[bad]} is outside 0..{capacity} "
-                         "(block_table width x block_size)")
-    max_keys = GROUP_GATHER_BYTES // (2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size())
+        raise ValueError(
+            f"cache_seqlens[{bad}] = {lengths[bad]} is outside 0..{capacity} (block_table width x block_size)"
+        )
+    max_keys = GROUP_GATHER_BYTES // (
+        2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    )
     pages = (k_cache, v_cache, k_scale, v_scale)
     for rows, num_blocks in _length_groups(lengths, block_size, max_keys=max_keys):
         if not max(lengths[r] for r in rows):
-            continue                                           # only empty sequences: 0 and -inf stand
+            continue  # only empty sequences: 0 and -inf stand
         idx = torch.tensor(rows, device=q.device)
         flat = block_table.index_select(0, idx)[:, :num_blocks].reshape(-1).long()
-        k, v = _gather_pages(pages, flat, len(rows), dtype, workspace)                # (n, L, Hkv, D) each
+        k, v = _gather_pages(pages, flat, len(rows), dtype, workspace)  # (n, L, Hkv, D) each
         pos = torch.arange(num_blocks * block_size, device=q.device)[None, :]
         seqlens = cache_seqlens.index_select(0, idx).long()[:, None]
-        hidden = pos >= seqlens                                                      # (n, L)
+        hidden = pos >= seqlens  # (n, L)
         if window_size[0] >= 0:
             hidden |= pos < seqlens - 1 - window_size[0]
         decode = _block_diagonal_decode if num_kv_heads <= 2 else _per_head_decode
@@ -106,10 +121,10 @@ def _per_head_decode(q, k, v, hidden, scale):
     o = torch.empty(n, num_kv_heads, group, head_dim, dtype=v.dtype, device=q.device)
     lse = torch.empty(n, num_kv_heads, group, dtype=torch.float32, device=q.device)
     for h in range(num_kv_heads):
-        scores = torch.bmm(q[:, h], k[:, :, h].transpose(1, 2)).float() * scale      # (n, G, L)
+        scores = torch.bmm(q[:, h], k[:, :, h].transpose(1, 2)).float() * scale  # (n, G, L)
         scores.masked_fill_(hidden, float("-inf"))
         lse[:, h] = torch.logsumexp(scores, dim=-1)
-        torch.bmm(scores.softmax(-1).nan_to_num_(0.0).to(v.dtype), v[:, :, h], out=o[:, h])   # (n, G, D)
+        torch.bmm(scores.softmax(-1).nan_to_num_(0.0).to(v.dtype), v[:, :, h], out=o[:, h])  # (n, G, D)
     return o, lse
 
 
@@ -123,14 +138,14 @@ def _block_diagonal_decode(q, k, v, hidden, scale):
     q_bd = q.new_zeros(n, num_kv_heads, group, num_kv_heads, head_dim)
     for h in range(num_kv_heads):
         q_bd[:, h, :, h] = q[:, h]
-    q_bd = q_bd.view(n, num_kv_heads * group, num_kv_heads * head_dim)                     # (n, Hq, Hkv*D)
-    scores = torch.bmm(q_bd, k.reshape(n, num_keys, -1).transpose(1, 2)).float() * scale   # (n, Hq, L)
+    q_bd = q_bd.view(n, num_kv_heads * group, num_kv_heads * head_dim)  # (n, Hq, Hkv*D)
+    scores = torch.bmm(q_bd, k.reshape(n, num_keys, -1).transpose(1, 2)).float() * scale  # (n, Hq, L)
     scores.masked_fill_(hidden, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1).view(n, num_kv_heads, group)
     probs = scores.softmax(-1).nan_to_num_(0.0).to(v.dtype)
-    o = torch.bmm(probs, v.reshape(n, num_keys, -1))                                       # (n, Hq, Hkv*D)
+    o = torch.bmm(probs, v.reshape(n, num_keys, -1))  # (n, Hq, Hkv*D)
     o = o.view(n, num_kv_heads, group, num_kv_heads, head_dim)
-    return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2), lse                     # (n, Hkv, G, D)
+    return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2), lse  # (n, Hkv, G, D)
 
 
 def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25, max_keys: int | None = None):
@@ -141,8 +156,10 @@ def _length_groups(seqlens: list[int], block_size: int, max_waste: float = 0.25,
     for b in order:
         blocks = -(-seqlens[b] // block_size)
         padded = width * (len(rows) + 1)
-        if rows and (padded - used - blocks > max_waste * padded
-                     or (max_keys is not None and padded * block_size > max_keys)):
+        if rows and (
+            padded - used - blocks > max_waste * padded
+            or (max_keys is not None and padded * block_size > max_keys)
+        ):
             groups.append((rows, width))
             rows, used = [], 0
         if not rows:
@@ -168,7 +185,9 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
         return
     num_slots = k_cache.shape[0] * block_size
     if int(slot_mapping.max()) >= num_slots:
-        raise ValueError(f"slot_mapping holds slot {int(slot_mapping.max())} but the cache has {num_slots} slots")
+        raise ValueError(
+            f"slot_mapping holds slot {int(slot_mapping.max())} but the cache has {num_slots} slots"
+        )
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
@@ -190,20 +209,49 @@ def _triton_for(t: torch.Tensor):
     return _triton_decode or None
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False, k_scale=None, v_scale=None,
-                           workspace: dict | None = None):
+def paged_decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cache_seqlens,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    return_lse=False,
+    k_scale=None,
+    v_scale=None,
+    workspace: dict | None = None,
+):
     """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere (each validates its inputs once).
     Shapes as in the PyTorch version (int8 caches with their k_scale, v_scale); `workspace` serves the
     PyTorch path's gather buffers and is ignored by the kernel."""
     impl = _triton_for(q)
     if impl:
-        return impl.paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens,
-                                           softmax_scale=softmax_scale, window_size=window_size,
-                                           return_lse=return_lse, k_scale=k_scale, v_scale=v_scale)
-    return paged_decode_attention_torch(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=softmax_scale,
-                                        window_size=window_size, return_lse=return_lse, k_scale=k_scale,
-                                        v_scale=v_scale, workspace=workspace)
+        return impl.paged_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_table,
+            cache_seqlens,
+            softmax_scale=softmax_scale,
+            window_size=window_size,
+            return_lse=return_lse,
+            k_scale=k_scale,
+            v_scale=v_scale,
+        )
+    return paged_decode_attention_torch(
+        q,
+        k_cache,
+        v_cache,
+        block_table,
+        cache_seqlens,
+        softmax_scale=softmax_scale,
+        window_size=window_size,
+        return_lse=return_lse,
+        k_scale=k_scale,
+        v_scale=v_scale,
+        workspace=workspace,
+    )
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):

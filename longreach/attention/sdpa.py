@@ -17,6 +17,7 @@ SDPA returns no log-sum-exp, so with return_lse it is recomputed in query chunks
 
 Inputs are taken as checked: `flash_attn_varlen_func` validates them once before it calls a backend.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,8 @@ class _Call:
     causal: bool
     window_size: tuple
     layout: BlockSparseLayout | None
-    needs_grad: bool          # autograd will differentiate through this call
-    kv_requires_grad: bool    # k or v asks for gradients (decides how GQA is expanded, see `_sdpa`)
+    needs_grad: bool  # autograd will differentiate through this call
+    kv_requires_grad: bool  # k or v asks for gradients (decides how GQA is expanded, see `_sdpa`)
     return_lse: bool
 
     @property
@@ -47,21 +48,37 @@ class _Call:
         return self.layout is None and self.window_size == (-1, -1)
 
 
-@torch.autocast("cpu", enabled=False)   # keep the precision chosen in `_sdpa` (inputs come in already cast)
+@torch.autocast("cpu", enabled=False)  # keep the precision chosen in `_sdpa` (inputs come in already cast)
 @torch.autocast("cuda", enabled=False)
-def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
-                          softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                          layout: BlockSparseLayout | None = None):
+def sdpa_varlen_attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    return_lse=False,
+    layout: BlockSparseLayout | None = None,
+):
     """torch SDPA over packed sequences (the cases are in the module docstring).
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_*: (B + 1,) int32. max_seqlen_* are unused
     (SDPA sizes itself). Returns out (total_q, Hq, D) and, with return_lse, lse (Hq, total_q) fp32.
     """
     kv_requires_grad = k.requires_grad or v.requires_grad
-    call = _Call(scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-                 causal=causal, window_size=tuple(window_size), layout=layout,
-                 needs_grad=torch.is_grad_enabled() and (q.requires_grad or kv_requires_grad),
-                 kv_requires_grad=kv_requires_grad, return_lse=return_lse)
+    call = _Call(
+        scale=softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+        causal=causal,
+        window_size=tuple(window_size),
+        layout=layout,
+        needs_grad=torch.is_grad_enabled() and (q.requires_grad or kv_requires_grad),
+        kv_requires_grad=kv_requires_grad,
+        return_lse=return_lse,
+    )
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     num_heads, dim_v = q.shape[1], v.shape[-1]
     outs, lses = [], []
@@ -71,10 +88,10 @@ def sdpa_varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None
             outs.append(q.new_zeros(batch * seqlen_q, num_heads, dim_v))
             lses.append(torch.full((num_heads, batch * seqlen_q), float("-inf"), device=q.device))
             continue
-        qb = q[cq[b0]:cq[b1]].reshape(batch, seqlen_q, *q.shape[1:]).transpose(1, 2)    # (B, Hq, Sq, D)
-        kb = k[ck[b0]:ck[b1]].reshape(batch, seqlen_k, *k.shape[1:]).transpose(1, 2)    # (B, Hkv, Sk, D)
-        vb = v[ck[b0]:ck[b1]].reshape(batch, seqlen_k, *v.shape[1:]).transpose(1, 2)    # (B, Hkv, Sk, Dv)
-        o, lse = _attend(call, qb, kb, vb)                                    # (B, Hq, Sq, Dv), (B, Hq, Sq)
+        qb = q[cq[b0] : cq[b1]].reshape(batch, seqlen_q, *q.shape[1:]).transpose(1, 2)  # (B, Hq, Sq, D)
+        kb = k[ck[b0] : ck[b1]].reshape(batch, seqlen_k, *k.shape[1:]).transpose(1, 2)  # (B, Hkv, Sk, D)
+        vb = v[ck[b0] : ck[b1]].reshape(batch, seqlen_k, *v.shape[1:]).transpose(1, 2)  # (B, Hkv, Sk, Dv)
+        o, lse = _attend(call, qb, kb, vb)  # (B, Hq, Sq, Dv), (B, Hq, Sq)
         outs.append(o.transpose(1, 2).reshape(batch * seqlen_q, num_heads, dim_v))
         if return_lse:
             lses.append(lse.permute(1, 0, 2).reshape(num_heads, -1))
@@ -130,8 +147,9 @@ def _sdpa(call: _Call, q, k, v, mask, is_causal):
         # enable_gqa's backward sums the group's dk/dv in low precision (2x the error of the
         # reference at bf16, MQA); expanding first lets autograd sum them more accurately
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=call.scale,
-                                         enable_gqa=q.shape[1] != k.shape[1])             # (B, Hq, Sq, Dv)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=is_causal, scale=call.scale, enable_gqa=q.shape[1] != k.shape[1]
+    )  # (B, Hq, Sq, Dv)
     lse = _sdpa_lse(q, k, call.scale, mask, is_causal) if call.return_lse else None
     return out.to(dtype), lse
 
@@ -141,19 +159,19 @@ def _skip_blind_queries(call: _Call, q, k, v):
     rest are top-left causal over all keys, which SDPA's is_causal gives."""
     skipped = q.shape[2] - k.shape[2]
     out, lse = _sdpa(call, q[:, :, skipped:], k, v, mask=None, is_causal=True)
-    out = F.pad(out, (0, 0, skipped, 0))                                                   # (B, Hq, Sq, Dv)
+    out = F.pad(out, (0, 0, skipped, 0))  # (B, Hq, Sq, Dv)
     if lse is not None:
-        lse = F.pad(lse, (skipped, 0), value=float("-inf"))                                 # (B, Hq, Sq)
+        lse = F.pad(lse, (skipped, 0), value=float("-inf"))  # (B, Hq, Sq)
     return out, lse
 
 
 def _masked(call: _Call, q, k, v):
     """Windows, layouts, and causal lengths SDPA cannot align without one: an explicit (Sq, Sk) mask."""
     seqlen_q, seqlen_k = q.shape[2], k.shape[2]
-    mask = visible_mask(seqlen_q, seqlen_k, call.causal, call.window_size, q.device)       # (Sq, Sk)
+    mask = visible_mask(seqlen_q, seqlen_k, call.causal, call.window_size, q.device)  # (Sq, Sk)
     if call.layout is not None:
         mask &= call.layout.to_dense(seqlen_q, seqlen_k).to(q.device)
-    empty_rows = ~mask.any(-1)                                                             # (Sq,)
+    empty_rows = ~mask.any(-1)  # (Sq,)
     if not empty_rows.any():
         return _sdpa(call, q, k, v, mask=mask, is_causal=False)
     mask[empty_rows, 0] = True  # a fully masked row gives NaN in older torch: give it a key, zero it below
@@ -188,18 +206,18 @@ def _sdpa_lse(q, k, scale, mask, is_causal):
     O(chunk * Sk)."""
     batch, num_heads, seqlen_q, _ = q.shape
     num_kv_heads, seqlen_k = k.shape[1], k.shape[2]
-    kg = k.float()[:, :, None]                                                          # (B, Hkv, 1, Sk, D)
+    kg = k.float()[:, :, None]  # (B, Hkv, 1, Sk, D)
     rows = max(1, (1 << 24) // max(1, batch * num_heads * seqlen_k))
     out = []
     for start in range(0, seqlen_q, rows):
-        qc = q[:, :, start:start + rows].float()
+        qc = q[:, :, start : start + rows].float()
         qc = qc.reshape(batch, num_kv_heads, num_heads // num_kv_heads, qc.shape[2], -1)  # (B, Hkv, G, r, D)
-        scores = (qc @ kg.transpose(-1, -2)) * scale                                    # (B, Hkv, G, r, Sk)
+        scores = (qc @ kg.transpose(-1, -2)) * scale  # (B, Hkv, G, r, Sk)
         if is_causal:  # only used with Sq == Sk, where top-left and bottom-right agree
             q_idx = torch.arange(start, min(start + rows, seqlen_q), device=q.device)[:, None]
             visible = torch.arange(seqlen_k, device=q.device)[None, :] <= q_idx
         else:
-            visible = None if mask is None else mask[start:start + rows]
+            visible = None if mask is None else mask[start : start + rows]
         if visible is not None:
             scores = scores.masked_fill(~visible, float("-inf"))
         out.append(torch.logsumexp(scores, -1).reshape(batch, num_heads, -1))

@@ -15,6 +15,7 @@ Tokens are gathered one by one through the block table, so any block_size >= 1 w
 two make the index arithmetic shifts). No host synchronisation: splits are sized from the block
 table's width, and splits past a sequence's end write an empty partial.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,20 +26,54 @@ import triton
 import triton.language as tl
 
 from longreach.attention.paged_checks import check_decode_inputs, check_write_inputs
-from longreach.attention.triton_flash import SMEM_BUDGET, INTERPRET, LOG2E, UNBOUNDED, Launcher
+from longreach.attention.triton_flash import INTERPRET, LOG2E, SMEM_BUDGET, UNBOUNDED, Launcher
 
 MAX_SPLITS = 64
 
 
 @triton.jit(do_not_specialize=["window_left", "split_len", "group"])
-def _decode_split_kernel(Q, K, V, KScale, VScale, BlockTable, SeqLens, OutPart, LsePart,
-                         stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-                         stride_ksb, stride_kss, stride_ksh, stride_vsb, stride_vss, stride_vsh,
-                         stride_bt, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         qk_scale, window_left, split_len, group,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-                         PAGE_SIZE: tl.constexpr, PRECISION: tl.constexpr, KV_INT8: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
+def _decode_split_kernel(
+    Q,
+    K,
+    V,
+    KScale,
+    VScale,
+    BlockTable,
+    SeqLens,
+    OutPart,
+    LsePart,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ksb,
+    stride_kss,
+    stride_ksh,
+    stride_vsb,
+    stride_vss,
+    stride_vsh,
+    stride_bt,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    qk_scale,
+    window_left,
+    split_len,
+    group,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    KV_INT8: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -52,8 +87,11 @@ def _decode_split_kernel(Q, K, V, KScale, VScale, BlockTable, SeqLens, OutPart, 
     heads = kv_head * group + offs_h
     h_ok = offs_h < group
     d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_ok[:, None] & d_ok[None, :], other=0.0)                      # (BLOCK_H, BLOCK_D)
+    q = tl.load(
+        Q + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=h_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )  # (BLOCK_H, BLOCK_D)
     table = BlockTable + seq.to(tl.int64) * stride_bt
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -64,20 +102,36 @@ def _decode_split_kernel(Q, K, V, KScale, VScale, BlockTable, SeqLens, OutPart, 
         block = tl.load(table + pos // PAGE_SIZE, mask=ok, other=0).to(tl.int64)
         offset = pos % PAGE_SIZE
         kv_mask = ok[:, None] & d_ok[None, :]
-        k = tl.load(K + block[:, None] * stride_kb + offset[:, None] * stride_ks + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)                                         # (BLOCK_N, BLOCK_D)
-        v = tl.load(V + block[:, None] * stride_vb + offset[:, None] * stride_vs + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)
-        if KV_INT8:                                                                  # code * per-token scale
-            k_scale = tl.load(KScale + block * stride_ksb + offset * stride_kss + kv_head * stride_ksh, mask=ok,
-                              other=0.0)                                             # (BLOCK_N,)
-            v_scale = tl.load(VScale + block * stride_vsb + offset * stride_vss + kv_head * stride_vsh, mask=ok,
-                              other=0.0)
+        k = tl.load(
+            K
+            + block[:, None] * stride_kb
+            + offset[:, None] * stride_ks
+            + kv_head * stride_kh
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )  # (BLOCK_N, BLOCK_D)
+        v = tl.load(
+            V
+            + block[:, None] * stride_vb
+            + offset[:, None] * stride_vs
+            + kv_head * stride_vh
+            + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        )
+        if KV_INT8:  # code * per-token scale
+            k_scale = tl.load(
+                KScale + block * stride_ksb + offset * stride_kss + kv_head * stride_ksh, mask=ok, other=0.0
+            )  # (BLOCK_N,)
+            v_scale = tl.load(
+                VScale + block * stride_vsb + offset * stride_vss + kv_head * stride_vsh, mask=ok, other=0.0
+            )
             k = (k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
             v = (v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale            # (BLOCK_H, BLOCK_N), log2 units
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_H, BLOCK_N), log2 units
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))                                        # finite: pos n < hi is valid
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: pos n < hi is valid
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -87,42 +141,87 @@ def _decode_split_kernel(Q, K, V, KScale, VScale, BlockTable, SeqLens, OutPart, 
     is_empty = l_i == 0.0
     l_safe = tl.where(is_empty, 1.0, l_i)
     part = acc / l_safe[:, None]
-    lse2 = tl.where(is_empty, float("-inf"), m_i + tl.math.log2(l_safe))            # log2 units
+    lse2 = tl.where(is_empty, float("-inf"), m_i + tl.math.log2(l_safe))  # log2 units
     row = seq.to(tl.int64) * stride_pb + heads[:, None] * stride_ph + split * stride_ps
     tl.store(OutPart + row + offs_d[None, :], part, mask=h_ok[:, None] & d_ok[None, :])
     tl.store(LsePart + seq.to(tl.int64) * stride_lb + heads * stride_lh + split, lse2, mask=h_ok)
 
 
 @triton.jit
-def _decode_merge_kernel(OutPart, LsePart, Out, Lse, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
-                         stride_ob, stride_oh, stride_fb, num_splits,
-                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _decode_merge_kernel(
+    OutPart,
+    LsePart,
+    Out,
+    Lse,
+    stride_pb,
+    stride_ph,
+    stride_ps,
+    stride_lb,
+    stride_lh,
+    stride_ob,
+    stride_oh,
+    stride_fb,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     s_ok = offs_s < num_splits
-    lse = tl.load(LsePart + seq.to(tl.int64) * stride_lb + head * stride_lh + offs_s, mask=s_ok,
-                  other=float("-inf"))                                               # (BLOCK_S,) log2 units
+    lse = tl.load(
+        LsePart + seq.to(tl.int64) * stride_lb + head * stride_lh + offs_s, mask=s_ok, other=float("-inf")
+    )  # (BLOCK_S,) log2 units
     m = tl.max(lse, 0)
     m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.math.exp2(lse - m)                                                        # empty splits weigh 0
+    w = tl.math.exp2(lse - m)  # empty splits weigh 0
     total = tl.sum(w, 0)
-    parts = tl.load(OutPart + seq.to(tl.int64) * stride_pb + head * stride_ph + offs_s[:, None] * stride_ps
-                    + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    parts = tl.load(
+        OutPart
+        + seq.to(tl.int64) * stride_pb
+        + head * stride_ph
+        + offs_s[:, None] * stride_ps
+        + offs_d[None, :],
+        mask=s_ok[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
     is_empty = total == 0.0
     total_safe = tl.where(is_empty, 1.0, total)
-    out = tl.sum(parts * w[:, None], 0) / total_safe                                 # (BLOCK_D,)
+    out = tl.sum(parts * w[:, None], 0) / total_safe  # (BLOCK_D,)
     out_lse = tl.where(is_empty, float("-inf"), (m + tl.math.log2(total_safe)) / 1.4426950408889634)
-    tl.store(Out + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d, out.to(Out.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(
+        Out + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+        out.to(Out.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
     tl.store(Lse + seq.to(tl.int64) * stride_fb + head, out_lse)
 
 
 @triton.jit
-def _write_kv_kernel(K, V, KCache, VCache, SlotMapping, stride_kt, stride_kh, stride_vt, stride_vh,
-                     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch, num_kv_heads,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PAGE_SIZE: tl.constexpr):
+def _write_kv_kernel(
+    K,
+    V,
+    KCache,
+    VCache,
+    SlotMapping,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_kcb,
+    stride_kcs,
+    stride_kch,
+    stride_vcb,
+    stride_vcs,
+    stride_vch,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(SlotMapping + token)
     if slot < 0:
@@ -134,33 +233,51 @@ def _write_kv_kernel(K, V, KCache, VCache, SlotMapping, stride_kt, stride_kh, st
     mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + token * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(V + token * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
-    tl.store(KCache + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
-             k.to(KCache.dtype.element_ty), mask=mask)
-    tl.store(VCache + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
-             v.to(VCache.dtype.element_ty), mask=mask)
+    tl.store(
+        KCache + block * stride_kcb + offset * stride_kcs + offs_h[:, None] * stride_kch + offs_d[None, :],
+        k.to(KCache.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        VCache + block * stride_vcb + offset * stride_vcs + offs_h[:, None] * stride_vch + offs_d[None, :],
+        v.to(VCache.dtype.element_ty),
+        mask=mask,
+    )
 
 
 # ----------------------------------------------------------------------------- launch
+
 
 def _config(block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
 
 
 # Hopper candidates, best first; decode is memory bound, so deep pipelines of gathered K/V loads.
-_SPLIT_CONFIGS = [_config(64, 4, 3), _config(128, 4, 2), _config(64, 4, 4), _config(128, 8, 3), _config(32, 4, 2),
-                  _config(16, 4, 1)]
+_SPLIT_CONFIGS = [
+    _config(64, 4, 3),
+    _config(128, 4, 2),
+    _config(64, 4, 4),
+    _config(128, 8, 3),
+    _config(32, 4, 2),
+    _config(16, 4, 1),
+]
 
 
 def _split_fits(config, args):
-    tile = 2 * config.kwargs["BLOCK_N"] * args["BLOCK_D"]                            # a K and a V tile
+    tile = 2 * config.kwargs["BLOCK_N"] * args["BLOCK_D"]  # a K and a V tile
     smem = args["K"].element_size() * config.num_stages * tile
-    if args["KV_INT8"]:                                                              # + the dequantized tiles
+    if args["KV_INT8"]:  # + the dequantized tiles
         smem += args["Q"].element_size() * tile
     return smem <= SMEM_BUDGET
 
 
-_SPLIT = Launcher(_decode_split_kernel, _SPLIT_CONFIGS, ["BLOCK_D", "BLOCK_H", "PAGE_SIZE", "KV_INT8"], _split_fits,
-                  {"BLOCK_N": 16})
+_SPLIT = Launcher(
+    _decode_split_kernel,
+    _SPLIT_CONFIGS,
+    ["BLOCK_D", "BLOCK_H", "PAGE_SIZE", "KV_INT8"],
+    _split_fits,
+    {"BLOCK_N": 16},
+)
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -179,8 +296,10 @@ def _num_splits(batch, num_kv_heads, span, device):
 
 def _require_device(t: torch.Tensor):
     if not (t.is_cuda or INTERPRET):
-        raise ValueError(f"the Triton decode kernels need CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 "
-                         "before importing triton to run them on CPU")
+        raise ValueError(
+            f"the Triton decode kernels need CUDA tensors (got {t.device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run them on CPU"
+        )
 
 
 def _check_config(config):
@@ -192,9 +311,20 @@ def _check_config(config):
         raise ValueError(f"config BLOCK_N={block_n} must be a power of two >= 16")
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, softmax_scale=None,
-                           window_size=(-1, -1), return_lse=False, num_splits=None, k_scale=None, v_scale=None,
-                           config=None):
+def paged_decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    block_table,
+    cache_seqlens,
+    softmax_scale=None,
+    window_size=(-1, -1),
+    return_lse=False,
+    num_splits=None,
+    k_scale=None,
+    v_scale=None,
+    config=None,
+):
     """Flash-Decoding over a paged KV cache; same contract as `paged.paged_decode_attention_torch`.
 
     q: (B, Hq, D); k_cache, v_cache: [num_blocks, block_size, Hkv, D], int8 with k_scale, v_scale
@@ -205,7 +335,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, soft
     Every (sequence, head) of out and lse is written by the merge kernel, an empty sequence's with 0 and -inf.
     """
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
-        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale)
+        q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale
+    )
     _require_device(q)
     if block_table.stride(-1) != 1 or cache_seqlens.stride(-1) != 1:
         raise ValueError("block_table and cache_seqlens must be contiguous in their last dim")
@@ -214,9 +345,9 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, soft
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     left = int(window_size[0])
     capacity = block_table.shape[1] * block_size
-    span = capacity if left < 0 else min(capacity, left + 1)   # keys any one query can see
-    out = torch.empty_like(q)                                                        # (B, Hq, D)
-    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)        # (B, Hq)
+    span = capacity if left < 0 else min(capacity, left + 1)  # keys any one query can see
+    out = torch.empty_like(q)  # (B, Hq, D)
+    lse = torch.empty(batch, num_heads, dtype=torch.float32, device=q.device)  # (B, Hq)
     if batch == 0 or span == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -232,36 +363,108 @@ def paged_decode_attention(q, k_cache, v_cache, block_table, cache_seqlens, soft
     lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
-        _launch_split(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part,
-                      scale, left, split_len, block_d, config)
+        _launch_split(
+            q,
+            k_cache,
+            v_cache,
+            k_scale,
+            v_scale,
+            block_table,
+            cache_seqlens,
+            out_part,
+            lse_part,
+            scale,
+            left,
+            split_len,
+            block_d,
+            config,
+        )
         _decode_merge_kernel[(batch, num_heads)](
-            out_part, lse_part, out, lse, out_part.stride(0), out_part.stride(1), out_part.stride(2),
-            lse_part.stride(0), lse_part.stride(1), out.stride(0), out.stride(1), lse.stride(0), num_splits,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=max(2, triton.next_power_of_2(num_splits)))
+            out_part,
+            lse_part,
+            out,
+            lse,
+            out_part.stride(0),
+            out_part.stride(1),
+            out_part.stride(2),
+            lse_part.stride(0),
+            lse_part.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            num_splits,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
+        )
     return (out, lse) if return_lse else out
 
 
-def _launch_split(q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part,
-                  scale, left, split_len, block_d, config):
+def _launch_split(
+    q,
+    k_cache,
+    v_cache,
+    k_scale,
+    v_scale,
+    block_table,
+    cache_seqlens,
+    out_part,
+    lse_part,
+    scale,
+    left,
+    split_len,
+    block_d,
+    config,
+):
     """The split kernel over (sequence, KV head, split): partial outputs and log2-domain lse's of each split."""
     batch, num_splits = q.shape[0], out_part.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = q.shape[1] // num_kv_heads
     quantized = k_scale is not None
-    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)     # unread without KV_INT8
-    _SPLIT((batch, num_kv_heads, num_splits), config=config,
-           Q=q, K=k_cache, V=v_cache, KScale=k_scale, VScale=v_scale, BlockTable=block_table,
-           SeqLens=cache_seqlens, OutPart=out_part, LsePart=lse_part, stride_qb=q.stride(0), stride_qh=q.stride(1),
-           stride_kb=k_cache.stride(0), stride_ks=k_cache.stride(1), stride_kh=k_cache.stride(2),
-           stride_vb=v_cache.stride(0), stride_vs=v_cache.stride(1), stride_vh=v_cache.stride(2),
-           stride_ksb=k_scale.stride(0), stride_kss=k_scale.stride(1), stride_ksh=k_scale.stride(2),
-           stride_vsb=v_scale.stride(0), stride_vss=v_scale.stride(1), stride_vsh=v_scale.stride(2),
-           stride_bt=block_table.stride(0), stride_pb=out_part.stride(0), stride_ph=out_part.stride(1),
-           stride_ps=out_part.stride(2), stride_lb=lse_part.stride(0), stride_lh=lse_part.stride(1),
-           qk_scale=scale * LOG2E, window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
-           split_len=split_len, group=group, HEAD_DIM=q.shape[2], BLOCK_D=block_d,
-           BLOCK_H=max(16, triton.next_power_of_2(group)), PAGE_SIZE=k_cache.shape[1],
-           PRECISION="ieee" if q.dtype == torch.float32 else "tf32", KV_INT8=quantized)
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)  # unread without KV_INT8
+    _SPLIT(
+        (batch, num_kv_heads, num_splits),
+        config=config,
+        Q=q,
+        K=k_cache,
+        V=v_cache,
+        KScale=k_scale,
+        VScale=v_scale,
+        BlockTable=block_table,
+        SeqLens=cache_seqlens,
+        OutPart=out_part,
+        LsePart=lse_part,
+        stride_qb=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kb=k_cache.stride(0),
+        stride_ks=k_cache.stride(1),
+        stride_kh=k_cache.stride(2),
+        stride_vb=v_cache.stride(0),
+        stride_vs=v_cache.stride(1),
+        stride_vh=v_cache.stride(2),
+        stride_ksb=k_scale.stride(0),
+        stride_kss=k_scale.stride(1),
+        stride_ksh=k_scale.stride(2),
+        stride_vsb=v_scale.stride(0),
+        stride_vss=v_scale.stride(1),
+        stride_vsh=v_scale.stride(2),
+        stride_bt=block_table.stride(0),
+        stride_pb=out_part.stride(0),
+        stride_ph=out_part.stride(1),
+        stride_ps=out_part.stride(2),
+        stride_lb=lse_part.stride(0),
+        stride_lh=lse_part.stride(1),
+        qk_scale=scale * LOG2E,
+        window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
+        split_len=split_len,
+        group=group,
+        HEAD_DIM=q.shape[2],
+        BLOCK_D=block_d,
+        BLOCK_H=max(16, triton.next_power_of_2(group)),
+        PAGE_SIZE=k_cache.shape[1],
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        KV_INT8=quantized,
+    )
 
 
 def write_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -272,17 +475,37 @@ def write_kv(k, v, k_cache, v_cache, slot_mapping):
     _require_device(k)
     for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}")
+            raise ValueError(
+                f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}"
+            )
     if num_tokens == 0:
         return
     block_d = triton.next_power_of_2(head_dim)
     block_h = min(triton.next_power_of_2(num_kv_heads), max(1, 8192 // block_d))
     with torch.cuda.device(k.device) if k.is_cuda else _nullcontext():
         _write_kv_kernel[(num_tokens, triton.cdiv(num_kv_heads, block_h))](
-            k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
-            v_cache.stride(2), num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_H=block_h,
-            PAGE_SIZE=block_size, num_warps=4)
+            k,
+            v,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            v_cache.stride(0),
+            v_cache.stride(1),
+            v_cache.stride(2),
+            num_kv_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_H=block_h,
+            PAGE_SIZE=block_size,
+            num_warps=4,
+        )
 
 
 __all__ = ["MAX_SPLITS", "paged_decode_attention", "write_kv"]

@@ -15,6 +15,7 @@ Input is validated once per call: the public API (`flash_attn_varlen_func`) runs
 then `varlen_attention_prechecked`, which checks only the kernels' own limits; a direct call of
 `varlen_attention` runs the same check itself.
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,13 @@ from triton.runtime import errors as _triton_errors
 
 from longreach.attention import check_varlen_inputs, seqlens_summary
 from longreach.attention.masks import BlockSparseLayout
-from longreach.attention.triton_flash_kernels import EMPTY, bwd_dkdv_kernel, bwd_dq_kernel, bwd_preprocess, fwd_kernel
+from longreach.attention.triton_flash_kernels import (
+    EMPTY,
+    bwd_dkdv_kernel,
+    bwd_dq_kernel,
+    bwd_preprocess,
+    fwd_kernel,
+)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 AUTOTUNE = not INTERPRET and os.environ.get("LONGREACH_TRITON_AUTOTUNE", "1") != "0"
@@ -39,12 +46,19 @@ UNBOUNDED = 1 << 30  # a window side of -1 becomes this; keeps every index sum i
 # Errors a config that does not suit the device raises when compiled or loaded: the set triton's own
 # autotuner skips (PTXASError exists from triton 3.2 on). Anything else, a CUDA fault above all, propagates:
 # after an illegal access the context is broken, and trying the next config would only hide the cause.
-_CONFIG_ERRORS = tuple(getattr(module, name) for module, name in (
-    (_triton_errors, "OutOfResources"), (_triton_errors, "PTXASError"),
-    (_compile_errors, "CompileTimeAssertionFailure")) if hasattr(module, name))
+_CONFIG_ERRORS = tuple(
+    getattr(module, name)
+    for module, name in (
+        (_triton_errors, "OutOfResources"),
+        (_triton_errors, "PTXASError"),
+        (_compile_errors, "CompileTimeAssertionFailure"),
+    )
+    if hasattr(module, name)
+)
 
 
 # ----------------------------------------------------------------------------- configs and launch
+
 
 def _config(block_m, block_n, num_warps, num_stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
@@ -52,23 +66,42 @@ def _config(block_m, block_n, num_warps, num_stages):
 
 # Hopper candidates in order of preference; _fits drops those whose tiles overflow shared memory or
 # registers for the head dim and dtype. `regs` counts fp32 accumulator elements per thread.
-_FWD_CONFIGS = [_config(128, 64, 8, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3), _config(64, 64, 8, 2),
-                _config(64, 32, 4, 2), _config(32, 32, 4, 1)]
-_DKDV_CONFIGS = [_config(32, 128, 8, 3), _config(64, 64, 8, 2), _config(32, 64, 4, 3), _config(32, 64, 8, 2),
-                 _config(16, 32, 4, 1)]
+_FWD_CONFIGS = [
+    _config(128, 64, 8, 3),
+    _config(128, 128, 8, 3),
+    _config(64, 64, 4, 3),
+    _config(64, 64, 8, 2),
+    _config(64, 32, 4, 2),
+    _config(32, 32, 4, 1),
+]
+_DKDV_CONFIGS = [
+    _config(32, 128, 8, 3),
+    _config(64, 64, 8, 2),
+    _config(32, 64, 4, 3),
+    _config(32, 64, 8, 2),
+    _config(16, 32, 4, 1),
+]
 _DQ_CONFIGS = [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 1)]
 SMEM_BUDGET = 200 * 1024
-_INTERPRET_META = {"fwd": {"BLOCK_M": 32, "BLOCK_N": 16}, "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-                   "dq": {"BLOCK_M": 32, "BLOCK_N": 16}}
+_INTERPRET_META = {
+    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
+    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
+    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
+}
 
 
 def _fits(kind: str, config: triton.Config, block_d: int, elt: int) -> bool:
-    bm, bn, warps, stages = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages
-    if kind == "fwd":    # q resident, k/v streamed; acc (BM, D)
+    bm, bn, warps, stages = (
+        config.kwargs["BLOCK_M"],
+        config.kwargs["BLOCK_N"],
+        config.num_warps,
+        config.num_stages,
+    )
+    if kind == "fwd":  # q resident, k/v streamed; acc (BM, D)
         smem, regs = elt * (bm * block_d + stages * 2 * bn * block_d), bm * block_d
     elif kind == "dkdv":  # k/v resident, q/dO streamed; dk, dv (BN, D)
         smem, regs = elt * (2 * bn * block_d + stages * 2 * bm * block_d), 2 * bn * block_d
-    else:                # q/dO resident, k/v streamed; dq (BM, D)
+    else:  # q/dO resident, k/v streamed; dq (BM, D)
         smem, regs = elt * (2 * bm * block_d + stages * 2 * bn * block_d), bm * block_d
     return smem <= SMEM_BUDGET and regs <= 128 * 32 * warps
 
@@ -81,12 +114,19 @@ class Launcher:
     """
 
     def __init__(self, fn, configs, key, fits, interpret_meta):
-        self.fn, self.configs, self.key, self.fits, self.interpret_meta = fn, configs, key, fits, interpret_meta
+        self.fn, self.configs, self.key, self.fits, self.interpret_meta = (
+            fn,
+            configs,
+            key,
+            fits,
+            interpret_meta,
+        )
         self.chosen: dict[tuple, triton.Config] = {}
         self.tuned = None
         if AUTOTUNE:
-            self.tuned = triton.autotune(configs=configs, key=key,
-                                         prune_configs_by={"early_config_prune": self._prune})(fn)
+            self.tuned = triton.autotune(
+                configs=configs, key=key, prune_configs_by={"early_config_prune": self._prune}
+            )(fn)
 
     def _prune(self, configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -112,7 +152,8 @@ class Launcher:
             self.tuned[grid](**kwargs)
             return
         key = tuple(kwargs[k] for k in self.key) + tuple(
-            str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor))
+            str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)
+        )
         if key in self.chosen:
             self._launch(grid, self.chosen[key], kwargs)
             return
@@ -125,12 +166,16 @@ class Launcher:
                 continue
             self.chosen[key] = candidate
             return
-        raise RuntimeError(f"no config of {getattr(self.fn, '__name__', 'kernel')} compiles for "
-                           f"{dict(zip(self.key, key))}") from first_error
+        raise RuntimeError(
+            f"no config of {getattr(self.fn, '__name__', 'kernel')} compiles for {dict(zip(self.key, key))}"
+        ) from first_error
 
 
-_KERNELS = {"fwd": (fwd_kernel, _FWD_CONFIGS), "dkdv": (bwd_dkdv_kernel, _DKDV_CONFIGS),
-            "dq": (bwd_dq_kernel, _DQ_CONFIGS)}
+_KERNELS = {
+    "fwd": (fwd_kernel, _FWD_CONFIGS),
+    "dkdv": (bwd_dkdv_kernel, _DKDV_CONFIGS),
+    "dq": (bwd_dq_kernel, _DQ_CONFIGS),
+}
 _SMALLEST = _config(16, 16, 4, 1)  # tl.dot's smallest tile: for layouts of 16-token blocks
 
 
@@ -147,9 +192,11 @@ def _launcher(kind: str, layout_block: int) -> Launcher:
     if layout_block:
         configs = [c for c in configs + [_SMALLEST] if _divides(c.kwargs, layout_block)]
         if not configs:
-            raise ValueError(f"layout block size {layout_block} is not a multiple of 16: the Triton backend's "
-                             "kernel tiles (16 tokens or more) must divide the layout's blocks "
-                             "(backend='tiled' takes any block size)")
+            raise ValueError(
+                f"layout block size {layout_block} is not a multiple of 16: the Triton backend's "
+                "kernel tiles (16 tokens or more) must divide the layout's blocks "
+                "(backend='tiled' takes any block size)"
+            )
         if not _divides(interpret_meta, layout_block):
             interpret_meta = _SMALLEST.kwargs
     fits = lambda config, args: _fits(kind, config, args["BLOCK_D"], args["Q"].element_size())  # noqa: E731
@@ -171,10 +218,20 @@ def _common(q, plan, group, cu_q):
     block_d = max(16, triton.next_power_of_2(head_dim))
     # without a layout the kernels never read Cells and Tiles: cu_q stands in for them
     cells, tiles, layout_block = plan.tables if plan.tables is not None else (cu_q, cu_q, 0)
-    return dict(window_left=plan.window_left, window_right=plan.window_right, group=group, HEAD_DIM=head_dim,
-                BLOCK_D=block_d, EVEN_D=head_dim == block_d, IS_CAUSAL=plan.causal,
-                PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                Cells=cells, Tiles=tiles, stride_cells=cells.stride(0), LAYOUT_BLOCK=layout_block)
+    return dict(
+        window_left=plan.window_left,
+        window_right=plan.window_right,
+        group=group,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        EVEN_D=head_dim == block_d,
+        IS_CAUSAL=plan.causal,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        Cells=cells,
+        Tiles=tiles,
+        stride_cells=cells.stride(0),
+        LAYOUT_BLOCK=layout_block,
+    )
 
 
 @dataclass(frozen=True)
@@ -183,32 +240,49 @@ class _Plan:
 
     max_seqlen_q: int
     max_seqlen_k: int
-    end_q: int            # cu_seqlens_q[-1]: rows from here on are padding (output 0, lse -inf, zero dq)
-    end_k: int            # cu_seqlens_k[-1]: keys from here on get zero dk, dv
+    end_q: int  # cu_seqlens_q[-1]: rows from here on are padding (output 0, lse -inf, zero dq)
+    end_k: int  # cu_seqlens_k[-1]: keys from here on get zero dk, dv
     softmax_scale: float
     causal: bool
     window_left: int
     window_right: int
     tables: tuple | None  # _layout_tables(layout)
-    configs: dict         # kernel kind -> a pinned triton.Config (empty: autotune)
+    configs: dict  # kernel kind -> a pinned triton.Config (empty: autotune)
 
 
 def _forward(q, k, v, cu_q, cu_k, plan: _Plan):
     total_q, num_heads, _ = q.shape
     batch = cu_q.numel() - 1
-    out = torch.empty_like(q)                                                       # (total_q, Hq, D)
-    lse = torch.empty(num_heads, total_q, dtype=torch.float32, device=q.device)     # (Hq, total_q)
-    out[plan.end_q:].zero_()
-    lse[:, plan.end_q:].fill_(float("-inf"))
-    if plan.end_q == 0:                                                             # no query rows
+    out = torch.empty_like(q)  # (total_q, Hq, D)
+    lse = torch.empty(num_heads, total_q, dtype=torch.float32, device=q.device)  # (Hq, total_q)
+    out[plan.end_q :].zero_()
+    lse[:, plan.end_q :].fill_(float("-inf"))
+    if plan.end_q == 0:  # no query rows
         return out, lse
     common = _common(q, plan, num_heads // k.shape[1], cu_q)
     grid = lambda meta: (triton.cdiv(plan.max_seqlen_q, meta["BLOCK_M"]), num_heads, batch)  # noqa: E731
     _launcher("fwd", common["LAYOUT_BLOCK"])(
-        grid, config=plan.configs.get("fwd"), Q=q, K=k, V=v, Out=out, Lse=lse, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
-        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
-        stride_lh=lse.stride(0), qk_scale=plan.softmax_scale * LOG2E, **common)
+        grid,
+        config=plan.configs.get("fwd"),
+        Q=q,
+        K=k,
+        V=v,
+        Out=out,
+        Lse=lse,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kt=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_vt=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_ot=out.stride(0),
+        stride_oh=out.stride(1),
+        stride_lh=lse.stride(0),
+        qk_scale=plan.softmax_scale * LOG2E,
+        **common,
+    )
     return out, lse
 
 
@@ -216,29 +290,78 @@ def _backward(do, q, k, v, out, lse, cu_q, cu_k, plan: _Plan):
     total_q, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     batch = cu_q.numel() - 1
-    if plan.end_q == 0 or plan.end_k == 0:                                          # no query sees a key
+    if plan.end_q == 0 or plan.end_k == 0:  # no query sees a key
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = torch.empty_like(lse)                                                   # (Hq, total_q)
+    delta = torch.empty_like(lse)  # (Hq, total_q)
     bwd_preprocess[(triton.cdiv(total_q, 64), num_heads)](
-        out, do, delta, out.stride(0), out.stride(1), do.stride(0), do.stride(1), delta.stride(0), total_q,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_M=64)
+        out,
+        do,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        do.stride(0),
+        do.stride(1),
+        delta.stride(0),
+        total_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=64,
+    )
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dq[plan.end_q:].zero_()          # padding rows: the kernels visit only rows inside sequences
-    dk[plan.end_k:].zero_()
-    dv[plan.end_k:].zero_()
+    dq[plan.end_q :].zero_()  # padding rows: the kernels visit only rows inside sequences
+    dk[plan.end_k :].zero_()
+    dv[plan.end_k :].zero_()
     common = _common(q, plan, num_heads // num_kv_heads, cu_q)
-    strides = dict(stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
-                   stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=do.stride(0), stride_doh=do.stride(1),
-                   stride_lh=lse.stride(0), qk_scale=plan.softmax_scale * LOG2E, sm_scale=plan.softmax_scale)
+    strides = dict(
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kt=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_vt=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_dot=do.stride(0),
+        stride_doh=do.stride(1),
+        stride_lh=lse.stride(0),
+        qk_scale=plan.softmax_scale * LOG2E,
+        sm_scale=plan.softmax_scale,
+    )
     _launcher("dkdv", common["LAYOUT_BLOCK"])(
         lambda meta: (triton.cdiv(plan.max_seqlen_k, meta["BLOCK_N"]), num_kv_heads, batch),
-        config=plan.configs.get("dkdv"), Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dK=dk, dV=dv,
-        cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
-        stride_dvt=dv.stride(0), stride_dvh=dv.stride(1), **strides, **common)
+        config=plan.configs.get("dkdv"),
+        Q=q,
+        K=k,
+        V=v,
+        dOut=do,
+        Lse=lse,
+        Delta=delta,
+        dK=dk,
+        dV=dv,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        stride_dkt=dk.stride(0),
+        stride_dkh=dk.stride(1),
+        stride_dvt=dv.stride(0),
+        stride_dvh=dv.stride(1),
+        **strides,
+        **common,
+    )
     _launcher("dq", common["LAYOUT_BLOCK"])(
         lambda meta: (triton.cdiv(plan.max_seqlen_q, meta["BLOCK_M"]), num_heads, batch),
-        config=plan.configs.get("dq"), Q=q, K=k, V=v, dOut=do, Lse=lse, Delta=delta, dQ=dq, cu_seqlens_q=cu_q,
-        cu_seqlens_k=cu_k, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **strides, **common)
+        config=plan.configs.get("dq"),
+        Q=q,
+        K=k,
+        V=v,
+        dOut=do,
+        Lse=lse,
+        Delta=delta,
+        dQ=dq,
+        cu_seqlens_q=cu_q,
+        cu_seqlens_k=cu_k,
+        stride_dqt=dq.stride(0),
+        stride_dqh=dq.stride(1),
+        **strides,
+        **common,
+    )
     return dq, dk, dv
 
 
@@ -274,22 +397,26 @@ class _on_device:
         return self.ctx.__exit__(*exc) if self.ctx is not None else False
 
 
-def _check_kernel_limits(q, k, v, cu_seqlens_q, layout: BlockSparseLayout | None,
-                         configs: dict | None) -> dict:
+def _check_kernel_limits(
+    q, k, v, cu_seqlens_q, layout: BlockSparseLayout | None, configs: dict | None
+) -> dict:
     """What the kernels need beyond the contract `check_varlen_inputs` checks (run it first): unit-stride
     rows, a head dim the tiles take, a batch one grid axis holds, a device to run on, layout blocks some
     tile divides, and well-formed pinned configs. Returns the configs as a dict."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
-            raise ValueError(f"{name} must be contiguous in its last dim (stride(-1) == 1), "
-                             f"got strides {t.stride()}")
+            raise ValueError(
+                f"{name} must be contiguous in its last dim (stride(-1) == 1), got strides {t.stride()}"
+            )
     if not 1 <= q.shape[2] <= MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[2]} is unsupported: the Triton backend takes 1..{MAX_HEAD_DIM}")
     if cu_seqlens_q.numel() - 1 > 65535:
         raise ValueError(f"batch {cu_seqlens_q.numel() - 1} exceeds the 65535 sequences one launch can take")
     if not (q.is_cuda or INTERPRET):
-        raise ValueError(f"the Triton backend needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
-                         "before importing triton to run it on CPU")
+        raise ValueError(
+            f"the Triton backend needs CUDA tensors (got {q.device}); set TRITON_INTERPRET=1 "
+            "before importing triton to run it on CPU"
+        )
     layout_block = layout.block_size if layout is not None else 0
     if layout_block:
         for kind in _KERNELS:
@@ -303,16 +430,32 @@ def _check_configs(configs: dict, layout_block: int) -> dict:
         if kind not in _KERNELS:
             raise ValueError(f"configs names kernel {kind!r}; the kernels are {sorted(_KERNELS)}")
         if not isinstance(config, triton.Config) or set(config.kwargs) != {"BLOCK_M", "BLOCK_N"}:
-            raise ValueError(f"configs[{kind!r}] must be a triton.Config of BLOCK_M and BLOCK_N, got {config!r}")
+            raise ValueError(
+                f"configs[{kind!r}] must be a triton.Config of BLOCK_M and BLOCK_N, got {config!r}"
+            )
         if layout_block and not _divides(config.kwargs, layout_block):
-            raise ValueError(f"configs[{kind!r}] tiles {config.kwargs} do not divide the layout's {layout_block}-token "
-                             "blocks")
+            raise ValueError(
+                f"configs[{kind!r}] tiles {config.kwargs} do not divide the layout's {layout_block}-token "
+                "blocks"
+            )
     return dict(configs)
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale=None,
-                     causal=False, window_size=(-1, -1), return_lse=False, layout: BlockSparseLayout | None = None,
-                     configs: dict | None = None):
+def varlen_attention(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    return_lse=False,
+    layout: BlockSparseLayout | None = None,
+    configs: dict | None = None,
+):
     """FlashAttention-2 over packed sequences, differentiable in q, k and v.
 
     q: (total_q, Hq, D); k, v: (total_k, Hkv, D) with Hq % Hkv == 0 and D <= 256; cu_seqlens_q/_k:
@@ -328,24 +471,59 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     # Called directly (tests, benchmarks), nothing has checked the arguments, and the kernels index raw
     # pointers with them: offsets past the tensors would read and write out of bounds, a max_seqlen below
     # the longest sequence would leave rows unwritten. So this entry runs the public API's one check.
-    max_seqlen_q, max_seqlen_k = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                     max_seqlen_k, window_size, layout)
-    return varlen_attention_prechecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                       softmax_scale, causal, window_size, return_lse, layout, configs)
+    max_seqlen_q, max_seqlen_k = check_varlen_inputs(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, window_size, layout
+    )
+    return varlen_attention_prechecked(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        window_size,
+        return_lse,
+        layout,
+        configs,
+    )
 
 
-def varlen_attention_prechecked(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                                softmax_scale=None, causal=False, window_size=(-1, -1), return_lse=False,
-                                layout: BlockSparseLayout | None = None, configs: dict | None = None):
+def varlen_attention_prechecked(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    return_lse=False,
+    layout: BlockSparseLayout | None = None,
+    configs: dict | None = None,
+):
     """`varlen_attention` for a caller that has run `check_varlen_inputs` on these arguments and passes the
     max_seqlen_q/_k it returned (the public API's registry entry): checks only the kernels' own limits."""
     configs = _check_kernel_limits(q, k, v, cu_seqlens_q, layout, configs)
     # the check's remembered host read of the offsets: no second device-to-host copy
     end_q, end_k = seqlens_summary(cu_seqlens_q)[1], seqlens_summary(cu_seqlens_k)[1]
     left, right = (UNBOUNDED if w < 0 else min(int(w), UNBOUNDED) for w in window_size)
-    plan = _Plan(int(max_seqlen_q), int(max_seqlen_k), end_q, end_k,
-                 float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
-                 bool(causal), left, 0 if causal else right, _layout_tables(layout, q.device), configs)
+    plan = _Plan(
+        int(max_seqlen_q),
+        int(max_seqlen_k),
+        end_q,
+        end_k,
+        float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1]),
+        bool(causal),
+        left,
+        0 if causal else right,
+        _layout_tables(layout, q.device),
+        configs,
+    )
     out, lse = _FlashAttnVarlen.apply(q, k, v, cu_seqlens_q, cu_seqlens_k, plan)
     return (out, lse) if return_lse else out
 

@@ -24,6 +24,7 @@ nothing computed), one in a partial cell is masked with its slice of the cell's 
 Head dims up to 256 are padded to the next power of two (BLOCK_D) with masked loads. fp32 uses
 `input_precision="ieee"` so no TF32 rounding creeps in.
 """
+
 from __future__ import annotations
 
 import triton
@@ -31,7 +32,7 @@ import triton.language as tl
 
 NO_SPECIALIZE = ["window_left", "window_right", "group", "total_q", "stride_cells"]
 EMPTY = tl.constexpr(-2)  # layout cells: no visible pair
-FULL = tl.constexpr(-1)   # every pair visible; a cell >= 0 indexes its tile
+FULL = tl.constexpr(-1)  # every pair visible; a cell >= 0 indexes its tile
 
 
 # ----------------------------------------------------------------------------- band arithmetic
@@ -40,6 +41,7 @@ FULL = tl.constexpr(-1)   # every pair visible; a cell >= 0 indexes its tile
 # (first, first_full, end_full, end): [first, first_full) and [end_full, end) need masks,
 # [first_full, end_full) is wholly visible. Every division sees non-negative operands
 # (Triton divides toward zero, the interpreter toward -inf).
+
 
 @triton.jit
 def _key_blocks(m0, seq_q, seq_k, diag, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -72,10 +74,13 @@ def _query_blocks(n0, seq_q, seq_k, diag, left, right, BLOCK_M: tl.constexpr, BL
 @triton.jit
 def _visible(offs_m, offs_n, diag, left, right):
     # (BLOCK_M, BLOCK_N) bool for rows offs_m and keys offs_n of one sequence
-    return (offs_n[None, :] <= offs_m[:, None] + diag + right) & (offs_n[None, :] >= offs_m[:, None] + diag - left)
+    return (offs_n[None, :] <= offs_m[:, None] + diag + right) & (
+        offs_n[None, :] >= offs_m[:, None] + diag - left
+    )
 
 
 # ----------------------------------------------------------------------------- block-sparse layout
+
 
 @triton.jit
 def _tile_mask(Tiles, cell, rows, cols, LAYOUT_BLOCK: tl.constexpr):
@@ -86,22 +91,48 @@ def _tile_mask(Tiles, cell, rows, cols, LAYOUT_BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- forward
 
+
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-               first, end, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-               MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    m0,
+    offs_m,
+    offs_d,
+    first,
+    end,
+    seq_k,
+    diag,
+    left,
+    right,
+    qk_scale,
+    Cells,
+    Tiles,
+    stride_cells,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+):
     k_ptrs += (first * BLOCK_N).to(tl.int64) * stride_kt
     v_ptrs += (first * BLOCK_N).to(tl.int64) * stride_vt
     for block in range(first, end):
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        cell = FULL       # without a layout, `cell != EMPTY` below is a compile-time True
+        cell = FULL  # without a layout, `cell != EMPTY` below is a compile-time True
         if LAYOUT_BLOCK > 0:
             cell = tl.load(Cells + (m0 // LAYOUT_BLOCK) * stride_cells + block * BLOCK_N // LAYOUT_BLOCK)
         if cell != EMPTY:  # tiles of empty layout cells are skipped
             if MASKED:
                 kv_mask = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                  # (BLOCK_N, BLOCK_D)
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
                 v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             elif EVEN_D:
                 k = tl.load(k_ptrs)
@@ -119,7 +150,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_
                     s = tl.where(tile, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             if MASKED or LAYOUT_BLOCK > 0:
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)          # row still empty: p = 0, max stays -inf
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # row still empty: p = 0, max stays -inf
             else:
                 m_ref = m_new
             alpha = tl.math.exp2(m_i - m_ref)
@@ -133,11 +164,39 @@ def _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, Cells, Tiles,
-               stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-               stride_cells, qk_scale, window_left, window_right, group,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-               PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    Cells,
+    Tiles,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    stride_cells,
+    qk_scale,
+    window_left,
+    window_right,
+    group,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -158,27 +217,115 @@ def fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, Cells, Tiles,
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
-    q_rows = q_start.to(tl.int64) + offs_m[:, None]                                    # int64: long documents
+    q_rows = q_start.to(tl.int64) + offs_m[:, None]  # int64: long documents
     q_ptrs = Q + q_rows * stride_qt + head * stride_qh + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)   # (BLOCK_M, BLOCK_D)
-    k_ptrs = (K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-              + tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :])
-    v_ptrs = (V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-              + tl.arange(0, BLOCK_N)[:, None] * stride_vt + offs_d[None, :])
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)  # (BLOCK_M, BLOCK_D)
+    k_ptrs = (
+        K
+        + k_start.to(tl.int64) * stride_kt
+        + kv_head * stride_kh
+        + tl.arange(0, BLOCK_N)[:, None] * stride_kt
+        + offs_d[None, :]
+    )
+    v_ptrs = (
+        V
+        + k_start.to(tl.int64) * stride_vt
+        + kv_head * stride_vh
+        + tl.arange(0, BLOCK_N)[:, None] * stride_vt
+        + offs_d[None, :]
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first, first_full, end_full, end = _key_blocks(m0, seq_q, seq_k, diag, left, right, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                               first, first_full, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                               True, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                               first_full, end_full, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                               False, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                               end_full, end, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                               True, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        first,
+        first_full,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        True,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        first_full,
+        end_full,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        False,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        end_full,
+        end,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        True,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
 
     is_empty = l_i == 0.0
     l_safe = tl.where(is_empty, 1.0, l_i)
@@ -191,9 +338,22 @@ def fwd_kernel(Q, K, V, Out, Lse, cu_seqlens_q, cu_seqlens_k, Cells, Tiles,
 
 # ----------------------------------------------------------------------------- backward
 
+
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def bwd_preprocess(Out, dOut, Delta, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh, total_q,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def bwd_preprocess(
+    Out,
+    dOut,
+    Delta,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dh,
+    total_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     head = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -201,15 +361,42 @@ def bwd_preprocess(Out, dOut, Delta, stride_ot, stride_oh, stride_dot, stride_do
     rows = offs_m.to(tl.int64)[:, None]
     o = tl.load(Out + head * stride_oh + rows * stride_ot + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(dOut + head * stride_doh + rows * stride_dot + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                   # (BLOCK_M,)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
     tl.store(Delta + head.to(tl.int64) * stride_dh + offs_m, delta, mask=offs_m < total_q)
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot, n0, offs_n, offs_d,
-                    first, end, seq_q, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+def _bwd_dkdv_inner(
+    dk,
+    dv,
+    k,
+    v,
+    q_ptrs,
+    do_ptrs,
+    lse_ptr,
+    delta_ptr,
+    stride_qt,
+    stride_dot,
+    n0,
+    offs_n,
+    offs_d,
+    first,
+    end,
+    seq_q,
+    diag,
+    left,
+    right,
+    qk_scale,
+    Cells,
+    Tiles,
+    stride_cells,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+):
     q_ptrs += (first * BLOCK_M).to(tl.int64) * stride_qt
     do_ptrs += (first * BLOCK_M).to(tl.int64) * stride_dot
     for block in range(first, end):
@@ -221,11 +408,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
             if MASKED:  # rows past seq_q load lse = +inf, so p = 0 and they add nothing
                 row_ok = offs_m < seq_q
                 mask = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-                q = tl.load(q_ptrs, mask=mask, other=0.0)                         # (BLOCK_M, BLOCK_D)
+                q = tl.load(q_ptrs, mask=mask, other=0.0)  # (BLOCK_M, BLOCK_D)
                 do = tl.load(do_ptrs, mask=mask, other=0.0)
                 lse = tl.load(lse_ptr + offs_m, mask=row_ok, other=float("inf"))
                 delta = tl.load(delta_ptr + offs_m, mask=row_ok, other=0.0)
-            else:       # wholly visible blocks lie inside the sequence
+            else:  # wholly visible blocks lie inside the sequence
                 if EVEN_D:
                     q = tl.load(q_ptrs)
                     do = tl.load(do_ptrs)
@@ -235,18 +422,21 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
                 lse = tl.load(lse_ptr + offs_m)
                 delta = tl.load(delta_ptr + offs_m)
             lse = lse * 1.4426950408889634
-            lse = tl.where(lse == float("-inf"), float("inf"), lse)               # empty rows: p = 0
-            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale    # (BLOCK_N, BLOCK_M)
+            lse = tl.where(lse == float("-inf"), float("inf"), lse)  # empty rows: p = 0
+            s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
             p_t = tl.math.exp2(s_t - lse[None, :])
             if MASKED:
-                visible_t = ((offs_n[:, None] <= offs_m[None, :] + diag + right)
-                             & (offs_n[:, None] >= offs_m[None, :] + diag - left))
+                visible_t = (offs_n[:, None] <= offs_m[None, :] + diag + right) & (
+                    offs_n[:, None] >= offs_m[None, :] + diag - left
+                )
                 p_t = tl.where(visible_t, p_t, 0.0)
             if LAYOUT_BLOCK > 0:
                 if cell >= 0:  # a partial layout cell, read transposed
-                    p_t = tl.where(_tile_mask(Tiles, cell, offs_m[None, :], offs_n[:, None], LAYOUT_BLOCK), p_t, 0.0)
+                    p_t = tl.where(
+                        _tile_mask(Tiles, cell, offs_m[None, :], offs_n[:, None], LAYOUT_BLOCK), p_t, 0.0
+                    )
             dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)           # (BLOCK_N, BLOCK_M)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
             ds_t = p_t * (dp_t - delta[None, :])
             dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         q_ptrs += BLOCK_M * stride_qt
@@ -255,13 +445,47 @@ def _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_k, Cells, Tiles,
-                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh, stride_cells,
-                    qk_scale, sm_scale, window_left, window_right, group,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+def bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dK,
+    dV,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    Cells,
+    Tiles,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    stride_lh,
+    stride_cells,
+    qk_scale,
+    sm_scale,
+    window_left,
+    window_right,
+    group,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     kv_head = tl.program_id(1)
     seq = tl.program_id(2)
     k_start = tl.load(cu_seqlens_k + seq)
@@ -289,31 +513,159 @@ def bwd_dkdv_kernel(Q, K, V, dOut, Lse, Delta, dK, dV, cu_seqlens_q, cu_seqlens_
     first, first_full, end_full, end = _query_blocks(n0, seq_q, seq_k, diag, left, right, BLOCK_M, BLOCK_N)
     for g in range(0, group):  # every query head reading this KV head: GQA gradients summed in registers
         head = kv_head * group + g
-        q_ptrs = (Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
-                  + tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :])
-        do_ptrs = (dOut + q_start.to(tl.int64) * stride_dot + head * stride_doh
-                   + tl.arange(0, BLOCK_M)[:, None] * stride_dot + offs_d[None, :])
+        q_ptrs = (
+            Q
+            + q_start.to(tl.int64) * stride_qt
+            + head * stride_qh
+            + tl.arange(0, BLOCK_M)[:, None] * stride_qt
+            + offs_d[None, :]
+        )
+        do_ptrs = (
+            dOut
+            + q_start.to(tl.int64) * stride_dot
+            + head * stride_doh
+            + tl.arange(0, BLOCK_M)[:, None] * stride_dot
+            + offs_d[None, :]
+        )
         lse_ptr = Lse + head.to(tl.int64) * stride_lh + q_start
         delta_ptr = Delta + head.to(tl.int64) * stride_lh + q_start
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                 n0, offs_n, offs_d, first, first_full, seq_q, diag, left, right, qk_scale,
-                                 Cells, Tiles, stride_cells, True, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION, LAYOUT_BLOCK)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                 n0, offs_n, offs_d, first_full, end_full, seq_q, diag, left, right, qk_scale,
-                                 Cells, Tiles, stride_cells, False, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION, LAYOUT_BLOCK)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, stride_qt, stride_dot,
-                                 n0, offs_n, offs_d, end_full, end, seq_q, diag, left, right, qk_scale,
-                                 Cells, Tiles, stride_cells, True, EVEN_D, HEAD_DIM, BLOCK_M, PRECISION, LAYOUT_BLOCK)
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qt,
+            stride_dot,
+            n0,
+            offs_n,
+            offs_d,
+            first,
+            first_full,
+            seq_q,
+            diag,
+            left,
+            right,
+            qk_scale,
+            Cells,
+            Tiles,
+            stride_cells,
+            True,
+            EVEN_D,
+            HEAD_DIM,
+            BLOCK_M,
+            PRECISION,
+            LAYOUT_BLOCK,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qt,
+            stride_dot,
+            n0,
+            offs_n,
+            offs_d,
+            first_full,
+            end_full,
+            seq_q,
+            diag,
+            left,
+            right,
+            qk_scale,
+            Cells,
+            Tiles,
+            stride_cells,
+            False,
+            EVEN_D,
+            HEAD_DIM,
+            BLOCK_M,
+            PRECISION,
+            LAYOUT_BLOCK,
+        )
+        dk, dv = _bwd_dkdv_inner(
+            dk,
+            dv,
+            k,
+            v,
+            q_ptrs,
+            do_ptrs,
+            lse_ptr,
+            delta_ptr,
+            stride_qt,
+            stride_dot,
+            n0,
+            offs_n,
+            offs_d,
+            end_full,
+            end,
+            seq_q,
+            diag,
+            left,
+            right,
+            qk_scale,
+            Cells,
+            Tiles,
+            stride_cells,
+            True,
+            EVEN_D,
+            HEAD_DIM,
+            BLOCK_M,
+            PRECISION,
+            LAYOUT_BLOCK,
+        )
     dk = dk * sm_scale
-    tl.store(dK + k_rows * stride_dkt + kv_head * stride_dkh + offs_d[None, :], dk.to(dK.dtype.element_ty), mask=kv_mask)
-    tl.store(dV + k_rows * stride_dvt + kv_head * stride_dvh + offs_d[None, :], dv.to(dV.dtype.element_ty), mask=kv_mask)
+    tl.store(
+        dK + k_rows * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        dk.to(dK.dtype.element_ty),
+        mask=kv_mask,
+    )
+    tl.store(
+        dV + k_rows * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+        dv.to(dV.dtype.element_ty),
+        mask=kv_mask,
+    )
 
 
 @triton.jit
-def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                  first, end, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                  MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr):
+def _bwd_dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    k_ptrs,
+    v_ptrs,
+    stride_kt,
+    stride_vt,
+    m0,
+    offs_m,
+    offs_d,
+    first,
+    end,
+    seq_k,
+    diag,
+    left,
+    right,
+    qk_scale,
+    Cells,
+    Tiles,
+    stride_cells,
+    MASKED: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+):
     k_ptrs += (first * BLOCK_N).to(tl.int64) * stride_kt
     v_ptrs += (first * BLOCK_N).to(tl.int64) * stride_vt
     for block in range(first, end):
@@ -324,7 +676,7 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m
         if cell != EMPTY:  # as in _fwd_inner
             if MASKED:
                 kv_mask = (offs_n[:, None] < seq_k) & (offs_d[None, :] < HEAD_DIM)
-                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)                      # (BLOCK_N, BLOCK_D)
+                k = tl.load(k_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
                 v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
             elif EVEN_D:
                 k = tl.load(k_ptrs)
@@ -332,14 +684,16 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m
             else:
                 k = tl.load(k_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
                 v = tl.load(v_ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale      # (BLOCK_M, BLOCK_N)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
             p = tl.math.exp2(s - lse[:, None])
             if MASKED:
                 visible = _visible(offs_m, offs_n, diag, left, right) & (offs_n[None, :] < seq_k)
                 p = tl.where(visible, p, 0.0)
             if LAYOUT_BLOCK > 0:
                 if cell >= 0:  # a partial layout cell
-                    p = tl.where(_tile_mask(Tiles, cell, offs_m[:, None], offs_n[None, :], LAYOUT_BLOCK), p, 0.0)
+                    p = tl.where(
+                        _tile_mask(Tiles, cell, offs_m[:, None], offs_n[None, :], LAYOUT_BLOCK), p, 0.0
+                    )
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -349,13 +703,44 @@ def _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m
 
 
 @triton.jit(do_not_specialize=NO_SPECIALIZE)
-def bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, Cells, Tiles,
-                  stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-                  stride_dqt, stride_dqh, stride_lh, stride_cells,
-                  qk_scale, sm_scale, window_left, window_right, group,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                  PRECISION: tl.constexpr, LAYOUT_BLOCK: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    dOut,
+    Lse,
+    Delta,
+    dQ,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    Cells,
+    Tiles,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    stride_lh,
+    stride_cells,
+    qk_scale,
+    sm_scale,
+    window_left,
+    window_right,
+    group,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    LAYOUT_BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     head = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(cu_seqlens_q + seq)
@@ -384,20 +769,113 @@ def bwd_dq_kernel(Q, K, V, dOut, Lse, Delta, dQ, cu_seqlens_q, cu_seqlens_k, Cel
     lse = lse * 1.4426950408889634
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
     delta = tl.load(Delta + head.to(tl.int64) * stride_lh + q_start + offs_m, mask=row_ok, other=0.0)
-    k_ptrs = (K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
-              + tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :])
-    v_ptrs = (V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
-              + tl.arange(0, BLOCK_N)[:, None] * stride_vt + offs_d[None, :])
+    k_ptrs = (
+        K
+        + k_start.to(tl.int64) * stride_kt
+        + kv_head * stride_kh
+        + tl.arange(0, BLOCK_N)[:, None] * stride_kt
+        + offs_d[None, :]
+    )
+    v_ptrs = (
+        V
+        + k_start.to(tl.int64) * stride_vt
+        + kv_head * stride_vh
+        + tl.arange(0, BLOCK_N)[:, None] * stride_vt
+        + offs_d[None, :]
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     first, first_full, end_full, end = _key_blocks(m0, seq_q, seq_k, diag, left, right, BLOCK_M, BLOCK_N)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                       first, first_full, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                       True, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                       first_full, end_full, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                       False, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
-    dq = _bwd_dq_inner(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, m0, offs_m, offs_d,
-                       end_full, end, seq_k, diag, left, right, qk_scale, Cells, Tiles, stride_cells,
-                       True, EVEN_D, HEAD_DIM, BLOCK_N, PRECISION, LAYOUT_BLOCK)
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        first,
+        first_full,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        True,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        first_full,
+        end_full,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        False,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
+    dq = _bwd_dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        k_ptrs,
+        v_ptrs,
+        stride_kt,
+        stride_vt,
+        m0,
+        offs_m,
+        offs_d,
+        end_full,
+        end,
+        seq_k,
+        diag,
+        left,
+        right,
+        qk_scale,
+        Cells,
+        Tiles,
+        stride_cells,
+        True,
+        EVEN_D,
+        HEAD_DIM,
+        BLOCK_N,
+        PRECISION,
+        LAYOUT_BLOCK,
+    )
     dq = dq * sm_scale
-    tl.store(dQ + q_rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=mask)
+    tl.store(
+        dQ + q_rows * stride_dqt + head * stride_dqh + offs_d[None, :], dq.to(dQ.dtype.element_ty), mask=mask
+    )

@@ -6,6 +6,7 @@ context — the skill every long-context evaluation measures. Deterministic from
 The passkey documents use the Landmark-attention / YaRN template, the same one `longreach eval
 passkey` asks with.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,20 +20,63 @@ PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here w
 PASSKEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
-_SUBJECTS = ["The old sailor", "A small robot", "My neighbour", "The teacher", "A quiet fox", "The river",
-             "Every morning the baker", "The young pilot", "A tired student", "The city"]
-_VERBS = ["watched", "carried", "remembered", "painted", "followed", "counted", "opened", "found", "built", "sang to"]
-_OBJECTS = ["the lighthouse", "a basket of apples", "the northern road", "seven blue stones", "the last train",
-            "an old map", "the garden gate", "a paper boat", "the evening stars", "a wooden bridge"]
-_ENDINGS = ["before dawn.", "in the rain.", "without a word.", "for a long time.", "near the harbour.",
-            "after lunch.", "with great care.", "once again.", "under the bridge.", "at the end of the day."]
+_SUBJECTS = [
+    "The old sailor",
+    "A small robot",
+    "My neighbour",
+    "The teacher",
+    "A quiet fox",
+    "The river",
+    "Every morning the baker",
+    "The young pilot",
+    "A tired student",
+    "The city",
+]
+_VERBS = [
+    "watched",
+    "carried",
+    "remembered",
+    "painted",
+    "followed",
+    "counted",
+    "opened",
+    "found",
+    "built",
+    "sang to",
+]
+_OBJECTS = [
+    "the lighthouse",
+    "a basket of apples",
+    "the northern road",
+    "seven blue stones",
+    "the last train",
+    "an old map",
+    "the garden gate",
+    "a paper boat",
+    "the evening stars",
+    "a wooden bridge",
+]
+_ENDINGS = [
+    "before dawn.",
+    "in the rain.",
+    "without a word.",
+    "for a long time.",
+    "near the harbour.",
+    "after lunch.",
+    "with great care.",
+    "once again.",
+    "under the bridge.",
+    "at the end of the day.",
+]
 
 
 def prose(rng: random.Random, num_bytes: int) -> str:
     """Grammatical filler sentences, about num_bytes long."""
     out, size = [], 0
     while size < num_bytes:
-        sentence = f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)} "
+        sentence = (
+            f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)} "
+        )
         out.append(sentence)
         size += len(sentence)
     return "".join(out)
@@ -44,7 +88,7 @@ def _haystack(rng: random.Random, num_bytes: int) -> str:
         text = (PASSKEY_FILLER * (num_bytes // len(PASSKEY_FILLER) + 1))[:num_bytes]
     else:
         text = prose(rng, num_bytes)[:num_bytes]
-    return text[:text.rfind(". ") + 2]
+    return text[: text.rfind(". ") + 2]
 
 
 def _insert_at_sentence(haystack: str, needle: str, depth: float) -> str:
@@ -69,8 +113,11 @@ def passkey_prompt_doc(rng: random.Random, num_bytes: int) -> str:
     needle = PASSKEY_LINE.format(key=key).strip()
     header = PASSKEY_INSTRUCTION if rng.random() < 0.8 else ""
     room = max(num_bytes - len(header) - len(needle) - len(PASSKEY_QUESTION) - 12, 0)
-    haystack = (PASSKEY_FILLER * (room // len(PASSKEY_FILLER) + 1))[:room] if rng.random() < 0.7 else \
-        prose(rng, room)[:room]
+    haystack = (
+        (PASSKEY_FILLER * (room // len(PASSKEY_FILLER) + 1))[:room]
+        if rng.random() < 0.7
+        else prose(rng, room)[:room]
+    )
     cut = int(len(haystack) * rng.random())
     parts = [header, haystack[:cut].strip(), needle, haystack[cut:].strip(), f"{PASSKEY_QUESTION} {key}."]
     return "\n".join(part for part in parts if part)
@@ -91,7 +138,9 @@ def kv_doc(rng: random.Random, num_bytes: int) -> str:
 def variable_doc(rng: random.Random, num_bytes: int) -> str:
     value = rng.randint(100, 999)
     names = rng.sample([chr(c) + chr(d) for c in range(65, 91) for d in range(65, 91)], 4)
-    chain = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = {names[i - 1]}." for i in range(1, len(names))]
+    chain = [f"VAR {names[0]} = {value}."] + [
+        f"VAR {names[i]} = {names[i - 1]}." for i in range(1, len(names))
+    ]
     # filler between the statements, in order: the chain must be read front to back
     parts = [prose(rng, max(num_bytes - 120, 0) // len(chain)) if num_bytes > 200 else "" for _ in chain]
     text = "".join(part + statement + " " for part, statement in zip(parts, chain))
@@ -116,13 +165,17 @@ def documents(seed: int, max_bytes: int, min_bytes: int = 64, mix: str = "base")
     makers = MIXES[mix]
     while True:
         num_bytes = rng.randint(min_bytes, max_bytes)
-        maker = makers[0][0] if len(makers) == 1 else rng.choices([m for m, _ in makers],
-                                                                   weights=[w for _, w in makers])[0]
+        maker = (
+            makers[0][0]
+            if len(makers) == 1
+            else rng.choices([m for m, _ in makers], weights=[w for _, w in makers])[0]
+        )
         yield maker(rng, num_bytes)[:max_bytes] if maker is prose else maker(rng, num_bytes)
 
 
-def write_corpus(path: str | Path, num_docs: int, seed: int, max_bytes: int, mix: str = "base",
-                 min_bytes: int = 64) -> Path:
+def write_corpus(
+    path: str | Path, num_docs: int, seed: int, max_bytes: int, mix: str = "base", min_bytes: int = 64
+) -> Path:
     """JSONL with a `text` field per line: what `longreach train` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ YaRN x8 model after a short continued pretraining at 8x L0 (`longreach demo exte
 gets passkey accuracy (the YaRN paper's passkey test) and perplexity of the same tokens at every
 length (its Table 2 format); the table and a plot go to docs/extension.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,7 +50,6 @@ def _markdown_table(title: str, rows: dict[str, dict[int, str]], lengths: list[i
 def run_experiment(args: argparse.Namespace) -> int:
     import torch
 
-
     base = Path(args.base) if args.base else BUNDLED_BASE_MODEL_DIR
     extended = Path(args.extended) if args.extended else BUNDLED_MODEL_DIR
     original = int(read_config(base).get("max_position_embeddings", 512))
@@ -68,39 +68,91 @@ def run_experiment(args: argparse.Namespace) -> int:
     grids, ppls = [], []
     for name, (path, rope) in settings(base, extended, original).items():
         backend = LocalBackend(path, rope_scaling=rope, dtype="fp32", batch_size=args.samples, name=name)
-        grids.append(run_grid(backend, "passkey", lengths, depths=[10, 50, 90], num_samples=args.samples,
-                              seed=0, setting=name))
-        ppls.append(evaluate_perplexity(path, data=[ppl_data], lengths=lengths, stride=128, max_windows=2,
-                                        rope_scaling=rope,
-                                        dtype="fp32", setting=name))
-        print(f"{name}: passkey " + ", ".join(f"{n}: {100 * (a or 0):.0f}%"
-                                              for n, a in grids[-1].accuracy_by_length().items()), flush=True)
+        grids.append(
+            run_grid(
+                backend,
+                "passkey",
+                lengths,
+                depths=[10, 50, 90],
+                num_samples=args.samples,
+                seed=0,
+                setting=name,
+            )
+        )
+        ppls.append(
+            evaluate_perplexity(
+                path,
+                data=[ppl_data],
+                lengths=lengths,
+                stride=128,
+                max_windows=2,
+                rope_scaling=rope,
+                dtype="fp32",
+                setting=name,
+            )
+        )
+        print(
+            f"{name}: passkey "
+            + ", ".join(f"{n}: {100 * (a or 0):.0f}%" for n, a in grids[-1].accuracy_by_length().items()),
+            flush=True,
+        )
     elapsed = time.perf_counter() - start
     plot_comparison(grids, out / "img" / "extension-passkey.png")
     plot_perplexity(ppls, out / "img" / "extension-ppl.png")
-    acc = {g.setting: {n: f"{100 * a:.0f}%" if a is not None else "—" for n, a in g.accuracy_by_length().items()}
-           for g in grids}
-    ppl = {p.setting: {n: f"{v:.2f}" if v is not None else "—" for n, v in p.perplexity.items()} for p in ppls}
+    acc = {
+        g.setting: {n: f"{100 * a:.0f}%" if a is not None else "—" for n, a in g.accuracy_by_length().items()}
+        for g in grids
+    }
+    ppl = {
+        p.setting: {n: f"{v:.2f}" if v is not None else "—" for n, v in p.perplexity.items()} for p in ppls
+    }
     samples = len(grids[0].samples) // len(lengths)
-    command = "longreach demo experiment" + (f" --base {args.base}" if args.base else "") + \
-        (f" --extended {args.extended}" if args.extended else "") + f" --samples {args.samples} --multiples {args.multiples}"
-    report = "\n\n".join([
-        "# Context extension on the demo model",
-        f"Base model: trained at L0 = {original} tokens ([recipes/demo.toml](../recipes/demo.toml)). "
-        f"Training-free settings scale RoPE by {FACTOR:g}x; the last row is the YaRN x{FACTOR:g} model after "
-        f"continued pretraining at {EXTEND_SEQ_LEN:,} tokens (`longreach demo extend`), the model bundled with the "
-        "package.",
-        f"Measured with `{command}` ({elapsed / 60:.1f} min on this machine's CPU, fp32).",
-        _markdown_table(f"Passkey accuracy ({samples} prompts per length: depths 10/50/90%, "
-                        f"{args.samples} keys each)", acc, lengths, original),
-        _markdown_table("Perplexity per byte of the same tokens at each context length (sliding windows over "
-                        "the training corpus's filler prose)", ppl, lengths, original),
-        "![passkey accuracy vs length](img/extension-passkey.png)",
-        "![perplexity vs length](img/extension-ppl.png)",
-    ]) + "\n"
+    command = (
+        "longreach demo experiment"
+        + (f" --base {args.base}" if args.base else "")
+        + (f" --extended {args.extended}" if args.extended else "")
+        + f" --samples {args.samples} --multiples {args.multiples}"
+    )
+    report = (
+        "\n\n".join(
+            [
+                "# Context extension on the demo model",
+                f"Base model: trained at L0 = {original} tokens ([recipes/demo.toml](../recipes/demo.toml)). "
+                f"Training-free settings scale RoPE by {FACTOR:g}x; the last row is the YaRN x{FACTOR:g} model after "
+                f"continued pretraining at {EXTEND_SEQ_LEN:,} tokens (`longreach demo extend`), the model bundled with the "
+                "package.",
+                f"Measured with `{command}` ({elapsed / 60:.1f} min on this machine's CPU, fp32).",
+                _markdown_table(
+                    f"Passkey accuracy ({samples} prompts per length: depths 10/50/90%, "
+                    f"{args.samples} keys each)",
+                    acc,
+                    lengths,
+                    original,
+                ),
+                _markdown_table(
+                    "Perplexity per byte of the same tokens at each context length (sliding windows over "
+                    "the training corpus's filler prose)",
+                    ppl,
+                    lengths,
+                    original,
+                ),
+                "![passkey accuracy vs length](img/extension-passkey.png)",
+                "![perplexity vs length](img/extension-ppl.png)",
+            ]
+        )
+        + "\n"
+    )
     (out / "extension.md").write_text(report)
-    (out / "img" / "extension.json").write_text(json.dumps(
-        {"passkey": {g.setting: g.accuracy_by_length() for g in grids},
-         "perplexity": {p.setting: p.perplexity for p in ppls}, "command": command}, indent=1, default=str))
+    (out / "img" / "extension.json").write_text(
+        json.dumps(
+            {
+                "passkey": {g.setting: g.accuracy_by_length() for g in grids},
+                "perplexity": {p.setting: p.perplexity for p in ppls},
+                "command": command,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     print(report)
     return 0

@@ -6,6 +6,7 @@
 3. Why extension matters: the base model with no RoPE scaling vs the bundled YaRN-extended model at the
    base training length and at 8x it, passkey and perplexity (the full table: `longreach demo experiment`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,27 +34,57 @@ def tour(out_dir: str | Path = "runs/demo-tour") -> int:
         print()
 
     model_dir = resolve_model_path(None)
-    base_len = int(read_config(model_dir).get("rope_parameters", {}).get("original_max_position_embeddings", 512))
+    base_len = int(
+        read_config(model_dir).get("rope_parameters", {}).get("original_max_position_embeddings", 512)
+    )
     _section(f"2. Passkey retrieval by the bundled model (trained at {base_len}, extended to {8 * base_len})")
     lengths = [base_len, 2 * base_len, 4 * base_len, 8 * base_len]
-    result = run_grid(LocalBackend(model_dir, dtype="fp32"), "passkey", lengths, depths=[0, 50, 100],
-                      num_samples=1, setting="bundled demo model")
+    result = run_grid(
+        LocalBackend(model_dir, dtype="fp32"),
+        "passkey",
+        lengths,
+        depths=[0, 50, 100],
+        num_samples=1,
+        setting="bundled demo model",
+    )
     print(result.table())
     paths = write_report(result, out_dir)
     print(f"heatmap: {paths.get('heatmap')}")
 
     _section("3. The same question without extension: the base model, no RoPE scaling")
     if BUNDLED_BASE_MODEL_DIR.is_dir():
-        base = run_grid(LocalBackend(BUNDLED_BASE_MODEL_DIR, dtype="fp32"), "passkey", [base_len, 8 * base_len],
-                        depths=[0, 50, 100], num_samples=1, setting="base, no scaling")
+        base = run_grid(
+            LocalBackend(BUNDLED_BASE_MODEL_DIR, dtype="fp32"),
+            "passkey",
+            [base_len, 8 * base_len],
+            depths=[0, 50, 100],
+            num_samples=1,
+            setting="base, no scaling",
+        )
         text = write_prose_text(4 * 8 * base_len)
-        for name, path, grid in (("base model, no scaling", BUNDLED_BASE_MODEL_DIR, base),
-                                 ("YaRN x8 + continued pretraining", model_dir, result)):
+        for name, path, grid in (
+            ("base model, no scaling", BUNDLED_BASE_MODEL_DIR, base),
+            ("YaRN x8 + continued pretraining", model_dir, result),
+        ):
             acc = grid.accuracy_by_length()
-            ppl = evaluate_perplexity(path, data=[text], lengths=[base_len, 8 * base_len], stride=128,
-                                      max_windows=1, dtype="fp32", progress=False).perplexity
-            print(f"  {name:32s}" + "".join(f"  {n:>5} tokens: passkey {100 * (acc.get(n) or 0):3.0f}%, "
-                                            f"perplexity {ppl[n]:8.2f}" for n in (base_len, 8 * base_len)))
-    print("\nThe whole extension table (PI, NTK, dynamic NTK, YaRN; passkey and perplexity): "
-          "`longreach demo experiment` (docs/extension.md).")
+            ppl = evaluate_perplexity(
+                path,
+                data=[text],
+                lengths=[base_len, 8 * base_len],
+                stride=128,
+                max_windows=1,
+                dtype="fp32",
+                progress=False,
+            ).perplexity
+            print(
+                f"  {name:32s}"
+                + "".join(
+                    f"  {n:>5} tokens: passkey {100 * (acc.get(n) or 0):3.0f}%, perplexity {ppl[n]:8.2f}"
+                    for n in (base_len, 8 * base_len)
+                )
+            )
+    print(
+        "\nThe whole extension table (PI, NTK, dynamic NTK, YaRN; passkey and perplexity): "
+        "`longreach demo experiment` (docs/extension.md)."
+    )
     return 0

@@ -7,6 +7,7 @@ Prompts are random token ids with lengths uniform in [min-input, max-input]; eve
 exactly `output-len` tokens (EOS ignored). Reports output tokens/s, total tokens/s, mean and p90
 time-to-first-token and the decode rate, as JSON with --json.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,26 +15,46 @@ import random
 import time
 
 RANDOM_MODELS = {
-    "34m": dict(vocab_size=32000, hidden_size=384, intermediate_size=1024, num_hidden_layers=6,
-                num_attention_heads=6, num_key_value_heads=2, head_dim=64),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "34m": dict(
+        vocab_size=32000,
+        hidden_size=384,
+        intermediate_size=1024,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=64,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
 }
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", help="Hugging Face checkpoint directory (default: the bundled demo model)")
-    parser.add_argument("--random-model", choices=sorted(RANDOM_MODELS), help="benchmark a random-init Llama instead")
+    parser.add_argument(
+        "--random-model", choices=sorted(RANDOM_MODELS), help="benchmark a random-init Llama instead"
+    )
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--min-input", type=int, default=128)
     parser.add_argument("--max-input", type=int, default=1024)
     parser.add_argument("--output-len", type=int, default=64)
-    parser.add_argument("--dtype", default=None, help="fp32 / bf16 / fp16 (default: the checkpoint's; fp32 for random)")
+    parser.add_argument(
+        "--dtype", default=None, help="fp32 / bf16 / fp16 (default: the checkpoint's; fp32 for random)"
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes (default: sized to the run)")
+    parser.add_argument(
+        "--kv-cache-memory", type=int, default=None, help="KV cache bytes (default: sized to the run)"
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -43,9 +64,13 @@ def add_arguments(parser) -> None:
 def _check(args) -> None:
     for name in ("num_prompts", "min_input", "output_len"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"longreach bench: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+            raise SystemExit(
+                f"longreach bench: --{name.replace('_', '-')}={getattr(args, name)} must be >= 1"
+            )
     if args.max_input < args.min_input:
-        raise SystemExit(f"longreach bench: --max-input={args.max_input} is below --min-input={args.min_input}")
+        raise SystemExit(
+            f"longreach bench: --max-input={args.max_input} is below --min-input={args.min_input}"
+        )
 
 
 def _build_model(args):
@@ -62,12 +87,16 @@ def _build_model(args):
         from longreach.config import ModelConfig  # lazy: CLI verb, keeps --help fast
 
         shape = RANDOM_MODELS[args.random_model]
-        cfg = ModelConfig.from_hf_dict({"model_type": "llama", **shape, "rope_theta": 10000.0,
-                                        "max_position_embeddings": args.max_input + args.output_len})
+        cfg = ModelConfig.from_hf_dict(
+            {
+                "model_type": "llama",
+                **shape,
+                "rope_theta": 10000.0,
+                "max_position_embeddings": args.max_input + args.output_len,
+            }
+        )
         return build_model(cfg, dtype=resolve_dtype(args.dtype) or torch.float32, device=device)
-    from longreach.model.bundled import (
-        resolve_model_path,  # lazy: CLI verb, keeps --help fast
-    )
+    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
 
     return load_model(resolve_model_path(args.model), dtype=args.dtype, device=device)
 
@@ -76,9 +105,7 @@ def main(args) -> int:
     import torch
 
     from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
-    from longreach.engine.sampler import (
-        SamplingParams,  # lazy: CLI verb, keeps --help fast
-    )
+    from longreach.engine.sampler import SamplingParams  # lazy: CLI verb, keeps --help fast
 
     _check(args)
     if args.threads:
@@ -86,18 +113,29 @@ def main(args) -> int:
     model = _build_model(args)
     cfg = model.config
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(cfg.vocab_size) for _ in range(rng.randint(args.min_input, args.max_input))]
-               for _ in range(args.num_prompts)]
+    prompts = [
+        [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(args.min_input, args.max_input))]
+        for _ in range(args.num_prompts)
+    ]
     max_len = args.max_input + args.output_len
     kv_bytes = args.kv_cache_memory
     if kv_bytes is None:
         elem = next(model.parameters()).element_size()
         per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
-        kv_bytes = per_token * (sum(map(len, prompts)) + args.num_prompts * (args.output_len + args.block_size))
-    llm = LLM(model, max_model_len=max_len, block_size=args.block_size, kv_cache_memory=kv_bytes,
-              enable_prefix_caching=not args.no_prefix_caching, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed)
-    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)   # warm-up
+        kv_bytes = per_token * (
+            sum(map(len, prompts)) + args.num_prompts * (args.output_len + args.block_size)
+        )
+    llm = LLM(
+        model,
+        max_model_len=max_len,
+        block_size=args.block_size,
+        kv_cache_memory=kv_bytes,
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        seed=args.seed,
+    )
+    llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.json)
@@ -106,12 +144,19 @@ def main(args) -> int:
     num_in = sum(map(len, prompts))
     ttfts = sorted(o.metrics.first_token_time - start for o in outs)
     rates = [o.metrics.decode_tokens_per_s for o in outs if o.metrics.decode_tokens_per_s]
-    result = dict(num_prompts=len(prompts), input_tokens=num_in, output_tokens=num_out, seconds=round(seconds, 3),
-                  output_tokens_per_s=round(num_out / seconds, 1),
-                  total_tokens_per_s=round((num_in + num_out) / seconds, 1),
-                  mean_ttft_s=round(sum(ttfts) / len(ttfts), 3), p90_ttft_s=round(ttfts[int(0.9 * (len(ttfts) - 1))], 3),
-                  mean_decode_tokens_per_s_per_request=round(sum(rates) / len(rates), 1) if rates else None,
-                  preemptions=llm.engine.scheduler.num_preemptions, kv_blocks=llm.engine.num_kv_blocks)
+    result = dict(
+        num_prompts=len(prompts),
+        input_tokens=num_in,
+        output_tokens=num_out,
+        seconds=round(seconds, 3),
+        output_tokens_per_s=round(num_out / seconds, 1),
+        total_tokens_per_s=round((num_in + num_out) / seconds, 1),
+        mean_ttft_s=round(sum(ttfts) / len(ttfts), 3),
+        p90_ttft_s=round(ttfts[int(0.9 * (len(ttfts) - 1))], 3),
+        mean_decode_tokens_per_s_per_request=round(sum(rates) / len(rates), 1) if rates else None,
+        preemptions=llm.engine.scheduler.num_preemptions,
+        kv_blocks=llm.engine.num_kv_blocks,
+    )
     if args.json:
         print(json.dumps(result))
     else:

@@ -4,6 +4,7 @@
 per request: created on a request's first step, released whenever its blocks are freed (finish, abort,
 preemption: a preempted request is recomputed from scratch, so its state starts over).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ import torch
 @dataclass
 class SeqKVState:
     window_slot: int | None = None
-    num_quantized: int = 0                 # int4: tokens [0, num_quantized) are quantized in the blocks
-    held: torch.Tensor | None = None       # (H,) int64 positions still cached, ascending; None: none evicted yet
-    scores: torch.Tensor | None = None     # (H,) fp32 H2O accumulated attention of the held positions
+    num_quantized: int = 0  # int4: tokens [0, num_quantized) are quantized in the blocks
+    held: torch.Tensor | None = None  # (H,) int64 positions still cached, ascending; None: none evicted yet
+    scores: torch.Tensor | None = None  # (H,) fp32 H2O accumulated attention of the held positions
 
 
 class KVStates:

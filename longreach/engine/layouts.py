@@ -11,6 +11,7 @@
 Each layout's `prepare` turns a scheduled batch into the model's inputs (`StepInputs`), and its `after_step`
 receives those inputs back once the scheduler has advanced the requests.
 """
+
 from __future__ import annotations
 
 import abc
@@ -34,11 +35,11 @@ from longreach.kvcache.policies import WindowPolicy, accumulate_attention
 class StepInputs:
     """One step's model inputs, the sequences that sample (in logits row order) and what `after_step` needs."""
 
-    seqs: list[Sequence]                  # in row order
-    counts: list[int]                     # new tokens per sequence
+    seqs: list[Sequence]  # in row order
+    counts: list[int]  # new tokens per sequence
     sampling: list[Sequence]
     kwargs: dict[str, Any]
-    writes: list[SeqWrite | None] = field(default_factory=list)     # int4: per sequence
+    writes: list[SeqWrite | None] = field(default_factory=list)  # int4: per sequence
     gathered: GatheredRun | None = None
 
 
@@ -81,9 +82,13 @@ class KVLayout(abc.ABC):
     def _inputs(self, seqs, counts, cache_batch, meta: AttentionMetadata, ids, positions) -> StepInputs:
         dev = self.device
         last_rows, sampling = _sampling_rows(seqs, counts)
-        kwargs = dict(input_ids=torch.cat(ids).to(dev), positions=torch.cat(positions).to(dev), meta=meta,
-                      kv_cache=self.cache.bind(cache_batch),
-                      logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev))
+        kwargs = dict(
+            input_ids=torch.cat(ids).to(dev),
+            positions=torch.cat(positions).to(dev),
+            meta=meta,
+            kv_cache=self.cache.bind(cache_batch),
+            logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+        )
         return StepInputs(seqs, counts, sampling, kwargs)
 
 
@@ -94,10 +99,14 @@ class PagedLayout(KVLayout):
         seqs, counts = _ordered(batch, lambda s, n: 0 if n == 1 else 1 if s.num_computed_tokens == 0 else 2)
         num_decodes = sum(1 for n, s in zip(counts, seqs) if n == 1)
         tables = [self.kv.block_ids(s.request_id) for s in seqs]
-        positions = [s.num_computed_tokens for s in seqs[:num_decodes]]           # decodes: Python scalars
+        positions = [s.num_computed_tokens for s in seqs[:num_decodes]]  # decodes: Python scalars
         ids_t = [torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)], dtype=torch.long)]
         pos_t = [torch.tensor(positions, dtype=torch.long)]
-        slot_t = [torch.tensor([tables[b][p // bs] * bs + p % bs for b, p in enumerate(positions)], dtype=torch.long)]
+        slot_t = [
+            torch.tensor(
+                [tables[b][p // bs] * bs + p % bs for b, p in enumerate(positions)], dtype=torch.long
+            )
+        ]
         fresh_lens, cont_lens_q, cont_lens_k, kv_slots = [], [], [], []
         for s, n, table in zip(seqs[num_decodes:], counts[num_decodes:], tables[num_decodes:]):
             start, end = s.num_computed_tokens, s.num_computed_tokens + n
@@ -114,17 +123,27 @@ class PagedLayout(KVLayout):
         dec_table = dec_lens = None
         if num_decodes:
             width = max(len(t) for t in tables[:num_decodes])
-            dec_table = torch.tensor([t + [0] * (width - len(t)) for t in tables[:num_decodes]],
-                                     dtype=torch.int32, device=dev)
+            dec_table = torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables[:num_decodes]], dtype=torch.int32, device=dev
+            )
             dec_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev)
         paged = PagedBatch(
-            slot_mapping=torch.cat(slot_t).to(dev), num_decodes=num_decodes,
-            decode_block_table=dec_table, decode_seqlens=dec_lens, num_fresh_tokens=sum(fresh_lens),
+            slot_mapping=torch.cat(slot_t).to(dev),
+            num_decodes=num_decodes,
+            decode_block_table=dec_table,
+            decode_seqlens=dec_lens,
+            num_fresh_tokens=sum(fresh_lens),
             fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
-            continued_meta=AttentionMetadata.from_seqlens(cont_lens_q, cont_lens_k, device=dev) if cont_lens_q else None,
-            continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None)
-        meta = AttentionMetadata.from_seqlens([1] * num_decodes + fresh_lens + cont_lens_q,
-                                              [p + 1 for p in positions] + fresh_lens + cont_lens_k, device=dev)
+            continued_meta=AttentionMetadata.from_seqlens(cont_lens_q, cont_lens_k, device=dev)
+            if cont_lens_q
+            else None,
+            continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None,
+        )
+        meta = AttentionMetadata.from_seqlens(
+            [1] * num_decodes + fresh_lens + cont_lens_q,
+            [p + 1 for p in positions] + fresh_lens + cont_lens_k,
+            device=dev,
+        )
         return self._inputs(seqs, counts, paged, meta, ids_t, pos_t)
 
 
@@ -146,12 +165,17 @@ class _GatheredLayout(KVLayout):
         """(key slots or None, read or None, key positions or None) of a gathered sequence."""
 
     def _run(self, meta: AttentionMetadata, kv_slots, reads, q_positions, k_positions) -> GatheredRun:
-        return GatheredRun(meta, kv_slots=torch.cat(kv_slots).to(self.device) if kv_slots else None,
-                           reads=tuple(reads) if reads else None)
+        return GatheredRun(
+            meta,
+            kv_slots=torch.cat(kv_slots).to(self.device) if kv_slots else None,
+            reads=tuple(reads) if reads else None,
+        )
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         bs, dev = self.block_size, self.device
-        seqs, counts = _ordered(batch, lambda s, n: not (self.fresh_prefills_own_keys and s.num_computed_tokens == 0))
+        seqs, counts = _ordered(
+            batch, lambda s, n: not (self.fresh_prefills_own_keys and s.num_computed_tokens == 0)
+        )
         ids_t, pos_t, slot_t, writes, fresh_lens, lens_q, lens_k = [], [], [], [], [], [], []
         kv_slots, reads, q_positions, k_positions, row = [], [], [], [], 0
         for s, n in zip(seqs, counts):
@@ -172,15 +196,28 @@ class _GatheredLayout(KVLayout):
             lens_k.append(end if key_pos is None else key_pos.numel())
             q_positions.append(torch.arange(start, end))
             k_positions.append(key_pos)
-        run = self._run(AttentionMetadata.from_seqlens(lens_q, lens_k, device=dev), kv_slots, reads, q_positions,
-                        k_positions) if lens_q else None
+        run = (
+            self._run(
+                AttentionMetadata.from_seqlens(lens_q, lens_k, device=dev),
+                kv_slots,
+                reads,
+                q_positions,
+                k_positions,
+            )
+            if lens_q
+            else None
+        )
         gathered = GatheredBatch(
-            slot_mapping=torch.cat(slot_t).to(dev), num_fresh_tokens=sum(fresh_lens),
+            slot_mapping=torch.cat(slot_t).to(dev),
+            num_fresh_tokens=sum(fresh_lens),
             fresh_meta=AttentionMetadata.from_seqlens(fresh_lens, device=dev) if fresh_lens else None,
-            gathered=run, seq_writes=tuple(writes) if any(w is not None for w in writes) else None,
-            window_left=self.window_left)
-        meta = AttentionMetadata.from_seqlens(counts, [s.num_computed_tokens + n for s, n in zip(seqs, counts)],
-                                              device=dev)
+            gathered=run,
+            seq_writes=tuple(writes) if any(w is not None for w in writes) else None,
+            window_left=self.window_left,
+        )
+        meta = AttentionMetadata.from_seqlens(
+            counts, [s.num_computed_tokens + n for s, n in zip(seqs, counts)], device=dev
+        )
         step = self._inputs(seqs, counts, gathered, meta, ids_t, pos_t)
         step.writes, step.gathered = writes, run
         return step
@@ -191,11 +228,17 @@ class Int4Layout(_GatheredLayout):
 
     def _write(self, seq, row, start, n, table):
         state = self.kv_states.get(seq.request_id)
-        return SeqWrite(row, row + n, start, table.to(self.device), state.num_quantized,
-                        self.kv_states.window_slot(seq.request_id))
+        return SeqWrite(
+            row,
+            row + n,
+            start,
+            table.to(self.device),
+            state.num_quantized,
+            self.kv_states.window_slot(seq.request_id),
+        )
 
     def _keys(self, seq, start, end, table, write_index):
-        return None, (write_index, end), None                 # read [0, end) through its write
+        return None, (write_index, end), None  # read [0, end) through its write
 
     def after_step(self, step: StepInputs) -> None:
         for seq, write in zip(step.seqs, step.writes):
@@ -216,7 +259,7 @@ class EvictionLayout(_GatheredLayout):
 
     def _run(self, meta, kv_slots, reads, q_positions, k_positions) -> GatheredRun:
         run = super()._run(meta, kv_slots, reads, q_positions, k_positions)
-        if self.policy.uses_attention_scores:        # the attention mass each kept key receives, summed per step
+        if self.policy.uses_attention_scores:  # the attention mass each kept key receives, summed per step
             run.query_positions, run.key_positions = tuple(q_positions), tuple(k_positions)
             run.mass = [None] * len(q_positions)
         return run
@@ -229,7 +272,9 @@ class EvictionLayout(_GatheredLayout):
             state = self.kv_states.get(seq.request_id)
             end = seq.num_computed_tokens
             start = end - num_new
-            held = torch.cat([torch.arange(start) if state.held is None else state.held, torch.arange(start, end)])
+            held = torch.cat(
+                [torch.arange(start) if state.held is None else state.held, torch.arange(start, end)]
+            )
             scores = None
             if step.gathered is not None and step.gathered.mass is not None:
                 scores = accumulate_attention(state.scores, step.gathered.mass[index].cpu())
@@ -240,8 +285,9 @@ class EvictionLayout(_GatheredLayout):
             state.scores = None if scores is None else scores[plan.keep_index]
 
 
-def make_layout(plan: KVPlan, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device,
-                kv_states: KVStates) -> KVLayout:
+def make_layout(
+    plan: KVPlan, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device, kv_states: KVStates
+) -> KVLayout:
     """The layout a KV plan calls for."""
     if plan.policy is not None:
         return EvictionLayout(cache, kv_manager, device, kv_states, plan.policy)

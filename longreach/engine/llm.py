@@ -8,6 +8,7 @@
 One engine step = schedule (scheduler.py) -> one flat forward over the paged cache (runner.py) -> sample
 (sampler.py) -> append tokens and check stops -> detokenize incrementally and check stop strings.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,15 +30,15 @@ from longreach.engine.sampler import Sampler
 from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.scheduler import Scheduler
 from longreach.engine.sequence import Sequence
+from longreach.engine.tp import TensorParallel, shard_model
 from longreach.kvcache.block_pool import KVCacheManager
 from longreach.kvcache.paged_cache import PagedKVCache
 from longreach.kvcache.planner import INT4_BLOCK_SIZE, plan_kv_cache
-from longreach.model.llama import LlamaForCausalLM
-from longreach.model.tokenizer import load_tokenizer
-from longreach.engine.tp import TensorParallel, shard_model
 from longreach.model.bundled import resolve_model_path
+from longreach.model.llama import LlamaForCausalLM
 from longreach.model.loader import load_model, resolve_dtype
 from longreach.model.quant import check_quantization, quantize_model
+from longreach.model.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
@@ -52,36 +53,63 @@ def check_max_model_len(cfg, scheduler_config: SchedulerConfig) -> None:
     max_len, supported = scheduler_config.max_model_len, cfg.rope.max_supported_length
     if max_len <= supported:
         return
-    what = (f"max_model_len={max_len} exceeds the {supported} tokens this model's rope supports "
-            f"(rope_type {cfg.rope.rope_type!r}, max_position_embeddings {cfg.max_position_embeddings})")
+    what = (
+        f"max_model_len={max_len} exceeds the {supported} tokens this model's rope supports "
+        f"(rope_type {cfg.rope.rope_type!r}, max_position_embeddings {cfg.max_position_embeddings})"
+    )
     if scheduler_config.allow_long_max_model_len or os.environ.get(ALLOW_LONG_ENV, "") not in ("", "0"):
         logger.warning("%s; positions beyond it are extrapolated and answers may degrade", what)
         return
-    raise ValueError(f"{what}; extend the context with a rope scaling (rope_scaling= / --rope-scaling), or pass "
-                     f"allow_long_max_model_len=True (or set {ALLOW_LONG_ENV}=1) to run past it anyway")
+    raise ValueError(
+        f"{what}; extend the context with a rope scaling (rope_scaling= / --rope-scaling), or pass "
+        f"allow_long_max_model_len=True (or set {ALLOW_LONG_ENV}=1) to run past it anyway"
+    )
 
 
 class LLMEngine:
     """Continuous-batching engine over one model (vLLM's LLMEngine); not thread-safe: one caller steps it."""
 
-    def __init__(self, model: LlamaForCausalLM, tokenizer: Any = None, cache_config: CacheConfig | None = None,
-                 scheduler_config: SchedulerConfig | None = None, seed: int | None = 0, parallel: Any = None):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        tokenizer: Any = None,
+        cache_config: CacheConfig | None = None,
+        scheduler_config: SchedulerConfig | None = None,
+        seed: int | None = 0,
+        parallel: Any = None,
+    ):
         """parallel: tensor parallelism's hooks (tp.TensorParallel) when the model is sharded, else None."""
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_config = cc = cache_config or CacheConfig()
-        self.scheduler_config = sc = scheduler_config or SchedulerConfig(max_model_len=cfg.rope.max_supported_length)
+        self.scheduler_config = sc = scheduler_config or SchedulerConfig(
+            max_model_len=cfg.rope.max_supported_length
+        )
         check_max_model_len(cfg, sc)
         param = next(model.parameters())
         self.parallel = parallel
-        self.plan = plan = plan_kv_cache(cfg, cc, sc, param.dtype, param.device,
-                                         tp_size=1 if parallel is None else parallel.world_size,
-                                         agree_min=None if parallel is None else parallel.agree_min)
+        self.plan = plan = plan_kv_cache(
+            cfg,
+            cc,
+            sc,
+            param.dtype,
+            param.device,
+            tp_size=1 if parallel is None else parallel.world_size,
+            agree_min=None if parallel is None else parallel.agree_min,
+        )
         self.policy = plan.policy
         self.kv_manager = KVCacheManager(plan.num_blocks, plan.block_size, plan.enable_prefix_caching)
-        self.cache = PagedKVCache(cfg.num_hidden_layers, plan.num_blocks, plan.block_size, plan.num_kv_heads,
-                                  plan.head_dim, param.dtype, param.device, quantizer=plan.quantizer,
-                                  num_window_slots=plan.num_window_slots)
+        self.cache = PagedKVCache(
+            cfg.num_hidden_layers,
+            plan.num_blocks,
+            plan.block_size,
+            plan.num_kv_heads,
+            plan.head_dim,
+            param.dtype,
+            param.device,
+            quantizer=plan.quantizer,
+            num_window_slots=plan.num_window_slots,
+        )
         self.kv_states = KVStates(plan.num_window_slots)
         self.kv_manager.on_free = self.kv_states.release
         eos = list(cfg.eos_token_ids)
@@ -108,16 +136,23 @@ class LLMEngine:
     def kv_cache_bytes_used(self) -> int:
         """Bytes of KV cache requests hold now: blocks (data and scales) plus int4 window slots in use."""
         used = self.kv_manager.num_blocks - self.kv_manager.num_free_blocks
-        return used * self.plan.block_bytes + self.kv_states.num_window_slots_used * self.plan.window_slot_bytes
+        return (
+            used * self.plan.block_bytes + self.kv_states.num_window_slots_used * self.plan.window_slot_bytes
+        )
 
     @property
     def kv_cache_bytes_total(self) -> int:
         """Bytes of the whole KV cache: every block plus every int4 window slot."""
         return self.plan.total_bytes
 
-    def add_request(self, prompt: Prompt, sampling_params: SamplingParams | None = None,
-                    request_id: str | None = None, cache_salt: str | None = None,
-                    arrival_time: float | None = None) -> str:
+    def add_request(
+        self,
+        prompt: Prompt,
+        sampling_params: SamplingParams | None = None,
+        request_id: str | None = None,
+        cache_salt: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
         """Queue a prompt (text, or a list of token ids); returns its request id."""
         params = sampling_params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
@@ -126,25 +161,38 @@ class LLMEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self._encode(prompt)
         if params.stop and self.tokenizer is None:
-            raise ValueError(f"stop strings {list(params.stop)} need a tokenizer; this engine has none "
-                             "(use stop_token_ids)")
+            raise ValueError(
+                f"stop strings {list(params.stop)} need a tokenizer; this engine has none "
+                "(use stop_token_ids)"
+            )
         max_len = self.scheduler_config.max_model_len
         if len(ids) >= max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_model_len is {max_len}: it must be shorter, "
-                             "leaving room for at least one generated token")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_model_len is {max_len}: it must be shorter, "
+                "leaving room for at least one generated token"
+            )
         longest = min(len(ids) + (params.max_tokens or max_len), max_len)
         needed = self.plan.max_held_tokens(longest, self.scheduler_config.max_num_batched_tokens)
         if needed > self.plan.capacity_tokens:
-            raise ValueError(f"request needs up to {needed} tokens of KV cache ({len(ids)} prompt + up to "
-                             f"{longest - len(ids)} generated) but the cache holds {self.plan.capacity_tokens} "
-                             f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
-                             "lower max_tokens or give the cache more memory")
+            raise ValueError(
+                f"request needs up to {needed} tokens of KV cache ({len(ids)} prompt + up to "
+                f"{longest - len(ids)} generated) but the cache holds {self.plan.capacity_tokens} "
+                f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
+                "lower max_tokens or give the cache more memory"
+            )
         # length-dependent RoPE: chosen once, from the most positions this request can ever run (the last
         # sampled token is never fed back), never from the batch it happens to share a step with
         rope = self.model.config.rope
         rope_seq_len = rope.table_length(min(len(ids) + (params.max_tokens or max_len), max_len) - 1)
-        seq = Sequence(request_id, ids, params, prompt=text, cache_salt=cache_salt, rope_seq_len=rope_seq_len,
-                       arrival_time=time.perf_counter() if arrival_time is None else arrival_time)
+        seq = Sequence(
+            request_id,
+            ids,
+            params,
+            prompt=text,
+            cache_salt=cache_salt,
+            rope_seq_len=rope_seq_len,
+            arrival_time=time.perf_counter() if arrival_time is None else arrival_time,
+        )
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.output.add(seq)
@@ -172,14 +220,18 @@ class LLMEngine:
         """Run one scheduled forward pass; outputs of every request that got a token (or finished)."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
-            if self.scheduler.has_unfinished():   # cannot happen given add_request's checks: fail, never spin
-                raise RuntimeError(f"no request could be scheduled ({self.scheduler.num_unfinished} waiting, "
-                                   f"{self.kv_manager.num_free_blocks} of {self.num_kv_blocks} KV blocks free)")
+            if self.scheduler.has_unfinished():  # cannot happen given add_request's checks: fail, never spin
+                raise RuntimeError(
+                    f"no request could be scheduled ({self.scheduler.num_unfinished} waiting, "
+                    f"{self.kv_manager.num_free_blocks} of {self.num_kv_blocks} KV blocks free)"
+                )
             return []
         try:
             step, logits = self.runner.execute(batch)
             sampled = self.sampler(logits, step.sampling)
-            token_ids = sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
+            token_ids = (
+                sampled.token_ids if self.parallel is None else self.parallel.sync_tokens(sampled.token_ids)
+            )
         except BaseException:
             # an out-of-memory, a Ctrl-C, a kernel error: the step's K/V may be missing or half written, so
             # no block it registered may become a prefix hit, and its requests start over from their tokens
@@ -229,18 +281,31 @@ class LLM:
     their original RoPE positions, so a query sees them at their true distance (unlike StreamingLLM's rolling
     positions). Prefix caching is off under a policy."""
 
-    def __init__(self, model: str | Path | LlamaForCausalLM | None = None,
-                 dtype: str | torch.dtype | None = None, *, tokenizer: Any = None,
-                 device: str | torch.device | None = None,
-                 max_model_len: int | None = None, block_size: int | None = None,
-                 kv_cache_memory: int | float | None = None,
-                 memory_fraction: float | None = None, num_kv_blocks: int | None = None,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_chunked_prefill: bool = True,
-                 rope_scaling: dict[str, Any] | None = None, seed: int | None = 0,
-                 tensor_parallel_size: int = 1, kv_cache_dtype: str = "auto", quantization: str | None = None,
-                 kv_policy: str = "none", kv_policy_args: dict[str, Any] | None = None,
-                 allow_long_max_model_len: bool = False):
+    def __init__(
+        self,
+        model: str | Path | LlamaForCausalLM | None = None,
+        dtype: str | torch.dtype | None = None,
+        *,
+        tokenizer: Any = None,
+        device: str | torch.device | None = None,
+        max_model_len: int | None = None,
+        block_size: int | None = None,
+        kv_cache_memory: int | float | None = None,
+        memory_fraction: float | None = None,
+        num_kv_blocks: int | None = None,
+        enable_prefix_caching: bool = True,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        enable_chunked_prefill: bool = True,
+        rope_scaling: dict[str, Any] | None = None,
+        seed: int | None = 0,
+        tensor_parallel_size: int = 1,
+        kv_cache_dtype: str = "auto",
+        quantization: str | None = None,
+        kv_policy: str = "none",
+        kv_policy_args: dict[str, Any] | None = None,
+        allow_long_max_model_len: bool = False,
+    ):
 
         if device is None and torch.cuda.is_available():
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tensor_parallel_size > 1 else "cuda"
@@ -248,7 +313,9 @@ class LLM:
         path = None
         if isinstance(model, LlamaForCausalLM):
             if rope_scaling is not None:
-                raise ValueError("rope_scaling applies when loading a checkpoint; this model is already built")
+                raise ValueError(
+                    "rope_scaling applies when loading a checkpoint; this model is already built"
+                )
             model = model.to(device=device, dtype=resolve_dtype(dtype))
         else:
             path = resolve_model_path(None if model is None else str(model))
@@ -266,25 +333,38 @@ class LLM:
         if block_size is None:
             block_size = INT4_BLOCK_SIZE if kv_cache_dtype == "int4" else 16
         kv_cache_memory, memory_fraction = kv_cache_memory_fields(kv_cache_memory, memory_fraction)
-        cache_config = CacheConfig(block_size=block_size, num_blocks=num_kv_blocks, kv_cache_memory=kv_cache_memory,
-                                   memory_fraction=memory_fraction, enable_prefix_caching=enable_prefix_caching,
-                                   kv_cache_dtype=kv_cache_dtype, kv_policy=kv_policy,
-                                   kv_policy_args=dict(kv_policy_args or {}))
-        scheduler_config = SchedulerConfig(max_model_len=max_model_len or model.config.rope.max_supported_length,
-                                           max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                           enable_chunked_prefill=enable_chunked_prefill,
-                                           allow_long_max_model_len=allow_long_max_model_len)
+        cache_config = CacheConfig(
+            block_size=block_size,
+            num_blocks=num_kv_blocks,
+            kv_cache_memory=kv_cache_memory,
+            memory_fraction=memory_fraction,
+            enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype,
+            kv_policy=kv_policy,
+            kv_policy_args=dict(kv_policy_args or {}),
+        )
+        scheduler_config = SchedulerConfig(
+            max_model_len=max_model_len or model.config.rope.max_supported_length,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=enable_chunked_prefill,
+            allow_long_max_model_len=allow_long_max_model_len,
+        )
         self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed, parallel)
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Seq[Prompt],
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in the prompts' order."""
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and all(isinstance(t, int) for t in prompts)):
+        if isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+        ):
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
@@ -292,8 +372,10 @@ class LLM:
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
-                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts; "
-                                 "pass one for all, or one per prompt")
+                raise ValueError(
+                    f"got {len(params)} sampling_params for {len(prompts)} prompts; "
+                    "pass one for all, or one per prompt"
+                )
         engine = self.engine
         ids = []
         try:
@@ -321,7 +403,9 @@ class LLM:
                         num_in += len(out.prompt_token_ids)
                         num_out += len(out.token_ids)
                         elapsed = max(time.perf_counter() - start, 1e-9)
-                        bar.set_postfix_str(f"in: {num_in / elapsed:.0f} tok/s, out: {num_out / elapsed:.0f} tok/s")
+                        bar.set_postfix_str(
+                            f"in: {num_in / elapsed:.0f} tok/s, out: {num_out / elapsed:.0f} tok/s"
+                        )
                         bar.update(1)
         except BaseException:
             for request_id in ids:

@@ -11,6 +11,7 @@ After every step the engine hands over the requests that got a token. For each, 
    the scheduler release it;
 5. returns a `RequestOutput` whose text holds back the last characters that could still start a stop string.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -55,7 +56,7 @@ def detokenize_incrementally(tokenizer, ids: list[int], prefix_offset: int, read
     prefix_text = tokenizer.decode(ids[prefix_offset:read_offset])
     full_text = tokenizer.decode(ids[prefix_offset:])
     if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-        return full_text[len(prefix_text):], read_offset, len(ids)
+        return full_text[len(prefix_text) :], read_offset, len(ids)
     return "", prefix_offset, read_offset
 
 
@@ -64,7 +65,7 @@ class _TextState:
     """One request's output text and what of it (and of its ids) was already reported."""
 
     text: str = ""
-    prefix_offset: int = 0            # incremental-detokenizer offsets into the output ids
+    prefix_offset: int = 0  # incremental-detokenizer offsets into the output ids
     read_offset: int = 0
     num_reported_tokens: int = 0
     num_reported_chars: int = 0
@@ -76,8 +77,13 @@ class OutputProcessor:
 
     release: called with a request when it finishes (the scheduler frees its blocks and drops it)."""
 
-    def __init__(self, tokenizer: Any, eos_token_ids: Iterable[int], max_model_len: int,
-                 release: Callable[[Sequence], None]):
+    def __init__(
+        self,
+        tokenizer: Any,
+        eos_token_ids: Iterable[int],
+        max_model_len: int,
+        release: Callable[[Sequence], None],
+    ):
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
@@ -102,7 +108,7 @@ class OutputProcessor:
 
     def abort(self, seq: Sequence) -> RequestOutput:
         """End a request now (a client went away): finish reason "abort"."""
-        state = self._texts.get(seq.request_id) or _TextState()      # already gone if it had finished
+        state = self._texts.get(seq.request_id) or _TextState()  # already gone if it had finished
         self._finish(seq, "abort", None)
         return self._output(seq, state)
 
@@ -119,14 +125,16 @@ class OutputProcessor:
             return "length", None
         return None, None
 
-    def _extend_text(self, seq: Sequence, state: _TextState, reason: str | None,
-                     stop_reason: int | str | None) -> tuple[str | None, int | str | None]:
+    def _extend_text(
+        self, seq: Sequence, state: _TextState, reason: str | None, stop_reason: int | str | None
+    ) -> tuple[str | None, int | str | None]:
         """Append the new token's text; a stop string found in it ends the request (and cuts the text)."""
         ids = seq.output_token_ids
         if reason == "stop" and stop_reason is None:
-            ids = ids[:-1]                                  # EOS is not part of the text
+            ids = ids[:-1]  # EOS is not part of the text
         new, state.prefix_offset, state.read_offset = detokenize_incrementally(
-            self.tokenizer, ids, state.prefix_offset, state.read_offset)
+            self.tokenizer, ids, state.prefix_offset, state.read_offset
+        )
         old_len = len(state.text)
         state.text += new
         if state.stop_strings:
@@ -134,9 +142,11 @@ class OutputProcessor:
             hits = [(i, s) for i, s in ((state.text.find(s, start), s) for s in state.stop_strings) if i >= 0]
             if hits:
                 index, stop = min(hits)
-                state.text = state.text[:index + (len(stop) if seq.sampling_params.include_stop_str_in_output else 0)]
+                state.text = state.text[
+                    : index + (len(stop) if seq.sampling_params.include_stop_str_in_output else 0)
+                ]
                 return "stop", stop
-        if reason is not None:                              # flush what the incremental decoder held back
+        if reason is not None:  # flush what the incremental decoder held back
             final = self.tokenizer.decode(ids)
             if final.startswith(state.text):
                 state.text = final
@@ -151,15 +161,25 @@ class OutputProcessor:
     def _output(self, seq: Sequence, state: _TextState) -> RequestOutput:
         holdback = 0
         if not seq.is_finished and state.stop_strings:
-            holdback = max(map(len, state.stop_strings)) - 1   # a stop string may still complete
+            holdback = max(map(len, state.stop_strings)) - 1  # a stop string may still complete
         shown = len(state.text) - holdback
-        delta_text = state.text[state.num_reported_chars:shown] if shown > state.num_reported_chars else ""
+        delta_text = state.text[state.num_reported_chars : shown] if shown > state.num_reported_chars else ""
         state.num_reported_chars = max(state.num_reported_chars, shown)
         outputs = seq.output_token_ids
-        delta_ids = outputs[state.num_reported_tokens:]
+        delta_ids = outputs[state.num_reported_tokens :]
         state.num_reported_tokens = len(outputs)
         if seq.is_finished:
             self._texts.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, state.text[:max(shown, 0)],
-                             outputs, delta_text, delta_ids, seq.finish_reason, seq.stop_reason,
-                             seq.logprobs, seq.metrics)
+        return RequestOutput(
+            seq.request_id,
+            seq.prompt,
+            seq.prompt_token_ids,
+            state.text[: max(shown, 0)],
+            outputs,
+            delta_text,
+            delta_ids,
+            seq.finish_reason,
+            seq.stop_reason,
+            seq.logprobs,
+            seq.metrics,
+        )

@@ -5,6 +5,7 @@ the KV cache (slots, block tables, which keys each sequence attends) is the layo
 (`engine/layouts.py`: paged, int4, eviction), chosen once per engine; the runner adds what every layout
 shares: each token's RoPE table length (its own request's, never the batch's) and the per-request KV peaks.
 """
+
 from __future__ import annotations
 
 import torch
@@ -17,8 +18,14 @@ from longreach.model.llama import LlamaForCausalLM
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, layout: KVLayout, kv_manager: KVCacheManager,
-                 block_bytes: int, window_slot_bytes: int = 0):
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        layout: KVLayout,
+        kv_manager: KVCacheManager,
+        block_bytes: int,
+        window_slot_bytes: int = 0,
+    ):
         self.model, self.layout, self.kv = model, layout, kv_manager
         self.device = next(model.parameters()).device
         self.block_bytes, self.window_slot_bytes = block_bytes, window_slot_bytes
@@ -44,11 +51,12 @@ class ModelRunner:
         """Run one step. Returns its inputs (their `sampling` sequences in logits row order) and the logits (n, V)."""
         step = self.prepare(batch)
         logits = self.model(**step.kwargs)
-        for seq in batch.seqs:               # the step's peak: its new tokens are stored, nothing evicted yet
+        for seq in batch.seqs:  # the step's peak: its new tokens are stored, nothing evicted yet
             num_blocks = self.kv.num_held_blocks(seq.request_id)
             seq.metrics.max_kv_blocks = max(seq.metrics.max_kv_blocks, num_blocks)
-            seq.metrics.max_kv_bytes = max(seq.metrics.max_kv_bytes,
-                                           num_blocks * self.block_bytes + self.window_slot_bytes)
+            seq.metrics.max_kv_bytes = max(
+                seq.metrics.max_kv_bytes, num_blocks * self.block_bytes + self.window_slot_bytes
+            )
         return step, logits
 
     def after_step(self, step: StepInputs) -> None:

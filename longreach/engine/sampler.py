@@ -7,6 +7,7 @@ greedy rows take the argmax and the others apply temperature, min-p, top-k and t
 Sampling is an exponential race (argmax of p / Exp(1) noise), drawn row by row from the request's own
 `torch.Generator` when it has a seed, so a seeded request gives the same tokens in any batch.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
@@ -21,7 +22,7 @@ from longreach.engine.sequence import Sequence
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
-    logprobs: list[dict[int, float] | None]   # per row: {token id: logprob} for the sampled + top-k tokens
+    logprobs: list[dict[int, float] | None]  # per row: {token id: logprob} for the sampled + top-k tokens
 
 
 def apply_penalties(logits: torch.Tensor, seqs: Seq["Sequence"]) -> None:
@@ -34,7 +35,9 @@ def apply_penalties(logits: torch.Tensor, seqs: Seq["Sequence"]) -> None:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(seq.token_ids, device=logits.device).unique()
             vals = logits[row, seen]
-            logits[row, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            logits[row, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
         outputs = seq.output_token_ids
         if outputs and (p.frequency_penalty or p.presence_penalty):
             counts = torch.bincount(torch.tensor(outputs), minlength=vocab).to(logits.device, logits.dtype)
@@ -47,19 +50,21 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < min_p[:, None] * probs.amax(-1, keepdim=True), float("-inf"))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
     """Keep the top_k (B,) largest logits and the smallest set whose probability reaches top_p (B,).
 
     One ascending sort serves both (vLLM's apply_top_k_top_p); ties with the k-th logit are kept."""
-    sorted_logits, order = logits.sort(dim=-1)                                  # ascending, (B, V)
+    sorted_logits, order = logits.sort(dim=-1)  # ascending, (B, V)
     vocab = logits.shape[-1]
     if top_k is not None:
-        kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab)).unsqueeze(1))   # (B, 1)
+        kth = sorted_logits.gather(1, (vocab - top_k.clamp(1, vocab)).unsqueeze(1))  # (B, 1)
         sorted_logits.masked_fill_(sorted_logits < kth, float("-inf"))
     if top_p is not None:
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum <= (1.0 - top_p).unsqueeze(1)
-        drop[:, -1] = False                                                     # the top token always stays
+        drop[:, -1] = False  # the top token always stays
         sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, order, sorted_logits)
 
@@ -83,7 +88,7 @@ class Sampler:
         if any(p.logprobs is not None for p in params):
             raw_logprobs = logits.log_softmax(-1)
         if any(p.has_penalties or s.num_output_tokens < p.min_tokens for p, s in zip(params, seqs)):
-            logits = logits.clone()                     # edited in place below; the caller's tensor is kept
+            logits = logits.clone()  # edited in place below; the caller's tensor is kept
             apply_penalties(logits, seqs)
             self._mask_early_stops(logits, seqs)
         token_ids = logits.argmax(-1)
@@ -115,10 +120,12 @@ class Sampler:
         if top_k is not None or top_p is not None:
             logits = apply_top_k_top_p(logits, top_k, top_p)
         probs = logits.softmax(-1)
-        noise = torch.empty(probs.shape, dtype=torch.float32)                   # Exp(1), drawn on the CPU
+        noise = torch.empty(probs.shape, dtype=torch.float32)  # Exp(1), drawn on the CPU
         unseeded = [b for b, s in enumerate(seqs) if s.generator is None]
         if unseeded:
-            noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1]).exponential_(generator=self.generator)
+            noise[unseeded] = torch.empty(len(unseeded), probs.shape[-1]).exponential_(
+                generator=self.generator
+            )
         for b, seq in enumerate(seqs):
             if seq.generator is not None:
                 noise[b].exponential_(generator=seq.generator)

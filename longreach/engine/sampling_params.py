@@ -1,4 +1,5 @@
 """How one request is sampled and when it stops: vLLM's `SamplingParams` (names, defaults, validation)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ _EPS = 1e-5  # temperatures below this are greedy
 class SamplingParams:
     """How one request is sampled and when it stops (vLLM's names and defaults)."""
 
-    max_tokens: int | None = 16            # None: until max_model_len
-    temperature: float = 1.0               # 0: greedy
+    max_tokens: int | None = 16  # None: until max_model_len
+    temperature: float = 1.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int | None = None               # None (or vLLM's 0 / -1): all tokens
+    top_k: int | None = None  # None (or vLLM's 0 / -1): all tokens
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -23,7 +24,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
-    logprobs: int | None = None            # k: return the sampled token's and the top-k tokens' logprobs
+    logprobs: int | None = None  # k: return the sampled token's and the top-k tokens' logprobs
     include_stop_str_in_output: bool = False
 
     def __post_init__(self):
@@ -41,7 +42,9 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k!r} must be a positive integer, or None / 0 / -1 for no limit")
+            raise ValueError(
+                f"top_k={self.top_k!r} must be a positive integer, or None / 0 / -1 for no limit"
+            )
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]")
         if not self.repetition_penalty > 0.0:

@@ -11,6 +11,7 @@ recompute: its blocks are freed, its computed count reset, and it goes back to t
 its prompt and the tokens it has generated so far, to be recomputed (often from the prefix cache) later.
 No request is lost, and no waiting request is admitted in a step that preempted.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,7 +43,9 @@ class ScheduledBatch:
     @property
     def sampling_seqs(self) -> list[Sequence]:
         """The sequences that catch up to their full length this step, hence sample a token (in batch order)."""
-        return [s for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens]
+        return [
+            s for s, n in zip(self.seqs, self.num_new_tokens) if s.num_computed_tokens + n == s.num_tokens
+        ]
 
 
 class Scheduler:
@@ -71,30 +74,35 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            while not self.kv.allocate_slots(seq.request_id, seq.token_ids, seq.num_computed_tokens, num_new,
-                                             salt=seq.block_hash_salt):
-                victim = self.running.pop()                       # the newest running request
+            while not self.kv.allocate_slots(
+                seq.request_id, seq.token_ids, seq.num_computed_tokens, num_new, salt=seq.block_hash_salt
+            ):
+                victim = self.running.pop()  # the newest running request
                 self._preempt(victim)
                 batch.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status is not RequestStatus.RUNNING:
-                break                                             # it preempted itself: it was the last one
+                break  # it preempted itself: it was the last one
             batch.seqs.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
             i += 1
-        while (not batch.preempted and self.waiting and budget > 0
-               and len(self.running) < self.cfg.max_num_seqs):
+        while (
+            not batch.preempted and self.waiting and budget > 0 and len(self.running) < self.cfg.max_num_seqs
+        ):
             seq = self.waiting[0]
-            hits, num_hit_tokens = self.kv.get_computed_blocks(seq.request_id, seq.token_ids, seq.block_hash_salt)
+            hits, num_hit_tokens = self.kv.get_computed_blocks(
+                seq.request_id, seq.token_ids, seq.block_hash_salt
+            )
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget:
                 if not self.cfg.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not self.kv.allocate_slots(seq.request_id, seq.token_ids, num_hit_tokens, num_new, hits,
-                                          salt=seq.block_hash_salt):
+            if not self.kv.allocate_slots(
+                seq.request_id, seq.token_ids, num_hit_tokens, num_new, hits, salt=seq.block_hash_salt
+            ):
                 break
             self.waiting.popleft()
             self.running.append(seq)
@@ -130,8 +138,13 @@ class Scheduler:
             seq.num_computed_tokens = 0
             self.waiting.appendleft(seq)
 
-    def update(self, batch: ScheduledBatch, sampling_seqs: Seq[Sequence], token_ids: Seq[int],
-               logprobs: Seq[dict[int, float] | None]) -> None:
+    def update(
+        self,
+        batch: ScheduledBatch,
+        sampling_seqs: Seq[Sequence],
+        token_ids: Seq[int],
+        logprobs: Seq[dict[int, float] | None],
+    ) -> None:
         """Advance computed counts and append the sampled tokens (stop conditions are output.py's)."""
         now = time.perf_counter()
         for seq, num_new in zip(batch.seqs, batch.num_new_tokens):

@@ -4,6 +4,7 @@ A request is its token ids (prompt, then outputs) and `num_computed_tokens`: how
 K/V in the cache. The scheduler only ever catches `num_computed_tokens` up to `num_tokens`, which is
 all that prefill, chunked prefill, decode, prefix hits and recompute-after-preemption are.
 """
+
 from __future__ import annotations
 
 import enum
@@ -16,7 +17,7 @@ from longreach.engine.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
-    WAITING = "waiting"      # not started, or preempted (its blocks freed; it is recomputed when resumed)
+    WAITING = "waiting"  # not started, or preempted (its blocks freed; it is recomputed when resumed)
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -30,11 +31,11 @@ class RequestMetrics:
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None
-    num_generated_tokens: int = 0     # sampled tokens (recomputed ones after a preemption not counted twice)
-    num_cached_tokens: int = 0        # prompt tokens served from the prefix cache at the first admission
+    num_generated_tokens: int = 0  # sampled tokens (recomputed ones after a preemption not counted twice)
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache at the first admission
     num_preemptions: int = 0
-    max_kv_blocks: int = 0            # most KV blocks the request held at once (after a step's writes)
-    max_kv_bytes: int = 0             # the same in bytes, scales and int4's window slot included
+    max_kv_blocks: int = 0  # most KV blocks the request held at once (after a step's writes)
+    max_kv_bytes: int = 0  # the same in bytes, scales and int4's window slot included
 
     @property
     def ttft(self) -> float | None:
@@ -56,13 +57,13 @@ class Sequence:
     sampling_params: SamplingParams
     prompt: str | None = None
     cache_salt: str | None = None
-    rope_seq_len: int | None = None        # the length its RoPE tables are chosen for, fixed for its lifetime
+    rope_seq_len: int | None = None  # the length its RoPE tables are chosen for, fixed for its lifetime
     arrival_time: float = field(default_factory=time.perf_counter)
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    finish_reason: str | None = None       # "stop" | "length" | "abort" (OpenAI's names); output.py writes it
-    stop_reason: int | str | None = None   # the stop token id or stop string that ended it
+    finish_reason: str | None = None  # "stop" | "length" | "abort" (OpenAI's names); output.py writes it
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     logprobs: list[dict[int, float]] | None = None
     generator: torch.Generator | None = None
     metrics: RequestMetrics = field(init=False)
@@ -97,7 +98,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[len(self.prompt_token_ids):]
+        return self.token_ids[len(self.prompt_token_ids) :]
 
     @property
     def is_finished(self) -> bool:

@@ -14,6 +14,7 @@ lock-step they agree on the KV block count (the minimum) and take rank 0's sampl
 Launch with `torchrun --nproc-per-node N script.py` and pass `tensor_parallel_size=N` to `LLM`; on CPU
 the gloo backend is used, on GPUs NCCL with one device per rank.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
 from longreach.train.parallel import join_process_group
 
 
@@ -46,14 +48,17 @@ def ensure_initialized(world_size: int) -> tuple[int, int]:
         raise RuntimeError("tensor parallelism needs torch.distributed, which this torch build lacks")
     if not dist.is_initialized():
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise RuntimeError(f"tensor_parallel_size={world_size} needs {world_size} processes: launch with "
-                               f"`torchrun --nproc-per-node {world_size} ...` or call "
-                               "torch.distributed.init_process_group first")
+            raise RuntimeError(
+                f"tensor_parallel_size={world_size} needs {world_size} processes: launch with "
+                f"`torchrun --nproc-per-node {world_size} ...` or call "
+                "torch.distributed.init_process_group first"
+            )
 
         join_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if dist.get_world_size() != world_size:
-        raise ValueError(f"tensor_parallel_size={world_size} but the process group has "
-                         f"{dist.get_world_size()} processes")
+        raise ValueError(
+            f"tensor_parallel_size={world_size} but the process group has {dist.get_world_size()} processes"
+        )
     return dist.get_rank(), world_size
 
 
@@ -69,7 +74,7 @@ def _split_rows(linear: nn.Linear, rank: int, world_size: int) -> None:
 
 def _split_cols(linear: nn.Linear, rank: int, world_size: int) -> RowParallelLinear:
     size = linear.in_features // world_size
-    weight = linear.weight.data[:, rank * size:(rank + 1) * size].clone()
+    weight = linear.weight.data[:, rank * size : (rank + 1) * size].clone()
     return RowParallelLinear(weight, None if linear.bias is None else linear.bias.data.clone())
 
 
@@ -77,9 +82,11 @@ def shard_model(model: nn.Module, world_size: int) -> nn.Module:
     """Shard a LlamaForCausalLM in place for this rank; the process group must span `world_size` ranks."""
     rank, world_size = ensure_initialized(world_size)
     cfg = model.config
-    for name, value in (("num_attention_heads", cfg.num_attention_heads),
-                        ("num_key_value_heads", cfg.num_key_value_heads),
-                        ("intermediate_size", cfg.intermediate_size)):
+    for name, value in (
+        ("num_attention_heads", cfg.num_attention_heads),
+        ("num_key_value_heads", cfg.num_key_value_heads),
+        ("intermediate_size", cfg.intermediate_size),
+    ):
         if value % world_size:
             raise ValueError(f"{name}={value} is not divisible by tensor_parallel_size={world_size}")
     for layer in model.model.layers:
@@ -106,7 +113,7 @@ class TensorParallel:
         return int(t.item())
 
     def sync_tokens(self, token_ids: list[int]) -> list[int]:
-        if not token_ids:      # a step of prefill chunks only: the same on every rank, nothing to send
+        if not token_ids:  # a step of prefill chunks only: the same on every rank, nothing to send
             return token_ids
         t = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         dist.broadcast(t, src=0)

@@ -16,6 +16,7 @@ A failed prompt comes back as its exception (never raised), so one bad request c
   HTTP 408/429 and 5xx; other HTTP errors are not retried. Prompts are sized with `tokenizer` when given
   (the served model's tokenizer directory), else with `ApproxTokenizer` (about 20% off).
 """
+
 from __future__ import annotations
 
 import http.client
@@ -33,14 +34,14 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from longreach.eval.tasks import Tokenizer
 from longreach.engine.llm import SamplingParams
+from longreach.eval.tasks import Tokenizer
 from longreach.model.bundled import resolve_model_path
 from longreach.model.generate import generate
 from longreach.model.loader import load_model
 from longreach.model.tokenizer import load_tokenizer
 
-IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]   # (prompt ids, max_tokens) -> new ids
+IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]  # (prompt ids, max_tokens) -> new ids
 
 
 class Backend(Protocol):
@@ -69,13 +70,33 @@ class EndpointError(RuntimeError):
 # ---------------------------------------------------------------- local
 
 
-def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope_scaling, kv_cache_dtype,
-                      max_model_len, batch_size: int, engine_kwargs: dict[str, Any]) -> tuple[IdsGenerator, str]:
-    kwargs = {"model": str(model) if isinstance(model, Path) else model, "tokenizer": tokenizer, "dtype": dtype,
-              "device": device, "rope_scaling": rope_scaling, "kv_cache_dtype": kv_cache_dtype,
-              "max_model_len": max_model_len, **engine_kwargs}
+def _engine_generator(
+    LLM,
+    SamplingParams,
+    model,
+    tokenizer,
+    dtype,
+    device,
+    rope_scaling,
+    kv_cache_dtype,
+    max_model_len,
+    batch_size: int,
+    engine_kwargs: dict[str, Any],
+) -> tuple[IdsGenerator, str]:
+    kwargs = {
+        "model": str(model) if isinstance(model, Path) else model,
+        "tokenizer": tokenizer,
+        "dtype": dtype,
+        "device": device,
+        "rope_scaling": rope_scaling,
+        "kv_cache_dtype": kv_cache_dtype,
+        "max_model_len": max_model_len,
+        **engine_kwargs,
+    }
     if "allow_long_max_model_len" in inspect.signature(LLM).parameters:
-        kwargs.setdefault("allow_long_max_model_len", True)   # evals probe past the supported length on purpose
+        kwargs.setdefault(
+            "allow_long_max_model_len", True
+        )  # evals probe past the supported length on purpose
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     params = inspect.signature(LLM).parameters
     sized = {"num_kv_blocks", "kv_cache_memory", "memory_fraction"} & set(kwargs)
@@ -85,13 +106,17 @@ def _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope
         # instead of the engine's default share of free memory (slow to allocate, and greedy on a shared box);
         # on a GPU the engine's own sizing stands (it preempts and recomputes if blocks run out)
         default = params["block_size"].default if "block_size" in params else None
-        block_size = kwargs.get("block_size") or default or (32 if kwargs.get("kv_cache_dtype") == "int4" else 16)
+        block_size = (
+            kwargs.get("block_size") or default or (32 if kwargs.get("kv_cache_dtype") == "int4" else 16)
+        )
         kwargs["num_kv_blocks"] = batch_size * (math.ceil(max_model_len / block_size) + 1)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         unsupported = sorted(set(kwargs) - set(params))
         if unsupported:
-            raise ValueError(f"this build's serving engine (longreach.engine.llm.LLM) does not accept "
-                             f"{unsupported}; it accepts {sorted(params)}")
+            raise ValueError(
+                f"this build's serving engine (longreach.engine.llm.LLM) does not accept "
+                f"{unsupported}; it accepts {sorted(params)}"
+            )
     return _llm_runner(LLM(**kwargs), SamplingParams), "engine"
 
 
@@ -112,13 +137,25 @@ def _reference_generator(model, stop_token_ids: Sequence[int]) -> tuple[IdsGener
 
     def run(prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
         outputs = generate(model, prompts, max_tokens=max_tokens, stop_token_ids=stops)
-        return [out[:-1] if out and out[-1] in stops else out for out in outputs]   # generate keeps the stop token
+        return [
+            out[:-1] if out and out[-1] in stops else out for out in outputs
+        ]  # generate keeps the stop token
 
     return run, "contiguous-cache generator"
 
 
-def _local_generator(model, tokenizer, dtype, device, rope_scaling, kv_cache_dtype, max_model_len, batch_size: int,
-                     engine_kwargs: dict[str, Any], stop_token_ids: Sequence[int]) -> tuple[IdsGenerator, str]:
+def _local_generator(
+    model,
+    tokenizer,
+    dtype,
+    device,
+    rope_scaling,
+    kv_cache_dtype,
+    max_model_len,
+    batch_size: int,
+    engine_kwargs: dict[str, Any],
+    stop_token_ids: Sequence[int],
+) -> tuple[IdsGenerator, str]:
     """The single switch between the two local generation paths.
 
     The paged serving engine (continuous batching, chunked prefill, KV dtypes) answers whenever
@@ -126,25 +163,49 @@ def _local_generator(model, tokenizer, dtype, device, rope_scaling, kv_cache_dty
     answers instead (the same greedy tokens, but no KV-cache options).
     """
     try:
-        from longreach.engine.llm import LLM, SamplingParams  # lazy: optional: a build without the engine falls back to the reference generator
+        from longreach.engine.llm import (  # lazy: optional: a build without the engine falls back to the reference generator
+            LLM,
+            SamplingParams,
+        )
     except ModuleNotFoundError as exc:
         if exc.name not in ("longreach.engine.llm", "longreach.engine"):
-            raise                       # the engine exists but one of its imports is broken: say so
+            raise  # the engine exists but one of its imports is broken: say so
         LLM = SamplingParams = None
     if LLM is not None:
-        return _engine_generator(LLM, SamplingParams, model, tokenizer, dtype, device, rope_scaling,
-                                 kv_cache_dtype, max_model_len, batch_size, engine_kwargs)
+        return _engine_generator(
+            LLM,
+            SamplingParams,
+            model,
+            tokenizer,
+            dtype,
+            device,
+            rope_scaling,
+            kv_cache_dtype,
+            max_model_len,
+            batch_size,
+            engine_kwargs,
+        )
     if kv_cache_dtype is not None:
-        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} needs the paged serving engine "
-                         "(longreach.engine.llm), which this build does not have")
+        raise ValueError(
+            f"kv_cache_dtype={kv_cache_dtype!r} needs the paged serving engine "
+            "(longreach.engine.llm), which this build does not have"
+        )
     if engine_kwargs:
-        raise ValueError(f"engine options {sorted(engine_kwargs)} need the paged serving engine "
-                         "(longreach.engine.llm), which this build does not have")
+        raise ValueError(
+            f"engine options {sorted(engine_kwargs)} need the paged serving engine "
+            "(longreach.engine.llm), which this build does not have"
+        )
     if isinstance(model, Path):
-        model = load_model(model, dtype=dtype, rope_scaling=rope_scaling,
-                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_model(
+            model,
+            dtype=dtype,
+            rope_scaling=rope_scaling,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
     elif rope_scaling is not None or dtype is not None:
-        raise ValueError("rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model")
+        raise ValueError(
+            "rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model"
+        )
     elif device is not None:
         model = model.to(device)
     stops = tuple(model.config.eos_token_ids) or tuple(stop_token_ids)
@@ -163,10 +224,20 @@ class LocalBackend:
     size its KV cache, it gets blocks for one batch of `batch_size` prompts of `max_model_len` tokens.
     """
 
-    def __init__(self, model=None, *, tokenizer: Tokenizer | None = None, dtype: str | None = None,
-                 device: str | None = None, rope_scaling: dict | None = None, kv_cache_dtype: str | None = None,
-                 max_model_len: int | None = None, batch_size: int = 8, engine_kwargs: dict | None = None,
-                 name: str | None = None):
+    def __init__(
+        self,
+        model=None,
+        *,
+        tokenizer: Tokenizer | None = None,
+        dtype: str | None = None,
+        device: str | None = None,
+        rope_scaling: dict | None = None,
+        kv_cache_dtype: str | None = None,
+        max_model_len: int | None = None,
+        batch_size: int = 8,
+        engine_kwargs: dict | None = None,
+        name: str | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if model is None or isinstance(model, (str, Path)):
@@ -174,7 +245,7 @@ class LocalBackend:
             if not Path(model).is_dir():
                 raise FileNotFoundError(f"model directory {str(model)!r} does not exist")
         self._model = model
-        if tokenizer is None and hasattr(model, "get_tokenizer"):     # an LLM knows its tokenizer
+        if tokenizer is None and hasattr(model, "get_tokenizer"):  # an LLM knows its tokenizer
             tokenizer = model.get_tokenizer()
         if tokenizer is None:
             if not isinstance(model, Path):
@@ -186,15 +257,15 @@ class LocalBackend:
         self.max_model_len = max_model_len
         self._options = (dtype, device, rope_scaling, kv_cache_dtype, dict(engine_kwargs or {}))
         self._generator: IdsGenerator | None = None
-        self.kind: str | None = None        # "engine" or "contiguous-cache generator" once built
-        if type(model).__name__ == "LLM":   # an engine built by the caller
+        self.kind: str | None = None  # "engine" or "contiguous-cache generator" once built
+        if type(model).__name__ == "LLM":  # an engine built by the caller
             self._generator, self.kind = _llm_runner(model, SamplingParams), "engine"
 
     def ensure_max_len(self, num_tokens: int) -> None:
         if self._generator is None or self.kind != "engine" or type(self._model).__name__ == "LLM":
             self.max_model_len = max(self.max_model_len or 0, num_tokens)
             return
-        if (self.max_model_len or 0) < num_tokens:   # the engine was sized for shorter prompts: rebuild it
+        if (self.max_model_len or 0) < num_tokens:  # the engine was sized for shorter prompts: rebuild it
             self.max_model_len = num_tokens
             self._generator = None
 
@@ -203,18 +274,27 @@ class LocalBackend:
             dtype, device, rope_scaling, kv_cache_dtype, engine_kwargs = self._options
             stop_token_ids = tuple(getattr(self.tokenizer, "eos_token_ids", ()) or ())
             self._generator, self.kind = _local_generator(
-                self._model, self.tokenizer, dtype, device, rope_scaling, kv_cache_dtype, self.max_model_len,
-                self.batch_size, engine_kwargs, stop_token_ids)
+                self._model,
+                self.tokenizer,
+                dtype,
+                device,
+                rope_scaling,
+                kv_cache_dtype,
+                self.max_model_len,
+                self.batch_size,
+                engine_kwargs,
+                stop_token_ids,
+            )
         return self._generator
 
     def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
         generate = self._generate()
         results: list[str | Exception] = []
         for start in range(0, len(prompts), self.batch_size):
-            batch = [self.tokenizer.encode(p) for p in prompts[start:start + self.batch_size]]
+            batch = [self.tokenizer.encode(p) for p in prompts[start : start + self.batch_size]]
             try:
                 outputs: list[list[int] | Exception] = list(generate(batch, max_tokens))
-            except Exception:       # isolate the failing prompt(s): each is retried alone
+            except Exception:  # isolate the failing prompt(s): each is retried alone
                 outputs = []
                 for ids in batch:
                     try:
@@ -244,9 +324,19 @@ def completions_url(url: str) -> str:
 class EndpointBackend:
     """Greedy completions from an OpenAI-compatible server (ours, vLLM, a hosted API)."""
 
-    def __init__(self, url: str, *, api_key: str | None = None, model_name: str | None = None,
-                 tokenizer: Tokenizer | None = None, concurrency: int = 8, timeout: float = 600.0,
-                 retries: int = 2, backoff: float = 0.5, extra_body: dict | None = None):
+    def __init__(
+        self,
+        url: str,
+        *,
+        api_key: str | None = None,
+        model_name: str | None = None,
+        tokenizer: Tokenizer | None = None,
+        concurrency: int = 8,
+        timeout: float = 600.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        extra_body: dict | None = None,
+    ):
         if concurrency < 1:
             raise ValueError(f"concurrency={concurrency} must be >= 1")
         if timeout <= 0:
@@ -255,7 +345,12 @@ class EndpointBackend:
             raise ValueError(f"retries={retries} must be >= 0")
         self.url = completions_url(url)
         self.api_key, self.concurrency, self.timeout, self.retries, self.backoff = (
-            api_key, concurrency, timeout, retries, backoff)
+            api_key,
+            concurrency,
+            timeout,
+            retries,
+            backoff,
+        )
         self.extra_body = dict(extra_body or {})
         self.is_approximate_tokenizer = tokenizer is None
         self.tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
@@ -272,17 +367,21 @@ class EndpointBackend:
     def _discover_model(self) -> str:
         models_url = self.url[: -len("/completions")] + "/models"
         try:
-            with urllib.request.urlopen(urllib.request.Request(models_url, headers=self._headers()),
-                                        timeout=min(self.timeout, 30.0)) as response:
+            with urllib.request.urlopen(
+                urllib.request.Request(models_url, headers=self._headers()), timeout=min(self.timeout, 30.0)
+            ) as response:
                 data = json.loads(response.read())
             return str(data["data"][0]["id"])
         except Exception as exc:
-            raise ValueError(f"could not list models at {models_url} ({type(exc).__name__}: {exc}); "
-                             "pass the served model's name (--model-name)") from None
+            raise ValueError(
+                f"could not list models at {models_url} ({type(exc).__name__}: {exc}); "
+                "pass the served model's name (--model-name)"
+            ) from None
 
     def _post(self, body: dict) -> str:
-        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=self._headers(),
-                                         method="POST")
+        request = urllib.request.Request(
+            self.url, data=json.dumps(body).encode(), headers=self._headers(), method="POST"
+        )
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             payload = response.read()
         try:
@@ -291,8 +390,13 @@ class EndpointBackend:
             raise EndpointError(f"malformed response from {self.url}: {payload[:200]!r}") from exc
 
     def _complete_one(self, prompt: str, max_tokens: int) -> str | Exception:
-        body = {"model": self.model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                **self.extra_body}
+        body = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            **self.extra_body,
+        }
         error: Exception = EndpointError("no attempt made")
         for attempt in range(self.retries + 1):
             if attempt:
@@ -303,7 +407,7 @@ class EndpointBackend:
                 detail = exc.read()[:300].decode("utf-8", errors="replace")
                 error = EndpointError(f"HTTP {exc.code} from {self.url}: {detail}")
                 if exc.code not in (408, 429) and exc.code < 500:
-                    return error                      # the request itself is wrong: retrying cannot help
+                    return error  # the request itself is wrong: retrying cannot help
             except (TimeoutError, socket.timeout):
                 error = EndpointError(f"no answer from {self.url} within {self.timeout:g} s")
             except urllib.error.URLError as exc:

@@ -10,6 +10,7 @@ TASK is one of the generated tasks (`longreach.eval.tasks.TASKS`) or `ppl`. Seve
 comparison: one table and one figure with a line per setting, plus each setting's own report.
 No --model and no --endpoint: the bundled demo model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,16 @@ from pathlib import Path
 from longreach.eval.tasks import TASKS
 from longreach.rope import parse_rope_scaling_arg
 
-SETTING_KEYS = ("model", "endpoint", "model_name", "api_key", "tokenizer", "rope_scaling", "kv_cache_dtype", "dtype")
+SETTING_KEYS = (
+    "model",
+    "endpoint",
+    "model_name",
+    "api_key",
+    "tokenizer",
+    "rope_scaling",
+    "kv_cache_dtype",
+    "dtype",
+)
 
 
 def parse_lengths(text: str) -> list[int]:
@@ -33,7 +43,7 @@ def parse_lengths(text: str) -> list[int]:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", item)
         if not match:
             raise ValueError(f"--lengths: {item!r} is not a length (examples: 512, 4k, 1.5k, 1M)")
-        scale = {"": 1, "k": 1024, "m": 1024 ** 2}[match.group(2).lower()]
+        scale = {"": 1, "k": 1024, "m": 1024**2}[match.group(2).lower()]
         value = float(match.group(1)) * scale
         if value != int(value) or value < 1:
             raise ValueError(f"--lengths: {item!r} is not a whole number of tokens")
@@ -53,7 +63,7 @@ def parse_depths(text: str) -> list[float]:
             step = b - a
             if step <= 0:
                 raise ValueError
-            values = [float(v) for v in items[:i - 2]]
+            values = [float(v) for v in items[: i - 2]]
             n = int(round((end - a) / step))
             values += [round(a + k * step, 6) for k in range(n + 1)]
             if values[-1] != end:
@@ -61,7 +71,9 @@ def parse_depths(text: str) -> list[float]:
         else:
             values = [float(v) for v in items]
     except ValueError:
-        raise ValueError(f"--depths: {text!r} must be percentages like '0,50,100' or '0,10,...,100'") from None
+        raise ValueError(
+            f"--depths: {text!r} must be percentages like '0,50,100' or '0,10,...,100'"
+        ) from None
     bad = [v for v in values if not 0 <= v <= 100]
     if bad:
         raise ValueError(f"--depths: {bad} outside [0, 100]")
@@ -71,25 +83,51 @@ def parse_depths(text: str) -> list[float]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=[*TASKS, "ppl"], help="what to measure: a generated task or ppl")
     src = parser.add_argument_group("what to evaluate")
-    src.add_argument("--model", action="append", metavar="DIR",
-                     help="checkpoint directory (repeat to compare; default: the bundled demo model)")
-    src.add_argument("--endpoint", metavar="URL", help="OpenAI-compatible server (…/v1/completions is POSTed)")
-    src.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                     help="bearer token for --endpoint (default: $OPENAI_API_KEY)")
+    src.add_argument(
+        "--model",
+        action="append",
+        metavar="DIR",
+        help="checkpoint directory (repeat to compare; default: the bundled demo model)",
+    )
+    src.add_argument(
+        "--endpoint", metavar="URL", help="OpenAI-compatible server (…/v1/completions is POSTed)"
+    )
+    src.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="bearer token for --endpoint (default: $OPENAI_API_KEY)",
+    )
     src.add_argument("--model-name", help="model name sent to --endpoint (default: the first of /v1/models)")
-    src.add_argument("--tokenizer", metavar="DIR",
-                     help="tokenizer sizing the prompts for --endpoint (default: an approximate count)")
+    src.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer sizing the prompts for --endpoint (default: an approximate count)",
+    )
     src.add_argument("--concurrency", type=int, default=8, help="parallel requests to --endpoint (default 8)")
-    src.add_argument("--timeout", type=float, default=600.0, help="seconds per request to --endpoint (default 600)")
+    src.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds per request to --endpoint (default 600)"
+    )
     src.add_argument("--retries", type=int, default=2, help="retries per failed request (default 2)")
-    src.add_argument("--rope-scaling", action="append", metavar="JSON",
-                     help="rope dict overriding the checkpoint's, or 'none' (repeat to compare)")
-    src.add_argument("--kv-cache-dtype", action="append", metavar="D",
-                     help="KV cache dtype for the engine, e.g. int8 (repeat to compare)")
+    src.add_argument(
+        "--rope-scaling",
+        action="append",
+        metavar="JSON",
+        help="rope dict overriding the checkpoint's, or 'none' (repeat to compare)",
+    )
+    src.add_argument(
+        "--kv-cache-dtype",
+        action="append",
+        metavar="D",
+        help="KV cache dtype for the engine, e.g. int8 (repeat to compare)",
+    )
     src.add_argument("--dtype", help="fp32 | bf16 | fp16 (default: as stored)")
     src.add_argument("--device", help="cpu | cuda | cuda:N for local models (default: CUDA when available)")
-    src.add_argument("--setting", action="append", metavar="NAME=JSON",
-                     help="a named setting to compare, JSON keys among " + ", ".join(SETTING_KEYS))
+    src.add_argument(
+        "--setting",
+        action="append",
+        metavar="NAME=JSON",
+        help="a named setting to compare, JSON keys among " + ", ".join(SETTING_KEYS),
+    )
     grid = parser.add_argument_group("grid (generated tasks)")
     grid.add_argument("--lengths", default="1k,2k,4k", help="context lengths, k = 1024 (default 1k,2k,4k)")
     grid.add_argument("--depths", default="0,10,...,100", help="needle depths in %% (default 0,10,...,100)")
@@ -98,11 +136,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     grid.add_argument("--haystack", action="append", metavar="FILE", help="text file(s) to use as haystack")
     grid.add_argument("--max-tokens", type=int, help="answer budget (default: the task's)")
     grid.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
-    grid.add_argument("--threshold", type=float, default=85.0,
-                      help="accuracy for the effective context length, %% or fraction (default 85)")
+    grid.add_argument(
+        "--threshold",
+        type=float,
+        default=85.0,
+        help="accuracy for the effective context length, %% or fraction (default 85)",
+    )
     ppl = parser.add_argument_group("ppl")
-    ppl.add_argument("--data", action="append", metavar="FILE",
-                     help="text file(s), one document each (default: built-in synthetic text)")
+    ppl.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE",
+        help="text file(s), one document each (default: built-in synthetic text)",
+    )
     ppl.add_argument("--stride", type=int, default=256, help="tokens scored per window (default 256)")
     ppl.add_argument("--max-windows", type=int, default=4, help="windows per document (default 4)")
     out = parser.add_argument_group("output")
@@ -123,10 +169,17 @@ def build_settings(args) -> dict[str | None, dict]:
     if args.endpoint and args.model:
         raise ValueError("give --model or --endpoint, not both (compare them with --setting)")
     if args.endpoint and (args.rope_scaling or args.kv_cache_dtype or args.dtype or args.device):
-        raise ValueError("--rope-scaling, --kv-cache-dtype, --dtype and --device apply to local models; "
-                         "configure the server behind --endpoint instead")
-    base = {"endpoint": args.endpoint, "api_key": args.api_key, "model_name": args.model_name,
-            "tokenizer": args.tokenizer, "dtype": args.dtype}
+        raise ValueError(
+            "--rope-scaling, --kv-cache-dtype, --dtype and --device apply to local models; "
+            "configure the server behind --endpoint instead"
+        )
+    base = {
+        "endpoint": args.endpoint,
+        "api_key": args.api_key,
+        "model_name": args.model_name,
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
+    }
     if args.setting:
         settings = {}
         for entry in args.setting:
@@ -141,10 +194,15 @@ def build_settings(args) -> dict[str | None, dict]:
                 raise ValueError(f"--setting {name}: must be a JSON object")
             unknown = sorted(set(options) - set(SETTING_KEYS))
             if unknown:
-                raise ValueError(f"--setting {name}: unknown key(s) {unknown}; accepted: {list(SETTING_KEYS)}")
-            defaults = {**base, "model": (args.model or [None])[0],
-                        "rope_scaling": parse_rope_scaling_arg(args.rope_scaling[0]) if args.rope_scaling else None,
-                        "kv_cache_dtype": (args.kv_cache_dtype or [None])[0]}
+                raise ValueError(
+                    f"--setting {name}: unknown key(s) {unknown}; accepted: {list(SETTING_KEYS)}"
+                )
+            defaults = {
+                **base,
+                "model": (args.model or [None])[0],
+                "rope_scaling": parse_rope_scaling_arg(args.rope_scaling[0]) if args.rope_scaling else None,
+                "kv_cache_dtype": (args.kv_cache_dtype or [None])[0],
+            }
             if name.strip() in settings:
                 raise ValueError(f"--setting name {name.strip()!r} is given twice")
             settings[name.strip()] = {**defaults, **options}
@@ -174,24 +232,43 @@ def build_settings(args) -> dict[str | None, dict]:
 
 def make_backend(options: dict, args, max_len: int):
     from longreach.eval.backends import EndpointBackend, LocalBackend  # lazy: CLI verb, keeps --help fast
+
     if options.get("endpoint"):
         tokenizer = None
         if options.get("tokenizer"):
             from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
+
             tokenizer = load_tokenizer(options["tokenizer"])
-        backend = EndpointBackend(options["endpoint"], api_key=options.get("api_key"),
-                                  model_name=options.get("model_name"), tokenizer=tokenizer,
-                                  concurrency=args.concurrency, timeout=args.timeout, retries=args.retries)
+        backend = EndpointBackend(
+            options["endpoint"],
+            api_key=options.get("api_key"),
+            model_name=options.get("model_name"),
+            tokenizer=tokenizer,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+        )
         if backend.is_approximate_tokenizer:
-            print("note: prompt lengths are approximate (no --tokenizer given for the endpoint)", file=sys.stderr)
+            print(
+                "note: prompt lengths are approximate (no --tokenizer given for the endpoint)",
+                file=sys.stderr,
+            )
         return backend
     tokenizer = None
     if options.get("tokenizer"):
         from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
+
         tokenizer = load_tokenizer(options["tokenizer"])
-    return LocalBackend(options.get("model"), tokenizer=tokenizer, dtype=options.get("dtype"),
-                        rope_scaling=options.get("rope_scaling"), kv_cache_dtype=options.get("kv_cache_dtype"),
-                        device=args.device, max_model_len=max_len, batch_size=args.batch_size)
+    return LocalBackend(
+        options.get("model"),
+        tokenizer=tokenizer,
+        dtype=options.get("dtype"),
+        rope_scaling=options.get("rope_scaling"),
+        kv_cache_dtype=options.get("kv_cache_dtype"),
+        device=args.device,
+        max_model_len=max_len,
+        batch_size=args.batch_size,
+    )
 
 
 def _check_flags(args) -> None:
@@ -245,9 +322,16 @@ def _main(args) -> int:
     )
 
     depths = parse_depths(args.depths)
-    grid = dict(depths=depths, num_samples=args.samples, seed=args.seed, haystack=args.haystack,
-                max_new_tokens=args.max_tokens, batch_size=args.batch_size, threshold=threshold,
-                progress=not args.no_progress)
+    grid = dict(
+        depths=depths,
+        num_samples=args.samples,
+        seed=args.seed,
+        haystack=args.haystack,
+        max_new_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        threshold=threshold,
+        progress=not args.no_progress,
+    )
     results = []
     for name, options in settings.items():
         backend = make_backend(options, args, max(lengths))
@@ -265,8 +349,12 @@ def _main(args) -> int:
         num_errors = sum(s.error is not None for s in r.samples)
         if num_errors:
             first = next(s.error for s in r.samples if s.error)
-            print(f"warning: {num_errors} of {len(r.samples)} request(s) failed" +
-                  (f" [{r.setting}]" if r.setting else "") + f" and count as misses; first: {first}", file=sys.stderr)
+            print(
+                f"warning: {num_errors} of {len(r.samples)} request(s) failed"
+                + (f" [{r.setting}]" if r.setting else "")
+                + f" and count as misses; first: {first}",
+                file=sys.stderr,
+            )
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     answered = sum(s.error is None for r in results for s in r.samples)
     return 0 if answered else 1
@@ -285,11 +373,22 @@ def _main_ppl(args, settings, lengths, out_dir) -> int:
         if options.get("kv_cache_dtype") or options.get("endpoint"):
             raise ValueError(f"setting {name}: ppl takes local models without KV-cache options")
         tokenizer = load_tokenizer(options["tokenizer"]) if options.get("tokenizer") else None
-        results.append(evaluate_perplexity(options.get("model"), data=args.data, lengths=lengths,
-                                           stride=args.stride, max_windows=args.max_windows, tokenizer=tokenizer,
-                                           dtype=options.get("dtype"), rope_scaling=options.get("rope_scaling"),
-                                           setting=name, seed=args.seed, device=args.device,
-                                           progress=not args.no_progress))
+        results.append(
+            evaluate_perplexity(
+                options.get("model"),
+                data=args.data,
+                lengths=lengths,
+                stride=args.stride,
+                max_windows=args.max_windows,
+                tokenizer=tokenizer,
+                dtype=options.get("dtype"),
+                rope_scaling=options.get("rope_scaling"),
+                setting=name,
+                seed=args.seed,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+        )
     print(perplexity_table(results))
     paths = write_perplexity_report(results, out_dir, plot=not args.no_plot)
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -13,6 +13,7 @@ needles are "snapped to a sentence end" as in the needle-in-a-haystack repositor
 
 Words used by the tasks (keys, variable names, word lists) are built here too: `pseudo_word`, `person_name`.
 """
+
 from __future__ import annotations
 
 import abc
@@ -23,23 +24,135 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-SENTENCE_START = re.compile(r"(?<=[.!?])\s+")   # a needle goes where the next sentence starts
+SENTENCE_START = re.compile(r"(?<=[.!?])\s+")  # a needle goes where the next sentence starts
 DOCUMENT_START = re.compile(r"\n\n")
 
-_ADJECTIVES = ("quiet", "bright", "ancient", "narrow", "golden", "hollow", "distant", "gentle", "silver", "restless",
-               "patient", "crooked", "humble", "vivid", "weathered", "curious", "steady", "fragile", "broad", "pale",
-               "stubborn", "sunlit", "forgotten", "sturdy", "tangled", "modest", "solemn", "brisk", "dusty", "tender")
-_NOUNS = ("river", "lantern", "orchard", "harbor", "meadow", "library", "compass", "garden", "mountain", "village",
-          "bridge", "forest", "market", "window", "island", "workshop", "valley", "castle", "letter", "kitchen",
-          "engine", "painter", "sailor", "teacher", "farmer", "traveler", "scholar", "merchant", "poet", "baker")
-_VERBS = ("watched", "crossed", "remembered", "followed", "carried", "described", "admired", "repaired", "visited",
-          "painted", "ignored", "studied", "guarded", "praised", "mapped", "questioned", "welcomed", "measured")
-_INTRANSITIVE = ("waited", "wandered", "rested", "listened", "lingered", "hesitated", "drifted", "laughed",
-                 "worked", "returned", "whispered", "changed")
-_ADVERBS = ("slowly", "quietly", "carefully", "happily", "patiently", "suddenly", "gracefully", "eagerly",
-            "steadily", "softly", "boldly", "rarely")
-_PLACES = ("old town", "northern hills", "market square", "coastal road", "upper valley", "river bank",
-           "small harbor", "eastern woods", "city gate", "long avenue", "quiet lane", "high plateau")
+_ADJECTIVES = (
+    "quiet",
+    "bright",
+    "ancient",
+    "narrow",
+    "golden",
+    "hollow",
+    "distant",
+    "gentle",
+    "silver",
+    "restless",
+    "patient",
+    "crooked",
+    "humble",
+    "vivid",
+    "weathered",
+    "curious",
+    "steady",
+    "fragile",
+    "broad",
+    "pale",
+    "stubborn",
+    "sunlit",
+    "forgotten",
+    "sturdy",
+    "tangled",
+    "modest",
+    "solemn",
+    "brisk",
+    "dusty",
+    "tender",
+)
+_NOUNS = (
+    "river",
+    "lantern",
+    "orchard",
+    "harbor",
+    "meadow",
+    "library",
+    "compass",
+    "garden",
+    "mountain",
+    "village",
+    "bridge",
+    "forest",
+    "market",
+    "window",
+    "island",
+    "workshop",
+    "valley",
+    "castle",
+    "letter",
+    "kitchen",
+    "engine",
+    "painter",
+    "sailor",
+    "teacher",
+    "farmer",
+    "traveler",
+    "scholar",
+    "merchant",
+    "poet",
+    "baker",
+)
+_VERBS = (
+    "watched",
+    "crossed",
+    "remembered",
+    "followed",
+    "carried",
+    "described",
+    "admired",
+    "repaired",
+    "visited",
+    "painted",
+    "ignored",
+    "studied",
+    "guarded",
+    "praised",
+    "mapped",
+    "questioned",
+    "welcomed",
+    "measured",
+)
+_INTRANSITIVE = (
+    "waited",
+    "wandered",
+    "rested",
+    "listened",
+    "lingered",
+    "hesitated",
+    "drifted",
+    "laughed",
+    "worked",
+    "returned",
+    "whispered",
+    "changed",
+)
+_ADVERBS = (
+    "slowly",
+    "quietly",
+    "carefully",
+    "happily",
+    "patiently",
+    "suddenly",
+    "gracefully",
+    "eagerly",
+    "steadily",
+    "softly",
+    "boldly",
+    "rarely",
+)
+_PLACES = (
+    "old town",
+    "northern hills",
+    "market square",
+    "coastal road",
+    "upper valley",
+    "river bank",
+    "small harbor",
+    "eastern woods",
+    "city gate",
+    "long avenue",
+    "quiet lane",
+    "high plateau",
+)
 _TIMES = ("morning", "evening", "winter", "spring", "afternoon", "season", "autumn", "summer")
 _TEMPLATES = (
     "The {adj} {noun} {verb} the {adj2} {noun2}.",
@@ -54,25 +167,192 @@ _TEMPLATES = (
     "Beyond the {place}, the {noun2} {intrans} and the {noun} {verb} it {adverb}.",
 )
 _SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou") + ("th", "sh", "ch")
-_FIRST_NAMES = ("Ada", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo", "Ines", "Jonas", "Kira",
-                "Lars", "Mira", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Soren", "Talia", "Umar", "Vera",
-                "Wendell", "Xenia", "Yusuf", "Zora", "Amara", "Basil", "Celia", "Dorian", "Esme", "Felix", "Gideon",
-                "Helena", "Ivo", "Juno", "Kasimir", "Lena", "Matteo", "Noor", "Otto", "Paloma", "Rafael", "Selma",
-                "Tobias", "Ulla", "Viktor", "Wilma", "Yara", "Zeno")
-_SURNAME_HEADS = ("Ash", "Black", "Brook", "Clay", "Dun", "Elder", "Fair", "Gold", "Hart", "Iron", "Kings", "Lang",
-                  "Marsh", "North", "Oak", "Pen", "Quill", "Raven", "Stone", "Thorn", "Under", "Vale", "West", "Wren")
-_SURNAME_TAILS = ("wood", "field", "ford", "more", "ton", "well", "by", "croft", "hill", "worth", "ley", "mere",
-                  "wick", "holt", "stead", "gate", "ridge", "shaw", "combe", "thwaite")
-CITIES = ("Lisbon", "Oslo", "Kyoto", "Quito", "Tbilisi", "Porto", "Tallinn", "Valletta", "Hanoi", "Lima", "Bergen",
-          "Dakar", "Krakow", "Ghent", "Seville", "Tunis", "Cusco", "Riga", "Nairobi", "Hobart", "Galway", "Bruges",
-          "Lyon", "Turin", "Salzburg", "Leipzig", "Bologna", "Granada", "Tartu", "Aarhus", "Cork", "Utrecht")
-PROFESSIONS = ("architect", "beekeeper", "cartographer", "chemist", "glassblower", "librarian", "locksmith",
-               "luthier", "midwife", "navigator", "optician", "pharmacist", "potter", "surveyor", "translator",
-               "veterinarian", "watchmaker", "weaver", "geologist", "sommelier")
-_COMPANY_HEADS = ("Northwind", "Bluefield", "Copperline", "Silverleaf", "Redcliff", "Greenhollow", "Lighthouse",
-                  "Starling", "Ironbridge", "Moonstone", "Harborview", "Sunpeak", "Foxglove", "Cedarwood")
-_COMPANY_TAILS = ("Labs", "Works", "Trading", "Foundry", "Studios", "Logistics", "Textiles", "Instruments",
-                  "Press", "Analytics", "Bakery", "Shipyard")
+_FIRST_NAMES = (
+    "Ada",
+    "Bruno",
+    "Clara",
+    "Dmitri",
+    "Elena",
+    "Farid",
+    "Greta",
+    "Hugo",
+    "Ines",
+    "Jonas",
+    "Kira",
+    "Lars",
+    "Mira",
+    "Nadia",
+    "Oskar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Soren",
+    "Talia",
+    "Umar",
+    "Vera",
+    "Wendell",
+    "Xenia",
+    "Yusuf",
+    "Zora",
+    "Amara",
+    "Basil",
+    "Celia",
+    "Dorian",
+    "Esme",
+    "Felix",
+    "Gideon",
+    "Helena",
+    "Ivo",
+    "Juno",
+    "Kasimir",
+    "Lena",
+    "Matteo",
+    "Noor",
+    "Otto",
+    "Paloma",
+    "Rafael",
+    "Selma",
+    "Tobias",
+    "Ulla",
+    "Viktor",
+    "Wilma",
+    "Yara",
+    "Zeno",
+)
+_SURNAME_HEADS = (
+    "Ash",
+    "Black",
+    "Brook",
+    "Clay",
+    "Dun",
+    "Elder",
+    "Fair",
+    "Gold",
+    "Hart",
+    "Iron",
+    "Kings",
+    "Lang",
+    "Marsh",
+    "North",
+    "Oak",
+    "Pen",
+    "Quill",
+    "Raven",
+    "Stone",
+    "Thorn",
+    "Under",
+    "Vale",
+    "West",
+    "Wren",
+)
+_SURNAME_TAILS = (
+    "wood",
+    "field",
+    "ford",
+    "more",
+    "ton",
+    "well",
+    "by",
+    "croft",
+    "hill",
+    "worth",
+    "ley",
+    "mere",
+    "wick",
+    "holt",
+    "stead",
+    "gate",
+    "ridge",
+    "shaw",
+    "combe",
+    "thwaite",
+)
+CITIES = (
+    "Lisbon",
+    "Oslo",
+    "Kyoto",
+    "Quito",
+    "Tbilisi",
+    "Porto",
+    "Tallinn",
+    "Valletta",
+    "Hanoi",
+    "Lima",
+    "Bergen",
+    "Dakar",
+    "Krakow",
+    "Ghent",
+    "Seville",
+    "Tunis",
+    "Cusco",
+    "Riga",
+    "Nairobi",
+    "Hobart",
+    "Galway",
+    "Bruges",
+    "Lyon",
+    "Turin",
+    "Salzburg",
+    "Leipzig",
+    "Bologna",
+    "Granada",
+    "Tartu",
+    "Aarhus",
+    "Cork",
+    "Utrecht",
+)
+PROFESSIONS = (
+    "architect",
+    "beekeeper",
+    "cartographer",
+    "chemist",
+    "glassblower",
+    "librarian",
+    "locksmith",
+    "luthier",
+    "midwife",
+    "navigator",
+    "optician",
+    "pharmacist",
+    "potter",
+    "surveyor",
+    "translator",
+    "veterinarian",
+    "watchmaker",
+    "weaver",
+    "geologist",
+    "sommelier",
+)
+_COMPANY_HEADS = (
+    "Northwind",
+    "Bluefield",
+    "Copperline",
+    "Silverleaf",
+    "Redcliff",
+    "Greenhollow",
+    "Lighthouse",
+    "Starling",
+    "Ironbridge",
+    "Moonstone",
+    "Harborview",
+    "Sunpeak",
+    "Foxglove",
+    "Cedarwood",
+)
+_COMPANY_TAILS = (
+    "Labs",
+    "Works",
+    "Trading",
+    "Foundry",
+    "Studios",
+    "Logistics",
+    "Textiles",
+    "Instruments",
+    "Press",
+    "Analytics",
+    "Bakery",
+    "Shipyard",
+)
 ANIMALS = ("cat", "dog", "parrot", "tortoise", "rabbit", "ferret", "goldfish", "hedgehog", "canary", "lizard")
 
 
@@ -133,7 +413,9 @@ class TextSource(abc.ABC):
         """Offsets in `[0, num_chars]` where a needle may go: 0, each sentence (document) start, and the end
         when the prefix ends a sentence (document); a trailing partial sentence stays after the last needle."""
         self._ensure(num_chars + 8)
-        inner = [b for b in self._boundaries[:bisect.bisect_right(self._boundaries, num_chars)] if b < num_chars]
+        inner = [
+            b for b in self._boundaries[: bisect.bisect_right(self._boundaries, num_chars)] if b < num_chars
+        ]
         if num_chars and self.boundary_pattern.match(self._text, num_chars):
             inner.append(num_chars)
         return inner or [0]
@@ -154,10 +436,18 @@ class SyntheticText(TextSource):
     def _sentence(self) -> str:
         r = self._rng
         text = r.choice(_TEMPLATES).format(
-            adj=r.choice(_ADJECTIVES), adj2=r.choice(_ADJECTIVES), noun=r.choice(_NOUNS), noun2=r.choice(_NOUNS),
-            verb=r.choice(_VERBS), intrans=r.choice(_INTRANSITIVE), intrans2=r.choice(_INTRANSITIVE),
-            intrans_present=r.choice(_INTRANSITIVE)[:-2] + "s", adverb=r.choice(_ADVERBS),
-            place=r.choice(_PLACES), time=r.choice(_TIMES))
+            adj=r.choice(_ADJECTIVES),
+            adj2=r.choice(_ADJECTIVES),
+            noun=r.choice(_NOUNS),
+            noun2=r.choice(_NOUNS),
+            verb=r.choice(_VERBS),
+            intrans=r.choice(_INTRANSITIVE),
+            intrans2=r.choice(_INTRANSITIVE),
+            intrans_present=r.choice(_INTRANSITIVE)[:-2] + "s",
+            adverb=r.choice(_ADVERBS),
+            place=r.choice(_PLACES),
+            time=r.choice(_TIMES),
+        )
         return text[0].upper() + text[1:]
 
     def _next_piece(self) -> str:
@@ -225,12 +515,19 @@ class EntityDocuments(TextSource):
 
 
 def entity_facts(rng: random.Random) -> dict[str, str]:
-    return {"city": rng.choice(CITIES), "profession": rng.choice(PROFESSIONS), "company": company_name(rng),
-            "animal": rng.choice(ANIMALS), "pet": pseudo_word(rng).capitalize()}
+    return {
+        "city": rng.choice(CITIES),
+        "profession": rng.choice(PROFESSIONS),
+        "company": company_name(rng),
+        "animal": rng.choice(ANIMALS),
+        "pet": pseudo_word(rng).capitalize(),
+    }
 
 
 def entity_document(name: str, facts: dict[str, str]) -> str:
     first = name.split()[0]
     article = "an" if facts["profession"][0] in "aeiou" else "a"
-    return (f"{name} was born in {facts['city']}. {first} works as {article} {facts['profession']} at "
-            f"{facts['company']}. {first} has a pet {facts['animal']} called {facts['pet']}.")
+    return (
+        f"{name} was born in {facts['city']}. {first} works as {article} {facts['profession']} at "
+        f"{facts['company']}. {first} has a pet {facts['animal']} called {facts['pet']}."
+    )

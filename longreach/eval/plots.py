@@ -6,6 +6,7 @@
 - `plot_comparison(results, path)`: accuracy vs context length, one line per setting, with the threshold.
 - `plot_perplexity(results, path)`: perplexity vs context length, one line per setting (YaRN's Table 2 as a figure).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,12 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
 def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
     """Depth (rows, 0% at the top) x length (columns) accuracy heatmap of one grid; returns the PNG path."""
     depths, lengths = result.depths, result.lengths
-    acc = np.array([[np.nan if (a := result.accuracy(length, depth)) is None else 100.0 * a for length in lengths]
-                    for depth in depths])
+    acc = np.array(
+        [
+            [np.nan if (a := result.accuracy(length, depth)) is None else 100.0 * a for length in lengths]
+            for depth in depths
+        ]
+    )
     fig = Figure(figsize=(min(3.2 + 0.85 * len(lengths), 16), min(2.2 + 0.42 * len(depths), 12)))
     ax = fig.subplots()
     cmap = RETRIEVAL_CMAP.with_extremes(bad="#bdbdbd")
@@ -49,10 +54,21 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
             text = "n/a" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0f}%"
             if errors:
                 text += f"\n{errors} err"
-                ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#555555",
-                                       linewidth=0))
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black",
-                    bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1) if errors else None)
+                ax.add_patch(
+                    Rectangle(
+                        (j - 0.5, i - 0.5), 1, 1, fill=False, hatch="///", edgecolor="#555555", linewidth=0
+                    )
+                )
+            ax.text(
+                j,
+                i,
+                text,
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="black",
+                bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1) if errors else None,
+            )
     ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
     ax.set_xlabel("context length (tokens, K = 1024)")
     if depths == [None]:
@@ -62,7 +78,7 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_ylabel("needle depth (% of the context)")
     effective, stopped_at = result._effective()
-    if effective is not None and effective != lengths[-1]:   # mark where the effective context ends
+    if effective is not None and effective != lengths[-1]:  # mark where the effective context ends
         ax.axvline(lengths.index(effective) + 0.5, color="black", linestyle="--", linewidth=1.2)
     colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
     legend = "accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed"
@@ -70,12 +86,15 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
         legend += "\nhatched = failed requests (N err), counted as missed"
     colorbar.set_label(legend, fontsize=8)
     title = f"{result.task} — {result.model}" + (f" [{result.setting}]" if result.setting else "")
-    eff = ("below the shortest length" if effective is None else format_length(effective))
+    eff = "below the shortest length" if effective is None else format_length(effective)
     marked = ", dashed line" if effective is not None and effective != lengths[-1] else ""
     if stopped_at is not None:
         marked += f"; not claimed from {format_length(stopped_at)} on: failed requests"
-    ax.set_title(f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%{marked}); "
-                 f"{result.num_samples} sample(s) per cell", fontsize=9)
+    ax.set_title(
+        f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%{marked}); "
+        f"{result.num_samples} sample(s) per cell",
+        fontsize=9,
+    )
     return _save(fig, path)
 
 
@@ -96,7 +115,12 @@ def plot_comparison(results: Sequence[GridResult], path: str | os.PathLike) -> P
         points = [(n, a) for n, a in r.accuracy_by_length().items() if a is not None]
         eff = r.effective_length()
         label = f"{r.setting or r.model} (effective {format_length(eff) if eff else '—'})"
-        ax.plot([n for n, _ in points], [100 * a for _, a in points], label=label, **_series_style(i, len(results)))
+        ax.plot(
+            [n for n, _ in points],
+            [100 * a for _, a in points],
+            label=label,
+            **_series_style(i, len(results)),
+        )
     threshold = 100 * results[0].threshold
     ax.axhline(threshold, color="grey", linestyle="--", linewidth=1, label=f"threshold {threshold:g}%")
     _length_axis(ax, lengths)
@@ -111,8 +135,12 @@ def _series_style(i: int, count: int) -> dict:
     """Distinct markers, earlier series drawn wider and bigger, so identical lines stay visible on top of each other."""
     markers = "osD^vP*X"
     scale = (count - i) / count
-    return {"marker": markers[i % len(markers)], "markersize": 4 + 6 * scale, "linewidth": 1.2 + 2.5 * scale,
-            "alpha": 0.9}
+    return {
+        "marker": markers[i % len(markers)],
+        "markersize": 4 + 6 * scale,
+        "linewidth": 1.2 + 2.5 * scale,
+        "alpha": 0.9,
+    }
 
 
 def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
@@ -122,10 +150,12 @@ def plot_perplexity(results: Sequence, path: str | os.PathLike) -> Path:
     lengths = sorted({n for r in results for n in r.perplexity})
     for i, r in enumerate(results):
         points = sorted((n, p) for n, p in r.perplexity.items() if p is not None and math.isfinite(p))
-        ax.plot([n for n, _ in points], [p for _, p in points], label=r.setting, **_series_style(i, len(results)))
+        ax.plot(
+            [n for n, _ in points], [p for _, p in points], label=r.setting, **_series_style(i, len(results))
+        )
     _length_axis(ax, lengths)
     ax.set_yscale("log")
-    plain = FuncFormatter(lambda value, _: f"{value:g}")       # 2, 3, 10 rather than 2x10^0
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 2, 3, 10 rather than 2x10^0
     ax.yaxis.set_major_formatter(plain)
     values = [p for r in results for p in r.perplexity.values() if p is not None and math.isfinite(p)]
     # label the minor ticks (2, 3, 5, ...) only when the axis spans about one decade; beyond that they collide

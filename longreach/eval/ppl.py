@@ -13,6 +13,7 @@ its context gets lower perplexity as L grows; one whose positions break past its
 
 Without data files the built-in synthetic text is used (fine for checking mechanics, not for claims).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,25 +27,25 @@ import torch
 import torch.nn.functional as F
 
 from longreach.attention import AttentionMetadata
-from longreach.eval.results import format_length
 from longreach.eval.haystack import SyntheticText
 from longreach.eval.plots import plot_perplexity
+from longreach.eval.results import format_length
 from longreach.model.bundled import resolve_model_path
 from longreach.model.loader import load_model
 from longreach.model.tokenizer import load_tokenizer
 
-TOKENS_PER_BATCH = 16384     # windows of one length are batched in the flat layout up to this many tokens
+TOKENS_PER_BATCH = 16384  # windows of one length are batched in the flat layout up to this many tokens
 
 
 @dataclass
 class PerplexityResult:
     setting: str
     model: str
-    perplexity: dict[int, float]    # context length -> perplexity of the scored tokens
-    stride: int                     # tokens scored per window
-    num_windows: int                # windows per document (the same at every length)
+    perplexity: dict[int, float]  # context length -> perplexity of the scored tokens
+    stride: int  # tokens scored per window
+    num_windows: int  # windows per document (the same at every length)
     num_documents: int
-    num_scored_tokens: int          # per length; the same tokens at every length
+    num_scored_tokens: int  # per length; the same tokens at every length
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -53,8 +54,14 @@ class PerplexityResult:
 
 
 @torch.inference_mode()
-def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Sequence[int], stride: int = 256,
-                         max_windows: int = 4, progress: bool = True) -> tuple[dict[int, float], int, int, int]:
+def perplexity_vs_length(
+    model,
+    documents: Sequence[Sequence[int]],
+    lengths: Sequence[int],
+    stride: int = 256,
+    max_windows: int = 4,
+    progress: bool = True,
+) -> tuple[dict[int, float], int, int, int]:
     """Sliding-window perplexity of `model` (a LlamaForCausalLM) on token-id `documents` at each length.
 
     The stride is clamped to half the shortest length so every scored token has at least L/2 tokens of
@@ -71,13 +78,16 @@ def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Seq
     docs = [list(d) for d in documents if len(d) >= longest]
     if not docs:
         longest_doc = max((len(d) for d in documents), default=0)
-        raise ValueError(f"no document has the {longest} tokens the longest length needs "
-                         f"(longest document: {longest_doc} tokens); give longer data or shorter --lengths")
+        raise ValueError(
+            f"no document has the {longest} tokens the longest length needs "
+            f"(longest document: {longest_doc} tokens); give longer data or shorter --lengths"
+        )
     num_windows = min(max_windows, *(1 + (len(d) - longest) // stride for d in docs))
     device = next(model.parameters()).device
     # every window (document, end) scores tokens [end - stride, end): the same for every length
     ends = [(d, len(doc) - w * stride) for d, doc in enumerate(docs) for w in range(num_windows)]
     from tqdm import tqdm
+
     bar = tqdm(total=len(lengths) * len(ends), desc="perplexity", unit="window", disable=not progress)
     result = {}
     try:
@@ -85,14 +95,17 @@ def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Seq
             total_nll, total_tokens = 0.0, 0
             per_batch = max(1, TOKENS_PER_BATCH // length)
             for first in range(0, len(ends), per_batch):
-                batch = ends[first:first + per_batch]
-                ids = torch.tensor([t for d, end in batch for t in docs[d][end - length:end]], device=device)
+                batch = ends[first : first + per_batch]
+                ids = torch.tensor(
+                    [t for d, end in batch for t in docs[d][end - length : end]], device=device
+                )
                 meta = AttentionMetadata.from_seqlens([length] * len(batch), device=device)
                 positions = torch.arange(length, device=device).repeat(len(batch))
                 # logits at positions L-stride-1 .. L-2 of each window predict its last `stride` tokens
-                rows = torch.cat([b * length + torch.arange(length - stride - 1, length - 1)
-                                  for b in range(len(batch))]).to(device)
-                logits = model(ids, positions, meta, logits_indices=rows)                  # (B*stride, V)
+                rows = torch.cat(
+                    [b * length + torch.arange(length - stride - 1, length - 1) for b in range(len(batch))]
+                ).to(device)
+                logits = model(ids, positions, meta, logits_indices=rows)  # (B*stride, V)
                 targets = ids[rows + 1]
                 total_nll += F.cross_entropy(logits.float(), targets, reduction="sum").item()
                 total_tokens += targets.numel()
@@ -103,8 +116,9 @@ def perplexity_vs_length(model, documents: Sequence[Sequence[int]], lengths: Seq
     return result, stride, num_windows, len(docs)
 
 
-def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_tokens: int,
-                   seed: int = 0) -> list[list[int]]:
+def load_documents(
+    tokenizer, data: Sequence[str | os.PathLike] | None, min_tokens: int, seed: int = 0
+) -> list[list[int]]:
     """Token ids of each data file (one document per file), or of synthetic text at least `min_tokens` long."""
     if data:
         docs = []
@@ -123,32 +137,55 @@ def load_documents(tokenizer, data: Sequence[str | os.PathLike] | None, min_toke
         num_chars *= 2
 
 
-def evaluate_perplexity(model, data: Sequence[str | os.PathLike] | None = None, lengths: Sequence[int] = (1024,),
-                        stride: int = 256, max_windows: int = 4, tokenizer=None, dtype: str | None = None,
-                        rope_scaling: dict | None = None, setting: str | None = None, seed: int = 0,
-                        device: str | None = None, progress: bool = True) -> PerplexityResult:
+def evaluate_perplexity(
+    model,
+    data: Sequence[str | os.PathLike] | None = None,
+    lengths: Sequence[int] = (1024,),
+    stride: int = 256,
+    max_windows: int = 4,
+    tokenizer=None,
+    dtype: str | None = None,
+    rope_scaling: dict | None = None,
+    setting: str | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    progress: bool = True,
+) -> PerplexityResult:
     """Perplexity vs length of a checkpoint directory (or a loaded model with `tokenizer`) on `data` files.
     device: where a checkpoint is loaded (default: CUDA when available)."""
     if model is None or isinstance(model, (str, Path)):
         path = resolve_model_path(None if model is None else str(model))
         name = path.name
         tokenizer = tokenizer or load_tokenizer(path)
-        model = load_model(path, dtype=dtype, rope_scaling=rope_scaling,
-                           device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = load_model(
+            path,
+            dtype=dtype,
+            rope_scaling=rope_scaling,
+            device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        )
     else:
         if tokenizer is None:
             raise ValueError("pass tokenizer= along with a model object")
         if rope_scaling is not None or dtype is not None:
-            raise ValueError("rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model")
+            raise ValueError(
+                "rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model"
+            )
         name = type(model).__name__
     lengths = sorted(set(int(n) for n in lengths))
     needed = lengths[-1] + (max_windows - 1) * max(1, min(stride, lengths[0] // 2))
     docs = load_documents(tokenizer, data, needed, seed)
-    ppl, used_stride, num_windows, num_docs = perplexity_vs_length(model, docs, lengths, stride, max_windows,
-                                                                   progress)
-    return PerplexityResult(setting=setting or name, model=name, perplexity=ppl, stride=used_stride,
-                            num_windows=num_windows, num_documents=num_docs,
-                            num_scored_tokens=used_stride * num_windows * num_docs)
+    ppl, used_stride, num_windows, num_docs = perplexity_vs_length(
+        model, docs, lengths, stride, max_windows, progress
+    )
+    return PerplexityResult(
+        setting=setting or name,
+        model=name,
+        perplexity=ppl,
+        stride=used_stride,
+        num_windows=num_windows,
+        num_documents=num_docs,
+        num_scored_tokens=used_stride * num_windows * num_docs,
+    )
 
 
 def perplexity_table(results: Sequence[PerplexityResult]) -> str:
@@ -158,12 +195,15 @@ def perplexity_table(results: Sequence[PerplexityResult]) -> str:
     cols = [format_length(n) for n in lengths]
     width = max(9, *(len(c) + 2 for c in cols))
     r0 = results[0]
-    lines = [f"perplexity of the same {r0.num_scored_tokens} tokens ({r0.num_documents} document(s) x "
-             f"{r0.num_windows} window(s) x last {r0.stride} tokens) by evaluation context length",
-             "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols)]
+    lines = [
+        f"perplexity of the same {r0.num_scored_tokens} tokens ({r0.num_documents} document(s) x "
+        f"{r0.num_windows} window(s) x last {r0.stride} tokens) by evaluation context length",
+        "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols),
+    ]
     for r in results:
-        lines.append(r.setting.ljust(name_width) + "".join(_fmt_ppl(r.perplexity.get(n)).rjust(width)
-                                                           for n in lengths))
+        lines.append(
+            r.setting.ljust(name_width) + "".join(_fmt_ppl(r.perplexity.get(n)).rjust(width) for n in lengths)
+        )
     return "\n".join(lines)
 
 
@@ -175,8 +215,9 @@ def _fmt_ppl(value: float | None) -> str:
     return f"{value:.2f}"
 
 
-def write_perplexity_report(results: Sequence[PerplexityResult], out_dir: str | os.PathLike,
-                            plot: bool = True) -> dict[str, Path]:
+def write_perplexity_report(
+    results: Sequence[PerplexityResult], out_dir: str | os.PathLike, plot: bool = True
+) -> dict[str, Path]:
     """ppl.json, ppl.txt (the table) and, with plot, perplexity.png in out_dir."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

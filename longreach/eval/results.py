@@ -3,6 +3,7 @@ RULER's effective context length and a lossless JSON form (results.json).
 
 Kept apart from `runner.py` (which produces them) so that plots and reports read results without the runner.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-_ANY_DEPTH = object()   # "all depths" (None is itself a depth: the one of tasks without a depth)
+_ANY_DEPTH = object()  # "all depths" (None is itself a depth: the one of tasks without a depth)
 
 
 @dataclass
@@ -91,12 +92,17 @@ class GridResult:
         errors = self.num_errors()
         if not errors:
             return line
-        line += (f"\n{errors} of {len(self.samples)} request(s) failed; each counts as a miss in the accuracy "
-                 f"(among the answered ones only: " + ", ".join(
-                     f"{format_length(n)} {pct(self.answered_accuracy(n))}" for n in self.lengths) + ")")
+        line += (
+            f"\n{errors} of {len(self.samples)} request(s) failed; each counts as a miss in the accuracy "
+            f"(among the answered ones only: "
+            + ", ".join(f"{format_length(n)} {pct(self.answered_accuracy(n))}" for n in self.lengths)
+            + ")"
+        )
         if stopped_at is not None:
-            line += (f"\nnot claimed: {format_length(stopped_at)} and beyond, where {self.num_errors(stopped_at)} "
-                     f"request(s) failed (rerun them for a measured effective length)")
+            line += (
+                f"\nnot claimed: {format_length(stopped_at)} and beyond, where {self.num_errors(stopped_at)} "
+                f"request(s) failed (rerun them for a measured effective length)"
+            )
         return line
 
     def table(self) -> str:
@@ -108,14 +114,20 @@ class GridResult:
         lines = [head, "depth \\ length".ljust(label_width) + "".join(c.rjust(width) for c in cols)]
         for depth in self.depths:
             label = "whole context" if depth is None else f"{depth:g}%"
-            lines.append(label.ljust(label_width) + "".join(
-                pct(self.accuracy(length, depth)).rjust(width) for length in self.lengths))
+            lines.append(
+                label.ljust(label_width)
+                + "".join(pct(self.accuracy(length, depth)).rjust(width) for length in self.lengths)
+            )
         if len(self.depths) > 1:
-            lines.append("mean".ljust(label_width) + "".join(
-                pct(self.accuracy(length)).rjust(width) for length in self.lengths))
+            lines.append(
+                "mean".ljust(label_width)
+                + "".join(pct(self.accuracy(length)).rjust(width) for length in self.lengths)
+            )
         if self.num_errors():
-            lines.append("errors".ljust(label_width) + "".join(
-                str(self.num_errors(length)).rjust(width) for length in self.lengths))
+            lines.append(
+                "errors".ljust(label_width)
+                + "".join(str(self.num_errors(length)).rjust(width) for length in self.lengths)
+            )
         lines.append(self.summary_line())
         return "\n".join(lines)
 
@@ -160,5 +172,7 @@ def pct(value: float | None) -> str:
 def effective_length_line(effective: int | None, threshold: float) -> str:
     if effective is None:
         return f"effective context length: below the shortest length tested (accuracy < {100 * threshold:g}%)"
-    return (f"effective context length: {format_length(effective)} ({effective} tokens; accuracy >= "
-            f"{100 * threshold:g}% at every length up to it)")
+    return (
+        f"effective context length: {format_length(effective)} ({effective} tokens; accuracy >= "
+        f"{100 * threshold:g}% at every length up to it)"
+    )

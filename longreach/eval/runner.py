@@ -18,6 +18,7 @@ measured, so it is never claimed (the summary line says where the failures stopp
 Several settings (rope scalings, KV dtypes, models) compare with `run_comparison` + `write_comparison`:
 one table and one accuracy-vs-length figure with a line per setting.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,10 +40,20 @@ def _as_backend(model_or_backend, **backend_kwargs):
     return LocalBackend(model_or_backend, **backend_kwargs)
 
 
-def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float] | None = None,
-             num_samples: int = 1, seed: int = 0, haystack: Sequence[str | os.PathLike] | None = None,
-             max_new_tokens: int | None = None, batch_size: int = 16, threshold: float = 0.85,
-             progress: bool = True, setting: str | None = None) -> GridResult:
+def run_grid(
+    backend,
+    task: str,
+    lengths: Sequence[int],
+    depths: Sequence[float] | None = None,
+    num_samples: int = 1,
+    seed: int = 0,
+    haystack: Sequence[str | os.PathLike] | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 16,
+    threshold: float = 0.85,
+    progress: bool = True,
+    setting: str | None = None,
+) -> GridResult:
     """Generate every (length, depth, sample) prompt of `task`, answer it through `backend`, score it.
 
     backend: a `Backend` (`LocalBackend`, `EndpointBackend`), or a model directory / model object for a
@@ -62,35 +73,55 @@ def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float]
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold={threshold} must be a fraction in (0, 1]")
     spec = TASKS[task]
-    grid_depths: list[float | None] = ([float(d) for d in (depths if depths is not None else (0, 25, 50, 75, 100))]
-                                       if spec.uses_depth else [None])
+    grid_depths: list[float | None] = (
+        [float(d) for d in (depths if depths is not None else (0, 25, 50, 75, 100))]
+        if spec.uses_depth
+        else [None]
+    )
     for depth in grid_depths:
         if depth is not None and not 0.0 <= depth <= 100.0:
             raise ValueError(f"depth {depth} must be a percentage in [0, 100]")
     budget = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
     if hasattr(backend, "ensure_max_len"):
         backend.ensure_max_len(max(lengths))
-    result = GridResult(task=task, model=backend.name, lengths=lengths, depths=grid_depths,
-                        num_samples=num_samples, seed=seed, threshold=threshold, setting=setting,
-                        backend=getattr(backend, "kind", None))
+    result = GridResult(
+        task=task,
+        model=backend.name,
+        lengths=lengths,
+        depths=grid_depths,
+        num_samples=num_samples,
+        seed=seed,
+        threshold=threshold,
+        setting=setting,
+        backend=getattr(backend, "kind", None),
+    )
     # a batch never mixes lengths: length-dependent rope (dynamic NTK, LongRoPE) picks its frequencies from
     # the longest position in a forward call, so a mixed batch would score short prompts with long-prompt rope
-    batches = [[(length, depth, index) for depth in grid_depths for index in range(num_samples)][i:i + batch_size]
-               for length in lengths
-               for i in range(0, len(grid_depths) * num_samples, batch_size)]
-    bar = _progress_bar(len(lengths) * len(grid_depths) * num_samples,
-                        f"{task}" + (f" [{setting}]" if setting else ""), progress)
+    batches = [
+        [(length, depth, index) for depth in grid_depths for index in range(num_samples)][i : i + batch_size]
+        for length in lengths
+        for i in range(0, len(grid_depths) * num_samples, batch_size)
+    ]
+    bar = _progress_bar(
+        len(lengths) * len(grid_depths) * num_samples,
+        f"{task}" + (f" [{setting}]" if setting else ""),
+        progress,
+    )
     start = time.perf_counter()
     try:
         for cells in batches:
-            samples = [make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
-                       for length, depth, index in cells]
+            samples = [
+                make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
+                for length, depth, index in cells
+            ]
             outputs = backend.complete([s.prompt for s in samples], budget)
             for sample, output in zip(samples, outputs):
                 result.samples.append(_score(sample, output))
             bar.update(len(samples))
-            bar.set_postfix_str(f"{format_length(samples[-1].length)} acc "
-                                f"{pct(result.accuracy(samples[-1].length))}", refresh=False)
+            bar.set_postfix_str(
+                f"{format_length(samples[-1].length)} acc {pct(result.accuracy(samples[-1].length))}",
+                refresh=False,
+            )
     finally:
         bar.close()
     result.elapsed_s = round(time.perf_counter() - start, 3)
@@ -99,23 +130,38 @@ def run_grid(backend, task: str, lengths: Sequence[int], depths: Sequence[float]
 
 
 def _score(sample, output: str | Exception) -> SampleResult:
-    common = dict(task=sample.task, length=sample.length, depth=sample.depth, index=sample.index,
-                  expected=list(sample.expected), num_prompt_tokens=sample.num_prompt_tokens,
-                  needle_depths=[round(d, 2) for d in sample.needle_depths])
+    common = dict(
+        task=sample.task,
+        length=sample.length,
+        depth=sample.depth,
+        index=sample.index,
+        expected=list(sample.expected),
+        num_prompt_tokens=sample.num_prompt_tokens,
+        needle_depths=[round(d, 2) for d in sample.needle_depths],
+    )
     if isinstance(output, Exception):
-        return SampleResult(**common, got=None, score=None, correct=False,
-                            error=f"{type(output).__name__}: {output}")
+        return SampleResult(
+            **common, got=None, score=None, correct=False, error=f"{type(output).__name__}: {output}"
+        )
     score = score_output(output, sample.expected, sample.scoring)
     return SampleResult(**common, got=output, score=score, correct=is_correct(score), error=None)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, dynamic_ncols=True)
 
 
-def evaluate_passkey(model_or_backend, lengths: Sequence[int], depths: Sequence[float] = (0, 25, 50, 75, 100),
-                     num_samples: int = 5, seed: int = 0, tokenizer=None, **kwargs) -> GridResult:
+def evaluate_passkey(
+    model_or_backend,
+    lengths: Sequence[int],
+    depths: Sequence[float] = (0, 25, 50, 75, 100),
+    num_samples: int = 5,
+    seed: int = 0,
+    tokenizer=None,
+    **kwargs,
+) -> GridResult:
     """Passkey retrieval over lengths x depths (YaRN / Landmark template).
 
     model_or_backend: a backend, a checkpoint directory, an `LLM`, or a loaded model (then pass `tokenizer`).
@@ -139,8 +185,9 @@ def write_report(result: GridResult, out_dir: str | os.PathLike, plot: bool = Tr
 # ---------------------------------------------------------------- comparison
 
 
-def run_comparison(settings: dict[str, Callable[[], Any]], task: str, lengths: Sequence[int],
-                   **grid_kwargs) -> list[GridResult]:
+def run_comparison(
+    settings: dict[str, Callable[[], Any]], task: str, lengths: Sequence[int], **grid_kwargs
+) -> list[GridResult]:
     """One grid per setting. settings: name -> zero-argument factory of a backend (built, run and
     closed one at a time, so only one model is in memory)."""
     if not settings:
@@ -165,24 +212,33 @@ def comparison_table(results: Sequence[GridResult]) -> str:
     cols = [format_length(length) for length in lengths]
     width = max(7, *(len(c) + 2 for c in cols))
     task = results[0].task
-    lines = [f"{task}: accuracy by context length (threshold {100 * results[0].threshold:g}%)",
-             "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols) + "effective".rjust(12)]
+    lines = [
+        f"{task}: accuracy by context length (threshold {100 * results[0].threshold:g}%)",
+        "setting".ljust(name_width) + "".join(c.rjust(width) for c in cols) + "effective".rjust(12),
+    ]
     any_errors = any(r.num_errors() for r in results)
     if any_errors:
         lines[1] += "errors".rjust(8)
     for name, r in zip(names, results):
         accs = r.accuracy_by_length()
         eff, stopped_at = r._effective()
-        line = (name.ljust(name_width) + "".join(pct(accs.get(length)).rjust(width) for length in lengths)
-                + ((format_length(eff) if eff else "—") + ("*" if stopped_at else "")).rjust(12))
+        line = (
+            name.ljust(name_width)
+            + "".join(pct(accs.get(length)).rjust(width) for length in lengths)
+            + ((format_length(eff) if eff else "—") + ("*" if stopped_at else "")).rjust(12)
+        )
         lines.append(line + (str(r.num_errors()).rjust(8) if any_errors else ""))
     if any_errors:
-        lines.append("failed requests count as misses; * = effective length stopped by failed requests "
-                     "(see that setting's summary)")
+        lines.append(
+            "failed requests count as misses; * = effective length stopped by failed requests "
+            "(see that setting's summary)"
+        )
     return "\n".join(lines)
 
 
-def write_comparison(results: Sequence[GridResult], out_dir: str | os.PathLike, plot: bool = True) -> dict[str, Path]:
+def write_comparison(
+    results: Sequence[GridResult], out_dir: str | os.PathLike, plot: bool = True
+) -> dict[str, Path]:
     """Per setting a subdirectory with its own report; comparison.json / .txt / .png at the top."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -190,12 +246,23 @@ def write_comparison(results: Sequence[GridResult], out_dir: str | os.PathLike, 
         write_report(r, out_dir / _slug(r.setting or r.model), plot=plot)
     table = comparison_table(results)
     (out_dir / "comparison.txt").write_text(table + "\n")
-    summary = [{"setting": r.setting or r.model, "model": r.model, "effective_length": r.effective_length(),
-                "num_errors": r.num_errors(),
-                "accuracy_by_length": {str(k): v for k, v in r.accuracy_by_length().items()},
-                "results": f"{_slug(r.setting or r.model)}/results.json"} for r in results]
-    (out_dir / "comparison.json").write_text(json.dumps({"task": results[0].task, "threshold": results[0].threshold,
-                                                         "settings": summary}, indent=1) + "\n")
+    summary = [
+        {
+            "setting": r.setting or r.model,
+            "model": r.model,
+            "effective_length": r.effective_length(),
+            "num_errors": r.num_errors(),
+            "accuracy_by_length": {str(k): v for k, v in r.accuracy_by_length().items()},
+            "results": f"{_slug(r.setting or r.model)}/results.json",
+        }
+        for r in results
+    ]
+    (out_dir / "comparison.json").write_text(
+        json.dumps(
+            {"task": results[0].task, "threshold": results[0].threshold, "settings": summary}, indent=1
+        )
+        + "\n"
+    )
     paths = {"table": out_dir / "comparison.txt", "results": out_dir / "comparison.json"}
     if plot:
         paths["plot"] = plot_comparison(results, out_dir / "comparison.png")

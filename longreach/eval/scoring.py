@@ -8,6 +8,7 @@ Two rules, as in the passkey papers and RULER:
   case-insensitively as a whole word (so "1234567" does not match inside "91234567"); extra text is
   allowed. A sample is *correct* only when every expected string is there (score 1.0).
 """
+
 from __future__ import annotations
 
 import re

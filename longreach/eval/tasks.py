@@ -30,6 +30,7 @@ Python use:
     sample = make_sample("passkey", tokenizer, length=4096, depth=50, index=0, seed=0)
     sample.prompt, sample.expected, sample.num_prompt_tokens
 """
+
 from __future__ import annotations
 
 import bisect
@@ -54,8 +55,10 @@ from longreach.eval.haystack import (
 )
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_INSTRUCTION = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
-                       "them. I will quiz you about the important information there.")
+PASSKEY_INSTRUCTION = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "them. I will quiz you about the important information there."
+)
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
@@ -66,22 +69,22 @@ class Tokenizer(Protocol):
 @dataclass(frozen=True)
 class Sample:
     task: str
-    length: int                       # tokens of context tested: prompt + answer budget (RULER's convention)
-    depth: float | None               # requested depth (% of the context) of the target needle; None: no depth
-    index: int                        # sample number within its (length, depth) cell
+    length: int  # tokens of context tested: prompt + answer budget (RULER's convention)
+    depth: float | None  # requested depth (% of the context) of the target needle; None: no depth
+    index: int  # sample number within its (length, depth) cell
     seed: int
     prompt: str
     expected: tuple[str, ...]
-    scoring: str                      # rule for longreach.eval.scoring.score_output
+    scoring: str  # rule for longreach.eval.scoring.score_output
     num_prompt_tokens: int
     max_new_tokens: int
-    needle_depths: tuple[float, ...] = ()   # where the target needle(s) landed: % of the haystack before each
+    needle_depths: tuple[float, ...] = ()  # where the target needle(s) landed: % of the haystack before each
 
 
 @dataclass(frozen=True)
 class _Needle:
     text: str
-    depth: float          # requested, % of the context
+    depth: float  # requested, % of the context
     is_target: bool
 
 
@@ -97,7 +100,7 @@ class TaskSpec:
     name: str
     description: str
     uses_depth: bool
-    max_new_tokens: int              # answer budget in tokens (enough for a byte tokenizer too)
+    max_new_tokens: int  # answer budget in tokens (enough for a byte tokenizer too)
     scoring: str
     # (rng, depth, haystack) -> (builder n -> _Built, smallest n, probe n for the slope estimate)
     make: Callable[..., tuple[Callable[[int], _Built], int, int]] = field(repr=False)
@@ -106,8 +109,9 @@ class TaskSpec:
 # ---------------------------------------------------------------- needles in a haystack
 
 
-def _insert_needles(source: TextSource, num_chars: int, needles: Sequence[_Needle],
-                    sep: str) -> tuple[str, list[float]]:
+def _insert_needles(
+    source: TextSource, num_chars: int, needles: Sequence[_Needle], sep: str
+) -> tuple[str, list[float]]:
     """The haystack's first `num_chars` characters with each needle at the boundary nearest its depth.
 
     Returns (context, depths of the target needles in needle order: the share (%) of the haystack text that
@@ -121,7 +125,7 @@ def _insert_needles(source: TextSource, num_chars: int, needles: Sequence[_Needl
         if j == len(bounds) or (j > 0 and want - bounds[j - 1] <= bounds[j] - want):
             j -= 1
         placed.append((bounds[j], order))
-    placed.sort()                      # needles at the same boundary keep their given order (chains stay in order)
+    placed.sort()  # needles at the same boundary keep their given order (chains stay in order)
     pieces: list[tuple[str, int | None]] = []
     cursor = 0
     for pos, order in placed:
@@ -142,11 +146,18 @@ def _insert_needles(source: TextSource, num_chars: int, needles: Sequence[_Needl
     return sep.join(out), depths
 
 
-def _haystack_builder(source: TextSource, header: str, needles: Sequence[_Needle], question: str,
-                      expected: Sequence[str], sep: str = " "):
+def _haystack_builder(
+    source: TextSource,
+    header: str,
+    needles: Sequence[_Needle],
+    question: str,
+    expected: Sequence[str],
+    sep: str = " ",
+):
     def build(num_chars: int) -> _Built:
         context, depths = _insert_needles(source, num_chars, needles, sep)
         return _Built(header + context + question, tuple(expected), tuple(depths))
+
     return build, 0, 2000
 
 
@@ -155,7 +166,9 @@ def _file_text(paths: tuple[str, ...]) -> str:
     return read_text_files(paths)
 
 
-def _haystack(rng: random.Random, haystack: Sequence[str | os.PathLike] | None, default: str = "essay") -> TextSource:
+def _haystack(
+    rng: random.Random, haystack: Sequence[str | os.PathLike] | None, default: str = "essay"
+) -> TextSource:
     """User files (repeated, from a seeded sentence) or the built-in synthetic text / passkey filler."""
     start = rng.randrange(1 << 30)
     if haystack:
@@ -188,17 +201,23 @@ def _magic_needle(key: str, value: str) -> str:
     return f"One of the special magic numbers for {key} is: {value}."
 
 
-_NIAH_HEADER = ("Some special magic numbers are hidden within the following text. Make sure to memorize it. "
-                "I will quiz you about the numbers afterwards.\n")
+_NIAH_HEADER = (
+    "Some special magic numbers are hidden within the following text. Make sure to memorize it. "
+    "I will quiz you about the numbers afterwards.\n"
+)
 
 
 def _niah_question(keys: Sequence[str], plural: bool) -> str:
     keys_text = keys[0] if len(keys) == 1 else ", ".join(keys[:-1]) + " and " + keys[-1]
     if plural:
-        return (f"\nWhat are all the special magic numbers for {keys_text} mentioned in the provided text? "
-                f"The special magic numbers for {keys_text} mentioned in the provided text are")
-    return (f"\nWhat is the special magic number for {keys_text} mentioned in the provided text? "
-            f"The special magic number for {keys_text} mentioned in the provided text is")
+        return (
+            f"\nWhat are all the special magic numbers for {keys_text} mentioned in the provided text? "
+            f"The special magic numbers for {keys_text} mentioned in the provided text are"
+        )
+    return (
+        f"\nWhat is the special magic number for {keys_text} mentioned in the provided text? "
+        f"The special magic number for {keys_text} mentioned in the provided text is"
+    )
 
 
 def _other_depths(rng: random.Random, count: int) -> list[float]:
@@ -209,18 +228,22 @@ def _other_depths(rng: random.Random, count: int) -> list[float]:
 
 
 def _make_passkey(rng, depth, haystack, num_digits: int = 5):
-    key = str(rng.randint(10 ** (num_digits - 1), 10 ** num_digits - 1))
+    key = str(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
     needle = _Needle(f"The pass key is {key}. Remember it. {key} is the pass key.", depth, True)
     source = _haystack(rng, haystack, default="passkey")
-    return _haystack_builder(source, PASSKEY_INSTRUCTION + "\n", [needle], "\n" + PASSKEY_QUESTION, [key], sep="\n")
+    return _haystack_builder(
+        source, PASSKEY_INSTRUCTION + "\n", [needle], "\n" + PASSKEY_QUESTION, [key], sep="\n"
+    )
 
 
 def _make_niah(rng, depth, haystack, num_distractors: int = 0):
     keys = _distinct(lambda: _magic_key(rng), 1 + num_distractors)
     values = _distinct(lambda: _magic_value(rng), 1 + num_distractors)
     needles = [_Needle(_magic_needle(keys[0], values[0]), depth, True)]
-    needles += [_Needle(_magic_needle(k, v), d, False)
-                for k, v, d in zip(keys[1:], values[1:], _other_depths(rng, num_distractors))]
+    needles += [
+        _Needle(_magic_needle(k, v), d, False)
+        for k, v, d in zip(keys[1:], values[1:], _other_depths(rng, num_distractors))
+    ]
     source = _haystack(rng, haystack)
     return _haystack_builder(source, _NIAH_HEADER, needles, _niah_question(keys[:1], False), values[:1])
 
@@ -256,30 +279,38 @@ def _make_variable_tracking(rng, depth, haystack, num_hops: int = 4, num_chains:
     values = _distinct(lambda: str(rng.randint(10_000, 99_999)), num_chains)
     needles = []
     for c in range(num_chains):
-        chain = names[c * (num_hops + 1):(c + 1) * (num_hops + 1)]
-        if c == 0:   # the queried chain starts at `depth`; its hops are spread evenly to the end
+        chain = names[c * (num_hops + 1) : (c + 1) * (num_hops + 1)]
+        if c == 0:  # the queried chain starts at `depth`; its hops are spread evenly to the end
             depths = [depth + i * (100.0 - depth) / (num_hops + 1) for i in range(num_hops + 1)]
         else:
             depths = sorted(_other_depths(rng, num_hops + 1))
-        statements = [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])]
+        statements = [f"VAR {chain[0]} = {values[c]}."] + [
+            f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])
+        ]
         needles += [_Needle(s, d, c == 0) for s, d in zip(statements, depths)]
     header = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
-    question = (f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
-                f"Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1} "
-                f"variables are assigned the value {values[0]}, they are:")
-    return _haystack_builder(_haystack(rng, haystack), header, needles, question, names[:num_hops + 1])
+    question = (
+        f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
+        f"Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1} "
+        f"variables are assigned the value {values[0]}, they are:"
+    )
+    return _haystack_builder(_haystack(rng, haystack), header, needles, question, names[: num_hops + 1])
 
 
 def _make_common_words(rng, depth, haystack, num_common: int = 10):
     words = _distinct(lambda: pseudo_word(rng), num_common)
     pool_rng = random.Random(rng.randrange(1 << 30))
     shuffle_seed = rng.randrange(1 << 30)
-    pool: list[str] = []            # the rare words, drawn once in a fixed order so longer lists extend shorter ones
+    pool: list[str] = []  # the rare words, drawn once in a fixed order so longer lists extend shorter ones
     seen = set(words)
-    header = ("Below is a numbered list of words. In these words, some appear more often than others. "
-              "Memorize the ones that appear most often.\n")
-    question = (f"\nQuestion: What are the {num_common} most common words in the above list? Answer: The top "
-                f"{num_common} words that appear most often in the list are:")
+    header = (
+        "Below is a numbered list of words. In these words, some appear more often than others. "
+        "Memorize the ones that appear most often.\n"
+    )
+    question = (
+        f"\nQuestion: What are the {num_common} most common words in the above list? Answer: The top "
+        f"{num_common} words that appear most often in the list are:"
+    )
     min_entries = 2 * num_common + 1
 
     def build(num_entries: int) -> _Built:
@@ -300,8 +331,10 @@ def _make_common_words(rng, depth, haystack, num_common: int = 10):
     return build, min_entries, min_entries + 200
 
 
-_QA_HEADER = ("Answer the question based on the given documents. Only give me the answer and do not output any "
-              "other words.\n\nThe following are given documents.\n\n")
+_QA_HEADER = (
+    "Answer the question based on the given documents. Only give me the answer and do not output any "
+    "other words.\n\nThe following are given documents.\n\n"
+)
 
 
 def _make_qa(rng, depth, haystack):
@@ -315,22 +348,46 @@ def _make_qa(rng, depth, haystack):
     }[kind]
     source = EntityDocuments(seed=rng.randrange(1 << 30), exclude=[name])
     needle = _Needle(entity_document(name, facts), depth, True)
-    tail = ("\n\nAnswer the question based on the given documents. Only give me the answer and do not output any "
-            f"other words.\n\nQuestion: {question}\nAnswer:")
+    tail = (
+        "\n\nAnswer the question based on the given documents. Only give me the answer and do not output any "
+        f"other words.\n\nQuestion: {question}\nAnswer:"
+    )
     return _haystack_builder(source, _QA_HEADER, [needle], tail, [answer], sep="\n\n")
 
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in (
-    TaskSpec("passkey", "pass key in repeated filler (Landmark/YaRN)", True, 16, "first_number", _make_passkey),
-    TaskSpec("niah", "one magic number at a depth of an essay haystack", True, 32, "all", _make_niah),
-    TaskSpec("niah_multikey", "the queried needle among 3 with other keys", True, 32, "all", _make_niah_multikey),
-    TaskSpec("niah_multivalue", "all 4 values of one key", True, 64, "all", _make_niah_multivalue),
-    TaskSpec("niah_multiquery", "values of 4 keys asked at once", True, 64, "all", _make_niah_multiquery),
-    TaskSpec("variable_tracking", "follow a chain of 4 variable assignments", True, 64, "all",
-             _make_variable_tracking),
-    TaskSpec("common_words", "name the 10 most frequent words of a list", False, 128, "all", _make_common_words),
-    TaskSpec("qa", "answer a question about one of many generated biographies", True, 32, "all", _make_qa),
-)}
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in (
+        TaskSpec(
+            "passkey", "pass key in repeated filler (Landmark/YaRN)", True, 16, "first_number", _make_passkey
+        ),
+        TaskSpec("niah", "one magic number at a depth of an essay haystack", True, 32, "all", _make_niah),
+        TaskSpec(
+            "niah_multikey",
+            "the queried needle among 3 with other keys",
+            True,
+            32,
+            "all",
+            _make_niah_multikey,
+        ),
+        TaskSpec("niah_multivalue", "all 4 values of one key", True, 64, "all", _make_niah_multivalue),
+        TaskSpec("niah_multiquery", "values of 4 keys asked at once", True, 64, "all", _make_niah_multiquery),
+        TaskSpec(
+            "variable_tracking",
+            "follow a chain of 4 variable assignments",
+            True,
+            64,
+            "all",
+            _make_variable_tracking,
+        ),
+        TaskSpec(
+            "common_words", "name the 10 most frequent words of a list", False, 128, "all", _make_common_words
+        ),
+        TaskSpec(
+            "qa", "answer a question about one of many generated biographies", True, 32, "all", _make_qa
+        ),
+    )
+}
 
 
 # ---------------------------------------------------------------- sizing
@@ -341,7 +398,9 @@ def _fit(count: Callable[[int], int], target: int, n_min: int, n_probe: int) -> 
     with a bisection every third step so it cannot stall)."""
     lo, lo_count = n_min, count(n_min)
     if lo_count > target:
-        raise ValueError(f"the task's fixed text alone is {lo_count} tokens, more than the {target} available")
+        raise ValueError(
+            f"the task's fixed text alone is {lo_count} tokens, more than the {target} available"
+        )
     hi: int | None = None
     hi_count = 0
     probe_count = count(n_probe)
@@ -354,7 +413,7 @@ def _fit(count: Callable[[int], int], target: int, n_min: int, n_probe: int) -> 
         if hi is not None and hi - lo <= 1:
             return lo
         if hi is None:
-            n = lo + max(1, int((target - lo_count) * units_per_token * 1.02) + 2)   # aim just past the target
+            n = lo + max(1, int((target - lo_count) * units_per_token * 1.02) + 2)  # aim just past the target
         elif step % 3 == 2:
             n = (lo + hi) // 2
         else:
@@ -369,9 +428,16 @@ def _fit(count: Callable[[int], int], target: int, n_min: int, n_probe: int) -> 
     raise RuntimeError(f"prompt length search did not converge (target {target} tokens)")
 
 
-def make_sample(task: str, tokenizer: Tokenizer, length: int, depth: float | None = None, index: int = 0,
-                seed: int = 0, haystack: Sequence[str | os.PathLike] | None = None,
-                max_new_tokens: int | None = None) -> Sample:
+def make_sample(
+    task: str,
+    tokenizer: Tokenizer,
+    length: int,
+    depth: float | None = None,
+    index: int = 0,
+    seed: int = 0,
+    haystack: Sequence[str | os.PathLike] | None = None,
+    max_new_tokens: int | None = None,
+) -> Sample:
     """One deterministic prompt of `task` whose tokens plus `max_new_tokens` fill `length`.
 
     tokenizer: anything with `encode(text) -> list[int]` (the model's own; its BOS counts).
@@ -408,6 +474,16 @@ def make_sample(task: str, tokenizer: Tokenizer, length: int, depth: float | Non
     except ValueError as exc:
         raise ValueError(f"{task} at length {length}: {exc}; use a longer length") from None
     built = build(n)
-    return Sample(task=task, length=length, depth=depth, index=index, seed=seed, prompt=built.prompt,
-                  expected=built.expected, scoring=spec.scoring, num_prompt_tokens=count(n),
-                  max_new_tokens=budget, needle_depths=built.needle_depths)
+    return Sample(
+        task=task,
+        length=length,
+        depth=depth,
+        index=index,
+        seed=seed,
+        prompt=built.prompt,
+        expected=built.expected,
+        scoring=spec.scoring,
+        num_prompt_tokens=count(n),
+        max_new_tokens=budget,
+        needle_depths=built.needle_depths,
+    )

@@ -13,6 +13,7 @@ KV-cache manager, nano-vllm's block manager).
   they are immutable, so copy-on-write is never needed. A hit also compares the token ids (nano-vllm),
   so even a hash collision cannot return the wrong K/V.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: bytes | None = None
-    token_ids: tuple[int, ...] | None = None   # the tokens a cached block holds (checked on a hit)
+    token_ids: tuple[int, ...] | None = None  # the tokens a cached block holds (checked on a hit)
     prev_free: KVBlock | None = field(default=None, repr=False)
     next_free: KVBlock | None = field(default=None, repr=False)
 
@@ -66,7 +67,12 @@ class FreeBlockQueue:
 
     def append(self, block: KVBlock) -> None:
         last = self._tail.prev_free
-        last.next_free, block.prev_free, block.next_free, self._tail.prev_free = block, last, self._tail, block
+        last.next_free, block.prev_free, block.next_free, self._tail.prev_free = (
+            block,
+            last,
+            self._tail,
+            block,
+        )
         self._len += 1
 
     def remove(self, block: KVBlock) -> None:
@@ -162,20 +168,26 @@ class BlockPool:
         assert len({b.block_id for b in in_queue}) == len(in_queue), "a block is twice in the free queue"
         for block in self.blocks:
             assert block.ref_cnt >= 0, f"block {block.block_id} has ref_cnt {block.ref_cnt}"
-            assert (block.ref_cnt == 0) == block.is_in_free_queue, \
+            assert (block.ref_cnt == 0) == block.is_in_free_queue, (
                 f"block {block.block_id}: ref_cnt {block.ref_cnt} but in free queue = {block.is_in_free_queue}"
+            )
             if block.block_hash is not None:
-                assert self.cached.get(block.block_hash) is block, f"block {block.block_id} hash is not mapped"
+                assert self.cached.get(block.block_hash) is block, (
+                    f"block {block.block_id} hash is not mapped"
+                )
         for block_hash, block in self.cached.items():
-            assert block.block_hash == block_hash, f"cache map entry points at block {block.block_id} with another hash"
+            assert block.block_hash == block_hash, (
+                f"cache map entry points at block {block.block_id} with another hash"
+            )
         if owners is not None:
             counts = [0] * len(self.blocks)
             for table in owners.values():
                 for block in table:
                     counts[block.block_id] += 1
             for block in self.blocks:
-                assert block.ref_cnt == counts[block.block_id], \
+                assert block.ref_cnt == counts[block.block_id], (
                     f"block {block.block_id}: ref_cnt {block.ref_cnt} but held by {counts[block.block_id]} tables"
+                )
 
 
 class KVCacheManager:
@@ -197,8 +209,10 @@ class KVCacheManager:
         self.tables: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[bytes]] = {}
         self._num_cached: dict[str, int] = {}
-        self.on_free = None     # called with a request id whenever its blocks are released (per-request KV state)
-        self._uncommitted: list[KVBlock] = []     # registered this step, K/V not yet known to be written
+        self.on_free = (
+            None  # called with a request id whenever its blocks are released (per-request KV state)
+        )
+        self._uncommitted: list[KVBlock] = []  # registered this step, K/V not yet known to be written
 
     @property
     def num_blocks(self) -> int:
@@ -211,18 +225,23 @@ class KVCacheManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_hashes(self, request_id: str, token_ids: Sequence[int], num_tokens: int,
-                      salt: str | None) -> list[bytes]:
+    def _block_hashes(
+        self, request_id: str, token_ids: Sequence[int], num_tokens: int, salt: str | None
+    ) -> list[bytes]:
         """Hashes of the full blocks among the first `num_tokens` tokens, extended lazily and kept."""
         hashes = self._hashes.setdefault(request_id, [])
         bs = self.block_size
         for i in range(len(hashes), num_tokens // bs):
-            hashes.append(hash_block_tokens(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs],
-                                            salt if i == 0 else None))
+            hashes.append(
+                hash_block_tokens(
+                    hashes[-1] if hashes else None, token_ids[i * bs : (i + 1) * bs], salt if i == 0 else None
+                )
+            )
         return hashes
 
-    def get_computed_blocks(self, request_id: str, token_ids: Sequence[int],
-                            salt: str | None = None) -> tuple[list[KVBlock], int]:
+    def get_computed_blocks(
+        self, request_id: str, token_ids: Sequence[int], salt: str | None = None
+    ) -> tuple[list[KVBlock], int]:
         """The longest run of cached full blocks at the start of `token_ids` and the tokens they cover.
 
         At least one token is always left to compute, since sampling needs the last position's logits."""
@@ -230,18 +249,26 @@ class KVCacheManager:
             return [], 0
         bs = self.block_size
         num_tokens = len(token_ids) - 1
-        hashes = self._block_hashes(request_id, token_ids, num_tokens, salt)[:num_tokens // bs]  # may hold more
+        hashes = self._block_hashes(request_id, token_ids, num_tokens, salt)[
+            : num_tokens // bs
+        ]  # may hold more
         hits = []
         for i, block_hash in enumerate(hashes):
-            block = self.pool.get_cached_block(block_hash, token_ids[i * bs:(i + 1) * bs])
+            block = self.pool.get_cached_block(block_hash, token_ids[i * bs : (i + 1) * bs])
             if block is None:
                 break
             hits.append(block)
         return hits, len(hits) * bs
 
-    def allocate_slots(self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int,
-                       num_new_tokens: int, new_computed_blocks: Sequence[KVBlock] = (),
-                       salt: str | None = None) -> bool:
+    def allocate_slots(
+        self,
+        request_id: str,
+        token_ids: Sequence[int],
+        num_computed_tokens: int,
+        num_new_tokens: int,
+        new_computed_blocks: Sequence[KVBlock] = (),
+        salt: str | None = None,
+    ) -> bool:
         """Make room for `num_new_tokens` after `num_computed_tokens` (which counts any prefix hits passed
         in `new_computed_blocks`). Returns False, changing nothing, when too few blocks are free."""
         table = self.tables.get(request_id, [])
@@ -251,7 +278,7 @@ class KVCacheManager:
         if max(num_needed, 0) + num_evictable_hits > self.pool.num_free_blocks:
             return False
         self.tables[request_id] = table
-        self.pool.touch(new_computed_blocks)     # before popping new blocks, so hits cannot be evicted
+        self.pool.touch(new_computed_blocks)  # before popping new blocks, so hits cannot be evicted
         table.extend(new_computed_blocks)
         table.extend(self.pool.get_new_blocks(max(num_needed, 0)))
         if self.pool.enable_caching:
@@ -259,7 +286,9 @@ class KVCacheManager:
             hashes = self._block_hashes(request_id, token_ids, num_full * self.block_size, salt)
             bs = self.block_size
             for i in range(self._num_cached.get(request_id, 0), num_full):
-                if table[i] is not None and self.pool.cache_block(table[i], hashes[i], token_ids[i * bs:(i + 1) * bs]):
+                if table[i] is not None and self.pool.cache_block(
+                    table[i], hashes[i], token_ids[i * bs : (i + 1) * bs]
+                ):
                     self._uncommitted.append(table[i])
             self._num_cached[request_id] = num_full
         return True

@@ -5,15 +5,17 @@ weights (`longreach.model.quant`); no storage layout here.
 Scales (and int4 minimums) are stored in fp16 by default. A stored scale is rounded up when fp16 rounding would
 make it too small, so every element's error is at most half its own stored scale: |x - dequant(x)| <= scale / 2.
 """
+
 from __future__ import annotations
 
 import math
 
 import torch
 
-INT4_GROUP_SIZE = 32          # KIVI's group size: the int4 KV cache's default and spec.py's accounting
+INT4_GROUP_SIZE = 32  # KIVI's group size: the int4 KV cache's default and spec.py's accounting
 INT8_MAX, INT4_MAX = 127, 15
 SCALE_DTYPE = torch.float16
+
 
 def _round_up(scale: torch.Tensor, needed: torch.Tensor, scale_dtype: torch.dtype) -> torch.Tensor:
     """`scale` in scale_dtype, nudged up one ulp where rounding made it smaller than `needed` (fp32)."""
@@ -22,17 +24,21 @@ def _round_up(scale: torch.Tensor, needed: torch.Tensor, scale_dtype: torch.dtyp
     return torch.where(too_small, torch.nextafter(stored, torch.full_like(stored, math.inf)), stored)
 
 
-def quantize_int8(x: torch.Tensor, scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_int8(
+    x: torch.Tensor, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 over the last dim. x: (..., D) -> codes int8 (..., D), scale (...,) in scale_dtype."""
     xf = x.float()
-    absmax = xf.abs().amax(dim=-1)                                               # (...,)
+    absmax = xf.abs().amax(dim=-1)  # (...,)
     scale = _round_up(absmax / INT8_MAX, absmax / INT8_MAX, scale_dtype)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
     codes = torch.round(xf / safe[..., None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
     return codes, scale
 
 
-def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int8(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """codes int8 (..., D), scale (...,) -> (..., D) in dtype."""
     return (codes.float() * scale.float()[..., None]).to(dtype)
 
@@ -50,8 +56,9 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), dim=-1).flatten(-2)
 
 
-def quantize_int4(x: torch.Tensor, group_size: int, dim: int = -1,
-                  scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    x: torch.Tensor, group_size: int, dim: int = -1, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Asymmetric 4-bit over groups of `group_size` consecutive elements along `dim` (unpacked codes).
 
     x: (..., N, ...) with N = x.shape[dim] a multiple of group_size -> codes uint8 of x's shape in [0, 15],
@@ -60,43 +67,60 @@ def quantize_int4(x: torch.Tensor, group_size: int, dim: int = -1,
     size = x.shape[dim]
     if group_size < 1 or size % group_size:
         raise ValueError(f"group_size={group_size} must be >= 1 and divide the quantized dimension ({size})")
-    xm = x.float().movedim(dim, -1)                                             # (..., N)
-    xg = xm.unflatten(-1, (size // group_size, group_size))                     # (..., N/G, G)
-    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)                                   # (..., N/G)
+    xm = x.float().movedim(dim, -1)  # (..., N)
+    xg = xm.unflatten(-1, (size // group_size, group_size))  # (..., N/G, G)
+    lo, hi = xg.amin(dim=-1), xg.amax(dim=-1)  # (..., N/G)
     minimum = lo.to(scale_dtype)
     # the stored min must not exceed the true min, or the lowest element would fall below code 0
-    minimum = torch.where(minimum.float() > lo, torch.nextafter(minimum, torch.full_like(minimum, -math.inf)), minimum)
+    minimum = torch.where(
+        minimum.float() > lo, torch.nextafter(minimum, torch.full_like(minimum, -math.inf)), minimum
+    )
     span = hi - minimum.float()
     scale = _round_up(span / INT4_MAX, span / INT4_MAX, scale_dtype)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    codes = torch.round((xg - minimum.float()[..., None]) / safe[..., None]).clamp_(0, INT4_MAX).to(torch.uint8)
+    codes = (
+        torch.round((xg - minimum.float()[..., None]) / safe[..., None]).clamp_(0, INT4_MAX).to(torch.uint8)
+    )
     codes = codes.flatten(-2).movedim(-1, dim)
     return codes, scale.movedim(-1, dim), minimum.movedim(-1, dim)
 
 
-def dequantize_int4(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, group_size: int,
-                    dim: int = -1, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int,
+    dim: int = -1,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """Inverse of `quantize_int4` (unpacked codes): scale/min are repeated over their group along `dim`."""
     scale = scale.float().repeat_interleave(group_size, dim=dim)
     minimum = minimum.float().repeat_interleave(group_size, dim=dim)
     return (codes.float() * scale + minimum).to(dtype)
 
 
-def quantize_int4_per_token(x: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                            scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, ...]:
+def quantize_int4_per_token(
+    x: torch.Tensor, group_size: int = INT4_GROUP_SIZE, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, ...]:
     """KIVI values: x (T, Hkv, D) -> packed uint8 (T, Hkv, D/2), scale and min (T, Hkv, D/G)."""
     codes, scale, minimum = quantize_int4(x, group_size, dim=-1, scale_dtype=scale_dtype)
     return pack_int4(codes), scale, minimum
 
 
-def dequantize_int4_per_token(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                              group_size: int = INT4_GROUP_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4_per_token(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int = INT4_GROUP_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """packed (T, Hkv, D/2), scale/min (T, Hkv, D/G) -> (T, Hkv, D)."""
     return dequantize_int4(unpack_int4(packed), scale, minimum, group_size, dim=-1, dtype=dtype)
 
 
-def quantize_int4_per_channel(x: torch.Tensor, group_size: int = INT4_GROUP_SIZE,
-                              scale_dtype: torch.dtype = SCALE_DTYPE) -> tuple[torch.Tensor, ...]:
+def quantize_int4_per_channel(
+    x: torch.Tensor, group_size: int = INT4_GROUP_SIZE, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, ...]:
     """KIVI keys: x (T, Hkv, D), T a multiple of G -> packed uint8 (T, Hkv, D/2), scale and min (T/G, Hkv, D).
 
     Groups run along the token axis (dim -3); packing pairs neighbouring channels, independent of grouping.
@@ -105,7 +129,12 @@ def quantize_int4_per_channel(x: torch.Tensor, group_size: int = INT4_GROUP_SIZE
     return pack_int4(codes), scale, minimum
 
 
-def dequantize_int4_per_channel(packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor,
-                                group_size: int = INT4_GROUP_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_int4_per_channel(
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    minimum: torch.Tensor,
+    group_size: int = INT4_GROUP_SIZE,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """packed (T, Hkv, D/2), scale/min (T/G, Hkv, D) -> (T, Hkv, D)."""
     return dequantize_int4(unpack_int4(packed), scale, minimum, group_size, dim=-3, dtype=dtype)

@@ -17,6 +17,7 @@ int4 (KIVI) and eviction policies bring their own batch (`paged_gather.GatheredB
 (dequantized) per sequence, one varlen attention call. Either batch kind writes and attends for itself;
 `BoundPagedKVCache` hands each layer's K/V to it.
 """
+
 from __future__ import annotations
 
 import os
@@ -55,35 +56,66 @@ class PagedBatch:
     continued_meta: AttentionMetadata | None
     continued_kv_slots: torch.Tensor | None
 
-    def write(self, cache: "PagedKVCache", store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, cache: "PagedKVCache", store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         cache.write_slots(store, k, v, self.slot_mapping)
 
-    def attend(self, cache: "PagedKVCache", store: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+    def attend(
+        self,
+        cache: "PagedKVCache",
+        store: dict[str, torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) of the step (already written) -> (T, Hq, D)."""
         num_decodes = self.num_decodes
         if num_decodes == q.shape[0]:
             return cache.decode(store, q, self.decode_block_table, self.decode_seqlens, window_size)
         out = torch.empty_like(q)
         if num_decodes:
-            out[:num_decodes] = cache.decode(store, q[:num_decodes], self.decode_block_table, self.decode_seqlens,
-                                             window_size)
+            out[:num_decodes] = cache.decode(
+                store, q[:num_decodes], self.decode_block_table, self.decode_seqlens, window_size
+            )
         start, end = num_decodes, num_decodes + self.num_fresh_tokens
         if self.fresh_meta is not None:
-            out[start:end] = attend_fresh(q[start:end], k[start:end], v[start:end], self.fresh_meta, window_size)
+            out[start:end] = attend_fresh(
+                q[start:end], k[start:end], v[start:end], self.fresh_meta, window_size
+            )
         if self.continued_meta is not None:
-            keys, values = cache.read_slots(store, self.continued_kv_slots, q.dtype)           # (Tk, Hkv, D)
+            keys, values = cache.read_slots(store, self.continued_kv_slots, q.dtype)  # (Tk, Hkv, D)
             m = self.continued_meta
-            out[end:] = flash_attn_varlen_func(q[end:], keys, values, m.cu_seqlens_q, m.cu_seqlens_k,
-                                               m.max_seqlen_q, m.max_seqlen_k, causal=True, window_size=window_size)
+            out[end:] = flash_attn_varlen_func(
+                q[end:],
+                keys,
+                values,
+                m.cu_seqlens_q,
+                m.cu_seqlens_k,
+                m.max_seqlen_q,
+                m.max_seqlen_k,
+                causal=True,
+                window_size=window_size,
+            )
         return out
 
 
-def attend_fresh(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
-                 window_size: tuple[int, int]) -> torch.Tensor:
+def attend_fresh(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, window_size: tuple[int, int]
+) -> torch.Tensor:
     """Prefills from position 0 attend their own K/V: equal query and key lengths, the fastest varlen path."""
-    return flash_attn_varlen_func(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
-                                  meta.max_seqlen_k, causal=True, window_size=window_size)
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        meta.cu_seqlens_q,
+        meta.cu_seqlens_k,
+        meta.max_seqlen_q,
+        meta.max_seqlen_k,
+        causal=True,
+        window_size=window_size,
+    )
 
 
 class PagedKVCache:
@@ -91,9 +123,18 @@ class PagedKVCache:
     (plain K/V: `k_caches[layer]`, `v_caches[layer]` are [num_blocks, block_size, Hkv, D]), plus int4's
     `num_window_slots` per-sequence window slots."""
 
-    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 quantizer: KVQuantizer | None = None, num_window_slots: int = 0):
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        quantizer: KVQuantizer | None = None,
+        num_window_slots: int = 0,
+    ):
         if quantizer is None:
             names = {d: n for n, d in FULL_PRECISION.items()}
             if dtype not in names:
@@ -101,13 +142,15 @@ class PagedKVCache:
             quantizer = FullPrecisionKV(names[dtype])
         self.quantizer = quantizer
         # zeros (allocate's), not empty: padded gathers multiply masked keys' values, and 0 * NaN is NaN
-        self.stores = [quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, num_window_slots, device)
-                       for _ in range(num_layers)]
+        self.stores = [
+            quantizer.allocate(num_blocks, block_size, num_kv_heads, head_dim, num_window_slots, device)
+            for _ in range(num_layers)
+        ]
         self.num_blocks, self.block_size = num_blocks, block_size
         self.is_plain = isinstance(quantizer, FullPrecisionKV)
         self.block_bytes = num_layers * quantizer.block_bytes(block_size, num_kv_heads, head_dim)
         self.window_slot_bytes = num_layers * quantizer.window_bytes(num_kv_heads, head_dim)
-        self.workspace: dict[str, torch.Tensor] = {}   # reused gather buffers (CPU paths)
+        self.workspace: dict[str, torch.Tensor] = {}  # reused gather buffers (CPU paths)
 
     @property
     def k_caches(self) -> list[torch.Tensor]:
@@ -117,16 +160,18 @@ class PagedKVCache:
     def v_caches(self) -> list[torch.Tensor]:
         return [store["v"] for store in self.stores]
 
-    def write_slots(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
+    def write_slots(
+        self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         """Store K/V (T, Hkv, D) at flat slots (T,) (token-local dtypes: plain, int8)."""
         if self.is_plain:
             write_kv(k, v, store["k"], store["v"], slot_mapping)
         else:
             self.quantizer.write_slots(store, k, v, slot_mapping)
 
-    def read_slots(self, store: dict[str, torch.Tensor], slots: torch.Tensor,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_slots(
+        self, store: dict[str, torch.Tensor], slots: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values (S, Hkv, D) in dtype at flat slots (S,) (token-local dtypes: plain, int8)."""
         if self.is_plain:
             keys = gather_rows(store["k"].flatten(0, 1), slots, self.workspace, "k")
@@ -134,24 +179,41 @@ class PagedKVCache:
             return keys.to(dtype), values.to(dtype)
         return self.quantizer.read_slots(store, slots, dtype)
 
-    def decode(self, store: dict[str, torch.Tensor], q: torch.Tensor, block_table: torch.Tensor,
-               seqlens: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+    def decode(
+        self,
+        store: dict[str, torch.Tensor],
+        q: torch.Tensor,
+        block_table: torch.Tensor,
+        seqlens: torch.Tensor,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor:
         """One query per sequence over its pages: q (B, Hq, D) -> (B, Hq, D). Plain and int8 pages go to
         the paged decode as they are (int8 dequantized where it reads); pages stored in another dtype than
         the queries are converted first, only the blocks the tables reference, into a compact page set."""
         k_cache, v_cache = store["k"], store["v"]
         if isinstance(self.quantizer, Int8KV):
-            return paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, window_size=window_size,
-                                          k_scale=store["k_scale"], v_scale=store["v_scale"],
-                                          workspace=self.workspace)
+            return paged_decode_attention(
+                q,
+                k_cache,
+                v_cache,
+                block_table,
+                seqlens,
+                window_size=window_size,
+                k_scale=store["k_scale"],
+                v_scale=store["v_scale"],
+                workspace=self.workspace,
+            )
         if not self.is_plain or k_cache.dtype != q.dtype:
-            used, compact = torch.unique(block_table, return_inverse=True)              # (U,), table's shape
-            keys, values = self.quantizer.read_blocks(store, used[None, :], dtype=q.dtype)  # (1, U * bs, Hkv, D)
+            used, compact = torch.unique(block_table, return_inverse=True)  # (U,), table's shape
+            keys, values = self.quantizer.read_blocks(
+                store, used[None, :], dtype=q.dtype
+            )  # (1, U * bs, Hkv, D)
             k_cache = keys.view(used.numel(), self.block_size, *keys.shape[2:])
             v_cache = values.view(used.numel(), self.block_size, *values.shape[2:])
             block_table = compact.to(torch.int32)
-        return paged_decode_attention(q, k_cache, v_cache, block_table, seqlens, window_size=window_size,
-                                      workspace=self.workspace)
+        return paged_decode_attention(
+            q, k_cache, v_cache, block_table, seqlens, window_size=window_size, workspace=self.workspace
+        )
 
     def bind(self, batch) -> "BoundPagedKVCache":
         """The object the model receives as `kv_cache` for one step (batch: a PagedBatch or GatheredBatch)."""
@@ -165,8 +227,15 @@ class BoundPagedKVCache:
     def __init__(self, cache: PagedKVCache, batch):
         self.cache, self.batch = cache, batch
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               meta: AttentionMetadata, window_size: tuple[int, int]) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor:
         """q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D). `meta` describes the unpaged batch and is not needed:
         the paged addressing is in `self.batch`."""
         store = self.cache.stores[layer_idx]
@@ -188,8 +257,9 @@ def available_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def num_blocks_for(cfg: CacheConfig, bytes_per_block: int, device: torch.device,
-                   max_useful_blocks: int | None = None) -> int:
+def num_blocks_for(
+    cfg: CacheConfig, bytes_per_block: int, device: torch.device, max_useful_blocks: int | None = None
+) -> int:
     """How many blocks to allocate: `cfg.num_blocks`, else `cfg.kv_cache_memory` bytes, else
     `cfg.memory_fraction` of the free memory (capped at `max_useful_blocks`: enough for every sequence
     at full length, since more could never be used)."""
@@ -198,8 +268,10 @@ def num_blocks_for(cfg: CacheConfig, bytes_per_block: int, device: torch.device,
     if cfg.kv_cache_memory is not None:
         num_blocks = cfg.kv_cache_memory // bytes_per_block
         if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory={cfg.kv_cache_memory} bytes is less than one KV block "
-                             f"({bytes_per_block} bytes)")
+            raise ValueError(
+                f"kv_cache_memory={cfg.kv_cache_memory} bytes is less than one KV block "
+                f"({bytes_per_block} bytes)"
+            )
         return num_blocks
     fraction = cfg.memory_fraction or (0.9 if device.type == "cuda" else 0.5)
     free = available_memory(device)
@@ -207,6 +279,8 @@ def num_blocks_for(cfg: CacheConfig, bytes_per_block: int, device: torch.device,
     if max_useful_blocks is not None:
         num_blocks = min(num_blocks, max_useful_blocks)
     if num_blocks < 1:
-        raise ValueError(f"{fraction:.0%} of the {free / 2**30:.2f} GiB free on {device} holds no KV block "
-                         f"({bytes_per_block} bytes); pass kv_cache_memory= or num_blocks=")
+        raise ValueError(
+            f"{fraction:.0%} of the {free / 2**30:.2f} GiB free on {device} holds no KV block "
+            f"({bytes_per_block} bytes); pass kv_cache_memory= or num_blocks="
+        )
     return num_blocks

@@ -11,6 +11,7 @@ one `flash_attn_varlen_func` call, causal bottom-right aligned: a sequence's new
 keys, and every kept key precedes them. For H2O the attention mass each key receives is accumulated here,
 from `key_attention_mass` (the fused attention kernels do not return probabilities).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,16 +74,32 @@ class GatheredBatch:
     seq_writes: tuple[SeqWrite | None, ...] | None = None
     window_left: int | None = None
 
-    def write(self, cache: PagedKVCache, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor) -> None:
+    def write(
+        self, cache: PagedKVCache, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor
+    ) -> None:
         if self.seq_writes is None:
             cache.write_slots(store, k, v, self.slot_mapping)
             return
-        for w in self.seq_writes:       # int4: quantize-on-write per sequence, through its window slot
-            w.new_num_quantized = cache.quantizer.write(store, k[w.row_start:w.row_end], v[w.row_start:w.row_end],
-                                                        w.block_table, w.start, w.num_quantized, w.window_slot)
+        for w in self.seq_writes:  # int4: quantize-on-write per sequence, through its window slot
+            w.new_num_quantized = cache.quantizer.write(
+                store,
+                k[w.row_start : w.row_end],
+                v[w.row_start : w.row_end],
+                w.block_table,
+                w.start,
+                w.num_quantized,
+                w.window_slot,
+            )
 
-    def attend(self, cache: PagedKVCache, store: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor,
-               v: torch.Tensor, window_size: tuple[int, int]) -> torch.Tensor:
+    def attend(
+        self,
+        cache: PagedKVCache,
+        store: dict[str, torch.Tensor],
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor:
         if self.window_left is not None:
             left = self.window_left if window_size[0] < 0 else min(window_size[0], self.window_left)
             window_size = (left, window_size[1])
@@ -95,19 +112,43 @@ class GatheredBatch:
         return out
 
 
-def gathered_attention(cache, store: dict[str, torch.Tensor], q: torch.Tensor, run: GatheredRun,
-                       seq_writes, window_size: tuple[int, int]) -> torch.Tensor:
+def gathered_attention(
+    cache,
+    store: dict[str, torch.Tensor],
+    q: torch.Tensor,
+    run: GatheredRun,
+    seq_writes,
+    window_size: tuple[int, int],
+) -> torch.Tensor:
     """q (Tq, Hq, D): the run's queries -> (Tq, Hq, D). `cache` is the PagedKVCache (already written)."""
     if run.kv_slots is not None:
-        keys, values = cache.read_slots(store, run.kv_slots, q.dtype)                     # (Tk, Hkv, D)
+        keys, values = cache.read_slots(store, run.kv_slots, q.dtype)  # (Tk, Hkv, D)
     else:
-        parts = [cache.quantizer.read(store, seq_writes[i].block_table, length, seq_writes[i].new_num_quantized,
-                                      seq_writes[i].window_slot, q.dtype) for i, length in run.reads]
+        parts = [
+            cache.quantizer.read(
+                store,
+                seq_writes[i].block_table,
+                length,
+                seq_writes[i].new_num_quantized,
+                seq_writes[i].window_slot,
+                q.dtype,
+            )
+            for i, length in run.reads
+        ]
         keys = torch.cat([k for k, _ in parts])
         values = torch.cat([v for _, v in parts])
     m = run.meta
-    out = flash_attn_varlen_func(q, keys, values, m.cu_seqlens_q, m.cu_seqlens_k, m.max_seqlen_q, m.max_seqlen_k,
-                                 causal=True, window_size=window_size)
+    out = flash_attn_varlen_func(
+        q,
+        keys,
+        values,
+        m.cu_seqlens_q,
+        m.cu_seqlens_k,
+        m.max_seqlen_q,
+        m.max_seqlen_k,
+        causal=True,
+        window_size=window_size,
+    )
     if run.mass is not None:
         _accumulate_mass(run, q, keys)
     return out
@@ -116,9 +157,11 @@ def gathered_attention(cache, store: dict[str, torch.Tensor], q: torch.Tensor, r
 def _accumulate_mass(run: GatheredRun, q: torch.Tensor, keys: torch.Tensor) -> None:
     cu_q, cu_k = run.meta.cu_seqlens_q.tolist(), run.meta.cu_seqlens_k.tolist()
     for i, (q_pos, k_pos) in enumerate(zip(run.query_positions, run.key_positions)):
-        q_i, k_i = q[cu_q[i]:cu_q[i + 1]], keys[cu_k[i]:cu_k[i + 1]]                   # (n, Hq, D), (K, Hkv, D)
+        q_i, k_i = q[cu_q[i] : cu_q[i + 1]], keys[cu_k[i] : cu_k[i + 1]]  # (n, Hq, D), (K, Hkv, D)
         q_pos, k_pos = q_pos.to(q.device), k_pos.to(q.device)
         rows = max(1, MASS_CHUNK_ELEMENTS // max(q_i.shape[1] * k_i.shape[0], 1))
-        mass = sum(key_attention_mass(q_i[j:j + rows], k_i, q_pos[j:j + rows], k_pos)
-                   for j in range(0, q_i.shape[0], rows))                                # (K,) fp32
+        mass = sum(
+            key_attention_mass(q_i[j : j + rows], k_i, q_pos[j : j + rows], k_pos)
+            for j in range(0, q_i.shape[0], rows)
+        )  # (K,) fp32
         run.mass[i] = mass if run.mass[i] is None else run.mass[i] + mass

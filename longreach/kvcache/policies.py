@@ -33,10 +33,10 @@ alone bounds memory, not visibility inside the step.
   pin up to one block per heavy token. Accumulate scores with `accumulate_attention` (`H2OPolicy.observe`),
   from attention probabilities or from `key_attention_mass` (fused kernels hide the probabilities).
 """
+
 from __future__ import annotations
 
 import abc
-
 import math
 from dataclasses import dataclass
 
@@ -70,9 +70,13 @@ def _check_held(num_tokens: int, held: torch.Tensor | None) -> torch.Tensor:
     held = torch.as_tensor(held, dtype=torch.long).cpu()
     if held.dim() != 1:
         raise ValueError(f"held must be a 1-D tensor of positions, got shape {tuple(held.shape)}")
-    if held.numel() and (held[0] < 0 or held[-1] >= num_tokens or (held.numel() > 1 and (held.diff() <= 0).any())):
-        raise ValueError(f"held positions must be strictly increasing in [0, {num_tokens}); "
-                         f"got first {held[0].item()}, last {held[-1].item()}")
+    if held.numel() and (
+        held[0] < 0 or held[-1] >= num_tokens or (held.numel() > 1 and (held.diff() <= 0).any())
+    ):
+        raise ValueError(
+            f"held positions must be strictly increasing in [0, {num_tokens}); "
+            f"got first {held[0].item()}, last {held[-1].item()}"
+        )
     return held
 
 
@@ -80,7 +84,7 @@ class EvictionPolicy(abc.ABC):
     """The protocol: `keep_mask` decides; `plan` turns the decision into kept positions and freeable blocks."""
 
     name = ""
-    uses_attention_scores = False     # True: plan() wants each kept key's accumulated attention (H2O)
+    uses_attention_scores = False  # True: plan() wants each kept key's accumulated attention (H2O)
 
     def max_kept_tokens(self, block_size: int) -> int | None:
         """Most tokens a sequence keeps between steps; None means unbounded."""
@@ -91,18 +95,26 @@ class EvictionPolicy(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def keep_mask(self, num_tokens: int, held: torch.Tensor, scores: torch.Tensor | None,
-                  block_size: int) -> torch.Tensor:
+    def keep_mask(
+        self, num_tokens: int, held: torch.Tensor, scores: torch.Tensor | None, block_size: int
+    ) -> torch.Tensor:
         """(len(held),) bool: which held positions stay."""
 
-    def plan(self, num_tokens: int, block_size: int, held: torch.Tensor | None = None,
-             scores: torch.Tensor | None = None) -> EvictionPlan:
+    def plan(
+        self,
+        num_tokens: int,
+        block_size: int,
+        held: torch.Tensor | None = None,
+        scores: torch.Tensor | None = None,
+    ) -> EvictionPlan:
         """Decide after a step. num_tokens: the sequence's length; held: (H,) positions still cached, ascending
         (None: all of [0, num_tokens)); scores: (H,) accumulated attention of the held tokens (h2o)."""
         _positive_int("block_size", block_size)
         held = _check_held(num_tokens, held)
         if scores is not None and scores.shape != held.shape:
-            raise ValueError(f"scores has shape {tuple(scores.shape)}; it must match held {tuple(held.shape)}")
+            raise ValueError(
+                f"scores has shape {tuple(scores.shape)}; it must match held {tuple(held.shape)}"
+            )
         mask = self.keep_mask(num_tokens, held, scores, block_size)
         keep_index = mask.nonzero().flatten()
         keep = held[keep_index]
@@ -161,18 +173,23 @@ def accumulate_attention(scores: torch.Tensor | None, attention: torch.Tensor) -
     if attention.dim() == 0:
         raise ValueError("attention must have a key axis (last dim); got a scalar")
     num_keys = attention.shape[-1]
-    mass = attention.detach().float().reshape(-1, num_keys).sum(dim=0)            # (K,)
+    mass = attention.detach().float().reshape(-1, num_keys).sum(dim=0)  # (K,)
     if scores is None:
         return mass
     if scores.dim() != 1 or scores.shape[0] > num_keys:
         raise ValueError(f"scores has shape {tuple(scores.shape)}; expected (K0,) with K0 <= {num_keys} keys")
     out = mass.clone()
-    out[:scores.shape[0]] += scores.float().to(out.device)
+    out[: scores.shape[0]] += scores.float().to(out.device)
     return out
 
 
-def key_attention_mass(q: torch.Tensor, k: torch.Tensor, query_positions: torch.Tensor,
-                       key_positions: torch.Tensor, softmax_scale: float | None = None) -> torch.Tensor:
+def key_attention_mass(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
     """Attention mass each key receives from the queries, summed over queries and heads (for H2O when the
     attention kernel does not return probabilities). q: (Sq, Hq, D); k: (K, Hkv, D) post-RoPE keys; positions:
     (Sq,) and (K,) original token positions (a key is visible to queries at or after its position). -> (K,) fp32."""
@@ -180,9 +197,9 @@ def key_attention_mass(q: torch.Tensor, k: torch.Tensor, query_positions: torch.
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
-    kh = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)             # (K, Hq, D)
-    scores = torch.einsum("qhd,khd->hqk", q.float(), kh) * scale                  # (Hq, Sq, K)
-    visible = key_positions[None, :] <= query_positions[:, None]                   # (Sq, K)
+    kh = k.float().repeat_interleave(num_heads // num_kv_heads, dim=1)  # (K, Hq, D)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), kh) * scale  # (Hq, Sq, K)
+    visible = key_positions[None, :] <= query_positions[:, None]  # (Sq, K)
     probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     return probs.sum(dim=(0, 1))
 
@@ -201,8 +218,9 @@ class H2OPolicy(EvictionPolicy):
         self.unit = unit
 
     @classmethod
-    def from_ratio(cls, context_len: int, heavy_ratio: float = 0.1, recent_ratio: float = 0.1,
-                   unit: str = "token") -> "H2OPolicy":
+    def from_ratio(
+        cls, context_len: int, heavy_ratio: float = 0.1, recent_ratio: float = 0.1, unit: str = "token"
+    ) -> "H2OPolicy":
         """Budgets as fractions of a context length (the paper's 10% heavy + 10% recent)."""
         _positive_int("context_len", context_len)
         for name, ratio in (("heavy_ratio", heavy_ratio), ("recent_ratio", recent_ratio)):
@@ -211,7 +229,7 @@ class H2OPolicy(EvictionPolicy):
         return cls(int(context_len * heavy_ratio), max(1, int(context_len * recent_ratio)), unit)
 
     def max_kept_tokens(self, block_size):
-        if self.unit == "block":   # whole blocks: the recent ones may start up to block_size - 1 tokens early
+        if self.unit == "block":  # whole blocks: the recent ones may start up to block_size - 1 tokens early
             return self.heavy // block_size * block_size + self.recent + block_size - 1
         return self.heavy + self.recent
 
@@ -227,22 +245,28 @@ class H2OPolicy(EvictionPolicy):
         scores = scores.float().cpu()
         if self.unit == "token":
             keep = held >= num_tokens - self.recent
-            candidates = (~keep).nonzero().flatten()                               # older held tokens
+            candidates = (~keep).nonzero().flatten()  # older held tokens
             # stable sort on -score: equal scores keep the earlier token
-            order = torch.sort(-scores[candidates], stable=True).indices[:self.heavy]
+            order = torch.sort(-scores[candidates], stable=True).indices[: self.heavy]
             keep[candidates[order]] = True
             return keep
-        blocks = held // block_size                                                # (H,) logical block of each
+        blocks = held // block_size  # (H,) logical block of each
         first_recent_block = max(num_tokens - self.recent, 0) // block_size
         keep = blocks >= first_recent_block
         old_blocks, inverse = blocks[~keep].unique(return_inverse=True)
         block_scores = torch.zeros(old_blocks.shape).index_add_(0, inverse, scores[~keep])
-        order = torch.sort(-block_scores, stable=True).indices[:self.heavy // block_size]
+        order = torch.sort(-block_scores, stable=True).indices[: self.heavy // block_size]
         return keep | torch.isin(blocks, old_blocks[order])
 
 
-def make_policy(name: str, window: int | None = None, num_sinks: int = 4, heavy: int | None = None,
-                recent: int | None = None, unit: str = "token") -> EvictionPolicy:
+def make_policy(
+    name: str,
+    window: int | None = None,
+    num_sinks: int = 4,
+    heavy: int | None = None,
+    recent: int | None = None,
+    unit: str = "token",
+) -> EvictionPolicy:
     """The policy for an engine's `--kv-policy` value and its budgets (window: window/sinks; heavy and
     recent: h2o)."""
     if name not in POLICIES:
@@ -254,8 +278,10 @@ def make_policy(name: str, window: int | None = None, num_sinks: int = 4, heavy:
             raise ValueError(f"KV policy {name!r} needs window=<tokens>")
         return WindowPolicy(window) if name == "window" else SinksPolicy(window, num_sinks)
     if heavy is None or recent is None:
-        raise ValueError(f"KV policy 'h2o' needs heavy=<tokens> and recent=<tokens>; got heavy={heavy!r}, "
-                         f"recent={recent!r}")
+        raise ValueError(
+            f"KV policy 'h2o' needs heavy=<tokens> and recent=<tokens>; got heavy={heavy!r}, "
+            f"recent={recent!r}"
+        )
     return H2OPolicy(heavy, recent, unit)
 
 
@@ -271,13 +297,17 @@ def parse_policy_spec(text: str) -> tuple[str, dict[str, int | str]]:
         try:
             budget = int(rest)
         except ValueError:
-            raise ValueError(f"policy {text!r}: {rest!r} is not a token budget (give e.g. {name}:4096)") from None
+            raise ValueError(
+                f"policy {text!r}: {rest!r} is not a token budget (give e.g. {name}:4096)"
+            ) from None
         return name, ({"heavy": budget, "recent": budget} if name == "h2o" else {"window": budget})
     args: dict[str, int | str] = {}
     for item in rest.split(","):
         key, _, value = item.partition("=")
         if key not in ("window", "num_sinks", "heavy", "recent", "unit") or not value:
-            raise ValueError(f"policy {text!r}: bad budget {item!r}; use window=, num_sinks=, heavy=, recent=, unit=")
+            raise ValueError(
+                f"policy {text!r}: bad budget {item!r}; use window=, num_sinks=, heavy=, recent=, unit="
+            )
         if key == "unit":
             args[key] = value
             continue

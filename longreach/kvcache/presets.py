@@ -5,6 +5,7 @@ part of its Hugging Face config.json that sizes the model (shapes, rope), a chec
 own. Preset names match Hugging Face repo names case-insensitively, with or without the organisation, with or
 without '-Instruct' and the older 'Meta-' prefix.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,16 +24,38 @@ class NamedModelConfig:
     config: ModelConfig
 
 
-def _shapes(model_type: str, num_layers: int, num_heads: int, num_kv_heads: int, hidden_size: int,
-            intermediate_size: int, vocab_size: int) -> dict[str, Any]:
-    return {"model_type": model_type, "num_hidden_layers": num_layers, "num_attention_heads": num_heads,
-            "num_key_value_heads": num_kv_heads, "head_dim": 128, "hidden_size": hidden_size,
-            "intermediate_size": intermediate_size, "vocab_size": vocab_size}
+def _shapes(
+    model_type: str,
+    num_layers: int,
+    num_heads: int,
+    num_kv_heads: int,
+    hidden_size: int,
+    intermediate_size: int,
+    vocab_size: int,
+) -> dict[str, Any]:
+    return {
+        "model_type": model_type,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "head_dim": 128,
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "vocab_size": vocab_size,
+    }
 
 
-_LLAMA_3_1_ROPE = {"rope_theta": 500000.0, "max_position_embeddings": 131072,
-                   "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+_LLAMA_3_1_ROPE = {
+    "rope_theta": 500000.0,
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+}
 _QWEN_2_5_ROPE = {"rope_theta": 1000000.0, "max_position_embeddings": 131072}
 _MISTRAL_ROPE = {"rope_theta": 10000.0, "max_position_embeddings": 32768}
 
@@ -45,8 +68,9 @@ _PRESET_CONFIGS: dict[str, dict[str, Any]] = {
     "Qwen/Qwen2.5-7B": _shapes("qwen2", 28, 28, 4, 3584, 18944, 152064) | _QWEN_2_5_ROPE,
     "Qwen/Qwen2.5-72B": _shapes("qwen2", 80, 64, 8, 8192, 29568, 152064) | _QWEN_2_5_ROPE,
 }
-PRESETS: dict[str, NamedModelConfig] = {name: NamedModelConfig(name, ModelConfig.from_hf_dict(d))
-                                        for name, d in _PRESET_CONFIGS.items()}
+PRESETS: dict[str, NamedModelConfig] = {
+    name: NamedModelConfig(name, ModelConfig.from_hf_dict(d)) for name, d in _PRESET_CONFIGS.items()
+}
 
 # extra look-up keys (already normalized) -> preset name; same shapes as the preset
 _ALIASES = {
@@ -66,8 +90,13 @@ def _lookup_key(name: str) -> str:
 _PRESET_KEYS = {_lookup_key(name): name for name in PRESETS} | _ALIASES
 
 # the keys `ModelConfig.from_hf_dict` cannot do without (it indexes them), checked first for a clear message
-_REQUIRED_KEYS = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
-                  "vocab_size")
+_REQUIRED_KEYS = (
+    "num_hidden_layers",
+    "num_attention_heads",
+    "hidden_size",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def config_from_hf_dict(config: dict[str, Any], name: str) -> ModelConfig:
@@ -77,8 +106,10 @@ def config_from_hf_dict(config: dict[str, Any], name: str) -> ModelConfig:
         config = config["text_config"]
     missing = [key for key in _REQUIRED_KEYS if config.get(key) is None]
     if missing:
-        raise ValueError(f"{name}: config is missing {missing}; need num_hidden_layers, num_attention_heads, "
-                         "hidden_size, intermediate_size and vocab_size")
+        raise ValueError(
+            f"{name}: config is missing {missing}; need num_hidden_layers, num_attention_heads, "
+            "hidden_size, intermediate_size and vocab_size"
+        )
     try:
         return ModelConfig.from_hf_dict(config)
     except ValueError as exc:
@@ -88,8 +119,10 @@ def config_from_hf_dict(config: dict[str, Any], name: str) -> ModelConfig:
 def _read_checkpoint_config(path: Path) -> NamedModelConfig:
     config_path = path / "config.json" if path.is_dir() else path
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: no config.json there; give a checkpoint directory holding a "
-                                f"Hugging Face config.json or one of the presets: {', '.join(PRESETS)}")
+        raise FileNotFoundError(
+            f"{config_path}: no config.json there; give a checkpoint directory holding a "
+            f"Hugging Face config.json or one of the presets: {', '.join(PRESETS)}"
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -105,6 +138,8 @@ def resolve_model(name_or_dir: str | Path) -> NamedModelConfig:
         return _read_checkpoint_config(path)
     preset = _PRESET_KEYS.get(_lookup_key(str(name_or_dir)))
     if preset is None:
-        raise ValueError(f"unknown model {str(name_or_dir)!r}: not a directory with a config.json and not a "
-                         f"preset; presets: {', '.join(PRESETS)}")
+        raise ValueError(
+            f"unknown model {str(name_or_dir)!r}: not a directory with a config.json and not a "
+            f"preset; presets: {', '.join(PRESETS)}"
+        )
     return PRESETS[preset]

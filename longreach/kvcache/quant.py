@@ -25,6 +25,7 @@ Engine API (`make_kv_quantizer(kv_cache_dtype, ...)` returns one of the `KVQuant
 `block_layout` / `window_layout` describe the tensors, `allocate` makes them, `write` stores a sequence's new
 tokens and returns its new `num_quantized`, `read` returns dequantized (L, Hkv, D) keys and values.
 """
+
 from __future__ import annotations
 
 import abc
@@ -35,13 +36,19 @@ from typing import Sequence
 import torch
 
 from longreach.kvcache.codecs import (
-    INT4_GROUP_SIZE, SCALE_DTYPE, dequantize_int4_per_channel, dequantize_int4_per_token, dequantize_int8,
-    quantize_int4_per_channel, quantize_int4_per_token, quantize_int8,
+    INT4_GROUP_SIZE,
+    SCALE_DTYPE,
+    dequantize_int4_per_channel,
+    dequantize_int4_per_token,
+    dequantize_int8,
+    quantize_int4_per_channel,
+    quantize_int4_per_token,
+    quantize_int8,
 )
 
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
 FULL_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DEFAULT_INT4_WINDOW = 128     # KIVI's full-precision residual of recent tokens
+DEFAULT_INT4_WINDOW = 128  # KIVI's full-precision residual of recent tokens
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
@@ -65,6 +72,7 @@ def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype = torch
 # Paged storage
 # ---------------------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape and dtype of one stored tensor, per block (or per window slot); allocate with a leading count."""
@@ -77,14 +85,17 @@ class TensorSpec:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
-def _slots(block_table: Sequence[int] | torch.Tensor, block_size: int, start: int, end: int,
-           device: torch.device) -> torch.Tensor:
+def _slots(
+    block_table: Sequence[int] | torch.Tensor, block_size: int, start: int, end: int, device: torch.device
+) -> torch.Tensor:
     """Flat slot index (block * block_size + offset) of tokens [start, end) of one sequence: (end - start,) int64."""
     table = torch.as_tensor(block_table, dtype=torch.long, device=device)
     needed = -(-end // block_size)
     if table.numel() < needed:
-        raise ValueError(f"block table has {table.numel()} blocks but tokens up to {end} need {needed} "
-                         f"(block_size={block_size})")
+        raise ValueError(
+            f"block table has {table.numel()} blocks but tokens up to {end} need {needed} "
+            f"(block_size={block_size})"
+        )
     positions = torch.arange(start, end, device=device)
     return table[positions // block_size] * block_size + positions % block_size
 
@@ -115,30 +126,58 @@ class KVQuantizer(abc.ABC):
         """Bytes of one sequence's window slot in one layer (0 unless int4)."""
         return sum(s.num_bytes for s in self.window_layout(num_kv_heads, head_dim).values())
 
-    def allocate(self, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 num_window_slots: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def allocate(
+        self,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_window_slots: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> dict[str, torch.Tensor]:
         """Zeroed tensors of one layer: `[num_blocks, *block shape]` and `[num_window_slots, *window shape]`."""
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
         if self.needs_window and num_window_slots < 1:
-            raise ValueError(f"kv_cache_dtype {self.name!r} keeps recent tokens in per-sequence window slots; "
-                             f"num_window_slots={num_window_slots} must be >= 1 (one per running sequence)")
-        store = {name: torch.zeros((num_blocks, *spec.shape), dtype=spec.dtype, device=device)
-                 for name, spec in self.block_layout(block_size, num_kv_heads, head_dim).items()}
-        store.update({name: torch.zeros((num_window_slots, *spec.shape), dtype=spec.dtype, device=device)
-                      for name, spec in self.window_layout(num_kv_heads, head_dim).items()})
+            raise ValueError(
+                f"kv_cache_dtype {self.name!r} keeps recent tokens in per-sequence window slots; "
+                f"num_window_slots={num_window_slots} must be >= 1 (one per running sequence)"
+            )
+        store = {
+            name: torch.zeros((num_blocks, *spec.shape), dtype=spec.dtype, device=device)
+            for name, spec in self.block_layout(block_size, num_kv_heads, head_dim).items()
+        }
+        store.update(
+            {
+                name: torch.zeros((num_window_slots, *spec.shape), dtype=spec.dtype, device=device)
+                for name, spec in self.window_layout(num_kv_heads, head_dim).items()
+            }
+        )
         return store
 
     @abc.abstractmethod
-    def write(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-              block_table: Sequence[int] | torch.Tensor, start: int, num_quantized: int | None = None,
-              window_slot: int | None = None) -> int:
+    def write(
+        self,
+        store: dict[str, torch.Tensor],
+        k: torch.Tensor,
+        v: torch.Tensor,
+        block_table: Sequence[int] | torch.Tensor,
+        start: int,
+        num_quantized: int | None = None,
+        window_slot: int | None = None,
+    ) -> int:
         """Store one sequence's new tokens k, v (n, Hkv, D) at positions [start, start + n); returns num_quantized."""
 
     @abc.abstractmethod
-    def read(self, store: dict[str, torch.Tensor], block_table: Sequence[int] | torch.Tensor, length: int,
-             num_quantized: int | None = None, window_slot: int | None = None,
-             dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self,
+        store: dict[str, torch.Tensor],
+        block_table: Sequence[int] | torch.Tensor,
+        length: int,
+        num_quantized: int | None = None,
+        window_slot: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's tokens [0, length) as full-precision keys and values, each (length, Hkv, D) in dtype."""
 
     @staticmethod
@@ -151,22 +190,25 @@ class _TokenLocalKV(KVQuantizer):
     """Dtypes whose tokens are stored independently (full precision, int8): writes are slot scatters."""
 
     @abc.abstractmethod
-    def write_slots(self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor,
-                    slot_mapping: torch.Tensor) -> None:
+    def write_slots(
+        self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
         """Batched write of any tokens: k, v (T, Hkv, D); slot_mapping (T,) int64 = block * block_size + offset."""
 
     @abc.abstractmethod
-    def read_slots(self, store: dict[str, torch.Tensor], slots: torch.Tensor,
-                   dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_slots(
+        self, store: dict[str, torch.Tensor], slots: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens at flat slots (S,) -> keys, values (S, Hkv, D) in dtype."""
 
-    def read_blocks(self, store: dict[str, torch.Tensor], block_table: torch.Tensor,
-                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_blocks(
+        self, store: dict[str, torch.Tensor], block_table: torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Whole blocks of a batch: block_table (B, num_blocks_per_seq) -> keys, values (B, nb * block_size, Hkv, D)
         (padded decode; mask keys at or past each sequence's length)."""
         block_size = store["k"].shape[1]
         offsets = torch.arange(block_size, device=block_table.device)
-        slots = (block_table.long()[:, :, None] * block_size + offsets).flatten(1)          # (B, nb * bs)
+        slots = (block_table.long()[:, :, None] * block_size + offsets).flatten(1)  # (B, nb * bs)
         k, v = self.read_slots(store, slots.flatten(), dtype)
         return k.unflatten(0, slots.shape), v.unflatten(0, slots.shape)
 
@@ -177,7 +219,9 @@ class _TokenLocalKV(KVQuantizer):
         return start + k.shape[0]
 
     def read(self, store, block_table, length, num_quantized=None, window_slot=None, dtype=torch.float32):
-        return self.read_slots(store, _slots(block_table, store["k"].shape[1], 0, length, store["k"].device), dtype)
+        return self.read_slots(
+            store, _slots(block_table, store["k"].shape[1], 0, length, store["k"].device), dtype
+        )
 
 
 class FullPrecisionKV(_TokenLocalKV):
@@ -214,13 +258,17 @@ class Int8KV(_TokenLocalKV):
     def write_slots(self, store, k, v, slot_mapping):
         self._check_kv(k, v)
         for name, x in (("k", k), ("v", v)):
-            codes, scale = quantize_int8(x)                                     # (T, Hkv, D), (T, Hkv)
+            codes, scale = quantize_int8(x)  # (T, Hkv, D), (T, Hkv)
             store[name].flatten(0, 1)[slot_mapping] = codes
             store[f"{name}_scale"].flatten(0, 1)[slot_mapping] = scale
 
     def read_slots(self, store, slots, dtype=torch.float32):
-        return tuple(dequantize_int8(store[name].flatten(0, 1)[slots], store[f"{name}_scale"].flatten(0, 1)[slots],
-                                     dtype) for name in ("k", "v"))
+        return tuple(
+            dequantize_int8(
+                store[name].flatten(0, 1)[slots], store[f"{name}_scale"].flatten(0, 1)[slots], dtype
+            )
+            for name in ("k", "v")
+        )
 
 
 class Int4KV(KVQuantizer):
@@ -234,12 +282,18 @@ class Int4KV(KVQuantizer):
     name = "int4"
     needs_window = True
 
-    def __init__(self, group_size: int = INT4_GROUP_SIZE, window: int = DEFAULT_INT4_WINDOW,
-                 window_dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        group_size: int = INT4_GROUP_SIZE,
+        window: int = DEFAULT_INT4_WINDOW,
+        window_dtype: torch.dtype = torch.bfloat16,
+    ):
         if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
             raise ValueError(f"int4 group_size={group_size!r} must be an even integer >= 2")
         if not isinstance(window, int) or window < 0:
-            raise ValueError(f"int4 window={window!r} must be an integer >= 0 (recent tokens kept unquantized)")
+            raise ValueError(
+                f"int4 window={window!r} must be an integer >= 0 (recent tokens kept unquantized)"
+            )
         self.group_size, self.window, self.window_dtype = group_size, window, window_dtype
 
     @property
@@ -253,19 +307,29 @@ class Int4KV(KVQuantizer):
 
     def _check_shapes(self, block_size: int, head_dim: int) -> None:
         if block_size % self.group_size:
-            raise ValueError(f"int4 KV needs block_size ({block_size}) to be a multiple of group_size "
-                             f"({self.group_size}): key groups of G tokens must not straddle blocks")
+            raise ValueError(
+                f"int4 KV needs block_size ({block_size}) to be a multiple of group_size "
+                f"({self.group_size}): key groups of G tokens must not straddle blocks"
+            )
         if head_dim % self.group_size:
-            raise ValueError(f"int4 KV needs head_dim ({head_dim}) to be a multiple of group_size "
-                             f"({self.group_size}): value groups run along head_dim")
+            raise ValueError(
+                f"int4 KV needs head_dim ({head_dim}) to be a multiple of group_size "
+                f"({self.group_size}): value groups run along head_dim"
+            )
 
     def block_layout(self, block_size, num_kv_heads, head_dim):
         self._check_shapes(block_size, head_dim)
         data = TensorSpec((block_size, num_kv_heads, head_dim // 2), torch.uint8)
         key_scale = TensorSpec((block_size // self.group_size, num_kv_heads, head_dim), SCALE_DTYPE)
         value_scale = TensorSpec((block_size, num_kv_heads, head_dim // self.group_size), SCALE_DTYPE)
-        return {"k": data, "k_scale": key_scale, "k_min": key_scale, "v": data, "v_scale": value_scale,
-                "v_min": value_scale}
+        return {
+            "k": data,
+            "k_scale": key_scale,
+            "k_min": key_scale,
+            "v": data,
+            "v_scale": value_scale,
+            "v_min": value_scale,
+        }
 
     def window_layout(self, num_kv_heads, head_dim):
         spec = TensorSpec((self.window_capacity, num_kv_heads, head_dim), self.window_dtype)
@@ -273,14 +337,20 @@ class Int4KV(KVQuantizer):
 
     def _check_state(self, store, start: int, num_quantized: int | None, window_slot: int | None) -> int:
         if window_slot is None or not 0 <= window_slot < store["k_window"].shape[0]:
-            raise ValueError(f"int4 KV needs a window_slot in [0, {store['k_window'].shape[0]}), got {window_slot!r}")
+            raise ValueError(
+                f"int4 KV needs a window_slot in [0, {store['k_window'].shape[0]}), got {window_slot!r}"
+            )
         num_quantized = self.num_quantized_for(start) if num_quantized is None else num_quantized
         if not 0 <= num_quantized <= start or num_quantized % self.group_size:
-            raise ValueError(f"num_quantized={num_quantized} must be a multiple of group_size ({self.group_size}) "
-                             f"in [0, {start}]")
+            raise ValueError(
+                f"num_quantized={num_quantized} must be a multiple of group_size ({self.group_size}) "
+                f"in [0, {start}]"
+            )
         if start - num_quantized >= self.window_capacity:
-            raise ValueError(f"num_quantized={num_quantized} leaves {start - num_quantized} tokens unquantized, more "
-                             f"than the window holds ({self.window_capacity - 1})")
+            raise ValueError(
+                f"num_quantized={num_quantized} leaves {start - num_quantized} tokens unquantized, more "
+                f"than the window holds ({self.window_capacity - 1})"
+            )
         return num_quantized
 
     def write(self, store, k, v, block_table, start, num_quantized=None, window_slot=None) -> int:
@@ -290,46 +360,60 @@ class Int4KV(KVQuantizer):
         end = start + k.shape[0]
         new_q = max(old_q, self.num_quantized_for(end))
         cap, group, block_size = self.window_capacity, self.group_size, store["k"].shape[1]
-        k_ring, v_ring = store["k_window"][window_slot], store["v_window"][window_slot]   # (cap, Hkv, D)
+        k_ring, v_ring = store["k_window"][window_slot], store["v_window"][window_slot]  # (cap, Hkv, D)
         if new_q > old_q:
             # full-precision copies of tokens [old_q, new_q): from the ring if already stored, else from k/v
             stored = torch.arange(old_q, min(new_q, start), device=k.device) % cap
             fresh = slice(0, max(new_q - start, 0))
-            k_fp = torch.cat([k_ring[stored].to(k.dtype), k[fresh]])                       # (new_q - old_q, Hkv, D)
+            k_fp = torch.cat([k_ring[stored].to(k.dtype), k[fresh]])  # (new_q - old_q, Hkv, D)
             v_fp = torch.cat([v_ring[stored].to(v.dtype), v[fresh]])
-            slots = _slots(block_table, block_size, old_q, new_q, k.device)                # (N,)
-            k_codes, k_scale, k_min = quantize_int4_per_channel(k_fp, group)               # scale (N/G, Hkv, D)
-            v_codes, v_scale, v_min = quantize_int4_per_token(v_fp, group)                 # scale (N, Hkv, D/G)
-            group_slots = slots[::group] // group                                          # (N/G,) flat group index
+            slots = _slots(block_table, block_size, old_q, new_q, k.device)  # (N,)
+            k_codes, k_scale, k_min = quantize_int4_per_channel(k_fp, group)  # scale (N/G, Hkv, D)
+            v_codes, v_scale, v_min = quantize_int4_per_token(v_fp, group)  # scale (N, Hkv, D/G)
+            group_slots = slots[::group] // group  # (N/G,) flat group index
             store["k"].flatten(0, 1)[slots] = k_codes
             store["v"].flatten(0, 1)[slots] = v_codes
             store["k_scale"].flatten(0, 1)[group_slots] = k_scale
             store["k_min"].flatten(0, 1)[group_slots] = k_min
             store["v_scale"].flatten(0, 1)[slots] = v_scale
             store["v_min"].flatten(0, 1)[slots] = v_min
-        keep_from = max(start, new_q)                      # new tokens still recent go to the ring
+        keep_from = max(start, new_q)  # new tokens still recent go to the ring
         ring = torch.arange(keep_from, end, device=k.device) % cap
-        k_ring[ring] = k[keep_from - start:].to(self.window_dtype)
-        v_ring[ring] = v[keep_from - start:].to(self.window_dtype)
+        k_ring[ring] = k[keep_from - start :].to(self.window_dtype)
+        v_ring[ring] = v[keep_from - start :].to(self.window_dtype)
         return new_q
 
     def read(self, store, block_table, length, num_quantized=None, window_slot=None, dtype=torch.float32):
         num_quantized = self._check_state(store, length, num_quantized, window_slot)
         group, block_size = self.group_size, store["k"].shape[1]
-        slots = _slots(block_table, block_size, 0, num_quantized, store["k"].device)       # (Q,)
-        group_slots = slots[::group] // group                                              # (Q/G,)
-        k_old = dequantize_int4_per_channel(store["k"].flatten(0, 1)[slots], store["k_scale"].flatten(0, 1)[group_slots],
-                                            store["k_min"].flatten(0, 1)[group_slots], group, dtype)
-        v_old = dequantize_int4_per_token(store["v"].flatten(0, 1)[slots], store["v_scale"].flatten(0, 1)[slots],
-                                          store["v_min"].flatten(0, 1)[slots], group, dtype)
+        slots = _slots(block_table, block_size, 0, num_quantized, store["k"].device)  # (Q,)
+        group_slots = slots[::group] // group  # (Q/G,)
+        k_old = dequantize_int4_per_channel(
+            store["k"].flatten(0, 1)[slots],
+            store["k_scale"].flatten(0, 1)[group_slots],
+            store["k_min"].flatten(0, 1)[group_slots],
+            group,
+            dtype,
+        )
+        v_old = dequantize_int4_per_token(
+            store["v"].flatten(0, 1)[slots],
+            store["v_scale"].flatten(0, 1)[slots],
+            store["v_min"].flatten(0, 1)[slots],
+            group,
+            dtype,
+        )
         ring = torch.arange(num_quantized, length, device=slots.device) % self.window_capacity
-        k_new = store["k_window"][window_slot][ring].to(dtype)                             # (L - Q, Hkv, D)
+        k_new = store["k_window"][window_slot][ring].to(dtype)  # (L - Q, Hkv, D)
         v_new = store["v_window"][window_slot][ring].to(dtype)
         return torch.cat([k_old, k_new]), torch.cat([v_old, v_new])
 
 
-def make_kv_quantizer(kv_cache_dtype: str, model_dtype: torch.dtype = torch.bfloat16,
-                      group_size: int = INT4_GROUP_SIZE, window: int = DEFAULT_INT4_WINDOW) -> KVQuantizer:
+def make_kv_quantizer(
+    kv_cache_dtype: str,
+    model_dtype: torch.dtype = torch.bfloat16,
+    group_size: int = INT4_GROUP_SIZE,
+    window: int = DEFAULT_INT4_WINDOW,
+) -> KVQuantizer:
     """The storage scheme for a `--kv-cache-dtype` value; 'auto' follows the model's dtype.
 
     group_size / window apply to int4 only; its window is kept in the model's dtype.
@@ -342,9 +426,15 @@ def make_kv_quantizer(kv_cache_dtype: str, model_dtype: torch.dtype = torch.bflo
     return FullPrecisionKV(name)
 
 
-def kv_window_bytes_per_sequence(kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int,
-                                 model_dtype: torch.dtype = torch.bfloat16, group_size: int = INT4_GROUP_SIZE,
-                                 window: int = DEFAULT_INT4_WINDOW) -> int:
+def kv_window_bytes_per_sequence(
+    kv_cache_dtype: str,
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    model_dtype: torch.dtype = torch.bfloat16,
+    group_size: int = INT4_GROUP_SIZE,
+    window: int = DEFAULT_INT4_WINDOW,
+) -> int:
     """Bytes of one sequence's full-precision window slots across all layers (int4 only; else 0).
 
     The per-sequence cost that `longreach.kvcache.spec` (bytes per token, the one KV-size calculator) leaves out;

@@ -4,6 +4,7 @@ Every figure comes from the calculator (`kvcache.spec`, and `kvcache.spec_polici
 this module only validates the inputs, lays the figures out and parses the command line. The model is a
 preset or a checkpoint directory (`kvcache.presets`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,14 +40,16 @@ def _is_positive_int(value) -> bool:
     return isinstance(value, int) and value >= 1
 
 
-def _check_report_inputs(context_len: int, batch: int, peak_tflops: float, mfu: float,
-                         gpu_price_per_hour: float) -> None:
+def _check_report_inputs(
+    context_len: int, batch: int, peak_tflops: float, mfu: float, gpu_price_per_hour: float
+) -> None:
     for label, value, ok, accepted in (
-            ("context_len", context_len, _is_positive_int(context_len), "an integer >= 1"),
-            ("batch", batch, _is_positive_int(batch), "an integer >= 1"),
-            ("peak_tflops", peak_tflops, peak_tflops > 0, "> 0"),
-            ("mfu", mfu, 0 < mfu <= 1, "in (0, 1]"),
-            ("gpu_price_per_hour", gpu_price_per_hour, gpu_price_per_hour >= 0, ">= 0")):
+        ("context_len", context_len, _is_positive_int(context_len), "an integer >= 1"),
+        ("batch", batch, _is_positive_int(batch), "an integer >= 1"),
+        ("peak_tflops", peak_tflops, peak_tflops > 0, "> 0"),
+        ("mfu", mfu, 0 < mfu <= 1, "in (0, 1]"),
+        ("gpu_price_per_hour", gpu_price_per_hour, gpu_price_per_hour >= 0, ">= 0"),
+    ):
         if not ok:
             raise ValueError(f"{label}={value!r} must be {accepted}")
 
@@ -54,10 +57,16 @@ def _check_report_inputs(context_len: int, batch: int, peak_tflops: float, mfu: 
 def _arch_summary(model: NamedModelConfig) -> dict[str, Any]:
     """The shape numbers a report shows, under the names its JSON has always used."""
     config = model.config
-    return {"num_layers": config.num_hidden_layers, "num_attention_heads": config.num_attention_heads,
-            "num_kv_heads": config.num_key_value_heads, "head_dim": config.head_dim,
-            "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
-            "vocab_size": config.vocab_size, "name": model.name}
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "vocab_size": config.vocab_size,
+        "name": model.name,
+    }
 
 
 def _kv_row(model: NamedModelConfig, context_len: int, dtype: str, batch: int) -> dict[str, Any]:
@@ -75,9 +84,15 @@ def _kv_row(model: NamedModelConfig, context_len: int, dtype: str, batch: int) -
     }
 
 
-def report(model: NamedModelConfig, context_len: int, dtypes: list[str] | None = None, batch: int = 1,
-           peak_tflops: float = DEFAULT_PEAK_TFLOPS, mfu: float = DEFAULT_MFU,
-           gpu_price_per_hour: float = DEFAULT_GPU_PRICE_PER_HOUR) -> dict[str, Any]:
+def report(
+    model: NamedModelConfig,
+    context_len: int,
+    dtypes: list[str] | None = None,
+    batch: int = 1,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+    mfu: float = DEFAULT_MFU,
+    gpu_price_per_hour: float = DEFAULT_GPU_PRICE_PER_HOUR,
+) -> dict[str, Any]:
     """Everything `kv-size` prints, as plain data (bytes, FLOPs, seconds, dollars)."""
     _check_report_inputs(context_len, batch, peak_tflops, mfu, gpu_price_per_hour)
     flops = prefill_flops(model.config, context_len)
@@ -102,26 +117,40 @@ def report(model: NamedModelConfig, context_len: int, dtypes: list[str] | None =
     }
 
 
-def policy_rows(model: NamedModelConfig, context_len: int, dtypes: list[str], specs: list[str],
-                block_size: int = DEFAULT_BLOCK_SIZE) -> list[dict[str, Any]]:
+def policy_rows(
+    model: NamedModelConfig,
+    context_len: int,
+    dtypes: list[str],
+    specs: list[str],
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> list[dict[str, Any]]:
     """One row per policy spec ('none', 'window:4096', 'sinks:window=4096,num_sinks=4', 'h2o:1024', ...):
     tokens kept, tokens held in whole blocks, and bytes per request for each dtype."""
     rows = []
     for spec in specs:
         name, kwargs = parse_policy_spec(spec)
         bound = tokens_under_policy(make_policy(name, **kwargs), context_len, block_size)
-        bytes_held = {dtype: kv_bytes_per_request(model.config, bound.tokens_held, dtype).total
-                      for dtype in dtypes}
-        rows.append({"policy": spec, "tokens_kept": bound.tokens_kept, "tokens_held": bound.tokens_held,
-                     "bytes_per_request": bytes_held})
+        bytes_held = {
+            dtype: kv_bytes_per_request(model.config, bound.tokens_held, dtype).total for dtype in dtypes
+        }
+        rows.append(
+            {
+                "policy": spec,
+                "tokens_kept": bound.tokens_kept,
+                "tokens_held": bound.tokens_held,
+                "bytes_per_request": bytes_held,
+            }
+        )
     return rows
 
 
 def _align(table: list[list[str]]) -> list[str]:
     """First column left-aligned, the others right-aligned, two spaces apart."""
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
-    return ["  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
-            for row in table]
+    return [
+        "  ".join([row[0].ljust(widths[0])] + [cell.rjust(w) for cell, w in zip(row[1:], widths[1:])])
+        for row in table
+    ]
 
 
 def _kv_table(rep: dict[str, Any]) -> list[str]:
@@ -131,13 +160,15 @@ def _kv_table(rep: dict[str, Any]) -> list[str]:
         header.append(f"x{batch} GiB")
     table = [header]
     for row in rep["kv"]:
-        cells = [row["dtype"],
-                 f"{row['data_bytes_per_token'] / KiB:,.1f}",
-                 f"{row['scale_bytes_per_token']:,.0f}",
-                 f"{row['data_bytes_per_request'] / GiB:,.1f}",
-                 f"{row['scale_bytes_per_request'] / GiB:,.2f}",
-                 f"{row['total_bytes_per_request'] / GiB:,.1f}",
-                 f"{row['total_bytes_without_gqa'] / GiB:,.1f}"]
+        cells = [
+            row["dtype"],
+            f"{row['data_bytes_per_token'] / KiB:,.1f}",
+            f"{row['scale_bytes_per_token']:,.0f}",
+            f"{row['data_bytes_per_request'] / GiB:,.1f}",
+            f"{row['scale_bytes_per_request'] / GiB:,.2f}",
+            f"{row['total_bytes_per_request'] / GiB:,.1f}",
+            f"{row['total_bytes_without_gqa'] / GiB:,.1f}",
+        ]
         if batch > 1:
             cells.append(f"{row['total_bytes_batch'] / GiB:,.1f}")
         table.append(cells)
@@ -147,18 +178,25 @@ def _kv_table(rep: dict[str, Any]) -> list[str]:
 def _prefill_lines(rep: dict[str, Any]) -> list[str]:
     pre, n, batch = rep["prefill"], rep["context_len"], rep["batch"]
     flops = pre["flops_per_request"]
-    terms = (("dense", "dense", f"2 * {rep['num_params_nonembedding'] / 1e9:.2f}B non-embedding params * N"),
-             ("lm_head", "lm head", "2 * hidden * vocab * N"),
-             ("attention", "attention", "4 * layers * heads * head_dim * N^2 / 2 (causal)"),
-             ("total", "total", ""))
-    lines = [f"Prefill compute per request (forward FLOPs, N = {n:,} tokens):",
-             *(f"  {label:<10} {formula:<48} = {flops[key]:.3e}" for key, label, formula in terms),
-             (f"  at {pre['mfu']:.0%} MFU of {pre['peak_tflops']:g} TFLOP/s: "
-              f"{pre['gpu_seconds_per_request']:,.1f} GPU-seconds, "
-              f"${pre['dollars_per_request']:,.4f} per request at ${pre['gpu_price_per_hour']:g}/GPU-hour")]
+    terms = (
+        ("dense", "dense", f"2 * {rep['num_params_nonembedding'] / 1e9:.2f}B non-embedding params * N"),
+        ("lm_head", "lm head", "2 * hidden * vocab * N"),
+        ("attention", "attention", "4 * layers * heads * head_dim * N^2 / 2 (causal)"),
+        ("total", "total", ""),
+    )
+    lines = [
+        f"Prefill compute per request (forward FLOPs, N = {n:,} tokens):",
+        *(f"  {label:<10} {formula:<48} = {flops[key]:.3e}" for key, label, formula in terms),
+        (
+            f"  at {pre['mfu']:.0%} MFU of {pre['peak_tflops']:g} TFLOP/s: "
+            f"{pre['gpu_seconds_per_request']:,.1f} GPU-seconds, "
+            f"${pre['dollars_per_request']:,.4f} per request at ${pre['gpu_price_per_hour']:g}/GPU-hour"
+        ),
+    ]
     if batch > 1:
-        lines.append(f"  {batch} requests: {pre['gpu_seconds_batch']:,.1f} GPU-seconds, "
-                     f"${pre['dollars_batch']:,.4f}")
+        lines.append(
+            f"  {batch} requests: {pre['gpu_seconds_batch']:,.1f} GPU-seconds, ${pre['dollars_batch']:,.4f}"
+        )
     return lines
 
 
@@ -168,15 +206,19 @@ def format_report(rep: dict[str, Any]) -> str:
     ratio = arch["num_attention_heads"] // arch["num_kv_heads"]
     concurrent = f" (x{batch} concurrent requests in the last column)" if batch > 1 else ""
     lines = [
-        (f"{arch['name']}: {arch['num_layers']} layers, {arch['num_attention_heads']} query heads, "
-         f"{arch['num_kv_heads']} KV heads (GQA {ratio}:1), head_dim {arch['head_dim']}, "
-         f"{rep['num_params'] / 1e9:.2f}B params"),
+        (
+            f"{arch['name']}: {arch['num_layers']} layers, {arch['num_attention_heads']} query heads, "
+            f"{arch['num_kv_heads']} KV heads (GQA {ratio}:1), head_dim {arch['head_dim']}, "
+            f"{rep['num_params'] / 1e9:.2f}B params"
+        ),
         f"KV cache for one request of {n:,} tokens{concurrent}",
         "",
         *_kv_table(rep),
         "",
-        ("scales: int8 = fp16 per (token, KV head) for K and V; "
-         f"int4 = fp16 scale + zero per group of {INT4_GROUP_SIZE} (KIVI);"),
+        (
+            "scales: int8 = fp16 per (token, KV head) for K and V; "
+            f"int4 = fp16 scale + zero per group of {INT4_GROUP_SIZE} (KIVI);"
+        ),
         "        fp8 per-tensor scale not counted. no-GQA = total with one KV head per query head.",
         "",
         *_prefill_lines(rep),
@@ -184,15 +226,21 @@ def format_report(rep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def format_policy_rows(rows: list[dict[str, Any]], context_len: int,
-                       block_size: int = DEFAULT_BLOCK_SIZE) -> str:
+def format_policy_rows(
+    rows: list[dict[str, Any]], context_len: int, block_size: int = DEFAULT_BLOCK_SIZE
+) -> str:
     """The human-readable table of `policy_rows`."""
     dtypes = list(rows[0]["bytes_per_request"]) if rows else []
     header = ["policy", "tokens kept", "held (blocks)"] + [f"{d} GiB" for d in dtypes]
-    table = [header] + [[r["policy"], f"{r['tokens_kept']:,}", f"{r['tokens_held']:,}"]
-                        + [f"{r['bytes_per_request'][d] / GiB:,.2f}" for d in dtypes] for r in rows]
-    title = (f"With an eviction policy (one request of {context_len:,} tokens; whole blocks of {block_size}; "
-             "positions are not re-rotated):")
+    table = [header] + [
+        [r["policy"], f"{r['tokens_kept']:,}", f"{r['tokens_held']:,}"]
+        + [f"{r['bytes_per_request'][d] / GiB:,.2f}" for d in dtypes]
+        for r in rows
+    ]
+    title = (
+        f"With an eviction policy (one request of {context_len:,} tokens; whole blocks of {block_size}; "
+        "positions are not re-rotated):"
+    )
     return "\n".join([title, *_align(table)])
 
 
@@ -207,8 +255,10 @@ def parse_length(text: str | int) -> int:
     else:
         match = _LENGTH_RE.match(str(text))
         if match is None:
-            raise ValueError(f"bad length {text!r}: expected a positive number of tokens with an optional "
-                             "suffix k (x1024) or M (x1024**2), e.g. 131072, 128k, 1M, 1.5k")
+            raise ValueError(
+                f"bad length {text!r}: expected a positive number of tokens with an optional "
+                "suffix k (x1024) or M (x1024**2), e.g. 131072, 128k, 1M, 1.5k"
+            )
         value = float(match.group(1)) * _LENGTH_UNITS[match.group(2).lower()]
     if value != int(value) or value < 1:
         raise ValueError(f"bad length {text!r}: must be a whole number of tokens >= 1 (got {value:g})")
@@ -232,6 +282,7 @@ def _positive_float(name: str, upper: float | None = None):
             accepted = f"(0, {upper:g}]" if upper is not None else "> 0"
             raise argparse.ArgumentTypeError(f"bad {name} {text!r}: must be a number in {accepted}")
         return value
+
     return parse
 
 
@@ -246,30 +297,54 @@ def _batch_arg(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint directory with a config.json, or a preset: "
-                                      f"{', '.join(PRESETS)} (case-insensitive, organisation optional)")
-    parser.add_argument("--context", type=_length_arg, default=DEFAULT_CONTEXT,
-                        help="tokens per request: 131072, 128k, 1M, 1.5k (k = 1024, M = 1024**2); "
-                             "default 128k")
+    parser.add_argument(
+        "model",
+        help="checkpoint directory with a config.json, or a preset: "
+        f"{', '.join(PRESETS)} (case-insensitive, organisation optional)",
+    )
+    parser.add_argument(
+        "--context",
+        type=_length_arg,
+        default=DEFAULT_CONTEXT,
+        help="tokens per request: 131072, 128k, 1M, 1.5k (k = 1024, M = 1024**2); default 128k",
+    )
     parser.add_argument("--batch", type=_batch_arg, default=1, help="concurrent requests (default 1)")
-    parser.add_argument("--dtype", choices=list(KV_DTYPES), default=None,
-                        help="show only this KV dtype (default: all)")
-    parser.add_argument("--gpu-price-per-hour", type=_positive_float("--gpu-price-per-hour"),
-                        default=DEFAULT_GPU_PRICE_PER_HOUR,
-                        help=f"$ per GPU-hour (default {DEFAULT_GPU_PRICE_PER_HOUR:g}, a typical H100 rate)")
-    parser.add_argument("--mfu", type=_positive_float("--mfu", 1.0), default=DEFAULT_MFU,
-                        help=f"model FLOPs utilization in (0, 1] (default {DEFAULT_MFU:g})")
-    parser.add_argument("--peak-tflops", type=_positive_float("--peak-tflops"), default=DEFAULT_PEAK_TFLOPS,
-                        help=f"peak TFLOP/s of one GPU (default {DEFAULT_PEAK_TFLOPS:g}: "
-                             "H100 SXM bf16 dense)")
-    parser.add_argument("--policy", action="append", default=None,
-                        help="also show the bounded size under an eviction policy: window:4096, sinks:4096, "
-                             "h2o:1024 (heavy = recent), h2o:heavy=512,recent=1536; repeat for one row each")
-    parser.add_argument("--json", action="store_true",
-                        help="print machine-readable JSON instead of the table")
-    parser.epilog = ("prefill FLOPs = 2 * non-embedding params * N + 2 * hidden * vocab * N "
-                     "+ 4 * layers * heads * head_dim * N^2 / 2 (causal); "
-                     "GPU-seconds = FLOPs / (peak * mfu); $ = GPU-seconds * price / 3600")
+    parser.add_argument(
+        "--dtype", choices=list(KV_DTYPES), default=None, help="show only this KV dtype (default: all)"
+    )
+    parser.add_argument(
+        "--gpu-price-per-hour",
+        type=_positive_float("--gpu-price-per-hour"),
+        default=DEFAULT_GPU_PRICE_PER_HOUR,
+        help=f"$ per GPU-hour (default {DEFAULT_GPU_PRICE_PER_HOUR:g}, a typical H100 rate)",
+    )
+    parser.add_argument(
+        "--mfu",
+        type=_positive_float("--mfu", 1.0),
+        default=DEFAULT_MFU,
+        help=f"model FLOPs utilization in (0, 1] (default {DEFAULT_MFU:g})",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=_positive_float("--peak-tflops"),
+        default=DEFAULT_PEAK_TFLOPS,
+        help=f"peak TFLOP/s of one GPU (default {DEFAULT_PEAK_TFLOPS:g}: H100 SXM bf16 dense)",
+    )
+    parser.add_argument(
+        "--policy",
+        action="append",
+        default=None,
+        help="also show the bounded size under an eviction policy: window:4096, sinks:4096, "
+        "h2o:1024 (heavy = recent), h2o:heavy=512,recent=1536; repeat for one row each",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print machine-readable JSON instead of the table"
+    )
+    parser.epilog = (
+        "prefill FLOPs = 2 * non-embedding params * N + 2 * hidden * vocab * N "
+        "+ 4 * layers * heads * head_dim * N^2 / 2 (causal); "
+        "GPU-seconds = FLOPs / (peak * mfu); $ = GPU-seconds * price / 3600"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -278,8 +353,15 @@ def main(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"longreach kv-size: {exc}", file=sys.stderr)
         return 2
-    rep = report(model, args.context, [args.dtype] if args.dtype else None, args.batch,
-                 args.peak_tflops, args.mfu, args.gpu_price_per_hour)
+    rep = report(
+        model,
+        args.context,
+        [args.dtype] if args.dtype else None,
+        args.batch,
+        args.peak_tflops,
+        args.mfu,
+        args.gpu_price_per_hour,
+    )
     text = None if args.json else format_report(rep)
     if getattr(args, "policy", None):
         try:

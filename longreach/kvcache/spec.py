@@ -32,6 +32,7 @@ Prefill compute per request of N tokens (forward only; the usual 2-FLOPs-per-mul
                                                         (QK^T and PV, halved by the causal mask)
     GPU-seconds = FLOPs / (peak_flops * mfu);  $ = GPU-seconds * price_per_gpu_hour / 3600
 """
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -121,8 +122,12 @@ def prefill_flops(model: ModelConfig, num_tokens: int) -> dict[str, float]:
     return {"dense": dense, "lm_head": lm_head, "attention": attention, "total": dense + lm_head + attention}
 
 
-def prefill_cost(flops: float, peak_tflops: float = DEFAULT_PEAK_TFLOPS, mfu: float = DEFAULT_MFU,
-                 gpu_price_per_hour: float = DEFAULT_GPU_PRICE_PER_HOUR) -> tuple[float, float]:
+def prefill_cost(
+    flops: float,
+    peak_tflops: float = DEFAULT_PEAK_TFLOPS,
+    mfu: float = DEFAULT_MFU,
+    gpu_price_per_hour: float = DEFAULT_GPU_PRICE_PER_HOUR,
+) -> tuple[float, float]:
     """(GPU-seconds, dollars) to run `flops` at `mfu` of `peak_tflops`, priced per GPU-hour."""
     gpu_seconds = flops / (peak_tflops * 1e12 * mfu)
     return gpu_seconds, gpu_seconds * gpu_price_per_hour / 3600

@@ -3,6 +3,7 @@
 Usable before (and independently of) the paged serving engine; also its reference.
 Sampling here is deliberately small: greedy, temperature, top-k and top-p.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,13 @@ from longreach.kvcache.contiguous import ContiguousKVCache
 from longreach.model.llama import LlamaForCausalLM
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 is greedy."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -32,9 +38,16 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, 
 
 
 @torch.inference_mode()
-def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_tokens: int = 32, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_token_ids: tuple[int, ...] = ()) -> list[list[int]]:
+def generate(
+    model: LlamaForCausalLM,
+    prompts: list[list[int]],
+    max_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop_token_ids: tuple[int, ...] = (),
+) -> list[list[int]]:
     """Generate up to max_tokens new ids for each prompt (lists of ids); stops at stop_token_ids (kept)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
@@ -53,10 +66,12 @@ def generate(model: LlamaForCausalLM, prompts: list[list[int]], max_tokens: int 
         meta, positions = cache.prepare([len(ids) for ids in step_ids])
         last = meta.cu_seqlens_q[1:].long() - 1
         input_ids = torch.tensor([t for ids in step_ids for t in ids], device=device)
-        rope_seq_len = torch.repeat_interleave(rope_lengths, torch.tensor([len(ids) for ids in step_ids],
-                                                                          device=device))
-        logits = model(input_ids, positions, meta, kv_cache=cache, logits_indices=last,
-                       rope_seq_len=rope_seq_len)                                             # (B, V)
+        rope_seq_len = torch.repeat_interleave(
+            rope_lengths, torch.tensor([len(ids) for ids in step_ids], device=device)
+        )
+        logits = model(
+            input_ids, positions, meta, kv_cache=cache, logits_indices=last, rope_seq_len=rope_seq_len
+        )  # (B, V)
         cache.commit()
         next_ids = sample_next(logits, temperature, top_k, top_p, generator).tolist()
         for b, token in enumerate(next_ids):
@@ -78,10 +93,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
-    parser.add_argument("--rope-scaling", default=None,
-                        help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4}\'')
-    parser.add_argument("--quantization", choices=["int8", "int4"], default=None,
-                        help="weight-only quantization applied at load (default: none, or as saved)")
+    parser.add_argument(
+        "--rope-scaling",
+        default=None,
+        help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4}\'',
+    )
+    parser.add_argument(
+        "--quantization",
+        choices=["int8", "int4"],
+        default=None,
+        help="weight-only quantization applied at load (default: none, or as saved)",
+    )
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
@@ -102,6 +124,7 @@ def main(args) -> int:
     model = load_model(path, dtype=args.dtype, rope_scaling=parse_rope_scaling(args.rope_scaling))
     if args.quantization is not None:
         from longreach.model.quant import quantize_model  # lazy: CLI verb, keeps --help fast
+
         try:
             quantize_model(model, args.quantization)
         except ValueError as exc:
@@ -110,7 +133,9 @@ def main(args) -> int:
     prompts = [tokenizer.encode(p) for p in args.prompt]
     start = time.perf_counter()
     stop = tuple(model.config.eos_token_ids) or tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
-    outputs = generate(model, prompts, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop)
+    outputs = generate(
+        model, prompts, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed, stop
+    )
     elapsed = time.perf_counter() - start
     bold, plain = ("\033[1m", "\033[0m") if sys.stdout.isatty() else ("", "")  # no escape codes in pipes
     for prompt, out in zip(args.prompt, outputs):

@@ -5,6 +5,7 @@ Every batch is one `(T, ...)` tensor plus `positions` (restarting at 0 per seque
 path. Parameter names are Hugging Face's, so loading a checkpoint is a plain copy.
 GQA/MQA, RMSNorm, SwiGLU, tied or untied embeddings, Qwen2's qkv bias, Mistral/Qwen2 sliding windows.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -21,8 +22,15 @@ from longreach.rope import RotaryEmbedding, apply_rotary
 class KVCache(Protocol):
     """What a KV cache does for the model: store this layer's new K/V, attend over everything stored."""
 
-    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               meta: AttentionMetadata, window_size: tuple[int, int]) -> torch.Tensor: ...
+    def attend(
+        self,
+        layer_idx: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+        window_size: tuple[int, int],
+    ) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +49,11 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        )
         self.window_size = cfg.window_size(layer_idx)
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
@@ -50,7 +62,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, meta: AttentionMetadata, kv_cache: KVCache | None = None):
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)     # (T, Hq, D)
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)  # (T, Hq, D)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -94,8 +106,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.rope)
 
     def forward(self, input_ids, positions, meta, kv_cache=None, rope_seq_len=None):
-        x = self.embed_tokens(input_ids)                                       # (T, hidden)
-        cos, sin = self.rotary_emb(positions, rope_seq_len)                    # (T, rotary_dim/2) each
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary_emb(positions, rope_seq_len)  # (T, rotary_dim/2) each
         for layer in self.layers:
             x = layer(x, cos, sin, meta, kv_cache)
         return self.norm(x)
@@ -120,10 +132,16 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                meta: AttentionMetadata | None = None, kv_cache: KVCache | None = None,
-                logits_indices: torch.Tensor | None = None, rope_seq_len: int | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        meta: AttentionMetadata | None = None,
+        kv_cache: KVCache | None = None,
+        logits_indices: torch.Tensor | None = None,
+        rope_seq_len: int | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
         batch_shape = None
         if meta is None:
             if input_ids.dim() not in (1, 2):
@@ -136,12 +154,12 @@ class LlamaForCausalLM(nn.Module):
             input_ids = input_ids.reshape(-1)
         if positions is None:
             raise ValueError("positions are required when meta is given")
-        hidden = self.model(input_ids, positions.reshape(-1), meta, kv_cache, rope_seq_len)   # (T, hidden)
+        hidden = self.model(input_ids, positions.reshape(-1), meta, kv_cache, rope_seq_len)  # (T, hidden)
         if logits_indices is not None:
             hidden = hidden[logits_indices]
         if return_hidden:
             return hidden
-        logits = self.lm_head(hidden)                                                   # (T, V)
+        logits = self.lm_head(hidden)  # (T, V)
         if batch_shape is not None and logits_indices is None:
             logits = logits.view(*batch_shape, -1)
         return logits

@@ -5,6 +5,7 @@ builds the model on the meta device and assigns the tensors (no double allocatio
 unpickled); quantized checkpoints (`quant.save_quantized`) load with their quantized linears. The file
 I/O, including the atomic save, is `safetensors_io.py`'s; its names are re-exported here.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ from longreach.model.safetensors_io import (  # noqa: F401
 )
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", init: bool = True) -> LlamaForCausalLM:
+def build_model(
+    cfg: ModelConfig,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    init: bool = True,
+) -> LlamaForCausalLM:
     """A fresh model (random init with std 0.02 like HF's Llama) on `device`, built without meta-to-real copies."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -50,8 +55,12 @@ def init_weights(model: LlamaForCausalLM, std: float = 0.02, seed: int | None = 
             param.copy_(torch.randn(param.shape, generator=gen) * std)
 
 
-def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
-               rope_scaling: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> LlamaForCausalLM:
+def load_model(
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    rope_scaling: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> LlamaForCausalLM:
     """Load a Hugging Face checkpoint directory.
 
     dtype: fp32 / bf16 / fp16 (or a torch.dtype); None keeps the stored dtype.
@@ -71,5 +80,3 @@ def load_model(path: str | os.PathLike, dtype: str | torch.dtype | None = None,
         model = LlamaForCausalLM(cfg)
     assign_checked(model, state, f"checkpoint {str(path)!r}")
     return model.eval()
-
-

@@ -2,6 +2,7 @@
 and written atomically (a temporary directory renamed into place, so a crash never leaves a partial
 checkpoint). `loader.py` builds models from these; `quant.py` writes and reads quantized ones with them.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,15 @@ from safetensors.torch import save_file
 
 from longreach.model.llama import LlamaForCausalLM
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+DTYPES = {
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
 SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -50,18 +58,23 @@ def _weight_files(path: Path) -> list[Path]:
         names = sorted(set(index.get("weight_map", {}).values()))
         missing = [n for n in names if not (path / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"checkpoint {str(path)!r} is missing shard(s) {missing} listed in {INDEX_FILE}")
+            raise FileNotFoundError(
+                f"checkpoint {str(path)!r} is missing shard(s) {missing} listed in {INDEX_FILE}"
+            )
         return [path / n for n in names]
     if (path / SINGLE_FILE).is_file():
         return [path / SINGLE_FILE]
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ValueError(f"{str(path)!r} holds only pickled weights (.bin/.pt); longreach loads safetensors only "
-                         "(convert with transformers: save_pretrained(..., safe_serialization=True))")
+        raise ValueError(
+            f"{str(path)!r} holds only pickled weights (.bin/.pt); longreach loads safetensors only "
+            "(convert with transformers: save_pretrained(..., safe_serialization=True))"
+        )
     raise FileNotFoundError(f"{str(path)!r} has neither {SINGLE_FILE} nor {INDEX_FILE}")
 
 
-def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     state = {}
     for file in _weight_files(Path(path)):
         with safe_open(str(file), framework="pt", device=str(device)) as f:
@@ -74,25 +87,36 @@ def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
 def assign_checked(model: LlamaForCausalLM, state: dict[str, torch.Tensor], where: str) -> None:
     """Assign `state` to a meta-device model after checking names and shapes; errors name the tensor."""
     cfg = model.config
-    expected = {name: p for name, p in model.state_dict().items()
-                if not (cfg.tie_word_embeddings and name == "lm_head.weight")}
+    expected = {
+        name: p
+        for name, p in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    }
     missing = sorted(set(expected) - set(state))
     if missing:
         raise ValueError(f"{where} lacks tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     unexpected = sorted(set(state) - set(expected))
     if unexpected:
-        raise ValueError(f"{where} has tensor(s) this {cfg.model_type} config does not use: "
-                         f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{where} has tensor(s) this {cfg.model_type} config does not use: "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"tensor {name!r} has shape {tuple(tensor.shape)} in the {where}, "
-                             f"but the config implies {tuple(expected[name].shape)}")
+            raise ValueError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)} in the {where}, "
+                f"but the config implies {tuple(expected[name].shape)}"
+            )
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
 
 
-def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3,
-               extra_files: dict[str, str] | None = None) -> Path:
+def save_model(
+    model: LlamaForCausalLM,
+    path: str | os.PathLike,
+    max_shard_bytes: int = 5 * 1024**3,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write a Hugging Face directory (config.json + safetensors, sharded past max_shard_bytes), atomically.
 
     extra_files: name -> text of further files (e.g. tokenizer_config.json) written alongside.
@@ -102,8 +126,11 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_bytes
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         cfg = model.config
-        state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()
-                 if not (cfg.tie_word_embeddings and name == "lm_head.weight")}
+        state = {
+            name: t.detach().contiguous().cpu()
+            for name, t in model.state_dict().items()
+            if not (cfg.tie_word_embeddings and name == "lm_head.weight")
+        }
         shards: list[dict[str, torch.Tensor]] = [{}]
         shard_bytes = 0
         for name, tensor in state.items():
@@ -125,8 +152,12 @@ def save_model(model: LlamaForCausalLM, path: str | os.PathLike, max_shard_bytes
                 save_file(shard, str(tmp / name), metadata={"format": "pt"})
                 weight_map.update({key: name for key in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2, sort_keys=True) + "\n")
+            (tmp / INDEX_FILE).write_text(
+                json.dumps(
+                    {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True
+                )
+                + "\n"
+            )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if path.exists():

@@ -11,6 +11,7 @@
   sandboxed, `trim_blocks` + `lstrip_blocks`, `raise_exception`, `strftime_now`, a non-escaping `tojson`.
 - `load_tokenizer(path)` picks one by the files present.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,10 +47,23 @@ BYTE_CHAT_TEMPLATE = (
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 # files save_pretrained copies for an HF tokenizer, when present
-_HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "special_tokens_map.json", "chat_template.jinja",
-                       "chat_template.json")
+_HF_TOKENIZER_FILES = (
+    TOKENIZER_JSON,
+    TOKENIZER_CONFIG,
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 # the special-token names transformers passes to chat templates
-_SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 # ---------------------------------------------------------------- chat templates
@@ -76,7 +90,9 @@ def _raise_exception(message: str):
 
 def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
     # Jinja's own tojson escapes HTML characters; chat templates want the plain JSON
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(format: str) -> str:
@@ -85,23 +101,26 @@ def _strftime_now(format: str) -> str:
 
 @lru_cache(maxsize=32)
 def _compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationTag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
 
 
-def render_chat_template(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                         **kwargs: Any) -> str:
+def render_chat_template(
+    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+) -> str:
     """Render a Jinja chat template the way transformers does (sandboxed; errors become ValueError)."""
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
             raise ValueError(f"messages[{index}] = {message!r}: each message must be a dict with a 'role'")
     try:
-        return _compile_template(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                  **kwargs)
+        return _compile_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
     except jinja2.exceptions.TemplateError as exc:
         raise ValueError(f"chat template error: {exc}") from exc
 
@@ -145,12 +164,15 @@ class ByteTokenizer:
                 if not skip_special_tokens:
                     pieces.append(BYTE_SPECIAL_TOKENS[token_id])
             else:
-                raise ValueError(f"token id {token_id} out of range for ByteTokenizer: accepted 0..{BYTE_VOCAB_SIZE - 1}")
+                raise ValueError(
+                    f"token id {token_id} out of range for ByteTokenizer: accepted 0..{BYTE_VOCAB_SIZE - 1}"
+                )
         pieces.append(run.decode("utf-8", errors="replace"))
         return "".join(pieces)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> str:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
         """'System: ...\\nUser: ...\\nAssistant: ...\\n' then 'Assistant:' when a reply is wanted."""
         return render_chat_template(self.chat_template, messages, add_generation_prompt, **kwargs)
 
@@ -160,9 +182,12 @@ class ByteTokenizer:
         config = {
             "tokenizer_class": "ByteTokenizer",
             "vocab_size": BYTE_VOCAB_SIZE,
-            "bos_token": self.bos_token, "bos_token_id": BOS_TOKEN_ID,
-            "eos_token": self.eos_token, "eos_token_id": EOS_TOKEN_ID,
-            "pad_token": self.pad_token, "pad_token_id": PAD_TOKEN_ID,
+            "bos_token": self.bos_token,
+            "bos_token_id": BOS_TOKEN_ID,
+            "eos_token": self.eos_token,
+            "eos_token_id": EOS_TOKEN_ID,
+            "pad_token": self.pad_token,
+            "pad_token_id": PAD_TOKEN_ID,
             "chat_template": self.chat_template,
         }
         (directory / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -174,12 +199,20 @@ class ByteTokenizer:
         if config is None:
             raise FileNotFoundError(f"{path}: not found; a ByteTokenizer directory holds {TOKENIZER_CONFIG}")
         if config.get("tokenizer_class") != "ByteTokenizer":
-            raise ValueError(f"{path}: tokenizer_class is {config.get('tokenizer_class')!r}, expected 'ByteTokenizer'")
-        expected = {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID, "pad_token_id": PAD_TOKEN_ID,
-                    "vocab_size": BYTE_VOCAB_SIZE}
+            raise ValueError(
+                f"{path}: tokenizer_class is {config.get('tokenizer_class')!r}, expected 'ByteTokenizer'"
+            )
+        expected = {
+            "bos_token_id": BOS_TOKEN_ID,
+            "eos_token_id": EOS_TOKEN_ID,
+            "pad_token_id": PAD_TOKEN_ID,
+            "vocab_size": BYTE_VOCAB_SIZE,
+        }
         for key, value in expected.items():
             if config.get(key, value) != value:
-                raise ValueError(f"{path}: {key}={config[key]!r} does not match ByteTokenizer's fixed {value}")
+                raise ValueError(
+                    f"{path}: {key}={config[key]!r} does not match ByteTokenizer's fixed {value}"
+                )
         return cls(chat_template=config.get("chat_template") or BYTE_CHAT_TEMPLATE)
 
 
@@ -239,7 +272,9 @@ class HFTokenizer:
         self.pad_token = self.special_tokens.get("pad_token")
         self.bos_token_id = self._special_id("bos_token")
         # a pad token missing from the vocabulary only matters to batch padding, which we do with masks
-        self.pad_token_id = self._tokenizer.token_to_id(self.pad_token) if self.pad_token is not None else None
+        self.pad_token_id = (
+            self._tokenizer.token_to_id(self.pad_token) if self.pad_token is not None else None
+        )
         tokenizer_eos = self._special_id("eos_token")
 
         # eos ids: tokenizer's own first, then the model's generation settings (Llama 3.1: 128001, 128008, 128009)
@@ -256,14 +291,19 @@ class HFTokenizer:
         if self._post_processor_decides:
             probe = self._tokenizer.encode("", add_special_tokens=True).ids
             self.add_bos_token = self.bos_token_id is not None and probe[:1] == [self.bos_token_id]
-            self.add_eos_token = (tokenizer_eos is not None and len(probe) > int(self.add_bos_token)
-                                  and probe[-1] == tokenizer_eos)
+            self.add_eos_token = (
+                tokenizer_eos is not None
+                and len(probe) > int(self.add_bos_token)
+                and probe[-1] == tokenizer_eos
+            )
         else:
             self.add_bos_token = bool(config.get("add_bos_token", False)) and self.bos_token_id is not None
             self.add_eos_token = bool(config.get("add_eos_token", False)) and tokenizer_eos is not None
         self._tokenizer_eos_id = tokenizer_eos
-        self._cleanup_spaces = (bool(config.get("clean_up_tokenization_spaces", False))
-                                and type(self._tokenizer.model).__name__ != "BPE")
+        self._cleanup_spaces = (
+            bool(config.get("clean_up_tokenization_spaces", False))
+            and type(self._tokenizer.model).__name__ != "BPE"
+        )
 
         self.chat_template, self.chat_templates = self._read_chat_templates(config)
 
@@ -277,8 +317,10 @@ class HFTokenizer:
             return None
         token_id = self._tokenizer.token_to_id(content)
         if token_id is None:
-            raise ValueError(f"{self.directory / TOKENIZER_CONFIG}: {name} {content!r} is not in the vocabulary "
-                             f"of {self.directory / TOKENIZER_JSON}")
+            raise ValueError(
+                f"{self.directory / TOKENIZER_CONFIG}: {name} {content!r} is not in the vocabulary "
+                f"of {self.directory / TOKENIZER_JSON}"
+            )
         return token_id
 
     def _read_chat_templates(self, config: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
@@ -332,15 +374,33 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         text = self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
-        if self._cleanup_spaces:  # transformers' legacy WordPiece clean-up, skipped for BPE as transformers does
-            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        if (
+            self._cleanup_spaces
+        ):  # transformers' legacy WordPiece clean-up, skipped for BPE as transformers does
+            for before, after in (
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ):
                 text = text.replace(before, after)
         return text
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            chat_template: str | None = None, tools: list[dict] | None = None,
-                            documents: list[dict] | None = None, **kwargs: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        **kwargs: Any,
+    ) -> str:
         """The prompt text for `messages`. `chat_template` may name one of the tokenizer's templates or be a
         template string; with tools and no name, a 'tool_use' template is preferred when there is one."""
         if chat_template in self.chat_templates:
@@ -352,14 +412,19 @@ class HFTokenizer:
         elif self.chat_template is not None:
             template = self.chat_template
         elif self.chat_templates:
-            raise ValueError(f"{self.directory}: several chat templates and none named 'default'; pass "
-                             f"chat_template= one of {sorted(self.chat_templates)}")
+            raise ValueError(
+                f"{self.directory}: several chat templates and none named 'default'; pass "
+                f"chat_template= one of {sorted(self.chat_templates)}"
+            )
         else:
-            raise ValueError(f"{self.directory}: the tokenizer has no chat template (looked in {TOKENIZER_CONFIG} "
-                             "and chat_template.jinja)")
+            raise ValueError(
+                f"{self.directory}: the tokenizer has no chat template (looked in {TOKENIZER_CONFIG} "
+                "and chat_template.jinja)"
+            )
         template_kwargs = {**self.special_tokens, **kwargs}
-        return render_chat_template(template, messages, add_generation_prompt, tools=tools, documents=documents,
-                                    **template_kwargs)
+        return render_chat_template(
+            template, messages, add_generation_prompt, tools=tools, documents=documents, **template_kwargs
+        )
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Copy the tokenizer files; generation_config.json too (it carries eos ids) unless one is there."""
@@ -388,11 +453,15 @@ def load_tokenizer(path: str | Path) -> ByteTokenizer | HFTokenizer:
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory (expected a directory holding "
-                                f"{TOKENIZER_JSON} or a ByteTokenizer {TOKENIZER_CONFIG})")
+        raise FileNotFoundError(
+            f"{path}: no such file or directory (expected a directory holding "
+            f"{TOKENIZER_JSON} or a ByteTokenizer {TOKENIZER_CONFIG})"
+        )
     if path.is_file():
         if path.name not in (TOKENIZER_JSON, TOKENIZER_CONFIG):
-            raise ValueError(f"{path}: not a tokenizer file; give its directory, {TOKENIZER_JSON} or {TOKENIZER_CONFIG}")
+            raise ValueError(
+                f"{path}: not a tokenizer file; give its directory, {TOKENIZER_JSON} or {TOKENIZER_CONFIG}"
+            )
         path = path.parent
     if (path / TOKENIZER_JSON).is_file():
         return HFTokenizer(path)
@@ -400,10 +469,15 @@ def load_tokenizer(path: str | Path) -> ByteTokenizer | HFTokenizer:
     if config is not None:
         if config.get("tokenizer_class") == "ByteTokenizer":
             return ByteTokenizer.from_pretrained(path)
-        raise ValueError(f"{path}: {TOKENIZER_CONFIG} names tokenizer_class {config.get('tokenizer_class')!r} but "
-                         f"there is no {TOKENIZER_JSON}; supported: a fast tokenizer ({TOKENIZER_JSON}) or ByteTokenizer")
+        raise ValueError(
+            f"{path}: {TOKENIZER_CONFIG} names tokenizer_class {config.get('tokenizer_class')!r} but "
+            f"there is no {TOKENIZER_JSON}; supported: a fast tokenizer ({TOKENIZER_JSON}) or ByteTokenizer"
+        )
     if (path / "tokenizer.model").is_file():
-        raise ValueError(f"{path}: only a SentencePiece tokenizer.model is there; convert it once with transformers "
-                         f"(AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes {TOKENIZER_JSON})")
-    raise FileNotFoundError(f"{path}: no tokenizer there (expected {TOKENIZER_JSON} or a ByteTokenizer "
-                            f"{TOKENIZER_CONFIG})")
+        raise ValueError(
+            f"{path}: only a SentencePiece tokenizer.model is there; convert it once with transformers "
+            f"(AutoTokenizer.from_pretrained(dir).save_pretrained(dir) writes {TOKENIZER_JSON})"
+        )
+    raise FileNotFoundError(
+        f"{path}: no tokenizer there (expected {TOKENIZER_JSON} or a ByteTokenizer {TOKENIZER_CONFIG})"
+    )

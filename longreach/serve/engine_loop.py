@@ -9,6 +9,7 @@ pattern, minus the separate process).
 Shutdown is two-phase: `drain(timeout)` stops admitting requests and aborts whatever is still running when
 the timeout expires; `stop()` aborts everything at once and joins the thread.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,14 +34,14 @@ logger = logging.getLogger("longreach.serve")
 class StreamItem:
     """What one engine step added to one request, copied in the engine thread (the engine mutates its own)."""
 
-    text: str                                   # the whole text, on the last item only (copying it per step is O(n^2))
+    text: str  # the whole text, on the last item only (copying it per step is O(n^2))
     delta_text: str
     delta_token_ids: list[int]
     delta_logprobs: list[dict[int, float]] | None
     num_prompt_tokens: int
     num_output_tokens: int
-    finish_reason: str | None                   # "stop" | "length" | "abort" once finished
-    error: str | None = None                    # set when the engine failed (a server bug, not bad input)
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    error: str | None = None  # set when the engine failed (a server bug, not bad input)
 
     @property
     def finished(self) -> bool:
@@ -75,9 +76,16 @@ class Sinks:
         if sink is None:
             return
         num_out, num_new = len(out.token_ids), len(out.delta_token_ids)
-        logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new:num_out])
-        item = StreamItem(out.text if out.finished else "", out.delta_text, list(out.delta_token_ids), logprobs,
-                          len(out.prompt_token_ids), num_out, out.finish_reason)
+        logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new : num_out])
+        item = StreamItem(
+            out.text if out.finished else "",
+            out.delta_text,
+            list(out.delta_token_ids),
+            logprobs,
+            len(out.prompt_token_ids),
+            num_out,
+            out.finish_reason,
+        )
         self._send(sink, item)
 
     def fail_all(self, message: str) -> None:
@@ -91,7 +99,7 @@ class Sinks:
         loop, queue, tag = sink
         try:
             loop.call_soon_threadsafe(queue.put_nowait, (tag, item))
-        except RuntimeError:                    # the event loop is closed: nobody is listening any more
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
             pass
 
 
@@ -101,15 +109,15 @@ class EngineLoop:
     def __init__(self, engine: "LLMEngine", metrics: "ServerMetrics | None" = None):
         self.engine, self.metrics = engine, metrics
         self._commands: deque[tuple[Any, ...]] = deque()
-        self._lock = threading.Lock()               # orders the last commands against the thread's exit
+        self._lock = threading.Lock()  # orders the last commands against the thread's exit
         self._is_closed = False
         self._wake = threading.Event()
-        self._sinks = Sinks(metrics)                # engine thread only
+        self._sinks = Sinks(metrics)  # engine thread only
         self._thread: threading.Thread | None = None
         self._is_accepting = True
         self._is_stopping = False
-        self._abort_all_at: float | None = None     # time.monotonic() deadline set by drain()
-        self.num_failures_in_a_row = 0             # engine failures since the last good step (health)
+        self._abort_all_at: float | None = None  # time.monotonic() deadline set by drain()
+        self.num_failures_in_a_row = 0  # engine failures since the last good step (health)
 
     # ------------------------------------------------------------ called from the event loop
 
@@ -130,8 +138,16 @@ class EngineLoop:
         """The engine thread is alive and its last step did not fail."""
         return self._thread is not None and self._thread.is_alive() and self.num_failures_in_a_row == 0
 
-    async def add(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, arrival_time: float,
-                  sink: asyncio.Queue, tag: Any = None, cache_salt: str | None = None) -> None:
+    async def add(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        arrival_time: float,
+        sink: asyncio.Queue,
+        tag: Any = None,
+        cache_salt: str | None = None,
+    ) -> None:
         """Queue a request; its `(tag, StreamItem)` pairs arrive on `sink`. Raises the engine's ValueError for
         a request it refuses, ServerClosedError while shutting down. `cache_salt`: prefix-cache isolation
         (only requests with the same salt share cached blocks)."""
@@ -140,12 +156,22 @@ class EngineLoop:
         if self._thread is None or not self._thread.is_alive():
             raise ServerClosedError("the engine is not running (the app's lifespan did not start it)")
         done: Future = Future()
-        self._submit(("add", prompt_token_ids, params, request_id, arrival_time, cache_salt,
-                      (asyncio.get_running_loop(), sink, tag), done))
+        self._submit(
+            (
+                "add",
+                prompt_token_ids,
+                params,
+                request_id,
+                arrival_time,
+                cache_salt,
+                (asyncio.get_running_loop(), sink, tag),
+                done,
+            )
+        )
         try:
             await asyncio.wrap_future(done)
         except asyncio.CancelledError:
-            self.abort(request_id)              # the handler went away while the add was in flight
+            self.abort(request_id)  # the handler went away while the add was in flight
             raise
 
     def abort(self, request_id: str) -> None:
@@ -170,7 +196,7 @@ class EngineLoop:
                 self._commands.append(command)
                 self._wake.set()
                 return
-        if command[0] == "add":                 # the thread has ended: nobody would ever answer
+        if command[0] == "add":  # the thread has ended: nobody would ever answer
             _refuse(command[-1])
 
     # ------------------------------------------------------------ the engine thread
@@ -200,10 +226,12 @@ class EngineLoop:
                     self._step()
                 if self.metrics is not None:
                     self.metrics.update_engine_state(engine)
-            except Exception as exc:            # noqa: BLE001  (a bug: fail the requests, keep serving)
-                logger.exception("engine loop failed; aborting the %d request(s) in flight", len(engine.requests))
+            except Exception as exc:  # noqa: BLE001  (a bug: fail the requests, keep serving)
+                logger.exception(
+                    "engine loop failed; aborting the %d request(s) in flight", len(engine.requests)
+                )
                 self._fail_all(f"internal error in the engine: {type(exc).__name__}: {exc}")
-                time.sleep(0.05)                # never spin if the failure repeats
+                time.sleep(0.05)  # never spin if the failure repeats
                 continue
             if not has_work:
                 wait = None if self._abort_all_at is None else max(self._abort_all_at - time.monotonic(), 0.0)
@@ -220,11 +248,12 @@ class EngineLoop:
                     _refuse(done)
                     continue
                 if not done.set_running_or_notify_cancel():
-                    continue                    # the handler gave up before the engine saw the request
+                    continue  # the handler gave up before the engine saw the request
                 try:
-                    self.engine.add_request(ids, params, request_id=request_id, arrival_time=arrival_time,
-                                            cache_salt=cache_salt)
-                except Exception as exc:        # noqa: BLE001  (handed to the handler, which answers 400)
+                    self.engine.add_request(
+                        ids, params, request_id=request_id, arrival_time=arrival_time, cache_salt=cache_salt
+                    )
+                except Exception as exc:  # noqa: BLE001  (handed to the handler, which answers 400)
                     done.set_exception(exc)
                     continue
                 self._sinks.register(request_id, sink)
@@ -256,6 +285,6 @@ class EngineLoop:
         for request_id in list(self.engine.requests):
             try:
                 self.engine.abort(request_id)
-            except Exception:                   # noqa: BLE001
+            except Exception:  # noqa: BLE001
                 logger.exception("could not abort request %s", request_id)
         self._sinks.fail_all(message)

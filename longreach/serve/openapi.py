@@ -154,7 +154,7 @@ METRICS_RESPONSES = {
     200: {
         "description": "Prometheus text format, names prefixed longreach_",
         "content": {"text/plain": {"schema": {"type": "string"}}},
-    },
+    }
 }
 
 

@@ -7,6 +7,7 @@ server does, and vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penal
 bodies (`openapi`); where a validator checks what a type cannot say, the schema states it too (`minItems`,
 `enum`, ...). Responses are plain dicts built by the helpers at the bottom, in the field order OpenAI returns them.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,20 +17,34 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-MAX_N = 128                   # choices per prompt
-MAX_CHOICES = 1024            # completions per request (prompts x n)
-MAX_LOGPROBS = 20             # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
-MAX_STOP = 64                 # stop strings (OpenAI: 4); each is searched for after every token of every choice
-MAX_STOP_TOKEN_IDS = 1024     # likewise
+MAX_N = 128  # choices per prompt
+MAX_CHOICES = 1024  # completions per request (prompts x n)
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI: 5 for completions, 20 for chat)
+MAX_STOP = 64  # stop strings (OpenAI: 4); each is searched for after every token of every choice
+MAX_STOP_TOKEN_IDS = 1024  # likewise
 
 
 class APIError(Exception):
     """An error answered in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         message, param = _encodable(message), None if param is None else _encodable(param)
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
@@ -50,22 +65,28 @@ def error_from_validation(exc: ValidationError) -> APIError:
     path = [str(p) for p in err["loc"] if isinstance(p, int) or not _is_union_tag(p)]
     param = ".".join(path) or None
     message = err["msg"].removeprefix("Value error, ")
-    if param is None:                       # a whole-request check: its message starts with the field's name
+    if param is None:  # a whole-request check: its message starts with the field's name
         named = re.match(r"([a-z_]+): ", message)
         param = named.group(1) if named else None
     if err["type"] == "missing":
         message = f"'{param}' is a required property"
     elif param and not message.startswith(param.split(".")[-1]):
         got = err.get("input")
-        message = f"{param}: {message}" + (f" (got {_short(got)})" if got is not None and not isinstance(
-            got, dict) else "")
-    return APIError(400, message, param=param, code="invalid_value" if err["type"] != "missing" else "missing")
+        message = f"{param}: {message}" + (
+            f" (got {_short(got)})" if got is not None and not isinstance(got, dict) else ""
+        )
+    return APIError(
+        400, message, param=param, code="invalid_value" if err["type"] != "missing" else "missing"
+    )
 
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic names the union member it tried ("list[int]", "str", ...) inside `loc`; not a field
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or "[" in part
-                                      or part.startswith(("function-", "nullable")))
+    return isinstance(part, str) and (
+        part in ("str", "int", "float", "bool", "none")
+        or "[" in part
+        or part.startswith(("function-", "nullable"))
+    )
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -92,16 +113,24 @@ def parse_request(body: bytes, cls: type[BaseModel]) -> BaseModel:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise APIError(400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})",
-                       code="invalid_json") from None
+        raise APIError(
+            400, f"request body is not valid UTF-8 (bad byte at offset {exc.start})", code="invalid_json"
+        ) from None
     try:
         obj = json.loads(text, parse_constant=_reject_constant, parse_float=_json_number)
     except (ValueError, RecursionError) as exc:
-        reason = ("nested too deeply" if isinstance(exc, RecursionError) else "a number has too many digits"
-                  if "integer string conversion" in str(exc) else str(exc))
+        reason = (
+            "nested too deeply"
+            if isinstance(exc, RecursionError)
+            else "a number has too many digits"
+            if "integer string conversion" in str(exc)
+            else str(exc)
+        )
         raise APIError(400, f"request body is not valid JSON: {reason}", code="invalid_json") from None
     if not isinstance(obj, dict):
-        raise APIError(400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json")
+        raise APIError(
+            400, f"request body must be a JSON object, got {type(obj).__name__}", code="invalid_json"
+        )
     try:
         return cls.model_validate(obj)
     except ValidationError as exc:
@@ -118,9 +147,14 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-_STOP_SCHEMA = {"description": "up to the first of these strings, which is left out", "anyOf": [
-    {"type": "string", "minLength": 1},
-    {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}}, {"type": "null"}]}
+_STOP_SCHEMA = {
+    "description": "up to the first of these strings, which is left out",
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "maxItems": MAX_STOP, "items": {"type": "string", "minLength": 1}},
+        {"type": "null"},
+    ],
+}
 
 
 class _SamplingFields(_Request):
@@ -137,18 +171,26 @@ class _SamplingFields(_Request):
     repetition_penalty: float = Field(1.0, gt=0.0, description="vLLM's; 1 disables it")
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="choice i of n uses seed + i")
     stop: Annotated[str | list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS,
-                                             description="vLLM's; ids in [0, vocabulary size)",
-                                             json_schema_extra={"items": {"type": "integer", "minimum": 0}})
+    stop_token_ids: list[int] | None = Field(
+        None,
+        max_length=MAX_STOP_TOKEN_IDS,
+        description="vLLM's; ids in [0, vocabulary size)",
+        json_schema_extra={"items": {"type": "integer", "minimum": 0}},
+    )
     ignore_eos: bool = Field(False, description="vLLM's")
     min_tokens: int = Field(0, ge=0, le=2**31 - 1, description="vLLM's; at most max_tokens")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: absent or empty",
-                                                json_schema_extra={"maxProperties": 0})
-    cache_salt: str | None = Field(None, min_length=1, max_length=1024, description=(
-        "vLLM's: only requests with the same salt share cached prompt prefixes"))
+    logit_bias: dict[str, float] | None = Field(
+        None, description="not supported: absent or empty", json_schema_extra={"maxProperties": 0}
+    )
+    cache_salt: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description=("vLLM's: only requests with the same salt share cached prompt prefixes"),
+    )
 
     @field_validator("stop")
     @classmethod
@@ -175,31 +217,42 @@ class _SamplingFields(_Request):
 
 _TEXT = {"type": "string", "minLength": 1}
 _TOKEN_IDS = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
-_PROMPT_SCHEMA = {"description": "one prompt (text or token ids) or a batch of them", "anyOf": [
-    _TEXT, _TOKEN_IDS, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TOKEN_IDS]}}]}
+_PROMPT_SCHEMA = {
+    "description": "one prompt (text or token ids) or a batch of them",
+    "anyOf": [_TEXT, _TOKEN_IDS, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TOKEN_IDS]}}],
+}
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]      # checked by _check_prompt, for its messages
+    prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]  # checked by _check_prompt, for its messages
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool | None = Field(False, description="not supported: absent or false", json_schema_extra={
-        "enum": [False, None]})
+    echo: bool | None = Field(
+        False, description="not supported: absent or false", json_schema_extra={"enum": [False, None]}
+    )
     best_of: int | None = Field(None, description="absent or equal to n")
-    suffix: str | None = Field(None, description="not supported: absent or empty", json_schema_extra={
-        "maxLength": 0})
+    suffix: str | None = Field(
+        None, description="not supported: absent or empty", json_schema_extra={"maxLength": 0}
+    )
 
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, prompt):
         """One prompt or a batch: a string, a list of strings, token ids, or a list of token-id lists."""
+
         def is_ids(x):
             return isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
-        ok = (isinstance(prompt, str) or is_ids(prompt)
-              or (isinstance(prompt, list) and all(isinstance(p, str) or (is_ids(p) and p) for p in prompt)))
+
+        ok = (
+            isinstance(prompt, str)
+            or is_ids(prompt)
+            or (isinstance(prompt, list) and all(isinstance(p, str) or (is_ids(p) and p) for p in prompt))
+        )
         if not ok:
-            raise ValueError(f"prompt: must be a string, a list of strings, a list of token ids or a list of "
-                             f"token-id lists (got {_short(prompt)})")
+            raise ValueError(
+                f"prompt: must be a string, a list of strings, a list of token ids or a list of "
+                f"token-id lists (got {_short(prompt)})"
+            )
         if isinstance(prompt, list) and not prompt:
             raise ValueError("prompt: must not be an empty list")
         return prompt
@@ -211,7 +264,9 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise ValueError("suffix: not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise ValueError(f"best_of: only best_of = n is supported (got best_of={self.best_of}, n={self.n})")
+            raise ValueError(
+                f"best_of: only best_of = n is supported (got best_of={self.best_of}, n={self.n})"
+            )
         return self
 
     def prompts(self) -> list[str | list[int]]:
@@ -224,14 +279,16 @@ class CompletionRequest(_SamplingFields):
 
 class ContentPart(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
-    type: str = Field(json_schema_extra={"enum": ["text"]})          # others: a 400 naming the type
+    type: str = Field(json_schema_extra={"enum": ["text"]})  # others: a 400 naming the type
     text: str | None = None
 
 
 class ChatMessage(_Request):
     model_config = ConfigDict(strict=True, extra="allow")
-    role: str = Field(description="the roles the model's chat template accepts (these three for most)",
-                      json_schema_extra={"enum": ["system", "user", "assistant"]})
+    role: str = Field(
+        description="the roles the model's chat template accepts (these three for most)",
+        json_schema_extra={"enum": ["system", "user", "assistant"]},
+    )
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -241,7 +298,9 @@ class ChatMessage(_Request):
         if isinstance(content, list):
             bad = [part.type for part in content if part.type != "text"]
             if bad:
-                raise ValueError(f"messages: content part type {bad[0]!r} is not supported; only 'text' parts are")
+                raise ValueError(
+                    f"messages: content part type {bad[0]!r} is not supported; only 'text' parts are"
+                )
             content = "".join(part.text or "" for part in content)
         out = {"role": self.role, "content": content if content is not None else ""}
         if self.name is not None:
@@ -255,8 +314,9 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="needs logprobs true")
-    tools: list[dict[str, Any]] | None = Field(None, description="not supported: absent or empty",
-                                               json_schema_extra={"maxItems": 0})
+    tools: list[dict[str, Any]] | None = Field(
+        None, description="not supported: absent or empty", json_schema_extra={"maxItems": 0}
+    )
     tool_choice: Any = None
     response_format: dict[str, Any] | None = Field(None, description='only {"type": "text"}')
 
@@ -289,34 +349,61 @@ def now() -> int:
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
 
 
 def model_card(name: str, created: int, max_model_len: int) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": created, "owned_by": "longreach", "root": name,
-            "max_model_len": max_model_len}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "longreach",
+        "root": name,
+        "max_model_len": max_model_len,
+    }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict | None
+) -> dict[str, Any]:
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
 def chat_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict[str, Any]:
-    return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-            "finish_reason": finish_reason}
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": logprobs,
+        "finish_reason": finish_reason,
+    }
 
 
-def chat_chunk_choice(index: int, delta: dict[str, Any], finish_reason: str | None,
-                      logprobs: dict | None) -> dict[str, Any]:
+def chat_chunk_choice(
+    index: int, delta: dict[str, Any], finish_reason: str | None, logprobs: dict | None
+) -> dict[str, Any]:
     return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def response(object_: str, request_id: str, created: int, model: str, choices: list[dict[str, Any]],
-             usage_: dict[str, int] | None = None, with_usage_key: bool = True) -> dict[str, Any]:
-    out: dict[str, Any] = {"id": request_id, "object": object_, "created": created, "model": model,
-                           "choices": choices}
+def response(
+    object_: str,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[dict[str, Any]],
+    usage_: dict[str, int] | None = None,
+    with_usage_key: bool = True,
+) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "id": request_id,
+        "object": object_,
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
     if with_usage_key:
         out["usage"] = usage_
     return out
-

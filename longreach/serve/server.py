@@ -5,6 +5,7 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream serv
 The request handling is in `handlers`, the engine thread in `engine_loop`; every error, including unknown
 routes and methods, is answered in OpenAI's JSON shape.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,13 @@ __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "OpenAIServer", "Server", "create_app"]
 logger = logging.getLogger("longreach.serve")
 
 
-def create_app(engine, model_name: str | list[str], *, api_key: str | None = None,
-               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+def create_app(
+    engine,
+    model_name: str | list[str],
+    *,
+    api_key: str | None = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+) -> FastAPI:
     """The FastAPI app serving `engine` (an `LLMEngine`) under `model_name` (or several names).
 
     The engine thread starts with the app (lifespan) and stops with it; `app.state.server` is the
@@ -73,14 +79,19 @@ def _add_error_handlers(app: FastAPI) -> None:
             message = f"method {request.method} is not allowed on {request.url.path}"
         else:
             message = str(exc.detail)
-        return JSONResponse(P.APIError(exc.status_code, message).to_dict(), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            P.APIError(exc.status_code, message).to_dict(),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         logger.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(P.APIError(500, f"internal server error: {type(exc).__name__}", type="server_error")
-                            .to_dict(), status_code=500)
+        return JSONResponse(
+            P.APIError(500, f"internal server error: {type(exc).__name__}", type="server_error").to_dict(),
+            status_code=500,
+        )
 
 
 def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
@@ -113,14 +124,20 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
         name = server.check_model(model_id)
         return P.model_card(name, server.created, server.max_model_len)
 
-    @app.post("/v1/completions", openapi_extra=O.json_body(P.CompletionRequest),
-              responses=O.responses(O.CompletionResponse, 400, 401, 404, 413, 503, stream=True))
+    @app.post(
+        "/v1/completions",
+        openapi_extra=O.json_body(P.CompletionRequest),
+        responses=O.responses(O.CompletionResponse, 400, 401, 404, 413, 503, stream=True),
+    )
     async def completions(request: Request):
         """OpenAI's Completions API (streams server-sent events when `stream` is true)."""
         return await server.completions(request)
 
-    @app.post("/v1/chat/completions", openapi_extra=O.json_body(P.ChatCompletionRequest),
-              responses=O.responses(O.ChatCompletionResponse, 400, 401, 404, 413, 503, stream=True))
+    @app.post(
+        "/v1/chat/completions",
+        openapi_extra=O.json_body(P.ChatCompletionRequest),
+        responses=O.responses(O.ChatCompletionResponse, 400, 401, 404, 413, 503, stream=True),
+    )
     async def chat_completions(request: Request):
         """OpenAI's Chat Completions API (streams server-sent events when `stream` is true)."""
         return await server.chat_completions(request)
@@ -132,8 +149,12 @@ class Server(uvicorn.Server):
     with finish_reason "abort"), stops the engine thread and returns, so the process exits 0. (Plain uvicorn
     re-raises the signal after its shutdown, which would end the process with 143.)"""
 
-    def __init__(self, config: uvicorn.Config, shutdown_timeout: float = 30.0,
-                 on_started: Callable[[Server], None] | None = None):
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        shutdown_timeout: float = 30.0,
+        on_started: Callable[[Server], None] | None = None,
+    ):
         # uvicorn's own timeout is the backstop, should a handler ignore the aborts
         config.timeout_graceful_shutdown = shutdown_timeout + 10.0
         super().__init__(config)

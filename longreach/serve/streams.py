@@ -1,6 +1,7 @@
 """Streaming plumbing of the server: one HTTP request's engine requests on one queue, the choices being
 collected for a non-streamed answer, and server-sent events that abort their requests however they end
 (finished, client gone, server cancelled). The OpenAI semantics live in `handlers`."""
+
 from __future__ import annotations
 
 import asyncio
@@ -64,8 +65,11 @@ class EventStream(StreamingResponse):
     `on_close` however the stream ends (finished, client gone, server cancelled), so requests get aborted."""
 
     def __init__(self, events: AsyncIterator[str], on_close: Callable[[], None]):
-        super().__init__(events, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self.on_close = on_close
 
     async def __call__(self, scope, receive, send) -> None:
@@ -85,7 +89,7 @@ class EventStream(StreamingResponse):
                 task.cancel()
             self.on_close()
             results = await asyncio.gather(*tasks, return_exceptions=True)
-        if isinstance(results[0], Exception):         # a bug while streaming: let uvicorn log it
+        if isinstance(results[0], Exception):  # a bug while streaming: let uvicorn log it
             raise results[0]
 
 

@@ -8,6 +8,7 @@ optimizer shards written by torch.distributed.checkpoint (torchtitan's format; a
 Everything is written to `.step-0000100.tmp/` and renamed into place, then `latest` is replaced
 atomically, so a run killed mid-save resumes from the previous complete checkpoint.
 """
+
 from __future__ import annotations
 
 import json
@@ -86,8 +87,15 @@ def _optimizer_from_tensors(model, optimizer, tensors: dict, meta: dict) -> None
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], tokenizer=None, keep_last: int | None = None) -> Path:
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer=None,
+    keep_last: int | None = None,
+) -> Path:
     """Collective under FSDP. Writes output_dir/step-NNNNNNN atomically and points `latest` at it."""
     info = DistInfo.from_env()
     output_dir = Path(output_dir)
@@ -95,9 +103,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
     tmp = output_dir / f".{final.name}.tmp"
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)   # a save killed earlier
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed earlier
     parallel.barrier()
-    export_hf(model, tmp, tokenizer)             # creates tmp (HF layout at the top)
+    export_hf(model, tmp, tokenizer)  # creates tmp (HF layout at the top)
     if info.is_distributed:
         parallel.save_sharded(tmp / SHARDED_DIR, model, optimizer)
     else:
@@ -106,8 +114,9 @@ def save_checkpoint(output_dir: str | Path, step: int, model: nn.Module, optimiz
         state = {**state, "optimizer": meta}
     parallel.barrier()
     if info.is_main:
-        (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "world_size": info.world_size},
-                                                 indent=1) + "\n")
+        (tmp / STATE_FILE).write_text(
+            json.dumps({**state, "step": step, "world_size": info.world_size}, indent=1) + "\n"
+        )
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -141,14 +150,22 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if (path / SHARDED_DIR).is_dir():
         parallel.load_sharded(path / SHARDED_DIR, model, optimizer)
     elif info.is_distributed:
-        raise ValueError(f"{str(path)!r} was written by a single process (no {SHARDED_DIR}/): resume it with one "
-                         f"process, or start a new FSDP run from it with model.path")
+        raise ValueError(
+            f"{str(path)!r} was written by a single process (no {SHARDED_DIR}/): resume it with one "
+            f"process, or start a new FSDP run from it with model.path"
+        )
     else:
         weights = load_state_dict(path, torch.float32, next(model.parameters()).device)
         result = model.load_state_dict(weights, strict=False)
-        missing = [k for k in result.missing_keys if not (model.config.tie_word_embeddings and k == "lm_head.weight")]
+        missing = [
+            k for k in result.missing_keys if not (model.config.tie_word_embeddings and k == "lm_head.weight")
+        ]
         if missing or result.unexpected_keys:
-            raise ValueError(f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, "
-                             f"unexpected {result.unexpected_keys[:5]}")
-        _optimizer_from_tensors(model, optimizer, load_file(str(path / OPTIMIZER_FILE)), state.pop("optimizer"))
+            raise ValueError(
+                f"checkpoint {str(path)!r} does not match the model: missing {missing[:5]}, "
+                f"unexpected {result.unexpected_keys[:5]}"
+            )
+        _optimizer_from_tensors(
+            model, optimizer, load_file(str(path / OPTIMIZER_FILE)), state.pop("optimizer")
+        )
     return state

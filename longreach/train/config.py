@@ -5,15 +5,15 @@ Sections follow torchtitan's job config ([model], [data], [optimizer], [schedule
 reads a file and applies `section.key=value` overrides (values parsed as TOML literals), so
 `longreach train --config run.toml --set optimizer.lr=1e-4` needs no per-key flag.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 DTYPES = ("bf16", "fp32")
 DECAYS = ("cosine", "linear", "constant")
@@ -23,7 +23,9 @@ def _positive_int(owner: str, name: str, value: Any, allow_none: bool = False) -
     if value is None and allow_none:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}.{name}={value!r} must be a positive integer{' or absent' if allow_none else ''}")
+        raise ValueError(
+            f"{owner}.{name}={value!r} must be a positive integer{' or absent' if allow_none else ''}"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,10 +41,14 @@ class ModelSource:
 
     def __post_init__(self):
         if (self.path is None) == (self.config is None):
-            raise ValueError(f"[model] needs exactly one of path (a checkpoint directory) or config (an inline "
-                             f"config.json table); got path={self.path!r}, config={'set' if self.config else None}")
+            raise ValueError(
+                f"[model] needs exactly one of path (a checkpoint directory) or config (an inline "
+                f"config.json table); got path={self.path!r}, config={'set' if self.config else None}"
+            )
         if self.path is not None and not Path(self.path).is_dir():
-            raise ValueError(f"model.path={self.path!r} is not a directory (expected a Hugging Face checkpoint)")
+            raise ValueError(
+                f"model.path={self.path!r} is not a directory (expected a Hugging Face checkpoint)"
+            )
 
 
 @dataclass(frozen=True)
@@ -52,29 +58,35 @@ class DataConfig:
 
     paths: tuple[str, ...] = ()
     seq_len: int = 2048
-    packing: bool = True            # False: one document chunk per sequence, padded to seq_len
+    packing: bool = True  # False: one document chunk per sequence, padded to seq_len
     text_field: str = "text"
-    tokenizer: str | None = None    # "byte", or a directory; None: the model directory's, else "byte"
-    shuffle: bool = True            # shuffle the file order each epoch (seeded); a file's documents keep their order
+    tokenizer: str | None = None  # "byte", or a directory; None: the model directory's, else "byte"
+    shuffle: bool = True  # shuffle the file order each epoch (seeded); a file's documents keep their order
     seed: int = 0
-    add_bos: bool = True            # when the tokenizer has a bos token
-    add_eos: bool = True            # when the tokenizer has an eos token
+    add_bos: bool = True  # when the tokenizer has a bos token
+    add_eos: bool = True  # when the tokenizer has an eos token
     eval_paths: tuple[str, ...] = ()
     eval_sequences: int = 8
 
     def __post_init__(self):
         object.__setattr__(self, "paths", tuple(str(p) for p in _as_list("data.paths", self.paths)))
-        object.__setattr__(self, "eval_paths", tuple(str(p) for p in _as_list("data.eval_paths", self.eval_paths)))
+        object.__setattr__(
+            self, "eval_paths", tuple(str(p) for p in _as_list("data.eval_paths", self.eval_paths))
+        )
         if not self.paths:
             raise ValueError("data.paths is empty: give at least one text/JSONL file or directory")
         for p in self.paths + self.eval_paths:
             if not Path(p).exists():
                 raise ValueError(f"data path {p!r} does not exist")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ValueError(f"data.seq_len={self.seq_len!r} must be an integer >= 2 (a token and its target)")
+            raise ValueError(
+                f"data.seq_len={self.seq_len!r} must be an integer >= 2 (a token and its target)"
+            )
         _positive_int("data", "eval_sequences", self.eval_sequences)
         if not self.text_field:
-            raise ValueError("data.text_field must name the JSONL field holding the text, got an empty string")
+            raise ValueError(
+                "data.text_field must name the JSONL field holding the text, got an empty string"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,7 +97,7 @@ class OptimizerConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     weight_decay: float = 0.1
-    grad_clip: float | None = 1.0   # max global gradient norm; None disables clipping
+    grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
 
     def __post_init__(self):
         object.__setattr__(self, "betas", tuple(self.betas))
@@ -94,9 +106,13 @@ class OptimizerConfig:
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"optimizer.betas={self.betas!r} must be two numbers in [0, 1)")
         if self.eps <= 0 or self.weight_decay < 0:
-            raise ValueError(f"optimizer.eps={self.eps!r} must be > 0 and weight_decay={self.weight_decay!r} >= 0")
+            raise ValueError(
+                f"optimizer.eps={self.eps!r} must be > 0 and weight_decay={self.weight_decay!r} >= 0"
+            )
         if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"optimizer.grad_clip={self.grad_clip!r} must be > 0 (or absent to disable clipping)")
+            raise ValueError(
+                f"optimizer.grad_clip={self.grad_clip!r} must be > 0 (or absent to disable clipping)"
+            )
 
 
 @dataclass(frozen=True)
@@ -111,7 +127,9 @@ class ScheduleConfig:
     def __post_init__(self):
         _positive_int("schedule", "max_steps", self.max_steps)
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.max_steps:
-            raise ValueError(f"schedule.warmup_steps={self.warmup_steps!r} must be in [0, max_steps={self.max_steps}]")
+            raise ValueError(
+                f"schedule.warmup_steps={self.warmup_steps!r} must be in [0, max_steps={self.max_steps}]"
+            )
         if self.decay not in DECAYS:
             raise ValueError(f"schedule.decay={self.decay!r}; choose one of {list(DECAYS)}")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -125,9 +143,9 @@ class LoopConfig:
 
     batch_size: int = 8
     micro_batch_size: int = 1
-    dtype: str = "bf16"             # bf16: autocast (one process) or FSDP2 param_dtype; master weights stay fp32
+    dtype: str = "bf16"  # bf16: autocast (one process) or FSDP2 param_dtype; master weights stay fp32
     activation_checkpointing: bool = False
-    device: str | None = None       # None: cuda when available (LOCAL_RANK's device), else cpu
+    device: str | None = None  # None: cuda when available (LOCAL_RANK's device), else cpu
     log_every: int = 1
     eval_every: int | None = None
     progress: bool = True
@@ -138,8 +156,10 @@ class LoopConfig:
         _positive_int("training", "log_every", self.log_every)
         _positive_int("training", "eval_every", self.eval_every, allow_none=True)
         if self.batch_size % self.micro_batch_size:
-            raise ValueError(f"training.batch_size={self.batch_size} must be a multiple of "
-                             f"micro_batch_size={self.micro_batch_size}")
+            raise ValueError(
+                f"training.batch_size={self.batch_size} must be a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
         if self.dtype not in DTYPES:
             raise ValueError(f"training.dtype={self.dtype!r}; choose one of {list(DTYPES)}")
 
@@ -161,8 +181,14 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.resume={self.resume!r} is not a checkpoint directory")
 
 
-_SECTIONS = {"model": ModelSource, "data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,
-             "training": LoopConfig, "checkpoint": CheckpointConfig}
+_SECTIONS = {
+    "model": ModelSource,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "training": LoopConfig,
+    "checkpoint": CheckpointConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -199,8 +225,9 @@ class TrainConfig:
 
     def replace(self, **sections: dict[str, Any]) -> "TrainConfig":
         """A copy with fields of the named sections replaced, e.g. replace(schedule={"max_steps": 5})."""
-        return TrainConfig(**{name: dataclasses.replace(getattr(self, name), **sections.get(name, {}))
-                              for name in _SECTIONS})
+        return TrainConfig(
+            **{name: dataclasses.replace(getattr(self, name), **sections.get(name, {})) for name in _SECTIONS}
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -14,6 +14,7 @@ offset, token offset) after the last sequence returned. Only the *file* order is
 from the seed); documents within a file, and the rows cut from them, always come in file order (there
 is no shuffle buffer), so a corpus held in one file is read front to back every epoch.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,14 +45,18 @@ def list_data_files(paths: list[str] | tuple[str, ...]) -> list[Path]:
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            found = sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+            )
             if not found:
                 raise ValueError(f"data directory {str(p)!r} holds no {TEXT_SUFFIXES + JSONL_SUFFIXES} files")
             files += found
         elif p.is_file():
             if p.suffix not in TEXT_SUFFIXES + JSONL_SUFFIXES:
-                raise ValueError(f"data file {str(p)!r}: unsupported suffix {p.suffix!r}; "
-                                 f"accepted {TEXT_SUFFIXES + JSONL_SUFFIXES}")
+                raise ValueError(
+                    f"data file {str(p)!r}: unsupported suffix {p.suffix!r}; "
+                    f"accepted {TEXT_SUFFIXES + JSONL_SUFFIXES}"
+                )
             files.append(p)
         else:
             raise FileNotFoundError(f"data path {str(p)!r} does not exist")
@@ -65,8 +70,8 @@ class Piece:
     text: str
     is_doc_start: bool
     is_doc_end: bool
-    offset: int          # byte offset of the piece
-    next_offset: int     # byte offset just after it
+    offset: int  # byte offset of the piece
+    next_offset: int  # byte offset just after it
 
 
 def _utf8_cut(data: bytes) -> int:
@@ -81,8 +86,9 @@ def _utf8_cut(data: bytes) -> int:
     return len(data)
 
 
-def read_pieces(path: Path, offset: int = 0, text_field: str = "text",
-                chunk_bytes: int = CHUNK_BYTES) -> Iterator[Piece]:
+def read_pieces(
+    path: Path, offset: int = 0, text_field: str = "text", chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[Piece]:
     """Pieces of `path` from byte `offset`: JSONL lines (one document each) or chunks of a text file."""
     is_jsonl = path.suffix in JSONL_SUFFIXES
     with open(path, "rb") as f:
@@ -100,8 +106,10 @@ def read_pieces(path: Path, offset: int = 0, text_field: str = "text",
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path} (byte {start}): not a JSON line: {exc}") from exc
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise ValueError(f"{path} (byte {start}): no string field {text_field!r} "
-                                     f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})")
+                    raise ValueError(
+                        f"{path} (byte {start}): no string field {text_field!r} "
+                        f"(keys: {sorted(record) if isinstance(record, dict) else type(record).__name__})"
+                    )
                 if record[text_field]:
                     yield Piece(record[text_field], True, True, start, f.tell())
             else:
@@ -113,7 +121,9 @@ def read_pieces(path: Path, offset: int = 0, text_field: str = "text",
                 cut = _utf8_cut(data)
                 f.seek(start + cut)
                 at_end = not f.peek(1)
-                yield Piece(data[:cut].decode("utf-8", errors="replace"), start == 0, at_end, start, start + cut)
+                yield Piece(
+                    data[:cut].decode("utf-8", errors="replace"), start == 0, at_end, start, start + cut
+                )
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ class Sample:
     labels: torch.Tensor
     positions: torch.Tensor
     seqlens: tuple[int, ...]
-    num_tokens: int      # tokens that are not padding
+    num_tokens: int  # tokens that are not padding
 
 
 @dataclass(frozen=True)
@@ -135,17 +145,21 @@ class Batch:
     labels: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    num_tokens: int      # non-padding input tokens
-    num_targets: int     # labels that count in the loss
+    num_tokens: int  # non-padding input tokens
+    num_targets: int  # labels that count in the loss
 
 
 def collate(samples: list[Sample], device: torch.device | str = "cpu") -> Batch:
     seqlens = [n for s in samples for n in s.seqlens]
     labels = torch.cat([s.labels for s in samples])
-    return Batch(torch.cat([s.input_ids for s in samples]).to(device), labels.to(device),
-                 torch.cat([s.positions for s in samples]).to(device),
-                 AttentionMetadata.from_seqlens(seqlens, device=device),
-                 sum(s.num_tokens for s in samples), int((labels != IGNORE_INDEX).sum()))
+    return Batch(
+        torch.cat([s.input_ids for s in samples]).to(device),
+        labels.to(device),
+        torch.cat([s.positions for s in samples]).to(device),
+        AttentionMetadata.from_seqlens(seqlens, device=device),
+        sum(s.num_tokens for s in samples),
+        int((labels != IGNORE_INDEX).sum()),
+    )
 
 
 class SequenceStream:
@@ -156,9 +170,19 @@ class SequenceStream:
     files each epoch (seeded); it never reorders documents inside a file.
     """
 
-    def __init__(self, paths, tokenizer: Tokenizer, seq_len: int, packing: bool = True, text_field: str = "text",
-                 shuffle: bool = True, seed: int = 0, add_bos: bool = True, add_eos: bool = True,
-                 pad_id: int | None = None):
+    def __init__(
+        self,
+        paths,
+        tokenizer: Tokenizer,
+        seq_len: int,
+        packing: bool = True,
+        text_field: str = "text",
+        shuffle: bool = True,
+        seed: int = 0,
+        add_bos: bool = True,
+        add_eos: bool = True,
+        pad_id: int | None = None,
+    ):
         if seq_len < 2:
             raise ValueError(f"seq_len={seq_len} must be >= 2 (a token and its target)")
         self.files = list_data_files(paths)
@@ -175,14 +199,21 @@ class SequenceStream:
     # ---------------------------------------------------------------- cursor
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "file_index": self.file_index, "offset": self.offset,
-                "token_offset": self.token_offset, "num_samples": self.num_samples,
-                "files": [str(f) for f in self.files]}
+        return {
+            "epoch": self.epoch,
+            "file_index": self.file_index,
+            "offset": self.offset,
+            "token_offset": self.token_offset,
+            "num_samples": self.num_samples,
+            "files": [str(f) for f in self.files],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("files") is not None and state["files"] != [str(f) for f in self.files]:
-            raise ValueError(f"the data files changed since this state was saved: it was written for "
-                             f"{len(state['files'])} file(s) {state['files'][:3]}..., now {len(self.files)}")
+            raise ValueError(
+                f"the data files changed since this state was saved: it was written for "
+                f"{len(state['files'])} file(s) {state['files'][:3]}..., now {len(self.files)}"
+            )
         self.epoch, self.file_index, self.offset = state["epoch"], state["file_index"], state["offset"]
         self.token_offset, self.num_samples = state["token_offset"], state["num_samples"]
         self._order, self._pieces, self._piece = self._file_order(self.epoch), None, None
@@ -195,7 +226,7 @@ class SequenceStream:
 
     def _current(self) -> tuple[list[int], Piece]:
         """The tokens of the piece under the cursor (moving to the next file / epoch as needed)."""
-        files_ended = 0   # a full cycle over every file without a token means there is no text at all
+        files_ended = 0  # a full cycle over every file without a token means there is no text at all
         while self._piece is None:
             if self._pieces is None:
                 path = self.files[self._order[self.file_index]]
@@ -217,8 +248,10 @@ class SequenceStream:
             self.file_index += 1
             files_ended += 1
             if files_ended > len(self.files):
-                raise ValueError(f"no text in the data files {[str(f) for f in self.files][:5]}"
-                                 f"{' ...' if len(self.files) > 5 else ''}")
+                raise ValueError(
+                    f"no text in the data files {[str(f) for f in self.files][:5]}"
+                    f"{' ...' if len(self.files) > 5 else ''}"
+                )
             if self.file_index == len(self.files):
                 self.epoch, self.file_index = self.epoch + 1, 0
                 self._order = self._file_order(self.epoch)
@@ -241,7 +274,7 @@ class SequenceStream:
     def __next__(self) -> Sample:
         ids: list[int] = []
         seqlens: list[int] = []
-        open_len = 0   # length of the document piece still open at the end of `ids`
+        open_len = 0  # length of the document piece still open at the end of `ids`
         while len(ids) < self.seq_len:
             tokens, piece = self._current()
             starts_doc = self.token_offset == 0 and piece.is_doc_start
@@ -250,7 +283,7 @@ class SequenceStream:
                     break
                 seqlens.append(open_len)
                 open_len = 0
-            take = tokens[self.token_offset:self.token_offset + self.seq_len - len(ids)]
+            take = tokens[self.token_offset : self.token_offset + self.seq_len - len(ids)]
             ids += take
             open_len += len(take)
             if self._advance(len(take)):
@@ -270,8 +303,8 @@ class SequenceStream:
         input_ids = torch.tensor(ids + [self.pad_id] * (self.seq_len - num_tokens), dtype=torch.long)
         start = 0
         for n in seqlens:  # targets stay inside each document piece; its last token predicts nothing
-            labels[start:start + n - 1] = input_ids[start + 1:start + n]
-            positions[start:start + n] = torch.arange(n)
+            labels[start : start + n - 1] = input_ids[start + 1 : start + n]
+            positions[start : start + n] = torch.arange(n)
             start += n
         if num_tokens < self.seq_len:
             # padding rides at the end of the last row sequence: causal attention keeps real tokens blind to it

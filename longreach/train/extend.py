@@ -19,32 +19,33 @@ Training defaults follow YaRN's: AdamW lr 2e-5, betas (0.9, 0.95), no weight dec
 a constant rate, 400 steps of 64 sequences. `--max-steps 0` only rewrites the config (extension
 without training). The new checkpoint is `OUTPUT/final`.
 """
+
 from __future__ import annotations
 
 import argparse
 import copy
 import json
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
-from longreach.train.cli import add_common_arguments, collect_overrides, run_training
-from longreach.train.config import TrainConfig, apply_overrides
 from longreach.model.loader import read_config
 from longreach.rope import rope_config_from_hf
+from longreach.train.cli import add_common_arguments, collect_overrides, run_training
+from longreach.train.config import TrainConfig, apply_overrides
 
 ROPE_TYPES = ("linear", "dynamic", "ntk", "yarn", "llama3", "longrope")
 RECIPE_DEFAULTS: dict[str, Any] = {
     "optimizer": {"lr": 2e-5, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0},
-    "schedule": {"max_steps": 400, "decay": "constant"},   # warmup: 20 steps, at most 5% of the run
+    "schedule": {"max_steps": 400, "decay": "constant"},  # warmup: 20 steps, at most 5% of the run
     "training": {"batch_size": 64, "micro_batch_size": 1, "dtype": "bf16", "activation_checkpointing": True},
 }
 
 
-def extended_rope(hf_config: dict[str, Any], rope_type: str, factor: float,
-                  params: dict[str, Any] | None = None) -> dict[str, Any]:
+def extended_rope(
+    hf_config: dict[str, Any], rope_type: str, factor: float, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """config.json overrides (`rope_parameters`, `max_position_embeddings`) stretching RoPE by `factor`."""
 
     if rope_type not in ROPE_TYPES:
@@ -71,7 +72,11 @@ def extended_rope(hf_config: dict[str, Any], rope_type: str, factor: float,
 def _deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            _deep_merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -107,8 +112,10 @@ def extend_config(args: argparse.Namespace) -> TrainConfig:
     data = d.setdefault("data", {})
     data.setdefault("seq_len", rewrite["max_position_embeddings"])
     if data["seq_len"] > rewrite["max_position_embeddings"]:
-        raise ValueError(f"--seq-len {data['seq_len']} exceeds the extended context "
-                         f"max_position_embeddings={rewrite['max_position_embeddings']} (factor {args.factor:g})")
+        raise ValueError(
+            f"--seq-len {data['seq_len']} exceeds the extended context "
+            f"max_position_embeddings={rewrite['max_position_embeddings']} (factor {args.factor:g})"
+        )
     d.setdefault("checkpoint", {}).setdefault("output_dir", _default_output(args))
     return TrainConfig.from_dict(d)
 
@@ -118,10 +125,13 @@ def rewrite_only(args: argparse.Namespace) -> Path:
     from longreach.model.loader import resolve_dtype, save_model  # lazy: CLI verb, keeps --help fast
     from longreach.train.config import ModelSource  # lazy: CLI verb, keeps --help fast
     from longreach.train.parallel import DistInfo  # lazy: CLI verb, keeps --help fast
-    from longreach.train.trainer import build_training_model, resolve_tokenizer  # lazy: CLI verb, keeps --help fast
+    from longreach.train.trainer import (  # lazy: CLI verb, keeps --help fast
+        build_training_model,
+        resolve_tokenizer,
+    )
 
     out = Path(_default_output(args)) / "final"
-    if not DistInfo.from_env().is_main:   # under torchrun, one writer is enough
+    if not DistInfo.from_env().is_main:  # under torchrun, one writer is enough
         return out
     model = build_training_model(ModelSource(path=str(args.model), overrides=_rewrite(args)), "cpu")
     stored = model.config.hf_config.get("torch_dtype") or model.config.hf_config.get("dtype")
@@ -149,7 +159,9 @@ def main(args: argparse.Namespace) -> int:
             print(f"rope rewritten, weights unchanged: {rewrite_only(args)}")
             return 0
         if not args.data and not args.config:
-            raise ValueError("--data is required to continue pretraining (or --max-steps 0 to only rewrite the rope)")
+            raise ValueError(
+                "--data is required to continue pretraining (or --max-steps 0 to only rewrite the rope)"
+            )
         return run_training(extend_config(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"longreach extend: error: {exc}", file=sys.stderr)

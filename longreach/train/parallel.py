@@ -13,6 +13,7 @@ torch.distributed.
 
 Launch: `torchrun --nproc-per-node N -m longreach train ...` (gloo on CPU, nccl on GPU).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,8 +45,11 @@ class DistInfo:
 
     @staticmethod
     def from_env() -> "DistInfo":
-        return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                        int(os.environ.get("LOCAL_RANK", 0)))
+        return DistInfo(
+            int(os.environ.get("RANK", 0)),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
 
 
 def pick_device(info: DistInfo, device: str | None = None) -> torch.device:
@@ -101,8 +105,13 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
     return model
 
 
-def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = torch.bfloat16,
-               reduce_dtype: torch.dtype = torch.float32, reshard_after_forward: bool = True) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    param_dtype: torch.dtype | None = torch.bfloat16,
+    reduce_dtype: torch.dtype = torch.float32,
+    reshard_after_forward: bool = True,
+) -> nn.Module:
     """Shard `model` with FSDP2 over `mesh`: each block is one all-gather unit, the root holds the rest.
 
     param_dtype: the dtype compute runs in (None keeps fp32); sharded master weights stay in their dtype.
@@ -113,8 +122,12 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: torch.dtype | None = torch.b
     blocks = decoder_blocks(model)
     for i, block in enumerate(blocks):
         # the last block's parameters are needed again at once by backward: keep them gathered
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy,
-                    reshard_after_forward=reshard_after_forward and i < len(blocks) - 1)
+        fully_shard(
+            block,
+            mesh=mesh,
+            mp_policy=mp_policy,
+            reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
+        )
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
     return model
 
@@ -137,7 +150,9 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
         raise FileNotFoundError(f"sharded checkpoint {str(directory)!r} does not exist")
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    with warnings.catch_warnings():  # one process reading shards is intended: no "assuming single process" noise
+    with (
+        warnings.catch_warnings()
+    ):  # one process reading shards is intended: no "assuming single process" noise
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(directory))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
@@ -145,10 +160,7 @@ def load_sharded(directory: str | Path, model: nn.Module, optimizer: torch.optim
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the unsharded state dict on CPU (filled on rank 0, empty on the other ranks)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if not (dist.is_available() and dist.is_initialized()):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}

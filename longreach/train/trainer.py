@@ -12,6 +12,7 @@ policy casts the all-gathered parameters to bf16 and reduces gradients in fp32. 
 matrices only), linear warmup then cosine/linear decay, global-norm clipping. Progress on a tqdm bar
 (loss, tokens/s), metrics in output_dir/metrics.jsonl (and TensorBoard when installed).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,13 +33,7 @@ from longreach.model.tokenizer import ByteTokenizer, load_tokenizer
 from longreach.train import checkpoint as ckpt
 from longreach.train import parallel
 from longreach.train.config import ModelSource, ScheduleConfig, TrainConfig
-from longreach.train.data import (
-    IGNORE_INDEX,
-    Batch,
-    SequenceStream,
-    collate,
-    take_samples,
-)
+from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples
 from longreach.train.parallel import DistInfo
 
 METRICS_FILE = "metrics.jsonl"
@@ -69,8 +64,10 @@ def build_training_model(source: ModelSource, device: torch.device) -> LlamaForC
     result = model.load_state_dict(state, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {source.path!r} does not match its config: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}")
+        raise ValueError(
+            f"checkpoint {source.path!r} does not match its config: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
     model.tie_weights()
     return model
 
@@ -82,8 +79,9 @@ def resolve_tokenizer(spec: str | None, model_path: str | None):
     try:
         return load_tokenizer(spec or model_path)
     except FileNotFoundError as exc:
-        raise ValueError(f"no tokenizer for training: {exc}. Set data.tokenizer to 'byte' or a tokenizer "
-                         f"directory") from exc
+        raise ValueError(
+            f"no tokenizer for training: {exc}. Set data.tokenizer to 'byte' or a tokenizer directory"
+        ) from exc
 
 
 def lr_multiplier(step: int, sched: ScheduleConfig) -> float:
@@ -99,8 +97,10 @@ def lr_multiplier(step: int, sched: ScheduleConfig) -> float:
 
 def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
@@ -162,33 +162,50 @@ class Trainer:
         self.mesh = parallel.init_distributed(self.info, self.device)
         per_pass = cfg.training.micro_batch_size * self.info.world_size
         if cfg.training.batch_size % per_pass:
-            raise ValueError(f"training.batch_size={cfg.training.batch_size} must be a multiple of micro_batch_size "
-                             f"x world_size = {cfg.training.micro_batch_size} x {self.info.world_size}")
+            raise ValueError(
+                f"training.batch_size={cfg.training.batch_size} must be a multiple of micro_batch_size "
+                f"x world_size = {cfg.training.micro_batch_size} x {self.info.world_size}"
+            )
         self.grad_accum = cfg.training.batch_size // per_pass
         self.tokenizer = tokenizer or resolve_tokenizer(cfg.data.tokenizer, cfg.model.path)
         self.model = model if model is not None else build_training_model(cfg.model, self.device)
         vocab = self.model.config.vocab_size
         if len(self.tokenizer) > vocab:
-            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}")
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is {vocab}"
+            )
         self.is_bf16 = cfg.training.dtype == "bf16"
         if cfg.training.activation_checkpointing:
             parallel.apply_activation_checkpointing(self.model)
         if self.mesh is not None:
             parallel.apply_fsdp(self.model, self.mesh, param_dtype=torch.bfloat16 if self.is_bf16 else None)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, cfg.schedule))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_multiplier(s, cfg.schedule)
+        )
         d = cfg.data
-        self.data = SequenceStream(d.paths, self.tokenizer, d.seq_len, d.packing, d.text_field, d.shuffle, d.seed,
-                                   d.add_bos, d.add_eos)
+        self.data = SequenceStream(
+            d.paths,
+            self.tokenizer,
+            d.seq_len,
+            d.packing,
+            d.text_field,
+            d.shuffle,
+            d.seed,
+            d.add_bos,
+            d.add_eos,
+        )
         self._eval_samples = None
         self.step, self.tokens_seen = 0, 0
         self.log = MetricsLog(cfg.checkpoint.output_dir, self.info.is_main)
         resume = cfg.checkpoint.resume
         if resume:
-            path = Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(cfg.checkpoint.output_dir)
+            path = (
+                Path(resume) if isinstance(resume, str) else ckpt.latest_checkpoint(cfg.checkpoint.output_dir)
+            )
             if path is not None:
                 self.load(path)
-        self.log.truncate_after(self.step)   # a fresh run, or records past the checkpoint, start over
+        self.log.truncate_after(self.step)  # a fresh run, or records past the checkpoint, start over
 
     # ---------------------------------------------------------------- one step
 
@@ -200,18 +217,21 @@ class Trainer:
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed fp32 cross-entropy over the batch's targets (document-masked by construction)."""
         with self._autocast():
-            logits = self.model(batch.input_ids, batch.positions, meta=batch.meta)    # (T, V)
+            logits = self.model(batch.input_ids, batch.positions, meta=batch.meta)  # (T, V)
         return F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
         world, mb = self.info.world_size, self.cfg.training.micro_batch_size
-        mine = take_samples(self.data, self.cfg.training.batch_size)[self.info.rank::world]
-        batches = [collate(mine[i:i + mb], self.device) for i in range(0, len(mine), mb)]
+        mine = take_samples(self.data, self.cfg.training.batch_size)[self.info.rank :: world]
+        batches = [collate(mine[i : i + mb], self.device) for i in range(0, len(mine), mb)]
         num_targets, num_tokens = parallel.all_reduce_sum(
-            [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches)], self.device)
+            [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches)], self.device
+        )
         if num_targets == 0:
-            raise ValueError(f"step {self.step + 1}: no token has a target (every document is one token long?)")
+            raise ValueError(
+                f"step {self.step + 1}: no token has a target (every document is one token long?)"
+            )
         lr = self.optimizer.param_groups[0]["lr"]
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
@@ -220,7 +240,9 @@ class Trainer:
             (loss * (world / num_targets)).backward()
             total += loss.detach()
         clip = self.cfg.optimizer.grad_clip
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip is not None else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip is not None else math.inf
+        )
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
@@ -230,8 +252,15 @@ class Trainer:
         self.step += 1
         self.tokens_seen += int(num_tokens)
         elapsed = time.perf_counter() - start
-        return {"step": self.step, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                "tokens": self.tokens_seen, "tokens_per_s": num_tokens / elapsed, "step_time_s": elapsed}
+        return {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": self.tokens_seen,
+            "tokens_per_s": num_tokens / elapsed,
+            "step_time_s": elapsed,
+        }
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -240,15 +269,23 @@ class Trainer:
         if not d.eval_paths:
             return None
         if self._eval_samples is None:
-            stream = SequenceStream(d.eval_paths, self.tokenizer, d.seq_len, d.packing, d.text_field, shuffle=False,
-                                    add_bos=d.add_bos, add_eos=d.add_eos)
+            stream = SequenceStream(
+                d.eval_paths,
+                self.tokenizer,
+                d.seq_len,
+                d.packing,
+                d.text_field,
+                shuffle=False,
+                add_bos=d.add_bos,
+                add_eos=d.add_eos,
+            )
             # every rank must run the same number of forwards (FSDP all-gathers are collective)
             self._eval_samples = take_samples(stream, -(-d.eval_sequences // world) * world)
         mb = self.cfg.training.micro_batch_size
-        mine = self._eval_samples[self.info.rank::world]
+        mine = self._eval_samples[self.info.rank :: world]
         total, count = 0.0, 0
         for i in range(0, len(mine), mb):
-            batch = collate(mine[i:i + mb], self.device)
+            batch = collate(mine[i : i + mb], self.device)
             total += self.loss_sum(batch).item()
             count += batch.num_targets
         total, count = parallel.all_reduce_sum([total, count], self.device)
@@ -262,8 +299,13 @@ class Trainer:
         records: list[dict[str, Any]] = []
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.schedule.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (cfg.training.progress and self.info.is_main))
+        bar = tqdm(
+            total=cfg.schedule.max_steps,
+            initial=self.step,
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (cfg.training.progress and self.info.is_main),
+        )
         saved_at = self.step if cfg.checkpoint.resume else None
         try:
             while self.step < cfg.schedule.max_steps:
@@ -272,8 +314,12 @@ class Trainer:
                 if self.step % cfg.training.log_every == 0 or self.step == cfg.schedule.max_steps:
                     self.log.write(record)
                 # the step's figures first, so the redraw that update() makes (rate-limited) shows them
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                                lr=f"{record['lr']:.2e}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{record['loss']:.4f}",
+                    tok_s=f"{record['tokens_per_s']:,.0f}",
+                    lr=f"{record['lr']:.2e}",
+                    refresh=False,
+                )
                 bar.update(1)
                 every = cfg.training.eval_every
                 if every and (self.step % every == 0 or self.step == cfg.schedule.max_steps):
@@ -285,30 +331,43 @@ class Trainer:
                 if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                     self.save()
                     saved_at = self.step
-            bar.close()                    # before the final save and export print anything
+            bar.close()  # before the final save and export print anything
             if saved_at != self.step:
                 self.save()
             self.export(Path(cfg.checkpoint.output_dir) / "final")
-        finally:   # an interrupted run still closes its bar and flushes its TensorBoard scalars
-            bar.close()                    # (closing twice is harmless)
+        finally:  # an interrupted run still closes its bar and flushes its TensorBoard scalars
+            bar.close()  # (closing twice is harmless)
             self.log.close()
         return records
 
     # ---------------------------------------------------------------- checkpoints
 
     def save(self) -> Path:
-        state = {"tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
-                 "data": self.data.state_dict(), "config": self.cfg.to_dict()}
-        return ckpt.save_checkpoint(self.cfg.checkpoint.output_dir, self.step, self.model, self.optimizer, state,
-                                    self.tokenizer, self.cfg.checkpoint.keep_last)
+        state = {
+            "tokens_seen": self.tokens_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "config": self.cfg.to_dict(),
+        }
+        return ckpt.save_checkpoint(
+            self.cfg.checkpoint.output_dir,
+            self.step,
+            self.model,
+            self.optimizer,
+            state,
+            self.tokenizer,
+            self.cfg.checkpoint.keep_last,
+        )
 
     def load(self, path: str | Path) -> None:
         state = ckpt.load_checkpoint(path, self.model, self.optimizer)
         saved = state.get("config", {}).get("data", {})
         for key in ("seq_len", "packing"):
             if key in saved and saved[key] != getattr(self.cfg.data, key):
-                raise ValueError(f"cannot resume {str(path)!r}: it was trained with data.{key}={saved[key]!r}, "
-                                 f"this run has {getattr(self.cfg.data, key)!r}")
+                raise ValueError(
+                    f"cannot resume {str(path)!r}: it was trained with data.{key}={saved[key]!r}, "
+                    f"this run has {getattr(self.cfg.data, key)!r}"
+                )
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]

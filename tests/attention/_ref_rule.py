@@ -4,6 +4,7 @@ An output (or gradient) passes when max|out - truth| <= 2 * max|same_precision_r
 truth is the reference in fp32 for fp16/bf16 inputs; for fp32 inputs, whose same-precision reference is
 the fp32 reference itself, truth is the reference in fp64 (so the rule keeps a meaningful margin).
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,10 +23,14 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a[~inf] - b[~inf]).abs().max().item() if (~inf).any() else 0.0
 
 
-def check(name: str, got: torch.Tensor, truth: torch.Tensor, same_precision: torch.Tensor, factor=TOLERANCE_FACTOR):
+def check(
+    name: str, got: torch.Tensor, truth: torch.Tensor, same_precision: torch.Tensor, factor=TOLERANCE_FACTOR
+):
     assert not torch.isnan(got).any(), f"{name}: NaN"
     err, ref_err = max_err(got, truth), max_err(same_precision, truth)
-    assert err <= factor * ref_err + TOLERANCE_FLOOR, f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + 1e-5"
+    assert err <= factor * ref_err + TOLERANCE_FLOOR, (
+        f"{name}: error {err:.3e} > {factor} x {ref_err:.3e} + 1e-5"
+    )
 
 
 def run(fn, q, k, v, dout):
@@ -39,7 +44,9 @@ def run(fn, q, k, v, dout):
 def truth_and_same_precision(q, k, v, dout, fn_reference):
     """fn_reference(q, k, v, upcast) -> (out, lse): returns (truth results, same-precision results)."""
     high = torch.float64 if q.dtype == torch.float32 else torch.float32
-    truth = run(lambda a, b, c: fn_reference(a, b, c, True), q.to(high), k.to(high), v.to(high), dout.to(high))
+    truth = run(
+        lambda a, b, c: fn_reference(a, b, c, True), q.to(high), k.to(high), v.to(high), dout.to(high)
+    )
     same = run(lambda a, b, c: fn_reference(a, b, c, False), q, k, v, dout)
     return truth, same
 
@@ -52,4 +59,5 @@ def check_all(tag, got, truth, same, grad_factor=TOLERANCE_FACTOR):
 def reference_varlen(cu_q, cu_k, **kwargs):
     def fn(q, k, v, upcast):
         return reference.varlen_attention(q, k, v, cu_q, cu_k, return_lse=True, upcast=upcast, **kwargs)
+
     return fn

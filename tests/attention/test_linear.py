@@ -1,4 +1,5 @@
 """Performer FAVOR+ and Linformer: approximation quality against exact softmax attention, and training."""
+
 from __future__ import annotations
 
 import math
@@ -7,26 +8,33 @@ import pytest
 import torch
 
 from longreach.attention import flash_attn_func
-from longreach.attention.linear import (LinformerAttention, default_num_features, favor_features,
-                                        orthogonal_random_features, performer_attention)
+from longreach.attention.linear import (
+    LinformerAttention,
+    default_num_features,
+    favor_features,
+    orthogonal_random_features,
+    performer_attention,
+)
 
 
 def _qkv(batch, seqlen, heads, dim, seed, kv_heads=None, scale=0.7):
     g = torch.Generator().manual_seed(seed)
     kv_heads = kv_heads or heads
-    return (torch.randn(batch, seqlen, heads, dim, generator=g) * scale,
-            torch.randn(batch, seqlen, kv_heads, dim, generator=g) * scale,
-            torch.randn(batch, seqlen, kv_heads, dim, generator=g))
+    return (
+        torch.randn(batch, seqlen, heads, dim, generator=g) * scale,
+        torch.randn(batch, seqlen, kv_heads, dim, generator=g) * scale,
+        torch.randn(batch, seqlen, kv_heads, dim, generator=g),
+    )
 
 
 def test_orthogonal_features_are_orthogonal_blocks_with_gaussian_norms():
     w = orthogonal_random_features(40, 16, seed=0)
     assert w.shape == (40, 16)
     for start in (0, 16):
-        block = w[start:start + 16]
+        block = w[start : start + 16]
         directions = block / block.norm(dim=1, keepdim=True)
         torch.testing.assert_close(directions @ directions.T, torch.eye(16), atol=1e-5, rtol=0)
-    assert 2.5 < w.norm(dim=1).mean() < 5.5                       # chi(16) has mean ~3.94
+    assert 2.5 < w.norm(dim=1).mean() < 5.5  # chi(16) has mean ~3.94
     assert torch.equal(w, orthogonal_random_features(40, 16, seed=0))
     assert default_num_features(64) == round(64 * math.log(64))
 
@@ -35,10 +43,13 @@ def test_features_are_positive_and_unbiased():
     q, k, _ = _qkv(1, 8, 1, 8, seed=0)
     qh, kh = q.transpose(1, 2), k.transpose(1, 2)
     w = orthogonal_random_features(20000, 8, seed=1)
-    phi_q, phi_k = favor_features(qh, w, is_query=True, eps=0.0), favor_features(kh, w, is_query=False, eps=0.0)
+    phi_q, phi_k = (
+        favor_features(qh, w, is_query=True, eps=0.0),
+        favor_features(kh, w, is_query=False, eps=0.0),
+    )
     assert (phi_q > 0).all() and (phi_k > 0).all()
     # with the stabilisers undone, phi(q) . phi(k) estimates exp(q . k / sqrt(d))
-    wq, wk = (qh * 8 ** -0.25) @ w.T, (kh * 8 ** -0.25) @ w.T
+    wq, wk = (qh * 8**-0.25) @ w.T, (kh * 8**-0.25) @ w.T
     estimate = (phi_q @ phi_k.transpose(-1, -2)) * torch.exp(wq.amax(-1, keepdim=True)) * torch.exp(wk.amax())
     exact = torch.exp(qh @ kh.transpose(-1, -2) / math.sqrt(8))
     assert ((estimate - exact).abs() / exact).mean() < 0.05
@@ -53,7 +64,9 @@ def test_performer_error_falls_with_more_features(causal):
         for seed in range(8):
             q, k, v = _qkv(1, 96, 2, 16, seed=seed, scale=0.5)
             exact = flash_attn_func(q, k, v, causal=causal, backend="reference")
-            approx = performer_attention(q, k, v, num_features=m, causal=causal, seed=100 + seed, chunk_size=32)
+            approx = performer_attention(
+                q, k, v, num_features=m, causal=causal, seed=100 + seed, chunk_size=32
+            )
             per_seed.append(((approx - exact).norm() / exact.norm()).item())
         errors[m] = sum(per_seed) / len(per_seed)
     assert errors[16] > errors[64] > errors[256], errors
@@ -66,7 +79,7 @@ def test_performer_causal_prefix_sums_match_masked_quadratic_form():
     got = performer_attention(q, k, v, causal=True, projection=w, chunk_size=16)
     phi_q = favor_features(q.transpose(1, 2), w, True)
     phi_k = favor_features(k.transpose(1, 2), w, False).repeat_interleave(2, dim=1)
-    weights = (phi_q @ phi_k.transpose(-1, -2)).tril()                                  # (B, H, S, S)
+    weights = (phi_q @ phi_k.transpose(-1, -2)).tril()  # (B, H, S, S)
     expected = (weights / weights.sum(-1, keepdim=True)) @ v.transpose(1, 2).repeat_interleave(2, dim=1)
     torch.testing.assert_close(got, expected.transpose(1, 2), atol=1e-5, rtol=1e-4)
     # non-causal equals the last row of causal (which sees every key)
@@ -76,7 +89,7 @@ def test_performer_causal_prefix_sums_match_masked_quadratic_form():
 
 def test_performer_is_stable_for_large_inputs_and_low_precision():
     q, k, v = _qkv(1, 64, 2, 32, seed=0)
-    out = performer_attention(q * 30, k * 30, v, causal=True)                       # exp would overflow unstabilised
+    out = performer_attention(q * 30, k * 30, v, causal=True)  # exp would overflow unstabilised
     assert torch.isfinite(out).all()
     half = performer_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), num_features=64)
     assert half.dtype == torch.bfloat16 and torch.isfinite(half).all()
@@ -104,8 +117,8 @@ class _TinyLinformer(torch.nn.Module):
         self.out = torch.nn.Linear(dim, vocab)
 
     def forward(self, tokens):
-        x = self.embed(tokens) + self.pos[: tokens.shape[1]]                            # (B, N, C)
-        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)              # (B, N, H, C/H) each
+        x = self.embed(tokens) + self.pos[: tokens.shape[1]]  # (B, N, C)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).unbind(2)  # (B, N, H, C/H) each
         return self.out(self.attn(q, k, v).flatten(2) + x)
 
 
@@ -118,7 +131,7 @@ def test_linformer_trains_on_a_tiny_task():
     losses = []
     for _ in range(120):
         tokens = torch.randint(vocab, (32, seqlen), generator=g)
-        target = tokens[:, :1].expand(-1, seqlen)                                      # every position: first token
+        target = tokens[:, :1].expand(-1, seqlen)  # every position: first token
         loss = torch.nn.functional.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
         opt.zero_grad()
         loss.backward()

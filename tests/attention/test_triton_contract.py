@@ -5,6 +5,7 @@ longest sequence, and offsets past the tensors, are rejected on every device; th
 the next config only for configuration errors; a pinned config is the one launched. On CPU the kernels
 run under TRITON_INTERPRET=1 (tests/conftest.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -14,13 +15,16 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from longreach.attention import reference, triton_decode, triton_flash  # noqa: E402
 from _ref_rule import check_all, reference_varlen, run, truth_and_same_precision  # noqa: E402
+
+from longreach.attention import reference, triton_decode, triton_flash  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-pytestmark = pytest.mark.skipif(not (ON_GPU or triton_flash.INTERPRET),
-                                reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = pytest.mark.skipif(
+    not (ON_GPU or triton_flash.INTERPRET),
+    reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
 
 
 @pytest.fixture
@@ -48,6 +52,7 @@ def _cu(lengths):
 
 # ------------------------------------------------------------------------------------------ padding rows
 
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_padding_rows_output_zero_lse_neg_inf_and_zero_gradients(poisoned_allocations, causal):
     seqlens_q, seqlens_k, pad_q, pad_k = [37, 0, 50], [60, 9, 50], 13, 9
@@ -59,8 +64,9 @@ def test_padding_rows_output_zero_lse_neg_inf_and_zero_gradients(poisoned_alloca
     cu_q, cu_k = _cu(seqlens_q), _cu(seqlens_k)
 
     def ours(q, k, v):
-        return triton_flash.varlen_attention(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=causal,
-                                             return_lse=True)
+        return triton_flash.varlen_attention(
+            q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=causal, return_lse=True
+        )
 
     out, lse, dq, dk, dv = got = run(ours, q, k, v, dout)
     end_q, end_k = sum(seqlens_q), sum(seqlens_k)
@@ -91,8 +97,9 @@ def test_decode_writes_every_sequence_and_head(poisoned_allocations):
     table = torch.randperm(12, generator=g)[:12].view(3, 4).to(DEVICE, torch.int32)
     q = torch.randn(3, 4, 32, generator=g).to(DEVICE)
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
-    out, lse = triton_decode.paged_decode_attention(q, k_cache, v_cache, table, seqlens, return_lse=True,
-                                                    num_splits=3)
+    out, lse = triton_decode.paged_decode_attention(
+        q, k_cache, v_cache, table, seqlens, return_lse=True, num_splits=3
+    )
     ref_out, ref_lse = reference.paged_decode_reference(q, k_cache, v_cache, table, seqlens, return_lse=True)
     assert _is_zero(out[0]) and torch.isneginf(lse[0]).all()
     assert (out[1:] - ref_out[1:]).abs().max() < 1e-5 and (lse[1:] - ref_lse[1:]).abs().max() < 1e-5
@@ -100,9 +107,13 @@ def test_decode_writes_every_sequence_and_head(poisoned_allocations):
 
 # ------------------------------------------------------------------------------------------ max_seqlen, offsets
 
+
 def _qkv(total_q=90, total_k=90):
-    return (torch.randn(total_q, 2, 16, device=DEVICE), torch.randn(total_k, 2, 16, device=DEVICE),
-            torch.randn(total_k, 2, 16, device=DEVICE))
+    return (
+        torch.randn(total_q, 2, 16, device=DEVICE),
+        torch.randn(total_k, 2, 16, device=DEVICE),
+        torch.randn(total_k, 2, 16, device=DEVICE),
+    )
 
 
 @pytest.mark.parametrize("side", ["q", "k"])
@@ -110,15 +121,17 @@ def test_max_seqlen_below_the_longest_sequence_is_rejected(side):
     q, k, v = _qkv()
     cu = _cu([30, 50])
     max_q, max_k = (40, 50) if side == "q" else (50, 40)
-    with pytest.raises(ValueError, match=rf"max_seqlen_{side}=40 is below the longest sequence in "
-                                         rf"cu_seqlens_{side} \(50\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"max_seqlen_{side}=40 is below the longest sequence in "
+        rf"cu_seqlens_{side} \(50\)",
+    ):
         triton_flash.varlen_attention(q, k, v, cu, cu, max_q, max_k)
 
 
-@pytest.mark.parametrize("lengths,match", [
-    ([30, 70], "end at most at the 90 tokens"),
-    ([50, -10], "decreases"),
-])
+@pytest.mark.parametrize(
+    "lengths,match", [([30, 70], "end at most at the 90 tokens"), ([50, -10], "decreases")]
+)
 def test_offsets_outside_the_tensors_are_rejected(lengths, match):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=match):
@@ -130,8 +143,10 @@ def test_offsets_outside_the_tensors_are_rejected(lengths, match):
 def test_max_seqlen_none_reads_the_offsets():
     q, k, v = _qkv()
     cu = _cu([30, 50])
-    assert torch.equal(triton_flash.varlen_attention(q, k, v, cu, cu, None, None, causal=True),
-                       triton_flash.varlen_attention(q, k, v, cu, cu, 50, 50, causal=True))
+    assert torch.equal(
+        triton_flash.varlen_attention(q, k, v, cu, cu, None, None, causal=True),
+        triton_flash.varlen_attention(q, k, v, cu, cu, 50, 50, causal=True),
+    )
 
 
 def test_offsets_changed_in_place_are_read_again():
@@ -139,12 +154,15 @@ def test_offsets_changed_in_place_are_read_again():
     q, k, v = _qkv()
     cu = _cu([30, 50])
     triton_flash.varlen_attention(q, k, v, cu, cu, 50, 50)
-    cu[1] = 10                                   # now [10, 70]
-    with pytest.raises(ValueError, match=r"max_seqlen_q=50 is below the longest sequence in cu_seqlens_q \(70\)"):
+    cu[1] = 10  # now [10, 70]
+    with pytest.raises(
+        ValueError, match=r"max_seqlen_q=50 is below the longest sequence in cu_seqlens_q \(70\)"
+    ):
         triton_flash.varlen_attention(q, k, v, cu, cu, 50, 50)
 
 
 # ------------------------------------------------------------------------------------------ launcher
+
 
 class _FakeKernel:
     """Stands in for a jitted kernel: records each launch's grid and meta-parameters, raises `error(meta)` if set."""
@@ -154,16 +172,25 @@ class _FakeKernel:
 
     def __getitem__(self, grid):
         def launch(**kwargs):
-            meta = (kwargs.get("BLOCK_M"), kwargs.get("BLOCK_N"), kwargs.get("num_warps"), kwargs.get("num_stages"))
+            meta = (
+                kwargs.get("BLOCK_M"),
+                kwargs.get("BLOCK_N"),
+                kwargs.get("num_warps"),
+                kwargs.get("num_stages"),
+            )
             self.launched.append((grid, meta))
             failure = self.error(meta) if self.error else None
             if failure is not None:
                 raise failure
+
         return launch
 
 
-_CONFIGS = [triton_flash._config(128, 64, 8, 3), triton_flash._config(64, 64, 4, 2),
-            triton_flash._config(32, 32, 4, 1)]
+_CONFIGS = [
+    triton_flash._config(128, 64, 8, 3),
+    triton_flash._config(64, 64, 4, 2),
+    triton_flash._config(32, 32, 4, 1),
+]
 
 
 def _first_fit_launcher(monkeypatch, kernel):
@@ -178,7 +205,7 @@ def test_launcher_lets_a_real_fault_propagate(monkeypatch):
     launcher = _first_fit_launcher(monkeypatch, kernel)
     with pytest.raises(RuntimeError, match="illegal memory access"):
         launcher((1,), Q=torch.empty(1, 1, 16), BLOCK_D=16)
-    assert len(kernel.launched) == 1 and not launcher.chosen   # no second config on a broken context
+    assert len(kernel.launched) == 1 and not launcher.chosen  # no second config on a broken context
 
 
 def test_launcher_skips_configs_that_fail_a_compile_time_assert(monkeypatch):
@@ -198,8 +225,9 @@ def test_a_pinned_config_is_the_one_launched(monkeypatch, interpret):
     monkeypatch.setattr(triton_flash, "INTERPRET", interpret)
     monkeypatch.setattr(triton_flash, "AUTOTUNE", False)
     kernel = _FakeKernel()
-    launcher = triton_flash.Launcher(kernel, _CONFIGS, ["BLOCK_D"], lambda config, args: True,
-                                     {"BLOCK_M": 16, "BLOCK_N": 16})
+    launcher = triton_flash.Launcher(
+        kernel, _CONFIGS, ["BLOCK_D"], lambda config, args: True, {"BLOCK_M": 16, "BLOCK_N": 16}
+    )
     launcher((3,), config=_CONFIGS[1], Q=torch.empty(1, 1, 16), BLOCK_D=16)
     assert kernel.launched == [((3,), (64, 64, 4, 2))] and not launcher.chosen
 
@@ -213,11 +241,17 @@ def test_candidates_are_the_configs_that_fit(kind):
         assert launcher.candidates(BLOCK_D=block_d, Q=torch.empty(0, dtype=dtype)) == fitting and fitting
 
 
-@pytest.mark.parametrize("configs,match", [
-    ({"bwd": triton_flash._config(32, 32, 4, 1)}, "names kernel 'bwd'"),
-    ({"fwd": {"BLOCK_M": 32, "BLOCK_N": 32}}, "must be a triton.Config"),
-    ({"fwd": triton.Config({"BLOCK_M": 32}, num_warps=4)}, "must be a triton.Config of BLOCK_M and BLOCK_N"),
-])
+@pytest.mark.parametrize(
+    "configs,match",
+    [
+        ({"bwd": triton_flash._config(32, 32, 4, 1)}, "names kernel 'bwd'"),
+        ({"fwd": {"BLOCK_M": 32, "BLOCK_N": 32}}, "must be a triton.Config"),
+        (
+            {"fwd": triton.Config({"BLOCK_M": 32}, num_warps=4)},
+            "must be a triton.Config of BLOCK_M and BLOCK_N",
+        ),
+    ],
+)
 def test_bad_pinned_configs_are_rejected(configs, match):
     q, k, v = _qkv()
     with pytest.raises(ValueError, match=match):
@@ -230,18 +264,31 @@ def test_pinned_config_must_divide_the_layout_blocks():
     q, k, v = _qkv(64, 64)
     layout = BlockSparseLayout.from_dense(torch.ones(64, 64, dtype=torch.bool), 32)
     with pytest.raises(ValueError, match="do not divide"):
-        triton_flash.varlen_attention(q, k, v, _cu([64]), _cu([64]), 64, 64, layout=layout,
-                                      configs={"fwd": triton_flash._config(64, 64, 4, 1)})
+        triton_flash.varlen_attention(
+            q,
+            k,
+            v,
+            _cu([64]),
+            _cu([64]),
+            64,
+            64,
+            layout=layout,
+            configs={"fwd": triton_flash._config(64, 64, 4, 1)},
+        )
 
 
-@pytest.mark.parametrize("config,match", [
-    (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}), "triton.Config of BLOCK_N"),
-    (triton.Config({"BLOCK_N": 24}), "power of two"),
-])
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}), "triton.Config of BLOCK_N"),
+        (triton.Config({"BLOCK_N": 24}), "power of two"),
+    ],
+)
 def test_decode_rejects_bad_pinned_configs(config, match):
     q = torch.randn(1, 2, 16, device=DEVICE)
     cache = torch.randn(2, 16, 1, 16, device=DEVICE)
     table = torch.zeros(1, 2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match=match):
-        triton_decode.paged_decode_attention(q, cache, cache, table, torch.ones(1, dtype=torch.int32, device=DEVICE),
-                                             config=config)
+        triton_decode.paged_decode_attention(
+            q, cache, cache, table, torch.ones(1, dtype=torch.int32, device=DEVICE), config=config
+        )

@@ -4,6 +4,7 @@ reference with the same layout, under FlashAttention's test rule; empty layout c
 On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on small sizes in fp16/fp32; the
 larger grid, bf16 included, is marked `gpu`.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,14 +12,17 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from _ref_rule import check_all, reference_varlen, run, truth_and_same_precision  # noqa: E402
+
 import longreach.attention as attn  # noqa: E402
 from longreach.attention import masks, triton_flash  # noqa: E402
-from _ref_rule import check_all, reference_varlen, run, truth_and_same_precision  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-pytestmark = pytest.mark.skipif(not (ON_GPU or triton_flash.INTERPRET),
-                                reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = pytest.mark.skipif(
+    not (ON_GPU or triton_flash.INTERPRET),
+    reason="needs CUDA or TRITON_INTERPRET=1 set before triton is imported",
+)
 
 FULL, CAUSAL, WINDOW, CAUSAL_WINDOW = (False, (-1, -1)), (True, (-1, -1)), (False, (37, 5)), (True, (50, -1))
 MHA, GQA, MQA = (2, 2), (4, 2), (3, 1)
@@ -28,10 +32,16 @@ F16, F32, BF16 = torch.float16, torch.float32, torch.bfloat16
 LAYOUTS = {
     "bigbird16": lambda n: masks.bigbird_layout(n, block_size=16, num_random_blocks=2, seed=0),
     "bigbird32": lambda n: masks.bigbird_layout(n, block_size=32, num_random_blocks=1, seed=1),
-    "longformer32": lambda n: masks.longformer_layout(n, window=20, global_tokens=[0, 37, n - 3], block_size=32),
+    "longformer32": lambda n: masks.longformer_layout(
+        n, window=20, global_tokens=[0, 37, n - 3], block_size=32
+    ),
     "bigbird64": lambda n: masks.bigbird_layout(n, block_size=64, num_random_blocks=3, seed=2),
-    "longformer64": lambda n: masks.longformer_layout(n, window=200, global_tokens=[0, 100, n // 2], block_size=64),
-    "longformer128": lambda n: masks.longformer_layout(n, window=300, global_tokens=[7, n - 1], block_size=128),
+    "longformer64": lambda n: masks.longformer_layout(
+        n, window=200, global_tokens=[0, 100, n // 2], block_size=64
+    ),
+    "longformer128": lambda n: masks.longformer_layout(
+        n, window=300, global_tokens=[7, n - 1], block_size=128
+    ),
 }
 
 # (layout, head_dim, seqlens_q, seqlens_k, heads, mask, dtype): packed batches of unequal lengths, and one
@@ -49,8 +59,10 @@ CPU_GRID = [
 
 def _case_id(case):
     name, d, sq, sk, (hq, hkv), (causal, window), dtype = case
-    return (f"{name}-d{d}-{'+'.join(map(str, sq))}x{'+'.join(map(str, sk))}-h{hq}/{hkv}-"
-            f"{'causal' if causal else 'full'}-w{window[0]},{window[1]}-{str(dtype)[6:]}")
+    return (
+        f"{name}-d{d}-{'+'.join(map(str, sq))}x{'+'.join(map(str, sk))}-h{hq}/{hkv}-"
+        f"{'causal' if causal else 'full'}-w{window[0]},{window[1]}-{str(dtype)[6:]}"
+    )
 
 
 def _cu(lengths):
@@ -71,12 +83,24 @@ def _check_case(name, head_dim, seqlens_q, seqlens_k, heads, mask, dtype):
     q, k, v, dout = _inputs(seqlens_q, seqlens_k, heads, head_dim, dtype)
 
     def ours(q, k, v):
-        return triton_flash.varlen_attention(q, k, v, cu_q, cu_k, max(seqlens_q), max(seqlens_k), causal=causal,
-                                             window_size=window, return_lse=True, layout=layout)
+        return triton_flash.varlen_attention(
+            q,
+            k,
+            v,
+            cu_q,
+            cu_k,
+            max(seqlens_q),
+            max(seqlens_k),
+            causal=causal,
+            window_size=window,
+            return_lse=True,
+            layout=layout,
+        )
 
     got = run(ours, q, k, v, dout)
-    truth, same = truth_and_same_precision(q, k, v, dout, reference_varlen(cu_q, cu_k, causal=causal,
-                                                                           window_size=window, layout=layout))
+    truth, same = truth_and_same_precision(
+        q, k, v, dout, reference_varlen(cu_q, cu_k, causal=causal, window_size=window, layout=layout)
+    )
     check_all(_case_id((name, head_dim, seqlens_q, seqlens_k, heads, mask, dtype)), got, truth, same)
 
 
@@ -108,10 +132,14 @@ def test_empty_cells_are_skipped_not_masked(causal):
     poisoned[3][rows] = float("nan")
 
     def ours(q, k, v):
-        return triton_flash.varlen_attention(q, k, v, cu, cu, n, n, causal=causal, return_lse=True, layout=layout)
+        return triton_flash.varlen_attention(
+            q, k, v, cu, cu, n, n, causal=causal, return_lse=True, layout=layout
+        )
 
     got = run(ours, *poisoned)
-    truth, same = truth_and_same_precision(q, k, v, dout, reference_varlen(cu, cu, causal=causal, layout=layout))
+    truth, same = truth_and_same_precision(
+        q, k, v, dout, reference_varlen(cu, cu, causal=causal, layout=layout)
+    )
     check_all(f"skip-causal={causal}", got, truth, same)
     out, lse, dq, dk, dv = got
     assert (out[rows] == 0).all() and torch.isneginf(lse[:, rows]).all() and (dq[rows] == 0).all()
@@ -131,7 +159,9 @@ def test_layout_must_cover_the_longest_sequence():
     layout = masks.bigbird_layout(64, block_size=32, num_random_blocks=0)
     q = torch.randn(100, 2, 32, device=DEVICE)
     cu = _cu([100])
-    with pytest.raises(ValueError, match=r"layout has 2x2 blocks of 32 but sequences up to 100x100 tokens need 4x4"):
+    with pytest.raises(
+        ValueError, match=r"layout has 2x2 blocks of 32 but sequences up to 100x100 tokens need 4x4"
+    ):
         triton_flash.varlen_attention(q, q, q, cu, cu, 100, 100, layout=layout)
 
 
@@ -139,7 +169,9 @@ def test_layout_must_cover_the_longest_sequence():
 @pytest.mark.parametrize("kind", ["fwd", "dkdv", "dq"])
 def test_layout_configs_divide_the_block_and_fit_every_head_dim(kind, block_size):
     configs = triton_flash._launcher(kind, block_size).configs
-    assert all(block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0 for c in configs)
+    assert all(
+        block_size % c.kwargs["BLOCK_M"] == 0 and block_size % c.kwargs["BLOCK_N"] == 0 for c in configs
+    )
     for block_d in (16, 32, 64, 128, 256):
         for elt in (2, 4):
             assert any(triton_flash._fits(kind, c, block_d, elt) for c in configs), (kind, block_d, elt)
@@ -158,17 +190,19 @@ def test_flash_api_runs_layouts_on_the_triton_backend():
 
 # ------------------------------------------------------------------------------------------ GPU grid
 
+
 def _gpu_grid():
     cases = []
     for dtype in (BF16, F16, F32):
         for d in (64, 128):
             group = pytest.mark.xdist_group(f"sparse-{str(dtype)[6:]}-d{d}")  # one compile set per worker
             for name, lengths, heads, mask in (
-                    ("bigbird64", ([1000, 517, 2048], [1000, 517, 2048]), GQA, CAUSAL),
-                    ("bigbird64", ([2048], [2048]), MHA, FULL),
-                    ("longformer64", ([1500, 700], [2000, 700]), MQA, CAUSAL_WINDOW),
-                    ("longformer64", ([2048, 999], [2048, 999]), GQA, WINDOW),
-                    ("longformer128", ([2048, 300], [2048, 300]), GQA, CAUSAL)):
+                ("bigbird64", ([1000, 517, 2048], [1000, 517, 2048]), GQA, CAUSAL),
+                ("bigbird64", ([2048], [2048]), MHA, FULL),
+                ("longformer64", ([1500, 700], [2000, 700]), MQA, CAUSAL_WINDOW),
+                ("longformer64", ([2048, 999], [2048, 999]), GQA, WINDOW),
+                ("longformer128", ([2048, 300], [2048, 300]), GQA, CAUSAL),
+            ):
                 cases.append(pytest.param((name, d, *lengths, heads, mask, dtype), marks=group))
     return cases
 

@@ -1,4 +1,5 @@
 """The model shipped in the package: it is the default, it is small, and it loads in transformers too."""
+
 import json
 
 import torch
@@ -22,7 +23,7 @@ def test_loads_in_transformers_with_the_same_logits():
 
     ours = load_model(BUNDLED_MODEL_DIR, dtype="fp32")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL_DIR, dtype=torch.float32).eval()
-    ids = torch.randint(0, 256, (1, 1500))   # past the 512-token base length: YaRN is exercised
+    ids = torch.randint(0, 256, (1, 1500))  # past the 512-token base length: YaRN is exercised
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), theirs(ids).logits, atol=1e-4, rtol=0)
 
@@ -36,10 +37,15 @@ def test_bundled_model_retrieves_passkeys_at_4x_its_training_length():
 
     llm = LLM(dtype="fp32", max_model_len=2064, max_num_seqs=20)
     tokenizer = llm.get_tokenizer()
-    samples = [make_sample("passkey", tokenizer, 2048, depth=(5 * i) % 100, index=i, seed=1234) for i in range(20)]
+    samples = [
+        make_sample("passkey", tokenizer, 2048, depth=(5 * i) % 100, index=i, seed=1234) for i in range(20)
+    ]
     assert all(s.num_prompt_tokens > 2000 for s in samples)
-    outputs = llm.generate([s.prompt for s in samples], SamplingParams(max_tokens=samples[0].max_new_tokens,
-                                                                       temperature=0.0), use_tqdm=False)
+    outputs = llm.generate(
+        [s.prompt for s in samples],
+        SamplingParams(max_tokens=samples[0].max_new_tokens, temperature=0.0),
+        use_tqdm=False,
+    )
     right = [is_correct(score_output(o.text, s.expected, s.scoring)) for s, o in zip(samples, outputs)]
     assert sum(right) >= 18, [(s.expected, o.text) for s, o, ok in zip(samples, outputs, right) if not ok]
-    assert llm.engine.kv_cache_bytes_used == 0          # every request's blocks came back
+    assert llm.engine.kv_cache_bytes_used == 0  # every request's blocks came back

@@ -1,11 +1,18 @@
 """The demo model's corpus, and the extension experiment end to end at small size."""
+
 import argparse
 import json
 import random
 import re
 
-from longreach.demo.corpus import (PASSKEY_QUESTION, documents, kv_doc, passkey_doc, passkey_prompt_doc,
-                                   variable_doc)
+from longreach.demo.corpus import (
+    PASSKEY_QUESTION,
+    documents,
+    kv_doc,
+    passkey_doc,
+    passkey_prompt_doc,
+    variable_doc,
+)
 
 
 def test_corpus_documents_carry_their_answers():
@@ -19,7 +26,9 @@ def test_corpus_documents_carry_their_answers():
     doc = variable_doc(rng, 500)
     names = re.findall(r"VAR (\w+) = ", doc)
     value = re.search(r"Answer: (\d+)\.$", doc).group(1)
-    assert doc.index(f"VAR {names[0]} = {value}.") < doc.index(f"VAR {names[1]} = {names[0]}.")  # chain in order
+    assert doc.index(f"VAR {names[0]} = {value}.") < doc.index(
+        f"VAR {names[1]} = {names[0]}."
+    )  # chain in order
 
 
 def test_prompt_layout_documents_are_the_eval_prompt_plus_its_answer():
@@ -29,14 +38,16 @@ def test_prompt_layout_documents_are_the_eval_prompt_plus_its_answer():
 
     rng = random.Random(1)
     docs = [passkey_prompt_doc(rng, 500) for _ in range(40)]
-    assert sum(d.startswith(PASSKEY_INSTRUCTION + "\n") for d in docs) > 20          # most carry the instruction
+    assert sum(d.startswith(PASSKEY_INSTRUCTION + "\n") for d in docs) > 20  # most carry the instruction
     for doc in docs:
         key = re.search(r"\nThe pass key is (\d+)\. Remember it\. \1 is the pass key\.\n", doc).group(1)
         assert doc.endswith(f"\n{PASSKEY_QUESTION} {key}.") and len(doc) <= 520
     prompt = make_sample("passkey", ByteTokenizer(), 512, 50, 0, 0).prompt
-    assert prompt.startswith(PASSKEY_INSTRUCTION + "\nThe grass is green.") and prompt.endswith("\n" + PASSKEY_QUESTION)
+    assert prompt.startswith(PASSKEY_INSTRUCTION + "\nThe grass is green.") and prompt.endswith(
+        "\n" + PASSKEY_QUESTION
+    )
     stream = documents(0, 500, min_bytes=100, mix="passkey-prompt")
-    layouts = {"\n" in doc for doc in (next(stream) for _ in range(40))}      # both layouts are in the mix
+    layouts = {"\n" in doc for doc in (next(stream) for _ in range(40))}  # both layouts are in the mix
     assert layouts == {True, False}
 
 
@@ -53,8 +64,14 @@ def test_extension_experiment_writes_tables_and_plots(tmp_path):
     args = argparse.Namespace(base=None, extended=None, samples=1, multiples="1,2", out=str(tmp_path))
     assert run_experiment(args) == 0
     report = (tmp_path / "extension.md").read_text()
-    for setting in ("no scaling", "PI (linear x8)", "NTK-aware (x8)", "dynamic NTK (x8)", "YaRN (x8)",
-                    "YaRN x8 + continued pretraining"):
+    for setting in (
+        "no scaling",
+        "PI (linear x8)",
+        "NTK-aware (x8)",
+        "dynamic NTK (x8)",
+        "YaRN (x8)",
+        "YaRN x8 + continued pretraining",
+    ):
         assert f"| {setting} |" in report
     data = json.loads((tmp_path / "img" / "extension.json").read_text())
     ppl = data["perplexity"]

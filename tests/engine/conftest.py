@@ -1,4 +1,5 @@
 """Tiny random checkpoints for engine tests (built with transformers, reused from tests/model)."""
+
 import pytest
 
 from tests.model.conftest import make_hf_model
@@ -18,8 +19,13 @@ def byte_llama(tmp_path_factory):
     """A tiny Llama over the 259-token ByteTokenizer, saved with its tokenizer: text prompts work."""
     from longreach.model.tokenizer import BOS_TOKEN_ID, BYTE_VOCAB_SIZE, EOS_TOKEN_ID, ByteTokenizer
 
-    model = make_hf_model("llama", vocab_size=BYTE_VOCAB_SIZE, max_position_embeddings=512,
-                          bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    model = make_hf_model(
+        "llama",
+        vocab_size=BYTE_VOCAB_SIZE,
+        max_position_embeddings=512,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
     path = tmp_path_factory.mktemp("byte-llama")
     model.save_pretrained(path)
     ByteTokenizer().save_pretrained(path)

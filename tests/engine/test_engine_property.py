@@ -7,6 +7,7 @@ a KV block count tight enough to force preemption, aborts at chosen steps, and a
 inside the real runner's forward pass, after which the driver either keeps stepping (the step's requests were
 requeued) or aborts everything in flight (what the server does). Tiny fp32 models, bounded examples,
 derandomized so CI runs the same cases every time."""
+
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -30,6 +31,7 @@ def models(tmp_path_factory):
             path, _ = _rope_model(rope, tmp_path_factory)
             cache[rope] = load_model(path, dtype="fp32")
         return cache[rope]
+
     return get
 
 
@@ -44,26 +46,37 @@ def solo(models):
             params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
             runs[key] = llm.generate([prompt], params, use_tqdm=False)[0].token_ids
         return runs[key]
+
     return run
 
 
-requests_st = st.lists(st.tuples(st.integers(0, 2),       # which shared prefix: 0 none, 1 or 2
-                                 st.integers(1, 36),       # own tokens after it
-                                 st.integers(1, 8),        # max_tokens
-                                 st.integers(0, 3)),       # arrival step
-                       min_size=2, max_size=6)
+requests_st = st.lists(
+    st.tuples(
+        st.integers(0, 2),  # which shared prefix: 0 none, 1 or 2
+        st.integers(1, 36),  # own tokens after it
+        st.integers(1, 8),  # max_tokens
+        st.integers(0, 3),
+    ),  # arrival step
+    min_size=2,
+    max_size=6,
+)
 
 
 @st.composite
 def scenarios(draw):
     reqs = draw(requests_st)
     return dict(
-        requests=reqs, seed=draw(st.integers(0, 2**16)),
-        block_size=draw(st.sampled_from([4, 8])), budget=draw(st.sampled_from([3, 7, 16, 64])),
-        max_num_seqs=draw(st.sampled_from([1, 2, 3, 4, 4])), spare_blocks=draw(st.sampled_from([0, 0, 1, 2, 4, 24])),
+        requests=reqs,
+        seed=draw(st.integers(0, 2**16)),
+        block_size=draw(st.sampled_from([4, 8])),
+        budget=draw(st.sampled_from([3, 7, 16, 64])),
+        max_num_seqs=draw(st.sampled_from([1, 2, 3, 4, 4])),
+        spare_blocks=draw(st.sampled_from([0, 0, 1, 2, 4, 24])),
         aborts=draw(st.lists(st.tuples(st.integers(0, 12), st.integers(0, len(reqs) - 1)), max_size=2)),
-        failure=draw(st.none() | st.tuples(st.integers(0, 4), st.sampled_from(["retry", "abort_all"]),
-                                           st.integers(0, 1))),
+        failure=draw(
+            st.none()
+            | st.tuples(st.integers(0, 4), st.sampled_from(["retry", "abort_all"]), st.integers(0, 1))
+        ),
     )
 
 
@@ -77,7 +90,7 @@ def _make_prompts(sc):
 def _drive(engine, sc, prompts):
     """Run the scenario; returns {request index: token ids} of the requests that completed."""
     ids, done, aborted = {}, {}, set()
-    engine.stats = {"num_cached_tokens": 0, "num_failures": 0}      # what this example exercised (events)
+    engine.stats = {"num_cached_tokens": 0, "num_failures": 0}  # what this example exercised (events)
     step, undo = 0, None
     while step < MAX_STEPS:
         for i, (_, _, max_tokens, arrival) in enumerate(sc["requests"]):
@@ -115,17 +128,27 @@ def _drive(engine, sc, prompts):
 
 
 @pytest.mark.parametrize("rope", ROPE_TYPES)
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(sc=scenarios())
 def test_every_completed_request_equals_its_solo_run(models, solo, rope, sc):
     sc = {**sc, "rope": rope}
     prompts = _make_prompts(sc)
     bs = sc["block_size"]
     longest = max(len(p) + m for p, (_, _, m, _) in zip(prompts, sc["requests"]))
-    num_blocks = -(-longest // bs) + 1 + sc["spare_blocks"]       # one request always fits; several may not
-    llm = LLM(models(sc["rope"]), block_size=bs, num_kv_blocks=num_blocks, max_num_seqs=sc["max_num_seqs"],
-              max_num_batched_tokens=sc["budget"])
+    num_blocks = -(-longest // bs) + 1 + sc["spare_blocks"]  # one request always fits; several may not
+    llm = LLM(
+        models(sc["rope"]),
+        block_size=bs,
+        num_kv_blocks=num_blocks,
+        max_num_seqs=sc["max_num_seqs"],
+        max_num_batched_tokens=sc["budget"],
+    )
     engine = llm.engine
     done, aborted = _drive(engine, sc, prompts)
     event("preempted" if engine.scheduler.num_preemptions else "no preemption")

@@ -2,6 +2,7 @@
 blocks it registered are forgotten, its requests start over from their tokens, and later requests with the
 same prefix get exactly the tokens they get alone. The failure is injected inside the real runner's forward
 pass (after layer 0 wrote its K/V, before layer 1 did), not by replacing `step`."""
+
 import pytest
 import torch
 
@@ -49,7 +50,7 @@ def test_failed_step_leaves_no_poisoned_prefix(tiny_llama):
     engine = llm.engine
     undo = _fail_next_forward(engine)
     with pytest.raises(Boom):
-        llm.generate([first], GREEDY, use_tqdm=False)     # LLM aborts its requests and re-raises
+        llm.generate([first], GREEDY, use_tqdm=False)  # LLM aborts its requests and re-raises
     undo()
     engine.kv_manager.check_invariants()
     assert engine.kv_manager.num_free_blocks == engine.num_kv_blocks
@@ -57,7 +58,7 @@ def test_failed_step_leaves_no_poisoned_prefix(tiny_llama):
     out = llm.generate([second], GREEDY, use_tqdm=False)[0]
     assert out.metrics.num_cached_tokens == 0
     assert out.token_ids == _solo(tiny_llama[0], second)
-    again = llm.generate([first], GREEDY, use_tqdm=False)[0]      # a succeeded step's blocks do hit
+    again = llm.generate([first], GREEDY, use_tqdm=False)[0]  # a succeeded step's blocks do hit
     assert again.metrics.num_cached_tokens >= len(prefix)
     assert again.token_ids == _solo(tiny_llama[0], first)
 
@@ -71,7 +72,7 @@ def test_requests_of_a_failed_step_are_requeued_and_a_retry_is_exact(tiny_llama)
     engine = llm.engine
     a = engine.add_request(first, GREEDY)
     b = engine.add_request(second, GREEDY)
-    c = engine.add_request(first[:7], GREEDY)              # waits: max_num_seqs=2
+    c = engine.add_request(first[:7], GREEDY)  # waits: max_num_seqs=2
     undo = _fail_next_forward(engine)
     with pytest.raises(Boom):
         engine.step()
@@ -79,7 +80,7 @@ def test_requests_of_a_failed_step_are_requeued_and_a_retry_is_exact(tiny_llama)
     seqs = [engine.requests[r] for r in (a, b, c)]
     assert [s.status for s in seqs] == [RequestStatus.WAITING] * 3
     assert [s.num_computed_tokens for s in seqs] == [0, 0, 0]
-    assert [s.request_id for s in engine.scheduler.waiting] == [a, b, c]       # arrival order kept
+    assert [s.request_id for s in engine.scheduler.waiting] == [a, b, c]  # arrival order kept
     assert not engine.kv_manager.pool.cached and engine.kv_manager.num_free_blocks == engine.num_kv_blocks
     done = {}
     while engine.has_unfinished_requests():

@@ -1,5 +1,6 @@
 """The output processor alone (no model): token stops, incremental text, stop strings and their holdback, and
 that it alone writes finish reasons (the scheduler is told to release, nothing more)."""
+
 from longreach.engine.output import OutputProcessor, detokenize_incrementally
 from longreach.engine.sampling_params import SamplingParams
 from longreach.engine.sequence import RequestStatus, Sequence
@@ -42,21 +43,21 @@ def test_stop_string_cuts_the_text_and_holds_back_what_could_start_it():
     proc, seq, release = _setup(SamplingParams(max_tokens=50, stop=["END"]))
     outs = _feed(proc, seq, "abcENxENDzzz")
     deltas = [o.delta_text for o in outs]
-    assert "".join(deltas) == "abcENx"                      # "EN" was held back until "x" ruled it out
+    assert "".join(deltas) == "abcENx"  # "EN" was held back until "x" ruled it out
     assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == "END" and outs[-1].text == "abcENx"
     assert release.released == ["r"] and len(outs[-1].token_ids) == 9
 
 
 def test_include_stop_string_and_a_string_beats_a_token_stop_on_the_same_token():
     proc, seq, _ = _setup(SamplingParams(max_tokens=4, stop=["cd"], include_stop_str_in_output=True))
-    outs = _feed(proc, seq, "abcd")                         # the 4th token hits max_tokens and completes "cd"
+    outs = _feed(proc, seq, "abcd")  # the 4th token hits max_tokens and completes "cd"
     assert (outs[-1].finish_reason, outs[-1].stop_reason, outs[-1].text) == ("stop", "cd", "abcd")
 
 
 def test_token_stops_and_their_reasons():
     proc, seq, _ = _setup(SamplingParams(max_tokens=10))
     out = _feed(proc, seq, TOK.encode("hi", add_bos=False) + [EOS_TOKEN_ID])[-1]
-    assert (out.finish_reason, out.stop_reason, out.text) == ("stop", None, "hi")   # EOS is not text
+    assert (out.finish_reason, out.stop_reason, out.text) == ("stop", None, "hi")  # EOS is not text
     proc, seq, _ = _setup(SamplingParams(max_tokens=10, stop_token_ids=[ord("x")]))
     assert (_feed(proc, seq, "abx")[-1].finish_reason, seq.stop_reason) == ("stop", ord("x"))
     proc, seq, _ = _setup(SamplingParams(max_tokens=3))
@@ -65,7 +66,7 @@ def test_token_stops_and_their_reasons():
     assert _feed(proc, seq, "abcdef")[-1].finish_reason == "length" and seq.num_tokens == 5
     proc, seq, _ = _setup(SamplingParams(max_tokens=10, min_tokens=3, ignore_eos=False))
     outs = _feed(proc, seq, [EOS_TOKEN_ID, ord("a"), EOS_TOKEN_ID, EOS_TOKEN_ID])
-    assert len(outs) == 3 and outs[-1].finish_reason == "stop"       # EOS ends it once min_tokens are out
+    assert len(outs) == 3 and outs[-1].finish_reason == "stop"  # EOS ends it once min_tokens are out
 
 
 def test_abort_and_token_only_mode():
@@ -74,11 +75,11 @@ def test_abort_and_token_only_mode():
     assert out.text == "" and out.token_ids == [5, 6] and not out.finished
     out = proc.abort(seq)
     assert out.finish_reason == "abort" and release.released == ["r"]
-    assert proc.abort(seq).finish_reason == "abort" and release.released == ["r"]   # idempotent
+    assert proc.abort(seq).finish_reason == "abort" and release.released == ["r"]  # idempotent
 
 
 def test_incremental_detokenizer_waits_for_whole_characters():
-    ids = list("é".encode())                              # two bytes: the first alone is not a character
+    ids = list("é".encode())  # two bytes: the first alone is not a character
     text, prefix, read = detokenize_incrementally(TOK, ids[:1], 0, 0)
     assert text == "" and (prefix, read) == (0, 0)
     text, prefix, read = detokenize_incrementally(TOK, ids, prefix, read)

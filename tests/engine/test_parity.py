@@ -1,6 +1,7 @@
 """Greedy outputs of the engine are token-identical to transformers' greedy `generate` (fp32, tiny random
 checkpoints) under every scheduling regime: plain continuous batching, prefix caching on and off, chunked
 prefill forced small, and memory pressure that forces preemption by recompute."""
+
 import pytest
 import torch
 
@@ -15,8 +16,8 @@ def _prompts(vocab=128):
     rand = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731  (ids 0-2 are special)
     shared = rand(40)
     prompts = [rand(n) for n in (5, 17, 33, 64, 150)]
-    prompts += [shared + rand(n) for n in (3, 20, 1)]       # a shared prefix: prefix-cache hits
-    prompts.append(prompts[3][:])                           # an exact duplicate
+    prompts += [shared + rand(n) for n in (3, 20, 1)]  # a shared prefix: prefix-cache hits
+    prompts.append(prompts[3][:])  # an exact duplicate
     return prompts
 
 
@@ -25,9 +26,14 @@ def _hf_greedy(model, prompts, max_new=MAX_NEW):
     for p in prompts:
         ids = torch.tensor([p], device=device)
         with torch.no_grad():
-            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
-                                 do_sample=False, pad_token_id=0)
-        out.append(gen[0, len(p):].tolist())
+            gen = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        out.append(gen[0, len(p) :].tolist())
     return out
 
 
@@ -62,7 +68,7 @@ def test_greedy_matches_transformers(tiny_llama, reference, config):
         assert not any(hits)
     else:
         assert hits[5] == 0 and hits[6] >= 32 and hits[7] >= 32, hits
-        assert hits[8] > 0 or config == "preemption", hits   # under pressure the first copy may be evicted
+        assert hits[8] > 0 or config == "preemption", hits  # under pressure the first copy may be evicted
     if config == "preemption":
         assert engine.scheduler.num_preemptions > 0
         assert sum(o.metrics.num_preemptions for o in outs) == engine.scheduler.num_preemptions

@@ -1,5 +1,6 @@
 """The scheduler alone (no model): token budget, mixed prefill/decode steps, FCFS, preemption newest-first;
 with the output processor deciding stops (as the engine wires them)."""
+
 import pytest
 
 from longreach.config import SchedulerConfig
@@ -13,7 +14,7 @@ from longreach.kvcache.block_pool import KVCacheManager
 def make(num_blocks=64, block_size=4, **cfg):
     kv = KVCacheManager(num_blocks, block_size)
     sched = Scheduler(SchedulerConfig(max_model_len=cfg.pop("max_model_len", 256), **cfg), kv)
-    sched.output = OutputProcessor(None, [0], sched.cfg.max_model_len, sched.finish)    # stops, as the engine
+    sched.output = OutputProcessor(None, [0], sched.cfg.max_model_len, sched.finish)  # stops, as the engine
     return sched
 
 
@@ -24,8 +25,10 @@ def submit(sched, seq):
 
 
 def add(sched, rid, prompt_len, max_tokens=8, first=1):
-    return submit(sched, Sequence(str(rid), list(range(first, first + prompt_len)),
-                                  SamplingParams(max_tokens=max_tokens)))
+    return submit(
+        sched,
+        Sequence(str(rid), list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens)),
+    )
 
 
 def update(sched, batch, tokens):
@@ -45,9 +48,9 @@ def test_budget_chunks_long_prompts_and_mixes_them_with_decodes():
     sched = make(max_num_batched_tokens=10)
     short = add(sched, "short", 3)
     long = add(sched, "long", 25, first=100)
-    batch = step(sched)                       # short's whole prompt + 7 tokens of long's
+    batch = step(sched)  # short's whole prompt + 7 tokens of long's
     assert batch.num_new_tokens == [3, 7] and short.num_output_tokens == 1 and long.num_computed_tokens == 7
-    batch = step(sched)                       # short decodes (1 token) alongside long's next chunk (9)
+    batch = step(sched)  # short decodes (1 token) alongside long's next chunk (9)
     assert [s.request_id for s in batch.seqs] == ["short", "long"] and batch.num_new_tokens == [1, 9]
     while long.num_output_tokens == 0:
         assert step(sched).num_batched_tokens <= 10
@@ -58,7 +61,7 @@ def test_without_chunking_a_prompt_waits_for_a_whole_budget():
     sched = make(max_num_batched_tokens=16, max_model_len=16, enable_chunked_prefill=False)
     add(sched, "a", 10)
     add(sched, "b", 10, first=50)
-    assert step(sched).num_new_tokens == [10]           # b does not fit in the 6 tokens left
+    assert step(sched).num_new_tokens == [10]  # b does not fit in the 6 tokens left
     assert step(sched).num_new_tokens == [1, 10]
 
 
@@ -76,7 +79,7 @@ def test_fcfs_and_max_num_seqs():
 
 
 def test_preemption_recomputes_the_newest_and_loses_nothing():
-    sched = make(num_blocks=8, block_size=4)                # 32 token slots
+    sched = make(num_blocks=8, block_size=4)  # 32 token slots
     old = add(sched, "old", 8, max_tokens=12)
     new = add(sched, "new", 8, max_tokens=12, first=40)
     step(sched)
@@ -121,7 +124,7 @@ def test_abort_frees_blocks_of_waiting_and_running_requests():
     waiting = add(sched, "w", 5, first=30)
     sched.output.abort(running)
     sched.output.abort(waiting)
-    sched.output.abort(waiting)                             # idempotent
+    sched.output.abort(waiting)  # idempotent
     assert not sched.has_unfinished() and sched.kv.num_free_blocks == sched.kv.num_blocks
     assert running.finish_reason == waiting.finish_reason == "abort"
 

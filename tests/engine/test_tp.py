@@ -1,4 +1,5 @@
 """Tensor parallelism on CPU: 2 processes over gloo give the single-process outputs, token for token."""
+
 import json
 
 import pytest
@@ -8,7 +9,10 @@ import torch.multiprocessing as mp
 
 from longreach import LLM, SamplingParams
 
-CONFIGS = [dict(block_size=4, max_num_batched_tokens=32), dict(block_size=4, num_kv_blocks=40)]   # chunked; preempting
+CONFIGS = [
+    dict(block_size=4, max_num_batched_tokens=32),
+    dict(block_size=4, num_kv_blocks=40),
+]  # chunked; preempting
 
 
 def _prompts():
@@ -38,15 +42,20 @@ def _worker(rank, path, store, result_file):
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is unavailable")
 def test_two_rank_tensor_parallel_equals_single_process(tiny_llama, tmp_path):
     path = tiny_llama[0]
-    mp.start_processes(_worker, args=(str(path), str(tmp_path / "store"), str(tmp_path / "out.json")),
-                       nprocs=2, join=True, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(str(path), str(tmp_path / "store"), str(tmp_path / "out.json")),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
     got = json.loads((tmp_path / "out.json").read_text())
-    assert got["heads"] == [2, 1]                       # each rank holds half the heads of a 4/2-head model
+    assert got["heads"] == [2, 1]  # each rank holds half the heads of a 4/2-head model
     for config, (tokens, preemptions) in zip(CONFIGS, got["results"]):
         expected, expected_preemptions = _run(path, **config)
         assert tokens == expected
         assert preemptions == expected_preemptions
-    assert got["results"][1][1] > 0                     # the small cache did force preemption
+    assert got["results"][1][1] > 0  # the small cache did force preemption
 
 
 def test_tensor_parallel_needs_a_process_group(tiny_llama, monkeypatch):

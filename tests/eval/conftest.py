@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random byte-level checkpoint and a tiny trained BPE tokenizer."""
+
 import json
 
 import pytest
@@ -12,8 +13,9 @@ def byte_checkpoint(tmp_path_factory):
     from longreach.model.tokenizer import ByteTokenizer
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-byte"
-    model = make_hf_model(vocab_size=259, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257,
-                          pad_token_id=258)
+    model = make_hf_model(
+        vocab_size=259, max_position_embeddings=4096, bos_token_id=256, eos_token_id=257, pad_token_id=258
+    )
     model.save_pretrained(path)
     ByteTokenizer().save_pretrained(path)
     return path
@@ -31,8 +33,12 @@ def hf_tokenizer(tmp_path_factory):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([SyntheticText(0).prefix(50_000), EntityDocuments(0).prefix(20_000)], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     tok.save(str(path / "tokenizer.json"))

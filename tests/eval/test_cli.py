@@ -1,5 +1,6 @@
 """The `longreach eval` command line end to end (in-process, through `longreach.cli.main`): a comparison over
 KV-cache dtypes on a tiny model, and a run against an OpenAI-compatible endpoint."""
+
 import functools
 import json
 import re
@@ -15,18 +16,40 @@ def test_cli_compares_kv_cache_dtypes(byte_checkpoint, tmp_path, capsys, monkeyp
     llm_module = pytest.importorskip("longreach.engine.llm")
     real_llm, built = llm_module.LLM, []
 
-    @functools.wraps(real_llm)                     # keeps LLM's signature, which the backend inspects
+    @functools.wraps(real_llm)  # keeps LLM's signature, which the backend inspects
     def recording_llm(*args, **kwargs):
         built.append(kwargs.get("kv_cache_dtype"))
         return real_llm(*args, **kwargs)
 
     monkeypatch.setattr(llm_module, "LLM", recording_llm)
     out = tmp_path / "kv"
-    rc = main(["eval", "passkey", "--model", str(byte_checkpoint), "--lengths", "512", "--depths", "0,100",
-               "--samples", "1", "--max-tokens", "4", "--device", "cpu", "--no-progress", "--out", str(out),
-               "--kv-cache-dtype", "bf16", "--kv-cache-dtype", "int8"])
+    rc = main(
+        [
+            "eval",
+            "passkey",
+            "--model",
+            str(byte_checkpoint),
+            "--lengths",
+            "512",
+            "--depths",
+            "0,100",
+            "--samples",
+            "1",
+            "--max-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(out),
+            "--kv-cache-dtype",
+            "bf16",
+            "--kv-cache-dtype",
+            "int8",
+        ]
+    )
     assert rc == 0
-    assert built == ["bf16", "int8"]                # each setting built its own engine with its KV dtype
+    assert built == ["bf16", "int8"]  # each setting built its own engine with its KV dtype
     printed = capsys.readouterr().out
     assert "passkey — tiny-byte [kv=bf16]" in printed and "passkey — tiny-byte [kv=int8]" in printed
     table = (out / "comparison.txt").read_text()
@@ -52,8 +75,22 @@ def _key_or_500(body, attempt):
 
 def test_cli_against_an_endpoint(byte_checkpoint, tmp_path, capsys):
     with serve(_key_or_500) as url:
-        common = ["passkey", "--endpoint", url, "--api-key", API_KEY, "--tokenizer", str(byte_checkpoint),
-                  "--lengths", "512,1k", "--samples", "1", "--retries", "0", "--no-progress"]
+        common = [
+            "passkey",
+            "--endpoint",
+            url,
+            "--api-key",
+            API_KEY,
+            "--tokenizer",
+            str(byte_checkpoint),
+            "--lengths",
+            "512,1k",
+            "--samples",
+            "1",
+            "--retries",
+            "0",
+            "--no-progress",
+        ]
         assert main(["eval", *common, "--depths", "60,100", "--out", str(tmp_path / "ok")]) == 0
         ok = capsys.readouterr()
         assert main(["eval", *common, "--depths", "0,50,...,100", "--out", str(tmp_path / "half")]) == 0
@@ -81,9 +118,28 @@ def test_cli_against_an_endpoint(byte_checkpoint, tmp_path, capsys):
 
 def test_cli_endpoint_without_tokenizer_says_lengths_are_approximate(tmp_path, capsys):
     with serve(_key_or_500) as url:
-        rc = main(["eval", "passkey", "--endpoint", url, "--api-key", API_KEY, "--model-name", "fake-model",
-                   "--lengths", "512", "--depths", "100", "--samples", "1", "--no-progress", "--no-plot",
-                   "--out", str(tmp_path)])
+        rc = main(
+            [
+                "eval",
+                "passkey",
+                "--endpoint",
+                url,
+                "--api-key",
+                API_KEY,
+                "--model-name",
+                "fake-model",
+                "--lengths",
+                "512",
+                "--depths",
+                "100",
+                "--samples",
+                "1",
+                "--no-progress",
+                "--no-plot",
+                "--out",
+                str(tmp_path),
+            ]
+        )
     assert rc == 0
     assert "prompt lengths are approximate" in capsys.readouterr().err
     assert json.loads((tmp_path / "results.json").read_text())["samples"][0]["correct"]

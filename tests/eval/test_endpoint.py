@@ -1,5 +1,6 @@
 """Endpoint mode against live HTTP servers started in the test: failures and timeouts are per-sample
 results, retries recover transient errors, and a server wrapping the local model scores like the local run."""
+
 import json
 import re
 import threading
@@ -51,8 +52,14 @@ def serve(answer):
             time.sleep(delay)
             if status != 200:
                 return self._send(status, {"error": {"message": "server exploded", "type": "server_error"}})
-            self._send(200, {"object": "text_completion", "model": "fake-model",
-                             "choices": [{"index": 0, "text": text, "finish_reason": "length"}]})
+            self._send(
+                200,
+                {
+                    "object": "text_completion",
+                    "model": "fake-model",
+                    "choices": [{"index": 0, "text": text, "finish_reason": "length"}],
+                },
+            )
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
@@ -80,18 +87,26 @@ def _flaky(body, attempt):
 
 def test_failing_and_slow_requests_are_reported_per_sample(tmp_path):
     with serve(_flaky) as url:
-        backend = EndpointBackend(url, api_key=API_KEY, tokenizer=ByteTokenizer(), concurrency=6, timeout=0.3,
-                                  retries=1, backoff=0.01)
-        assert backend.model_name == "fake-model"                     # discovered through /v1/models
-        result = run_grid(backend, "passkey", [512, 1024], depths=[0, 50, 100], num_samples=3, seed=1,
-                          progress=False)
+        backend = EndpointBackend(
+            url,
+            api_key=API_KEY,
+            tokenizer=ByteTokenizer(),
+            concurrency=6,
+            timeout=0.3,
+            retries=1,
+            backoff=0.01,
+        )
+        assert backend.model_name == "fake-model"  # discovered through /v1/models
+        result = run_grid(
+            backend, "passkey", [512, 1024], depths=[0, 50, 100], num_samples=3, seed=1, progress=False
+        )
     kinds = {}
     for s in result.samples:
         kinds.setdefault(int(s.expected[0]) % 4, []).append(s)
     assert set(kinds) == {0, 1, 2, 3}, "the seed should exercise every server behaviour"
     assert all("HTTP 500" in s.error and "after 2 attempts" in s.error for s in kinds[0])
     assert all("no answer" in s.error and "0.3 s" in s.error for s in kinds[1])
-    assert all(s.error is None and s.correct for s in kinds[2] + kinds[3])     # the retry recovered kind 2
+    assert all(s.error is None and s.correct for s in kinds[2] + kinds[3])  # the retry recovered kind 2
     # a failed request did not retrieve: it counts as a miss, and the table counts it as an error
     for length in (512, 1024):
         cell = [s for s in result.samples if s.length == length]
@@ -101,7 +116,7 @@ def test_failing_and_slow_requests_are_reported_per_sample(tmp_path):
         assert result.answered_accuracy(length) == 1.0
     num_errors = len(kinds[0]) + len(kinds[1])
     assert result.num_errors() == num_errors
-    assert result.effective_length() is None        # below 85% once the failures count, and never claimed past them
+    assert result.effective_length() is None  # below 85% once the failures count, and never claimed past them
     paths = write_report(result, tmp_path)
     saved = json.loads(paths["results"].read_text())
     assert saved["num_errors"] == num_errors and saved["effective_length"] is None
@@ -109,7 +124,7 @@ def test_failing_and_slow_requests_are_reported_per_sample(tmp_path):
     errors_row = re.search(r"^errors\s+(\d+)\s+(\d+)$", summary, re.M)
     assert errors_row and sum(map(int, errors_row.groups())) == num_errors
     assert f"{num_errors} of {len(result.samples)} request(s) failed; each counts as a miss" in summary
-    assert "100%" not in summary.split("mean")[1].splitlines()[0]   # the mean row no longer shows 100%
+    assert "100%" not in summary.split("mean")[1].splitlines()[0]  # the mean row no longer shows 100%
 
 
 def test_client_errors_are_not_retried_and_unreachable_servers_do_not_crash():
@@ -123,7 +138,7 @@ def test_client_errors_are_not_retried_and_unreachable_servers_do_not_crash():
         wrong_key = EndpointBackend(url, api_key="sk-wrong", model_name="fake-model", retries=3, backoff=0.01)
         [error] = wrong_key.complete(["The pass key is 1."], 4)
         assert isinstance(error, Exception) and "HTTP 401" in str(error) and "invalid api key" in str(error)
-        assert calls == []                                            # refused before the handler ran
+        assert calls == []  # refused before the handler ran
     dead = EndpointBackend(url, model_name="fake-model", retries=1, backoff=0.01, timeout=1.0)
     results = dead.complete(["a", "b"], 4)
     assert all(isinstance(r, Exception) and "cannot reach" in str(r) for r in results)
@@ -134,7 +149,9 @@ def test_client_errors_are_not_retried_and_unreachable_servers_do_not_crash():
 def test_completions_url_forms():
     assert completions_url("http://h:8000") == "http://h:8000/v1/completions"
     assert completions_url("http://h:8000/v1/") == "http://h:8000/v1/completions"
-    assert completions_url("https://api.example.com/v1/completions") == "https://api.example.com/v1/completions"
+    assert (
+        completions_url("https://api.example.com/v1/completions") == "https://api.example.com/v1/completions"
+    )
     with pytest.raises(ValueError, match="http://"):
         completions_url("localhost:8000")
 
@@ -151,8 +168,9 @@ def test_a_server_wrapping_the_local_model_scores_like_the_local_run(byte_checkp
     grid = dict(lengths=[512], depths=[0, 100], num_samples=1, max_new_tokens=6, progress=False)
     direct = run_grid(local, "niah", **grid)
     with serve(model_answer) as url:
-        remote = EndpointBackend(url, api_key=API_KEY, model_name="fake-model", tokenizer=ByteTokenizer(),
-                                 concurrency=2)
+        remote = EndpointBackend(
+            url, api_key=API_KEY, model_name="fake-model", tokenizer=ByteTokenizer(), concurrency=2
+        )
         served = run_grid(remote, "niah", **grid)
     assert [s.got for s in served.samples] == [s.got for s in direct.samples]
     assert [s.score for s in served.samples] == [s.score for s in direct.samples]
@@ -168,9 +186,32 @@ def test_longreach_serve_gives_the_same_scores_as_the_local_run(byte_checkpoint)
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "longreach", "serve", str(byte_checkpoint), "--port", "0", "--served-model-name",
-         "tiny", "--api-key", API_KEY, "--max-model-len", "1024", "--num-kv-blocks", "256", "--device", "cpu",
-         "--log-level", "warning"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "longreach",
+            "serve",
+            str(byte_checkpoint),
+            "--port",
+            "0",
+            "--served-model-name",
+            "tiny",
+            "--api-key",
+            API_KEY,
+            "--max-model-len",
+            "1024",
+            "--num-kv-blocks",
+            "256",
+            "--device",
+            "cpu",
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         url, deadline = None, time.monotonic() + 120
         while url is None and time.monotonic() < deadline:
@@ -181,8 +222,11 @@ def test_longreach_serve_gives_the_same_scores_as_the_local_run(byte_checkpoint)
         assert url, "longreach serve announced no URL"
         threading.Thread(target=proc.stderr.read, daemon=True).start()
         grid = dict(lengths=[512], depths=[0, 100], num_samples=1, max_new_tokens=6, progress=False)
-        served = run_grid(EndpointBackend(url, api_key=API_KEY, tokenizer=ByteTokenizer(), concurrency=2,
-                                          timeout=120), "passkey", **grid)
+        served = run_grid(
+            EndpointBackend(url, api_key=API_KEY, tokenizer=ByteTokenizer(), concurrency=2, timeout=120),
+            "passkey",
+            **grid,
+        )
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,4 +1,5 @@
 """The runner: grids, accuracy tables, effective length, reports and the CLI, on a fake and a tiny real model."""
+
 import json
 import re
 import sys
@@ -6,8 +7,15 @@ import sys
 import pytest
 
 from longreach.eval.backends import LocalBackend
-from longreach.eval.runner import (GridResult, comparison_table, format_length, run_comparison, run_grid,
-                                   write_comparison, write_report)
+from longreach.eval.runner import (
+    GridResult,
+    comparison_table,
+    format_length,
+    run_comparison,
+    run_grid,
+    write_comparison,
+    write_report,
+)
 from longreach.model.tokenizer import ByteTokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,8 +44,15 @@ class OracleBackend:
 
 
 def test_grid_accuracy_effective_length_and_table():
-    result = run_grid(OracleBackend(max_chars=1500), "passkey", [2048, 512, 1024], depths=[0, 50, 100],
-                      num_samples=2, batch_size=4, progress=False)
+    result = run_grid(
+        OracleBackend(max_chars=1500),
+        "passkey",
+        [2048, 512, 1024],
+        depths=[0, 50, 100],
+        num_samples=2,
+        batch_size=4,
+        progress=False,
+    )
     assert result.lengths == [512, 1024, 2048] and len(result.samples) == 18
     assert result.accuracy_by_length() == {512: 1.0, 1024: 1.0, 2048: 0.0}
     assert result.effective_length() == 1024 and result.effective_length(threshold=1.0) == 1024
@@ -48,17 +63,19 @@ def test_grid_accuracy_effective_length_and_table():
     assert (first.length, first.depth, first.correct, first.error) == (512, 0.0, True, None)
     assert first.num_prompt_tokens == 512 - 16 and first.got.startswith(" ")
     backend = OracleBackend()
-    run_grid(backend, "passkey", [512, 1024], depths=[0, 50, 100], num_samples=2, batch_size=4, progress=False)
-    assert backend.calls == [4, 2, 4, 2]                              # batches never mix lengths
+    run_grid(
+        backend, "passkey", [512, 1024], depths=[0, 50, 100], num_samples=2, batch_size=4, progress=False
+    )
+    assert backend.calls == [4, 2, 4, 2]  # batches never mix lengths
 
 
 def test_errors_are_kept_per_sample_and_count_as_misses(tmp_path):
-    backend = OracleBackend(max_chars=10**9, fail_depth_line=200)   # the needle near the top times out
+    backend = OracleBackend(max_chars=10**9, fail_depth_line=200)  # the needle near the top times out
     result = run_grid(backend, "passkey", [512, 1024], depths=[0, 100], num_samples=1, progress=False)
     failed = [s for s in result.samples if s.error]
     assert {s.depth for s in failed} == {0.0} and all("TimeoutError" in s.error for s in failed)
     assert all(s.got is None and s.score is None and not s.correct for s in failed)
-    assert result.accuracy(512) == 0.5 and result.accuracy(512, 0.0) == 0.0       # a failed request missed
+    assert result.accuracy(512) == 0.5 and result.accuracy(512, 0.0) == 0.0  # a failed request missed
     assert result.answered_accuracy(512) == 1.0 and result.answered_accuracy(512, 0.0) is None
     assert result.num_errors() == 2 and result.num_errors(512) == 1
     assert result.effective_length() is None
@@ -76,14 +93,20 @@ def test_effective_length_is_not_claimed_where_requests_failed(tmp_path):
     class FailsOnceAt1K(OracleBackend):
         def complete(self, prompts, max_tokens):
             out = super().complete(prompts, max_tokens)
-            if len(prompts[0]) > 700:                        # one failure in each batch past 512 (1K, 2K)
+            if len(prompts[0]) > 700:  # one failure in each batch past 512 (1K, 2K)
                 out[0] = ConnectionError("reset by peer")
             return out
 
-    result = run_grid(FailsOnceAt1K(max_chars=10**9), "passkey", [512, 1024, 2048], depths=[0, 25, 50, 75, 100],
-                      num_samples=2, progress=False)
-    assert result.accuracy_by_length() == {512: 1.0, 1024: 0.9, 2048: 0.9}   # >= 85% even counting the miss
-    assert result.effective_length() == 512                               # but 1K was not fully measured
+    result = run_grid(
+        FailsOnceAt1K(max_chars=10**9),
+        "passkey",
+        [512, 1024, 2048],
+        depths=[0, 25, 50, 75, 100],
+        num_samples=2,
+        progress=False,
+    )
+    assert result.accuracy_by_length() == {512: 1.0, 1024: 0.9, 2048: 0.9}  # >= 85% even counting the miss
+    assert result.effective_length() == 512  # but 1K was not fully measured
     table = result.table()
     assert "effective context length: 512" in table and "not claimed: 1K and beyond" in table
     assert "among the answered ones only: 512 100%, 1K 100%, 2K 100%" in table
@@ -101,9 +124,14 @@ def test_tasks_without_depth_use_one_row():
 
 
 def test_comparison_writes_one_table_and_one_figure(tmp_path):
-    results = run_comparison({"short": lambda: OracleBackend(max_chars=700),
-                              "long": lambda: OracleBackend(max_chars=10**9)},
-                             "passkey", [512, 1024], depths=[50], num_samples=1, progress=False)
+    results = run_comparison(
+        {"short": lambda: OracleBackend(max_chars=700), "long": lambda: OracleBackend(max_chars=10**9)},
+        "passkey",
+        [512, 1024],
+        depths=[50],
+        num_samples=1,
+        progress=False,
+    )
     table = comparison_table(results)
     assert re.search(r"short\s+100%\s+0%\s+512", table) and re.search(r"long\s+100%\s+100%\s+1K", table)
     paths = write_comparison(results, tmp_path)
@@ -119,7 +147,13 @@ def test_bad_grid_arguments():
         run_grid(OracleBackend(), "passkey", [512], depths=[120])
     with pytest.raises(ValueError, match="threshold=85"):
         run_grid(OracleBackend(), "passkey", [512], threshold=85)
-    assert [format_length(n) for n in (512, 1024, 1536, 131072, 1000)] == ["512", "1K", "1.5K", "128K", "1000"]
+    assert [format_length(n) for n in (512, 1024, 1536, 131072, 1000)] == [
+        "512",
+        "1K",
+        "1.5K",
+        "128K",
+        "1000",
+    ]
 
 
 # ---------------------------------------------------------------- a tiny random model, end to end
@@ -127,8 +161,9 @@ def test_bad_grid_arguments():
 
 def test_end_to_end_on_a_tiny_model(byte_checkpoint, tmp_path):
     backend = LocalBackend(byte_checkpoint, batch_size=4)
-    result = run_grid(backend, "passkey", [512, 768], depths=[0, 100], num_samples=1, max_new_tokens=8,
-                      progress=False)
+    result = run_grid(
+        backend, "passkey", [512, 768], depths=[0, 100], num_samples=1, max_new_tokens=8, progress=False
+    )
     assert backend.kind in ("engine", "contiguous-cache generator") and result.backend == backend.kind
     assert all(s.error is None and isinstance(s.got, str) for s in result.samples)
     paths = write_report(result, tmp_path)
@@ -144,7 +179,7 @@ def test_engine_and_reference_generator_agree(byte_checkpoint, monkeypatch):
     prompts = ["The pass key is 12345. Remember it. What is the pass key?", "The grass is green."]
     engine = LocalBackend(byte_checkpoint)
     assert engine.complete(prompts, 6) and engine.kind == "engine"
-    monkeypatch.setitem(sys.modules, "longreach.engine.llm", None)   # a build without the engine
+    monkeypatch.setitem(sys.modules, "longreach.engine.llm", None)  # a build without the engine
     reference = LocalBackend(byte_checkpoint)
     assert reference.complete(prompts, 6) == engine.complete(prompts, 6)
     assert reference.kind == "contiguous-cache generator"
@@ -155,16 +190,38 @@ def test_engine_and_reference_generator_agree(byte_checkpoint, monkeypatch):
 def test_cli_single_run_and_comparison(byte_checkpoint, tmp_path, capsys):
     from longreach.cli import main
 
-    common = ["--model", str(byte_checkpoint), "--lengths", "512", "--samples", "1", "--no-progress",
-              "--max-tokens", "4"]
+    common = [
+        "--model",
+        str(byte_checkpoint),
+        "--lengths",
+        "512",
+        "--samples",
+        "1",
+        "--no-progress",
+        "--max-tokens",
+        "4",
+    ]
     assert main(["eval", "niah", *common, "--depths", "0,50,...,100", "--out", str(tmp_path / "one")]) == 0
     out = capsys.readouterr().out
     assert "niah — tiny-byte" in out and "effective context length" in out
     saved = json.loads((tmp_path / "one" / "results.json").read_text())
     assert saved["depths"] == [0.0, 50.0, 100.0] and (tmp_path / "one" / "heatmap.png").is_file()
 
-    rc = main(["eval", "passkey", *common, "--depths", "50", "--out", str(tmp_path / "cmp"),
-               "--rope-scaling", "none", "--rope-scaling", '{"rope_type": "linear", "factor": 2.0}'])
+    rc = main(
+        [
+            "eval",
+            "passkey",
+            *common,
+            "--depths",
+            "50",
+            "--out",
+            str(tmp_path / "cmp"),
+            "--rope-scaling",
+            "none",
+            "--rope-scaling",
+            '{"rope_type": "linear", "factor": 2.0}',
+        ]
+    )
     assert rc == 0
     table = (tmp_path / "cmp" / "comparison.txt").read_text()
     assert "rope=checkpoint" in table and "rope=linear x2" in table
@@ -199,8 +256,9 @@ def test_evaluate_passkey_takes_a_loaded_model(byte_checkpoint):
     from longreach.eval.runner import evaluate_passkey
 
     model = load_model(byte_checkpoint, dtype="fp32")
-    result = evaluate_passkey(model, [512], depths=[50], num_samples=1, tokenizer=ByteTokenizer(),
-                              max_new_tokens=4, progress=False)
+    result = evaluate_passkey(
+        model, [512], depths=[50], num_samples=1, tokenizer=ByteTokenizer(), max_new_tokens=4, progress=False
+    )
     assert len(result.samples) == 1 and result.samples[0].error is None
     with pytest.raises(ValueError, match="pass tokenizer="):
         evaluate_passkey(model, [512])

@@ -1,12 +1,20 @@
 """Task generators: deterministic, sized in the model's tokens, needles where they were asked to be."""
+
 import re
 from collections import Counter
 
 import pytest
 
-from longreach.eval.haystack import SyntheticText
 from longreach.eval.backends import ApproxTokenizer
-from longreach.eval.tasks import _NIAH_HEADER, _QA_HEADER, PASSKEY_FILLER, PASSKEY_INSTRUCTION, TASKS, make_sample
+from longreach.eval.haystack import SyntheticText
+from longreach.eval.tasks import (
+    _NIAH_HEADER,
+    _QA_HEADER,
+    PASSKEY_FILLER,
+    PASSKEY_INSTRUCTION,
+    TASKS,
+    make_sample,
+)
 from longreach.model.tokenizer import ByteTokenizer
 
 BYTE = ByteTokenizer()
@@ -32,7 +40,8 @@ def test_prompt_fills_the_requested_length(task, length, tokenizer):
 def _needle_token_depth(tokenizer, prompt, header, needle_start, needle_end, context_end):
     def n(text):
         return len(tokenizer.encode(text))
-    before = n(prompt[:needle_start]) - n(prompt[:len(header)])
+
+    before = n(prompt[:needle_start]) - n(prompt[: len(header)])
     after = n(prompt[:context_end]) - n(prompt[:needle_end])
     return 100.0 * before / (before + after)
 
@@ -43,16 +52,17 @@ def test_passkey_sits_at_the_requested_depth(depth, tokenizer):
     key = sample.expected[0]
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     start = sample.prompt.index(needle)
-    assert sample.prompt.count(key) == 2                      # the key line only: nothing else holds digits
+    assert sample.prompt.count(key) == 2  # the key line only: nothing else holds digits
     assert sample.prompt.startswith(PASSKEY_INSTRUCTION + "\n")
     assert sample.prompt.endswith("\nWhat is the pass key? The pass key is")
     context_end = sample.prompt.rindex("\nWhat is the pass key?")
-    got = _needle_token_depth(tokenizer, sample.prompt, PASSKEY_INSTRUCTION + "\n", start, start + len(needle),
-                              context_end)
-    assert abs(got - depth) <= 1.5, got                      # filler sentences are ~5 tokens of ~4000
+    got = _needle_token_depth(
+        tokenizer, sample.prompt, PASSKEY_INSTRUCTION + "\n", start, start + len(needle), context_end
+    )
+    assert abs(got - depth) <= 1.5, got  # filler sentences are ~5 tokens of ~4000
     assert abs(sample.needle_depths[0] - depth) <= 1.5
     # snapped to a sentence end: the needle is a line of its own between whole filler sentences
-    before = sample.prompt[len(PASSKEY_INSTRUCTION) + 1:start]
+    before = sample.prompt[len(PASSKEY_INSTRUCTION) + 1 : start]
     assert before == "" or before.endswith(".\n")
 
 
@@ -60,12 +70,14 @@ def test_passkey_sits_at_the_requested_depth(depth, tokenizer):
 def test_niah_needle_sits_at_the_requested_depth(depth, tokenizer):
     sample = make_sample("niah", tokenizer, 4096, depth=depth, seed=2)
     value = sample.expected[0]
-    match = re.search(r"One of the special magic numbers for ([a-z]+-[a-z]+) is: " + value + r"\.", sample.prompt)
+    match = re.search(
+        r"One of the special magic numbers for ([a-z]+-[a-z]+) is: " + value + r"\.", sample.prompt
+    )
     assert match and sample.prompt.count(value) == 1
     assert f"What is the special magic number for {match.group(1)} mentioned" in sample.prompt
     context_end = sample.prompt.rindex("\nWhat is the special magic number")
     got = _needle_token_depth(tokenizer, sample.prompt, _NIAH_HEADER, match.start(), match.end(), context_end)
-    assert abs(got - depth) <= 2.5, got                      # essay sentences: up to ~100 characters
+    assert abs(got - depth) <= 2.5, got  # essay sentences: up to ~100 characters
 
 
 def test_same_arguments_same_prompt_and_cells_differ():
@@ -85,7 +97,7 @@ def test_multi_needle_tasks_hold_every_answer():
         for value in sample.expected:
             assert sample.prompt.count(value) == 1
     asked = make_sample("niah_multiquery", BYTE, 4096).prompt.rsplit("\n", 1)[1].split("?")[0]
-    assert len(re.findall(r"[a-z]+-[a-z]+", asked)) == 4        # four keys asked at once
+    assert len(re.findall(r"[a-z]+-[a-z]+", asked)) == 4  # four keys asked at once
 
 
 def test_variable_tracking_chain_is_in_order_and_starts_at_depth():
@@ -113,10 +125,11 @@ def test_common_words_answer_is_the_most_frequent_words():
 
 def test_qa_document_at_depth_answers_the_question():
     sample = make_sample("qa", BYTE, 4096, depth=60, seed=9)
-    name = re.search(r"Question: (?:In which city was|Which company does|What is the name of) (\w+ \w+)",
-                     sample.prompt).group(1)
+    name = re.search(
+        r"Question: (?:In which city was|Which company does|What is the name of) (\w+ \w+)", sample.prompt
+    ).group(1)
     docs = [d for d in sample.prompt.split("\n\n") if d.startswith(name + " was born")]
-    assert len(docs) == 1 and sample.expected[0] in docs[0]   # one document about them, holding the answer
+    assert len(docs) == 1 and sample.expected[0] in docs[0]  # one document about them, holding the answer
     assert abs(sample.needle_depths[0] - 60) <= 3
 
 
@@ -134,7 +147,9 @@ def test_synthetic_text_is_prefix_stable_and_digit_free():
     long = a.prefix(20_000)
     assert b.prefix(5_000) == long[:5_000] and b.prefix(20_000) == long
     assert not re.search(r"\d", long)
-    assert all(long[p - 2] in ".!?" or long[p - 2:p] == "\n\n" or p == 0 for p in a.boundaries(20_000)[1:-1])
+    assert all(
+        long[p - 2] in ".!?" or long[p - 2 : p] == "\n\n" or p == 0 for p in a.boundaries(20_000)[1:-1]
+    )
     assert PASSKEY_FILLER.count(".") == 5
 
 
@@ -161,11 +176,12 @@ def _target_needle(task, sample):
         names = sample.expected
         value = re.search(r"VAR " + names[0] + r" = (\d+)\.", prompt).group(1)
         others = [f"VAR {b} = VAR {a}." for a, b in zip(names, names[1:])]
-        header = prompt[:prompt.index("\n\n") + 2]
+        header = prompt[: prompt.index("\n\n") + 2]
         return header, f"VAR {names[0]} = {value}.", others, "\nQuestion: Find all variables"
     if task == "qa":
-        name = re.search(r"Question: (?:In which city was|Which company does|What is the name of) (\w+ \w+)",
-                         prompt).group(1)
+        name = re.search(
+            r"Question: (?:In which city was|Which company does|What is the name of) (\w+ \w+)", prompt
+        ).group(1)
         [doc] = [d for d in prompt.split("\n\n") if d.startswith(name + " was born")]
         return _QA_HEADER, doc, [], "\n\nAnswer the question based on the given documents"
     needles = re.findall(r"One of the special magic numbers for [a-z]+-[a-z]+ is: \d+\.", prompt)
@@ -174,32 +190,46 @@ def _target_needle(task, sample):
     return _NIAH_HEADER, target, [n for n in needles if n != target], end
 
 
-@pytest.mark.parametrize("task", ["niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "qa"])
+@pytest.mark.parametrize(
+    "task", ["niah_multikey", "niah_multivalue", "niah_multiquery", "variable_tracking", "qa"]
+)
 @pytest.mark.parametrize("length", [2048, 4096])
 def test_multi_needle_tasks_target_sits_at_the_requested_token_depth(task, length, hf_tokenizer):
     """The target needle (the queried key's, the first value, the chain's start, the asked-about document)
     lands at the requested depth counted in the model's tokens, the prompt still fills `length`, and the
     other needles neither shift nor duplicate it. With the BPE tokenizer, where characters and tokens differ."""
     tokenizer = hf_tokenizer
-    needles_per_task = {"niah_multikey": 4, "niah_multivalue": 4, "niah_multiquery": 4, "variable_tracking": 5}
+    needles_per_task = {
+        "niah_multikey": 4,
+        "niah_multivalue": 4,
+        "niah_multiquery": 4,
+        "variable_tracking": 5,
+    }
     # needles snap to a sentence start (essay sentences are at most 90 characters) or a document start (qa's
     # biographies, at most 137); at depth 100 a trailing partial sentence stays after the needle
     unit_chars = 140 if task == "qa" else 90
     for depth in (0, 25, 50, 75, 100):
         sample = make_sample(task, tokenizer, length, depth=depth, seed=11)
         total = len(tokenizer.encode(sample.prompt)) + sample.max_new_tokens
-        assert total == sample.num_prompt_tokens + sample.max_new_tokens and 0 <= length - total <= 3, (depth, total)
+        assert total == sample.num_prompt_tokens + sample.max_new_tokens and 0 <= length - total <= 3, (
+            depth,
+            total,
+        )
         header, target, others, end = _target_needle(task, sample)
         assert sample.prompt.startswith(header) and sample.prompt.count(target) == 1
         if task in needles_per_task:
-            assert 1 + len(others) == needles_per_task[task] and all(sample.prompt.count(o) == 1 for o in others)
+            assert 1 + len(others) == needles_per_task[task] and all(
+                sample.prompt.count(o) == 1 for o in others
+            )
         # measure on the haystack alone: drop the other needles (and the separator after each) first
         prompt = sample.prompt
         for other in others:
-            prompt = prompt.replace(other + " ", "", 1) if other + " " in prompt else prompt.replace(other, "", 1)
+            prompt = (
+                prompt.replace(other + " ", "", 1) if other + " " in prompt else prompt.replace(other, "", 1)
+            )
         start = prompt.index(target)
         hay_chars = prompt.rindex(end) - len(header) - len(target)
-        tolerance = 100.0 * unit_chars / hay_chars + 1.0            # one unit, plus a token's worth of slack
+        tolerance = 100.0 * unit_chars / hay_chars + 1.0  # one unit, plus a token's worth of slack
         got = _needle_token_depth(tokenizer, prompt, header, start, start + len(target), prompt.rindex(end))
         assert abs(got - depth) <= tolerance, (depth, got)
         assert abs(sample.needle_depths[0] - depth) <= tolerance, (depth, sample.needle_depths)

@@ -1,4 +1,5 @@
 """Block pool and KV-cache manager: LRU order, chained hashes, and hypothesis-driven invariants."""
+
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -29,7 +30,7 @@ def test_free_queue_is_lru_and_a_request_frees_its_tail_first():
     assert order[-3:] == [table[2].block_id, table[1].block_id, table[0].block_id]
     hits, num = kv.get_computed_blocks("b", tokens + [99])
     assert [b.block_id for b in hits] == [b.block_id for b in table] and num == 12
-    kv.pool.get_new_blocks(4)                          # evicts the 3 never-used blocks and a's tail block
+    kv.pool.get_new_blocks(4)  # evicts the 3 never-used blocks and a's tail block
     hits, num = kv.get_computed_blocks("c", tokens + [99])
     assert num == 8 and [b.block_id for b in hits] == [table[0].block_id, table[1].block_id]
 
@@ -38,13 +39,13 @@ def test_prefix_hit_leaves_one_token_to_compute_and_shares_blocks():
     kv = KVCacheManager(num_blocks=10, block_size=BS)
     prompt = list(range(8))
     assert kv.allocate_slots("a", prompt, 0, 8)
-    hits, num = kv.get_computed_blocks("b", prompt)    # identical prompt: the last block is recomputed
+    hits, num = kv.get_computed_blocks("b", prompt)  # identical prompt: the last block is recomputed
     assert num == 4 and hits[0] is kv.tables["a"][0]
     assert kv.allocate_slots("b", prompt, num, 4, hits)
     assert kv.tables["b"][0].ref_cnt == 2 and kv.tables["b"][1] is not kv.tables["a"][1]
     kv.check_invariants()
     kv.free("b")
-    kv.free("b")                                       # idempotent
+    kv.free("b")  # idempotent
     assert kv.tables["a"][0].ref_cnt == 1
     kv.check_invariants()
 
@@ -76,12 +77,15 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.kv = KVCacheManager(num_blocks=12, block_size=BS)
-        self.tokens: dict[str, list[int]] = {}     # every live request's tokens
-        self.computed: dict[str, int] = {}         # running requests' allocated-token counts
+        self.tokens: dict[str, list[int]] = {}  # every live request's tokens
+        self.computed: dict[str, int] = {}  # running requests' allocated-token counts
         self.next_id = 0
 
-    @rule(prefix=st.sampled_from(PREFIXES), tail=st.lists(st.integers(0, 3), min_size=1, max_size=10),
-          chunk=st.integers(1, 16))
+    @rule(
+        prefix=st.sampled_from(PREFIXES),
+        tail=st.lists(st.integers(0, 3), min_size=1, max_size=10),
+        chunk=st.integers(1, 16),
+    )
     def admit_new(self, prefix, tail, chunk):
         rid = f"r{self.next_id}"
         self.next_id += 1
@@ -98,8 +102,8 @@ class BlockPoolMachine(RuleBasedStateMachine):
         tokens = self.tokens[rid]
         hits, num_hit = self.kv.get_computed_blocks(rid, tokens)
         assert num_hit < len(tokens)
-        for i, block in enumerate(hits):               # a hit always holds exactly these tokens
-            assert block.token_ids == tuple(tokens[i * BS:(i + 1) * BS])
+        for i, block in enumerate(hits):  # a hit always holds exactly these tokens
+            assert block.token_ids == tuple(tokens[i * BS : (i + 1) * BS])
         num_new = min(chunk, len(tokens) - num_hit)
         if self.kv.allocate_slots(rid, tokens, num_hit, num_new, hits):
             self.computed[rid] = num_hit + num_new
@@ -121,7 +125,7 @@ class BlockPoolMachine(RuleBasedStateMachine):
     def preempt(self, data):
         rid = data.draw(st.sampled_from(sorted(self.computed)))
         self.kv.free(rid)
-        self.kv.free(rid)                              # freeing twice is a no-op
+        self.kv.free(rid)  # freeing twice is a no-op
         del self.computed[rid]
 
     @precondition(lambda self: bool(self.tokens))
@@ -148,6 +152,11 @@ class BlockPoolMachine(RuleBasedStateMachine):
         assert all(b.ref_cnt == 0 for b in self.kv.pool.blocks)
 
 
-BlockPoolMachine.TestCase.settings = settings(max_examples=100, stateful_step_count=50, deadline=None, database=None,
-                                              suppress_health_check=[HealthCheck.too_slow])
+BlockPoolMachine.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=50,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 test_block_pool_invariants = BlockPoolMachine.TestCase

@@ -1,16 +1,29 @@
 """KV cache quantization: element error bounds, paged storage round trips, attention error, byte accounting."""
+
 import pytest
 import torch
 
 from longreach.attention.reference import attention_one
 from longreach.kvcache.codecs import (
-    dequantize_int4_per_channel, dequantize_int4_per_token, dequantize_int8, pack_int4, quantize_int4_per_channel,
-    quantize_int4_per_token, quantize_int8, unpack_int4,
+    dequantize_int4_per_channel,
+    dequantize_int4_per_token,
+    dequantize_int8,
+    pack_int4,
+    quantize_int4_per_channel,
+    quantize_int4_per_token,
+    quantize_int8,
+    unpack_int4,
 )
 from longreach.kvcache.presets import PRESETS
 from longreach.kvcache.quant import (
-    KV_CACHE_DTYPES, FullPrecisionKV, Int4KV, Int8KV, check_kv_cache_dtype, kv_window_bytes_per_sequence,
-    make_kv_quantizer, resolve_kv_cache_dtype,
+    KV_CACHE_DTYPES,
+    FullPrecisionKV,
+    Int4KV,
+    Int8KV,
+    check_kv_cache_dtype,
+    kv_window_bytes_per_sequence,
+    make_kv_quantizer,
+    resolve_kv_cache_dtype,
 )
 from longreach.kvcache.spec import kv_bytes_per_request, kv_bytes_per_token
 
@@ -21,15 +34,15 @@ SLACK = 1 + 1e-5
 def _kv(num_tokens, num_heads=2, head_dim=64, seed=0, outliers=0.0):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(num_tokens, num_heads, head_dim, generator=gen)
-    k[..., ::16] += outliers                       # KIVI: key outliers sit in fixed channels
+    k[..., ::16] += outliers  # KIVI: key outliers sit in fixed channels
     return k, torch.randn(num_tokens, num_heads, head_dim, generator=gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_int8_error_at_most_half_scale(dtype):
     x, _ = _kv(64, outliers=6.0)
-    x[3, 1] = 0.0                                  # an all-zero (token, head) row
-    x[5, 0, 7] = 300.0                             # an outlier inflates only its own row's scale
+    x[3, 1] = 0.0  # an all-zero (token, head) row
+    x[5, 0, 7] = 300.0  # an outlier inflates only its own row's scale
     x = x.to(dtype)
     codes, scale = quantize_int8(x)
     assert codes.dtype == torch.int8 and codes.shape == x.shape
@@ -51,17 +64,17 @@ def test_pack_unpack_int4_round_trip():
 
 def test_int4_error_at_most_half_group_scale():
     k, v = _kv(64, outliers=6.0)
-    packed, scale, minimum = quantize_int4_per_channel(k, 32)          # keys: groups of 32 tokens per channel
+    packed, scale, minimum = quantize_int4_per_channel(k, 32)  # keys: groups of 32 tokens per channel
     assert packed.shape == (64, 2, 32) and scale.shape == minimum.shape == (2, 2, 64)
     err = (dequantize_int4_per_channel(packed, scale, minimum, 32) - k).abs()
     assert (err <= scale.float().repeat_interleave(32, dim=0) / 2 * SLACK).all()
 
-    packed, scale, minimum = quantize_int4_per_token(v, 32)            # values: groups of 32 channels per token
+    packed, scale, minimum = quantize_int4_per_token(v, 32)  # values: groups of 32 channels per token
     assert packed.shape == (64, 2, 32) and scale.shape == minimum.shape == (64, 2, 2)
     err = (dequantize_int4_per_token(packed, scale, minimum, 32) - v).abs()
     assert (err <= scale.float().repeat_interleave(32, dim=-1) / 2 * SLACK).all()
 
-    constant = torch.full((32, 1, 32), 0.3)                            # zero span: exact up to fp16 min rounding
+    constant = torch.full((32, 1, 32), 0.3)  # zero span: exact up to fp16 min rounding
     packed, scale, minimum = quantize_int4_per_channel(constant, 32)
     assert (dequantize_int4_per_channel(packed, scale, minimum, 32) - constant).abs().max() < 1e-3
 
@@ -77,8 +90,9 @@ def test_per_channel_keys_beat_per_token_keys_with_channel_outliers():
 def _write_in_chunks(quantizer, store, k, v, table, chunks, slot=0):
     start, num_quantized = 0, 0
     for n in chunks:
-        num_quantized = quantizer.write(store, k[start:start + n], v[start:start + n], table, start,
-                                        num_quantized, window_slot=slot)
+        num_quantized = quantizer.write(
+            store, k[start : start + n], v[start : start + n], table, start, num_quantized, window_slot=slot
+        )
         start += n
     return start, num_quantized
 
@@ -88,7 +102,7 @@ def test_token_local_storage_round_trip(name):
     quantizer = make_kv_quantizer(name, torch.float32)
     k, v = _kv(70)
     store = quantizer.allocate(num_blocks=8, block_size=16, num_kv_heads=2, head_dim=64)
-    table = [5, 2, 7, 0, 3]                                            # shuffled physical blocks
+    table = [5, 2, 7, 0, 3]  # shuffled physical blocks
     length, num_quantized = _write_in_chunks(quantizer, store, k, v, table, [9, 1, 40, 1, 19])
     assert length == num_quantized == 70
     keys, values = quantizer.read(store, table, 70)
@@ -97,7 +111,9 @@ def test_token_local_storage_round_trip(name):
             _, scale = quantize_int8(want)
             assert ((got - want).abs() <= scale.float()[..., None] / 2 * SLACK).all()
     else:
-        assert torch.equal(keys, k.to(quantizer.dtype).float()) and torch.equal(values, v.to(quantizer.dtype).float())
+        assert torch.equal(keys, k.to(quantizer.dtype).float()) and torch.equal(
+            values, v.to(quantizer.dtype).float()
+        )
     # batched (vLLM slot-mapping) writes and whole-block reads see the same data
     other = quantizer.allocate(8, 16, 2, 64)
     slots = torch.tensor([table[t // 16] * 16 + t % 16 for t in range(70)])
@@ -110,34 +126,52 @@ def test_token_local_storage_round_trip(name):
 def test_int8_layout():
     layout = Int8KV().block_layout(block_size=16, num_kv_heads=8, head_dim=128)
     assert {name: (s.shape, s.dtype) for name, s in layout.items()} == {
-        "k": ((16, 8, 128), torch.int8), "k_scale": ((16, 8), torch.float16),
-        "v": ((16, 8, 128), torch.int8), "v_scale": ((16, 8), torch.float16)}
+        "k": ((16, 8, 128), torch.int8),
+        "k_scale": ((16, 8), torch.float16),
+        "v": ((16, 8, 128), torch.int8),
+        "v_scale": ((16, 8), torch.float16),
+    }
 
 
 def test_int4_layout_and_window_rule():
     quantizer = Int4KV(group_size=32, window=64, window_dtype=torch.float32)
     layout = quantizer.block_layout(block_size=64, num_kv_heads=2, head_dim=64)
     assert {name: s.shape for name, s in layout.items()} == {
-        "k": (64, 2, 32), "k_scale": (2, 2, 64), "k_min": (2, 2, 64),
-        "v": (64, 2, 32), "v_scale": (64, 2, 2), "v_min": (64, 2, 2)}
+        "k": (64, 2, 32),
+        "k_scale": (2, 2, 64),
+        "k_min": (2, 2, 64),
+        "v": (64, 2, 32),
+        "v_scale": (64, 2, 2),
+        "v_min": (64, 2, 2),
+    }
     assert quantizer.window_layout(2, 64)["k_window"].shape == (96, 2, 64)
-    assert [quantizer.num_quantized_for(n) for n in (0, 64, 95, 96, 127, 128, 300)] == [0, 0, 0, 32, 32, 64, 224]
+    assert [quantizer.num_quantized_for(n) for n in (0, 64, 95, 96, 127, 128, 300)] == [
+        0,
+        0,
+        0,
+        32,
+        32,
+        64,
+        224,
+    ]
 
 
 def test_int4_storage_matches_one_shot_quantization_whatever_the_chunking():
     quantizer = Int4KV(group_size=32, window=64, window_dtype=torch.float32)
     k, v = _kv(300, outliers=4.0)
-    table = [6, 0, 9, 3, 1]                                            # 5 blocks of 64 tokens
+    table = [6, 0, 9, 3, 1]  # 5 blocks of 64 tokens
     results = []
     for chunks in ([300], [1] * 300, [7, 100, 1, 1, 64, 127]):
-        store = quantizer.allocate(num_blocks=10, block_size=64, num_kv_heads=2, head_dim=64, num_window_slots=3)
+        store = quantizer.allocate(
+            num_blocks=10, block_size=64, num_kv_heads=2, head_dim=64, num_window_slots=3
+        )
         length, num_quantized = _write_in_chunks(quantizer, store, k, v, table, chunks, slot=2)
         assert num_quantized == quantizer.num_quantized_for(300) == 224
         results.append(quantizer.read(store, table, length, num_quantized, window_slot=2))
-    for keys, values in results[1:]:                                   # codes depend only on a group's tokens
+    for keys, values in results[1:]:  # codes depend only on a group's tokens
         assert torch.equal(keys, results[0][0]) and torch.equal(values, results[0][1])
     keys, values = results[0]
-    assert torch.equal(keys[224:], k[224:]) and torch.equal(values[224:], v[224:])   # the window is exact
+    assert torch.equal(keys[224:], k[224:]) and torch.equal(values[224:], v[224:])  # the window is exact
     want_k = dequantize_int4_per_channel(*quantize_int4_per_channel(k[:224]))
     want_v = dequantize_int4_per_token(*quantize_int4_per_token(v[:224]))
     assert torch.equal(keys[:224], want_k) and torch.equal(values[:224], want_v)
@@ -149,8 +183,10 @@ def test_int4_prefix_hit_state():
     k, v = _kv(160)
     table = [1, 0, 2]
     store = quantizer.allocate(3, 64, 2, 64, num_window_slots=2)
-    _write_in_chunks(quantizer, store, k, v, table, [160], slot=0)    # quantized: [0, 128)
-    num_quantized = quantizer.write(store, k[128:140], v[128:140], table, 128, num_quantized=128, window_slot=1)
+    _write_in_chunks(quantizer, store, k, v, table, [160], slot=0)  # quantized: [0, 128)
+    num_quantized = quantizer.write(
+        store, k[128:140], v[128:140], table, 128, num_quantized=128, window_slot=1
+    )
     assert num_quantized == 128
     keys, _ = quantizer.read(store, table, 140, num_quantized, window_slot=1)
     assert torch.equal(keys[128:], k[128:140])
@@ -221,7 +257,9 @@ def test_bytes_per_token_match_spec():
             assert config.num_hidden_layers * block_bytes == 64 * kv_bytes_per_token(config, name).total
     # Llama-3.1-70B at 128K: 40 GiB bf16; int8 20.3 GiB; int4 12.5 GiB (+ a 2.5 MiB window per sequence)
     config = PRESETS["meta-llama/Llama-3.1-70B"].config
-    gib = {name: kv_bytes_per_request(config, 131072, name).total / 2**30 for name in ("bf16", "int8", "int4")}
+    gib = {
+        name: kv_bytes_per_request(config, 131072, name).total / 2**30 for name in ("bf16", "int8", "int4")
+    }
     assert gib == pytest.approx({"bf16": 40.0, "int8": 20.3125, "int4": 12.5})
     assert kv_window_bytes_per_sequence("int4", 80, 8, 128) == 80 * 2 * 160 * 8 * 128 * 2
     assert kv_window_bytes_per_sequence("int8", 80, 8, 128) == 0
@@ -232,18 +270,35 @@ class _QuantizedCache:
 
     def __init__(self, quantizer, cfg, num_blocks=2, block_size=64):
         self.quantizer, self.table, self.length = quantizer, list(range(num_blocks)), 0
-        self.stores = [quantizer.allocate(num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim,
-                                          num_window_slots=1) for _ in range(cfg.num_hidden_layers)]
+        self.stores = [
+            quantizer.allocate(
+                num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim, num_window_slots=1
+            )
+            for _ in range(cfg.num_hidden_layers)
+        ]
         self.num_quantized = [0] * cfg.num_hidden_layers
 
     def attend(self, layer_idx, q, k, v, meta, window_size):
         from longreach.attention import flash_attn_varlen_func
 
         num_new, end = k.shape[0], self.length + k.shape[0]
-        self.num_quantized[layer_idx] = self.quantizer.write(self.stores[layer_idx], k, v, self.table, self.length,
-                                                             self.num_quantized[layer_idx], window_slot=0)
-        keys, values = self.quantizer.read(self.stores[layer_idx], self.table, end, self.num_quantized[layer_idx],
-                                           window_slot=0, dtype=q.dtype)
+        self.num_quantized[layer_idx] = self.quantizer.write(
+            self.stores[layer_idx],
+            k,
+            v,
+            self.table,
+            self.length,
+            self.num_quantized[layer_idx],
+            window_slot=0,
+        )
+        keys, values = self.quantizer.read(
+            self.stores[layer_idx],
+            self.table,
+            end,
+            self.num_quantized[layer_idx],
+            window_slot=0,
+            dtype=q.dtype,
+        )
         cu_q, cu_k = torch.tensor([0, num_new], dtype=torch.int32), torch.tensor([0, end], dtype=torch.int32)
         return flash_attn_varlen_func(q, keys, values, cu_q, cu_k, num_new, end, causal=True)
 
@@ -257,21 +312,29 @@ def test_model_logits_with_quantized_kv_cache(tmp_path):
     from longreach.model.loader import load_model
     from tests.model.conftest import make_hf_model
 
-    make_hf_model(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, intermediate_size=192,
-                  max_position_embeddings=256).save_pretrained(tmp_path / "m")
+    make_hf_model(
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=192,
+        max_position_embeddings=256,
+    ).save_pretrained(tmp_path / "m")
     model = load_model(tmp_path / "m")
     ids = torch.randint(0, 128, (120,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = model(ids)                                                       # (120, V)
+        want = model(ids)  # (120, V)
         errors = {}
         for name in ("bf16", "int8", "int4"):
-            cache = _QuantizedCache(Int4KV(32, 32, torch.float32) if name == "int4" else make_kv_quantizer(name),
-                                    model.config)
+            cache = _QuantizedCache(
+                Int4KV(32, 32, torch.float32) if name == "int4" else make_kv_quantizer(name), model.config
+            )
             logits = []
             for chunk in [37, 63] + [1] * 20:
                 start = cache.length
                 meta = AttentionMetadata.from_seqlens([chunk])
-                logits.append(model(ids[start:start + chunk], torch.arange(start, start + chunk), meta, cache))
+                logits.append(
+                    model(ids[start : start + chunk], torch.arange(start, start + chunk), meta, cache)
+                )
                 cache.length += chunk
             got = torch.cat(logits)
             errors[name] = ((got - want).norm() / want.norm()).item()

@@ -1,4 +1,5 @@
 """The KV size / cost calculator and the `longreach kv-size` verb."""
+
 from __future__ import annotations
 
 import json
@@ -24,9 +25,16 @@ N_128K = 131_072
 
 
 def _config(**overrides) -> ModelConfig:
-    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "head_dim": 8, "hidden_size": 32, "intermediate_size": 64,
-              "vocab_size": 100}
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 8,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "vocab_size": 100,
+    }
     return ModelConfig.from_hf_dict(config | overrides)
 
 
@@ -76,9 +84,28 @@ def test_cli_table(capsys):
 
 
 def test_cli_json_dtype_and_batch(capsys):
-    assert cli_main(["kv-size", "meta-llama/Llama-3.1-70B", "--context", "131072", "--dtype", "int8",
-                     "--batch", "4", "--json", "--gpu-price-per-hour", "2", "--mfu", "0.5",
-                     "--peak-tflops", "1000"]) == 0
+    assert (
+        cli_main(
+            [
+                "kv-size",
+                "meta-llama/Llama-3.1-70B",
+                "--context",
+                "131072",
+                "--dtype",
+                "int8",
+                "--batch",
+                "4",
+                "--json",
+                "--gpu-price-per-hour",
+                "2",
+                "--mfu",
+                "0.5",
+                "--peak-tflops",
+                "1000",
+            ]
+        )
+        == 0
+    )
     rep = json.loads(capsys.readouterr().out)
     assert [row["dtype"] for row in rep["kv"]] == ["int8"]
     row = rep["kv"][0]
@@ -89,17 +116,20 @@ def test_cli_json_dtype_and_batch(capsys):
     assert prefill["dollars_batch"] == pytest.approx(4 * prefill["gpu_seconds_per_request"] * 2 / 3600)
 
 
-@pytest.mark.parametrize("name, preset", [
-    ("Llama-3.1-70B", "meta-llama/Llama-3.1-70B"),
-    ("meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B"),
-    ("meta-llama/llama-3.1-70b-instruct", "meta-llama/Llama-3.1-70B"),
-    ("meta-llama/Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B"),
-    ("LLAMA-3.1-405B", "meta-llama/Llama-3.1-405B"),
-    ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1"),
-    ("Mistral-7B", "mistralai/Mistral-7B-v0.1"),
-    ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
-    ("qwen2.5-72b-instruct", "Qwen/Qwen2.5-72B"),
-])
+@pytest.mark.parametrize(
+    "name, preset",
+    [
+        ("Llama-3.1-70B", "meta-llama/Llama-3.1-70B"),
+        ("meta-llama/Llama-3.1-70B", "meta-llama/Llama-3.1-70B"),
+        ("meta-llama/llama-3.1-70b-instruct", "meta-llama/Llama-3.1-70B"),
+        ("meta-llama/Meta-Llama-3.1-8B-Instruct", "meta-llama/Llama-3.1-8B"),
+        ("LLAMA-3.1-405B", "meta-llama/Llama-3.1-405B"),
+        ("mistralai/Mistral-7B-v0.1", "mistralai/Mistral-7B-v0.1"),
+        ("Mistral-7B", "mistralai/Mistral-7B-v0.1"),
+        ("Qwen/Qwen2.5-7B", "Qwen/Qwen2.5-7B"),
+        ("qwen2.5-72b-instruct", "Qwen/Qwen2.5-72B"),
+    ],
+)
 def test_name_resolution(name, preset):
     assert resolve_model(name) is PRESETS[preset]
     assert resolve_model(name).name == preset
@@ -107,8 +137,15 @@ def test_name_resolution(name, preset):
 
 def test_preset_numbers():
     qwen = PRESETS["Qwen/Qwen2.5-7B"].config
-    shapes = (qwen.num_hidden_layers, qwen.num_attention_heads, qwen.num_key_value_heads, qwen.head_dim,
-              qwen.hidden_size, qwen.intermediate_size, qwen.vocab_size)
+    shapes = (
+        qwen.num_hidden_layers,
+        qwen.num_attention_heads,
+        qwen.num_key_value_heads,
+        qwen.head_dim,
+        qwen.hidden_size,
+        qwen.intermediate_size,
+        qwen.vocab_size,
+    )
     assert shapes == (28, 28, 4, 128, 3584, 18944, 152064)
     assert kv_bytes_per_token(qwen, "bf16")[0] == 56 * KiB
     assert kv_bytes_per_token(PRESETS["meta-llama/Llama-3.1-8B"].config, "bf16")[0] == 128 * KiB
@@ -118,8 +155,15 @@ def test_preset_numbers():
 
 
 def test_checkpoint_dir(tmp_path, capsys):
-    config = {"model_type": "llama", "num_hidden_layers": 4, "num_attention_heads": 8,
-              "num_key_value_heads": 2, "hidden_size": 256, "intermediate_size": 688, "vocab_size": 1000}
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "hidden_size": 256,
+        "intermediate_size": 688,
+        "vocab_size": 1000,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = resolve_model(tmp_path)
     arch = model.config
@@ -143,8 +187,15 @@ def test_checkpoint_dir_errors(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"num_hidden_layers": 4}))
     with pytest.raises(ValueError, match="num_attention_heads"):
         resolve_model(tmp_path)
-    config = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 3, "hidden_size": 32, "intermediate_size": 64, "vocab_size": 100}
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 3,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "vocab_size": 100,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=f"{tmp_path}: .*num_key_value_heads=3"):
         resolve_model(tmp_path)
@@ -157,17 +208,35 @@ def test_checkpoint_dir_errors(tmp_path):
 
 def test_checkpoint_dir_multimodal_and_sliding_window(tmp_path):
     """A multimodal config's text_config is sized; sliding-window layers are counted at the full context."""
-    text = {"model_type": "mistral", "num_hidden_layers": 40, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "head_dim": 128, "hidden_size": 5120, "intermediate_size": 32768,
-            "vocab_size": 131072, "sliding_window": 4096}
+    text = {
+        "model_type": "mistral",
+        "num_hidden_layers": 40,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "hidden_size": 5120,
+        "intermediate_size": 32768,
+        "vocab_size": 131072,
+        "sliding_window": 4096,
+    }
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral3", "text_config": text}))
     arch = resolve_model(tmp_path).config
     assert arch.sliding_window == 4096
     assert kv_bytes_per_request(arch, N_128K, "bf16") == (2 * 40 * 8 * 128 * 2 * N_128K, 0)
 
 
-@pytest.mark.parametrize("text, tokens", [("131072", 131072), ("128k", 131072), ("128K", 131072),
-                                          ("1M", 1048576), ("1.5k", 1536), (" 32k ", 32768), (".5k", 512)])
+@pytest.mark.parametrize(
+    "text, tokens",
+    [
+        ("131072", 131072),
+        ("128k", 131072),
+        ("128K", 131072),
+        ("1M", 1048576),
+        ("1.5k", 1536),
+        (" 32k ", 32768),
+        (".5k", 512),
+    ],
+)
 def test_parse_length(text, tokens):
     assert parse_length(text) == tokens
 
@@ -201,8 +270,23 @@ def test_unknown_dtype():
 
 def test_cli_policy_rows_are_bounded(capsys):
     """window:4096 on Llama-3.1-70B (320 KiB/token bf16): 4096 + 16 tokens in whole blocks -> 1.25 GiB."""
-    assert cli_main(["kv-size", "Llama-3.1-70B", "--context", "128k", "--dtype", "bf16",
-                     "--policy", "window:4096", "--policy", "none"]) == 0
+    assert (
+        cli_main(
+            [
+                "kv-size",
+                "Llama-3.1-70B",
+                "--context",
+                "128k",
+                "--dtype",
+                "bf16",
+                "--policy",
+                "window:4096",
+                "--policy",
+                "none",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert _row(out, "window:4096")[1:] == ["4,096", "4,112", "1.25"]
     assert _row(out, "none")[1:] == ["131,072", "131,072", "40.00"]

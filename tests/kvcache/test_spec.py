@@ -1,4 +1,5 @@
 """The one KV-size calculator (`kvcache.spec`) and its eviction-policy variant (`kvcache.spec_policies`)."""
+
 import pytest
 
 from longreach.config import ModelConfig
@@ -23,9 +24,16 @@ N_128K = 131_072
 
 
 def _config(**overrides) -> ModelConfig:
-    config = {"model_type": "llama", "num_hidden_layers": 3, "num_attention_heads": 8,
-              "num_key_value_heads": 2, "head_dim": 64, "hidden_size": 256, "intermediate_size": 512,
-              "vocab_size": 1000}
+    config = {
+        "model_type": "llama",
+        "num_hidden_layers": 3,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": 64,
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "vocab_size": 1000,
+    }
     return ModelConfig.from_hf_dict(config | overrides)
 
 
@@ -66,13 +74,21 @@ def test_unknown_dtype_is_named():
         kv_bytes_per_token(LLAMA_70B, "int2")
 
 
-@pytest.mark.parametrize("policy, context_len, kept, held", [
-    (NoEviction(), N_128K, N_128K, N_128K),
-    (WindowPolicy(4096), N_128K, 4096, 4096 + 16),            # whole blocks: one partly evicted block more
-    (WindowPolicy(4096), 1000, 1000, 1000),                   # a short request keeps everything
-    (SinksPolicy(4096, num_sinks=4), N_128K, 4100, 16 + 4096 + 16),
-    (H2OPolicy(heavy=512, recent=1536), N_128K, 2048, 9744),  # token-unit heavy hitters may pin a block each
-])
+@pytest.mark.parametrize(
+    "policy, context_len, kept, held",
+    [
+        (NoEviction(), N_128K, N_128K, N_128K),
+        (WindowPolicy(4096), N_128K, 4096, 4096 + 16),  # whole blocks: one partly evicted block more
+        (WindowPolicy(4096), 1000, 1000, 1000),  # a short request keeps everything
+        (SinksPolicy(4096, num_sinks=4), N_128K, 4100, 16 + 4096 + 16),
+        (
+            H2OPolicy(heavy=512, recent=1536),
+            N_128K,
+            2048,
+            9744,
+        ),  # token-unit heavy hitters may pin a block each
+    ],
+)
 def test_tokens_under_policy(policy, context_len, kept, held):
     assert tokens_under_policy(policy, context_len, block_size=16) == (kept, held)
 

@@ -1,18 +1,34 @@
 """Tiny random Hugging Face checkpoints, made offline with transformers' save_pretrained."""
+
 import pytest
 import torch
 
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=32, rms_norm_eps=1e-6, tie_word_embeddings=False)
+TINY = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
 
 
 def make_hf_model(model_type="llama", rope_parameters=None, **overrides):
     import transformers
 
-    cls_config = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-                  "qwen2": transformers.Qwen2Config}[model_type]
-    cls_model = {"llama": transformers.LlamaForCausalLM, "mistral": transformers.MistralForCausalLM,
-                 "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    cls_config = {
+        "llama": transformers.LlamaConfig,
+        "mistral": transformers.MistralConfig,
+        "qwen2": transformers.Qwen2Config,
+    }[model_type]
+    cls_model = {
+        "llama": transformers.LlamaForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }[model_type]
     kwargs = {**TINY, **overrides}
     if model_type == "mistral":
         kwargs.setdefault("sliding_window", None)
@@ -31,9 +47,11 @@ def make_hf_model(model_type="llama", rope_parameters=None, **overrides):
 @pytest.fixture
 def hf_checkpoint(tmp_path):
     """Factory: (model_type, rope_parameters, **config overrides) -> (directory, transformers model)."""
+
     def make(model_type="llama", rope_parameters=None, **overrides):
         model = make_hf_model(model_type, rope_parameters, **overrides)
         path = tmp_path / f"{model_type}-{len(list(tmp_path.iterdir()))}"
         model.save_pretrained(path)
         return path, model
+
     return make

@@ -1,4 +1,5 @@
 """Contiguous-cache generation against transformers' greedy generate."""
+
 import pytest
 import torch
 
@@ -7,14 +8,18 @@ from longreach.model.generate import generate, sample_next
 
 
 def test_greedy_matches_transformers_for_a_mixed_batch(hf_checkpoint):
-    path, theirs = hf_checkpoint("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-                                 max_position_embeddings=128)
+    path, theirs = hf_checkpoint(
+        "llama",
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+        max_position_embeddings=128,
+    )
     ours = load_model(path, dtype="fp32")
     prompts = [torch.randint(0, 128, (n,)).tolist() for n in (5, 23, 40)]
     got = generate(ours, prompts, max_tokens=12)
     for prompt, out in zip(prompts, got):
-        expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None,
-                                   pad_token_id=0)[0, len(prompt):].tolist()
+        expected = theirs.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
         assert out == expected
 
 
@@ -22,8 +27,9 @@ def test_sliding_window_generation_matches(hf_checkpoint):
     path, theirs = hf_checkpoint("mistral", sliding_window=8)
     ours = load_model(path, dtype="fp32")
     prompt = torch.randint(0, 128, (14,)).tolist()
-    expected = theirs.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
-                               pad_token_id=0)[0, 14:].tolist()
+    expected = theirs.generate(
+        torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None, pad_token_id=0
+    )[0, 14:].tolist()
     assert generate(ours, [prompt], max_tokens=10) == [expected]
 
 

@@ -1,4 +1,5 @@
 """Checkpoint round trips and the errors a user sees for bad checkpoints."""
+
 import json
 import re
 
@@ -19,10 +20,14 @@ def _state(path):
     return out
 
 
-@pytest.mark.parametrize("model_type, rope", [("llama", {"rope_type": "yarn", "factor": 4.0,
-                                                         "original_max_position_embeddings": 32}),
-                                              ("qwen2", {"rope_type": "linear", "factor": 2.0}),
-                                              ("mistral", {})])
+@pytest.mark.parametrize(
+    "model_type, rope",
+    [
+        ("llama", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}),
+        ("qwen2", {"rope_type": "linear", "factor": 2.0}),
+        ("mistral", {}),
+    ],
+)
 def test_round_trip_is_bit_identical_and_loads_in_transformers(hf_checkpoint, tmp_path, model_type, rope):
     import transformers
 
@@ -106,8 +111,16 @@ def test_shape_mismatch_names_the_tensor(hf_checkpoint):
 
 
 def test_pickled_weights_are_refused(tmp_path):
-    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2})
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 16,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+        }
+    )
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80")
     with pytest.raises(ValueError, match="safetensors only"):
@@ -115,8 +128,17 @@ def test_pickled_weights_are_refused(tmp_path):
 
 
 def test_build_model_is_deterministic_with_seed():
-    cfg = ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": 16, "hidden_size": 8, "intermediate_size": 8,
-                                    "num_hidden_layers": 1, "num_attention_heads": 2, "tie_word_embeddings": True})
+    cfg = ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 16,
+            "hidden_size": 8,
+            "intermediate_size": 8,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "tie_word_embeddings": True,
+        }
+    )
     model = build_model(cfg)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert not any(p.is_meta for p in model.parameters())

@@ -1,4 +1,5 @@
 """Weight-only int8/int4 linears: error bounds, logits vs. full precision, pre-quantized save/load round trip."""
+
 import json
 
 import pytest
@@ -7,7 +8,13 @@ from torch import nn
 
 from longreach.model.loader import load_model
 from longreach.model.quant import (
-    Int4Linear, Int8Linear, _int8_matmul, load_quantized, maybe_load_quantized, quantize_model, quantize_weight_int8,
+    Int4Linear,
+    Int8Linear,
+    _int8_matmul,
+    load_quantized,
+    maybe_load_quantized,
+    quantize_model,
+    quantize_weight_int8,
     save_quantized,
 )
 
@@ -18,7 +25,7 @@ def _linear(in_features=96, out_features=40, bias=True, dtype=torch.float32):
     torch.manual_seed(0)
     linear = nn.Linear(in_features, out_features, bias=bias).to(dtype)
     with torch.no_grad():
-        linear.weight[3, 5] = 2.0                                        # an outlier weight in row 3
+        linear.weight[3, 5] = 2.0  # an outlier weight in row 3
     return linear
 
 
@@ -70,7 +77,9 @@ def test_quantized_logits_close_to_full_precision(hf_checkpoint):
     int8 = quantize_model(load_model(path), "int8")
     int4 = quantize_model(load_model(path), "int4", group_size=32)
     assert isinstance(int8.model.layers[0].self_attn.q_proj, Int8Linear)
-    assert isinstance(int8.lm_head, nn.Linear) and not isinstance(int8.lm_head, Int8Linear)   # skipped by default
+    assert isinstance(int8.lm_head, nn.Linear) and not isinstance(
+        int8.lm_head, Int8Linear
+    )  # skipped by default
     error8, error4 = _logits_error(model, int8, ids), _logits_error(model, int4, ids)
     assert error8 < 0.02
     assert error8 < error4 < 0.15
@@ -80,14 +89,17 @@ def test_quantized_logits_close_to_full_precision(hf_checkpoint):
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_save_load_round_trip_bit_exact(hf_checkpoint, tmp_path, mode):
-    path, _ = hf_checkpoint("qwen2", tie_word_embeddings=True)           # qkv bias, tied head
+    path, _ = hf_checkpoint("qwen2", tie_word_embeddings=True)  # qkv bias, tied head
     quantized = quantize_model(load_model(path), mode, group_size=32, skip=())
-    assert not isinstance(quantized.lm_head, (Int8Linear, Int4Linear))   # a tied head is never quantized
+    assert not isinstance(quantized.lm_head, (Int8Linear, Int4Linear))  # a tied head is never quantized
     out = save_quantized(quantized, tmp_path / "q")
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization_config"] == {"quant_method": "longreach", "bits": 8 if mode == "int8" else 4,
-                                             "group_size": None if mode == "int8" else 32,
-                                             "modules_to_not_convert": ["lm_head"]}
+    assert config["quantization_config"] == {
+        "quant_method": "longreach",
+        "bits": 8 if mode == "int8" else 4,
+        "group_size": None if mode == "int8" else 32,
+        "modules_to_not_convert": ["lm_head"],
+    }
     loaded = load_quantized(out)
     want, got = quantized.state_dict(), loaded.state_dict()
     assert want.keys() == got.keys()
@@ -95,7 +107,7 @@ def test_save_load_round_trip_bit_exact(hf_checkpoint, tmp_path, mode):
         assert want[name].dtype == got[name].dtype and torch.equal(want[name], got[name]), name
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     assert torch.equal(quantized(ids), loaded(ids))
-    assert maybe_load_quantized(path) is None                            # plain checkpoints: not ours to load
+    assert maybe_load_quantized(path) is None  # plain checkpoints: not ours to load
     assert isinstance(maybe_load_quantized(out).model.layers[1].mlp.down_proj, (Int8Linear, Int4Linear))
 
 
@@ -104,7 +116,7 @@ def test_bad_inputs_name_the_value(hf_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="'int3'"):
         quantize_model(load_model(path), "int3")
     with pytest.raises(ValueError, match="group_size=128"):
-        quantize_model(load_model(path), "int4")                         # hidden 64 is not a multiple of 128
+        quantize_model(load_model(path), "int4")  # hidden 64 is not a multiple of 128
     with pytest.raises(ValueError, match="not quantized"):
         save_quantized(load_model(path), tmp_path / "x")
     quantized = quantize_model(load_model(path), "int8")
@@ -112,9 +124,11 @@ def test_bad_inputs_name_the_value(hf_checkpoint, tmp_path):
         quantize_model(quantized, "int8")
     out = save_quantized(quantized, tmp_path / "q")
     config = json.loads((out / "config.json").read_text())
-    for bad, match in [({"quant_method": "gptq", "bits": 4}, "'gptq'"),
-                       ({"quant_method": "longreach", "bits": 3}, "bits=3"),
-                       ({"quant_method": "longreach", "bits": 4, "group_size": None}, "group_size, got None")]:
+    for bad, match in [
+        ({"quant_method": "gptq", "bits": 4}, "'gptq'"),
+        ({"quant_method": "longreach", "bits": 3}, "bits=3"),
+        ({"quant_method": "longreach", "bits": 4, "group_size": None}, "group_size, got None"),
+    ]:
         (out / "config.json").write_text(json.dumps({**config, "quantization_config": bad}))
         with pytest.raises(ValueError, match=match):
             load_quantized(out)

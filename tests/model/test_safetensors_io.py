@@ -1,4 +1,5 @@
 """Checkpoint file I/O: an interrupted save leaves nothing behind (no partial checkpoint, no temporary directory)."""
+
 import pytest
 
 from longreach.model import safetensors_io
@@ -8,8 +9,10 @@ from longreach.model.loader import load_model, save_model
 def test_save_is_atomic(hf_checkpoint, tmp_path, monkeypatch):
     src, _ = hf_checkpoint("llama")
     ours = load_model(src)
+
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(safetensors_io, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         save_model(ours, tmp_path / "out")

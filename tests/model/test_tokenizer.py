@@ -1,4 +1,5 @@
 """ByteTokenizer round trips, and HFTokenizer parity with transformers on a tokenizer built here."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from longreach.model.tokenizer import (BOS_TOKEN_ID, BYTE_VOCAB_SIZE, EOS_TOKEN_ID, PAD_TOKEN_ID, ByteTokenizer,
-                                       HFTokenizer, load_tokenizer)
+from longreach.model.tokenizer import (
+    BOS_TOKEN_ID,
+    BYTE_VOCAB_SIZE,
+    EOS_TOKEN_ID,
+    PAD_TOKEN_ID,
+    ByteTokenizer,
+    HFTokenizer,
+    load_tokenizer,
+)
 
 # ---------------------------------------------------------------- ByteTokenizer
 
@@ -48,10 +56,19 @@ def test_byte_decode_out_of_range_names_the_id():
 
 def test_byte_chat_template():
     tok = ByteTokenizer()
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "2+2?"}]
-    assert tok.apply_chat_template(messages) == "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:"
-    assert tok.apply_chat_template(messages[:2], add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "2+2?"},
+    ]
+    assert (
+        tok.apply_chat_template(messages)
+        == "System: Be brief.\nUser: Hi\nAssistant: Hello.\nUser: 2+2?\nAssistant:"
+    )
+    assert (
+        tok.apply_chat_template(messages[:2], add_generation_prompt=False) == "System: Be brief.\nUser: Hi\n"
+    )
     with pytest.raises(ValueError, match="unknown role robot"):
         tok.apply_chat_template([{"role": "robot", "content": "x"}])
 
@@ -112,31 +129,52 @@ MESSAGES = [
     {"role": "assistant", "content": "71432"},
     {"role": "user", "content": "Say it in 日本語 🦙"},
 ]
-TEXTS = ["", "The pass key is 71432.", "naïve café 日本語 🦙 unseen-words!!", "  leading and trailing  ",
-         "<|begin_of_text|>already has bos", "a<|eot_id|>b"]
+TEXTS = [
+    "",
+    "The pass key is 71432.",
+    "naïve café 日本語 🦙 unseen-words!!",
+    "  leading and trailing  ",
+    "<|begin_of_text|>already has bos",
+    "a<|eot_id|>b",
+]
 
 
-def _write_hf_tokenizer(directory: Path, *, post_processor_bos: bool, config_extra: dict | None = None) -> Path:
+def _write_hf_tokenizer(
+    directory: Path, *, post_processor_bos: bool, config_extra: dict | None = None
+) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     if post_processor_bos:
         bos_id = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
-            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
-            special_tokens=[("<|begin_of_text|>", bos_id)])
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+            special_tokens=[("<|begin_of_text|>", bos_id)],
+        )
     directory.mkdir(parents=True, exist_ok=True)
     tok.save(str(directory / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<|begin_of_text|>",
-        "eos_token": {"__type": "AddedToken", "content": "<|eot_id|>", "lstrip": False, "normalized": False,
-                      "rstrip": False, "single_word": False, "special": True},
+        "eos_token": {
+            "__type": "AddedToken",
+            "content": "<|eot_id|>",
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        },
         "model_max_length": 131072,
         "clean_up_tokenization_spaces": True,
         "chat_template": LLAMA3_TEMPLATE,
@@ -177,7 +215,9 @@ def test_hf_matches_transformers(llama3_dir):
         assert ours.encode(text, add_bos=False) == theirs.encode(text, add_special_tokens=False), text
         ids = theirs.encode(text)
         for skip in (True, False):
-            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(ids, skip_special_tokens=skip), text
+            assert ours.decode(ids, skip_special_tokens=skip) == theirs.decode(
+                ids, skip_special_tokens=skip
+            ), text
     assert ours.decode(ours.encode(TEXTS[2])) == TEXTS[2]
 
 
@@ -185,22 +225,35 @@ def test_hf_chat_template_matches_transformers(llama3_dir):
     ours = load_tokenizer(llama3_dir)
     theirs = _transformers_tokenizer(llama3_dir)
     for add_generation_prompt in (True, False):
-        expected = theirs.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt)
+        expected = theirs.apply_chat_template(
+            MESSAGES, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
         got = ours.apply_chat_template(MESSAGES, add_generation_prompt=add_generation_prompt)
         assert got == expected
     prompt = ours.apply_chat_template(MESSAGES)
-    assert prompt.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer briefly")
+    assert prompt.startswith(
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nYou answer briefly"
+    )
     assert prompt.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     # the rendered prompt already holds bos: encoding it must not add a second one
     ids = ours.encode(prompt)
     assert ids[:2] != [0, 0] and ids[0] == 0
-    assert ids == theirs.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ids == theirs.apply_chat_template(
+        MESSAGES, tokenize=True, add_generation_prompt=True, return_dict=False
+    )
 
     tools = [{"type": "function", "function": {"name": "get_key", "parameters": {"type": "object"}}}]
     for template_kwargs in ({}, {"tools": tools}):
-        expected = theirs.apply_chat_template(MESSAGES, tokenize=False, chat_template=HELPERS_TEMPLATE,
-                                              add_generation_prompt=True, **template_kwargs)
-        assert ours.apply_chat_template(MESSAGES, chat_template=HELPERS_TEMPLATE, **template_kwargs) == expected
+        expected = theirs.apply_chat_template(
+            MESSAGES,
+            tokenize=False,
+            chat_template=HELPERS_TEMPLATE,
+            add_generation_prompt=True,
+            **template_kwargs,
+        )
+        assert (
+            ours.apply_chat_template(MESSAGES, chat_template=HELPERS_TEMPLATE, **template_kwargs) == expected
+        )
     with pytest.raises(ValueError, match="bad role tool"):
         ours.apply_chat_template([{"role": "tool", "content": "x"}], chat_template=HELPERS_TEMPLATE)
 
@@ -208,24 +261,33 @@ def test_hf_chat_template_matches_transformers(llama3_dir):
 def test_hf_add_bos_token_without_post_processor_and_template_list(tmp_path):
     """No post-processor in tokenizer.json: the config's add_bos_token is the only record, and we honour it
     (transformers 5.x's generic backend drops it); templates given as a list of {name, template}."""
-    templates = [{"name": "default", "template": LLAMA3_TEMPLATE}, {"name": "tool_use", "template": HELPERS_TEMPLATE}]
-    directory = _write_hf_tokenizer(tmp_path / "tok", post_processor_bos=False,
-                                    config_extra={"add_bos_token": True, "add_eos_token": False,
-                                                  "chat_template": templates})
+    templates = [
+        {"name": "default", "template": LLAMA3_TEMPLATE},
+        {"name": "tool_use", "template": HELPERS_TEMPLATE},
+    ]
+    directory = _write_hf_tokenizer(
+        tmp_path / "tok",
+        post_processor_bos=False,
+        config_extra={"add_bos_token": True, "add_eos_token": False, "chat_template": templates},
+    )
     ours = load_tokenizer(directory)
     theirs = _transformers_tokenizer(directory)
     for text in TEXTS[:4]:
         assert ours.encode(text) == [0, *theirs.encode(text, add_special_tokens=False)], text
         assert ours.encode(text, add_bos=False) == theirs.encode(text, add_special_tokens=False), text
-    assert ours.apply_chat_template(MESSAGES) == theirs.apply_chat_template(MESSAGES, tokenize=False,
-                                                                            add_generation_prompt=True)
+    assert ours.apply_chat_template(MESSAGES) == theirs.apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True
+    )
     assert ours.apply_chat_template(MESSAGES, chat_template="tool_use") == theirs.apply_chat_template(
-        MESSAGES, tokenize=False, add_generation_prompt=True, chat_template="tool_use")
+        MESSAGES, tokenize=False, add_generation_prompt=True, chat_template="tool_use"
+    )
     assert ours.apply_chat_template(MESSAGES, tools=[]).startswith("<|begin_of_text|>date=")
 
 
 def test_hf_post_processor_wins_over_config_flag(tmp_path):
-    directory = _write_hf_tokenizer(tmp_path / "tok", post_processor_bos=True, config_extra={"add_bos_token": False})
+    directory = _write_hf_tokenizer(
+        tmp_path / "tok", post_processor_bos=True, config_extra={"add_bos_token": False}
+    )
     ours = load_tokenizer(directory)
     theirs = _transformers_tokenizer(directory)
     assert ours.encode("The sky") == theirs.encode("The sky") == [0, *ours.encode("The sky", add_bos=False)]
@@ -256,14 +318,19 @@ def test_hf_chat_template_from_jinja_file_and_save_round_trip(llama3_dir, tmp_pa
     theirs = _transformers_tokenizer(source)
     for name in (None, "tool_use"):
         assert tok.apply_chat_template(MESSAGES, chat_template=name) == theirs.apply_chat_template(
-            MESSAGES, tokenize=False, add_generation_prompt=True, chat_template=name)
+            MESSAGES, tokenize=False, add_generation_prompt=True, chat_template=name
+        )
 
     out = tmp_path / "out"
     tok.save_pretrained(out)
     again = load_tokenizer(out)
-    assert sorted(p.name for p in out.iterdir()) == ["additional_chat_templates", "chat_template.jinja",
-                                                     "generation_config.json", "tokenizer.json",
-                                                     "tokenizer_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "additional_chat_templates",
+        "chat_template.jinja",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert again.chat_templates == tok.chat_templates
     assert again.encode(TEXTS[2]) == tok.encode(TEXTS[2])
     assert again.eos_token_ids == tok.eos_token_ids
@@ -272,7 +339,9 @@ def test_hf_chat_template_from_jinja_file_and_save_round_trip(llama3_dir, tmp_pa
 
 
 def test_hf_missing_chat_template_names_the_directory(tmp_path):
-    directory = _write_hf_tokenizer(tmp_path / "tok", post_processor_bos=True, config_extra={"chat_template": None})
+    directory = _write_hf_tokenizer(
+        tmp_path / "tok", post_processor_bos=True, config_extra={"chat_template": None}
+    )
     with pytest.raises(ValueError, match=str(directory)):
         load_tokenizer(directory).apply_chat_template(MESSAGES)
 

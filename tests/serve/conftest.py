@@ -1,4 +1,5 @@
 """A real server on a free loopback port (uvicorn in a thread) over a tiny random byte-level Llama."""
+
 import contextlib
 import socket
 import threading
@@ -17,8 +18,13 @@ def byte_model_dir(tmp_path_factory):
     """A tiny Llama over the 259-token ByteTokenizer, saved with its tokenizer (chat template included)."""
     from longreach.model.tokenizer import BOS_TOKEN_ID, BYTE_VOCAB_SIZE, EOS_TOKEN_ID, ByteTokenizer
 
-    model = make_hf_model("llama", vocab_size=BYTE_VOCAB_SIZE, max_position_embeddings=2048,
-                          bos_token_id=BOS_TOKEN_ID, eos_token_id=EOS_TOKEN_ID)
+    model = make_hf_model(
+        "llama",
+        vocab_size=BYTE_VOCAB_SIZE,
+        max_position_embeddings=2048,
+        bos_token_id=BOS_TOKEN_ID,
+        eos_token_id=EOS_TOKEN_ID,
+    )
     path = tmp_path_factory.mktemp("byte-llama")
     model.save_pretrained(path)
     ByteTokenizer().save_pretrained(path)
@@ -40,11 +46,13 @@ class RunningServer:
 
     def client(self, api_key="unused", **kwargs):
         import openai
+
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60, **kwargs)
 
     def metric(self, name, labels=""):
         """The value of one sample of /metrics (e.g. 'longreach_kv_cache_blocks_used')."""
         import httpx
+
         text = httpx.get(self.url + "/metrics", timeout=10).text
         for line in text.splitlines():
             if line.startswith(name + labels + " "):
@@ -55,8 +63,11 @@ class RunningServer:
         """Until no request runs or waits and every KV block is free (as /metrics reports)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if (self.metric("longreach_kv_cache_blocks_used") == 0 and self.metric("longreach_num_requests_running")
-                    == 0 and self.metric("longreach_num_requests_waiting") == 0):
+            if (
+                self.metric("longreach_kv_cache_blocks_used") == 0
+                and self.metric("longreach_num_requests_running") == 0
+                and self.metric("longreach_num_requests_waiting") == 0
+            ):
                 return
             time.sleep(0.05)
         raise AssertionError("the server did not become idle")

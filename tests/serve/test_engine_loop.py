@@ -1,5 +1,6 @@
 """The engine thread: a failing engine step fails only the requests in flight (500, an error event) and the
 server keeps serving; nothing waits forever on a stopped engine."""
+
 import asyncio
 
 import httpx
@@ -34,7 +35,9 @@ def test_a_failing_step_fails_the_batch_and_the_server_recovers(fragile):
         r = httpx.post(fragile.url + "/v1/completions", json=BODY, timeout=30)
         assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
         assert "simulated kernel failure" in r.json()["error"]["message"]
-        with httpx.stream("POST", fragile.url + "/v1/completions", json={**BODY, "stream": True}, timeout=30) as s:
+        with httpx.stream(
+            "POST", fragile.url + "/v1/completions", json={**BODY, "stream": True}, timeout=30
+        ) as s:
             events = [line for line in s.iter_lines() if line.startswith("data: ")]
         assert '"server_error"' in events[0] and events[-1] == "data: [DONE]"
         ok = httpx.post(fragile.url + "/v1/completions", json=BODY, timeout=30)
@@ -61,7 +64,7 @@ def test_adds_after_stop_are_refused_not_left_waiting(byte_model_dir, one_thread
         await asyncio.to_thread(loop.stop)
         with pytest.raises(ServerClosedError):
             await loop.add([1, 2, 3], SamplingParams(max_tokens=2), "late", 0.0, sink)
-        loop._is_accepting = True                  # even past the front door, a stopped thread answers
+        loop._is_accepting = True  # even past the front door, a stopped thread answers
         with pytest.raises(ServerClosedError):
             await asyncio.wait_for(loop.add([1, 2, 3], SamplingParams(max_tokens=2), "later", 0.0, sink), 10)
 

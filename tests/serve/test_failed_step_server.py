@@ -2,6 +2,7 @@
 layer 0 wrote its K/V, before layer 1 did), not by replacing `engine.step`. The requests in flight get a
 500, the server keeps serving, and a later request sharing their prompt's prefix gets exactly the text it
 gets from a fresh server: no block of the failed step is a prefix-cache hit."""
+
 import httpx
 
 from tests.engine.test_failed_step import Boom, _fail_next_forward

@@ -46,7 +46,9 @@ def test_schemathesis_finds_no_5xx_no_hang_and_leaves_nothing_held(byte_model_di
     for op in ("POST /v1/completions", "POST /v1/chat/completions"):  # both accepted and refused bodies
         statuses = row["by_operation"][op]
         assert statuses.get("200", 0) >= 5 and statuses.get("400", 0) >= 5, (op, statuses)
-    assert {"GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}"} <= set(row["by_operation"])
+    assert {"GET /health", "GET /metrics", "GET /v1/models", "GET /v1/models/{model_id}"} <= set(
+        row["by_operation"]
+    )
     assert code == 0
 
 
@@ -55,7 +57,9 @@ def test_openapi_documents_bodies_and_errors(server):
     components = schema["components"]["schemas"]
     for path, model in ((C, "CompletionRequest"), (CHAT, "ChatCompletionRequest")):
         op = schema["paths"][path]["post"]
-        assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}
+        assert op["requestBody"]["content"]["application/json"]["schema"] == {
+            "$ref": f"#/components/schemas/{model}"
+        }
         assert {"200", "400", "401", "404", "413", "503"} <= set(op["responses"])
         assert "text/event-stream" in op["responses"]["200"]["content"]
         assert op["responses"]["400"]["content"]["application/json"]["schema"] == {
@@ -112,22 +116,42 @@ FOUND = {
         400,
         "unknown role a\\ud800b",
     ),
-    "lone surrogate in a logit_bias key": (C, f'{{"prompt": "x", "logit_bias": {{"{SUR}": "q"}}}}', 400, "logit_bias"),
+    "lone surrogate in a logit_bias key": (
+        C,
+        f'{{"prompt": "x", "logit_bias": {{"{SUR}": "q"}}}}',
+        400,
+        "logit_bias",
+    ),
     "lone surrogate in an unknown model": (
         C,
         f'{{"prompt": "x", "model": "{SUR}"}}',
         404,
         "'a\\ud800b' does not exist",
     ),
-    "a 5000-digit integer": (C, '{"prompt": "x", "n": ' + "9" * 5000 + "}", 400, "a number has too many digits"),
+    "a 5000-digit integer": (
+        C,
+        '{"prompt": "x", "n": ' + "9" * 5000 + "}",
+        400,
+        "a number has too many digits",
+    ),
     "a batch's second prompt outside the vocabulary": (
         C,
         '{"prompt": [[1, 2], [3, 300]], "max_tokens": 50}',
         400,
         "prompt.1: token id 300 is outside the vocabulary",
     ),
-    "too many stop strings": (C, json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(65)]}), 400, "at most 64"),
-    "too many stop token ids": (C, json.dumps({"prompt": "x", "stop_token_ids": [1] * 1025}), 400, "at most 1024"),
+    "too many stop strings": (
+        C,
+        json.dumps({"prompt": "x", "stop": [f"s{i}" for i in range(65)]}),
+        400,
+        "at most 64",
+    ),
+    "too many stop token ids": (
+        C,
+        json.dumps({"prompt": "x", "stop_token_ids": [1] * 1025}),
+        400,
+        "at most 1024",
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """`longreach serve --kv-cache-dtype int8 --kv-policy window:W --quantization int8`: the flags reach the engine,
 requests complete, and /metrics reports the KV bytes held."""
+
 import argparse
 
 import pytest
@@ -11,18 +12,47 @@ from tests.serve.conftest import run_server
 def _args(*argv):
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return parser.parse_args([*argv, "--dtype", "fp32", "--device", "cpu", "--num-kv-blocks", "64",
-                              "--max-model-len", "256", "--block-size", "8"])
+    return parser.parse_args(
+        [
+            *argv,
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--num-kv-blocks",
+            "64",
+            "--max-model-len",
+            "256",
+            "--block-size",
+            "8",
+        ]
+    )
 
 
 def test_int8_kv_window_policy_and_int8_weights_serve(byte_model_dir, one_thread):
-    app, _ = build_app(_args(str(byte_model_dir), "--kv-cache-dtype", "int8", "--kv-policy", "window:32",
-                             "--quantization", "int8", "--served-model-name", "tiny"))
+    app, _ = build_app(
+        _args(
+            str(byte_model_dir),
+            "--kv-cache-dtype",
+            "int8",
+            "--kv-policy",
+            "window:32",
+            "--quantization",
+            "int8",
+            "--served-model-name",
+            "tiny",
+        )
+    )
     engine = app.state.server.engine
     assert engine.cache.quantizer.name == "int8" and engine.policy.window == 32
     with run_server(engine) as server:
-        out = server.client().completions.create(model="tiny", prompt="The grass is green. " * 3, max_tokens=60,
-                                                 temperature=0, extra_body={"ignore_eos": True})
+        out = server.client().completions.create(
+            model="tiny",
+            prompt="The grass is green. " * 3,
+            max_tokens=60,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         assert out.usage.completion_tokens == 60
         server.wait_idle()
         assert server.metric("longreach_kv_cache_bytes_used") == 0

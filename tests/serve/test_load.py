@@ -1,6 +1,7 @@
 """Nothing is lost under load: clients that disconnect get their requests aborted and KV blocks freed; a burst
 of concurrent streaming clients over a KV cache small enough to force preemption all complete, each with
 the text it gets when run alone."""
+
 import asyncio
 import random
 import statistics
@@ -18,8 +19,14 @@ FIXED = {"ignore_eos": True}
 @pytest.fixture(scope="module")
 def tight(byte_model_dir, one_thread):
     """48 blocks of 8 tokens: 384 token slots shared by every request (a burst cannot all fit)."""
-    engine = make_engine(byte_model_dir, max_model_len=256, num_kv_blocks=48, block_size=8, max_num_seqs=64,
-                         max_num_batched_tokens=256)
+    engine = make_engine(
+        byte_model_dir,
+        max_model_len=256,
+        num_kv_blocks=48,
+        block_size=8,
+        max_num_seqs=64,
+        max_num_batched_tokens=256,
+    )
     with run_server(engine) as running:
         yield running
 
@@ -27,14 +34,22 @@ def tight(byte_model_dir, one_thread):
 @pytest.fixture(scope="module")
 def roomy(byte_model_dir, one_thread):
     """Long requests (up to 2048 tokens) that are still running when their clients leave."""
-    with run_server(make_engine(byte_model_dir, max_model_len=2048, num_kv_blocks=512, block_size=16)) as running:
+    with run_server(
+        make_engine(byte_model_dir, max_model_len=2048, num_kv_blocks=512, block_size=16)
+    ) as running:
         yield running
 
 
 def test_disconnect_mid_stream_aborts_and_frees_blocks(roomy):
     aborted = _aborted(roomy)
-    body = {"model": "tiny", "prompt": "a prompt of a few blocks " * 4, "max_tokens": 1900, "stream": True,
-            "temperature": 0, **FIXED}
+    body = {
+        "model": "tiny",
+        "prompt": "a prompt of a few blocks " * 4,
+        "max_tokens": 1900,
+        "stream": True,
+        "temperature": 0,
+        **FIXED,
+    }
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", roomy.url + "/v1/completions", json=body) as response:
             assert response.status_code == 200
@@ -102,7 +117,7 @@ def test_burst_with_preemption_and_leavers_loses_nothing(tight):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(2, 24)))
         job = {"prompt": prompt, "max_tokens": rng.randint(8, 32)}
         job.update({"temperature": 0} if i % 2 else {"temperature": 0.8, "seed": i})
-        if i < 6:                                        # leavers: long enough to still be running
+        if i < 6:  # leavers: long enough to still be running
             job["max_tokens"] = 256 - len(prompt) - 1
         jobs.append(job)
     preemptions = tight.metric("longreach_num_preemptions_total")
@@ -118,5 +133,7 @@ def test_burst_with_preemption_and_leavers_loses_nothing(tight):
         alone = client.completions.create(model="tiny", extra_body=FIXED, **job).choices[0].text
         assert alone == text, job
     ttfts.sort()
-    print(f"\nburst: {len(jobs)} streaming requests in {elapsed:.2f} s ({len(jobs) / elapsed:.1f} req/s), "
-          f"TTFT p50 {statistics.median(ttfts) * 1e3:.0f} ms, p99 {ttfts[int(0.99 * (len(ttfts) - 1))] * 1e3:.0f} ms")
+    print(
+        f"\nburst: {len(jobs)} streaming requests in {elapsed:.2f} s ({len(jobs) / elapsed:.1f} req/s), "
+        f"TTFT p50 {statistics.median(ttfts) * 1e3:.0f} ms, p99 {ttfts[int(0.99 * (len(ttfts) - 1))] * 1e3:.0f} ms"
+    )

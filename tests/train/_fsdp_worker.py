@@ -4,13 +4,43 @@
 output directory, with activation checkpointing (exact recompute: same losses);  3. two bf16 steps (FSDP2
 mixed precision). argv: config.toml workdir
 """
+
 import sys
 
 from longreach.cli import main
 
 config, work = sys.argv[1], sys.argv[2]
 assert main(["train", "--config", config, "--output", f"{work}/fsdp"]) == 0
-assert main(["train", "--config", config, "--output", f"{work}/resumed", "--resume", f"{work}/fsdp/step-0000005",
-             "--activation-checkpointing"]) == 0
-assert main(["train", "--config", config, "--output", f"{work}/bf16", "--dtype", "bf16", "--max-steps", "2",
-             "--set", "checkpoint.save_every=100"]) == 0
+assert (
+    main(
+        [
+            "train",
+            "--config",
+            config,
+            "--output",
+            f"{work}/resumed",
+            "--resume",
+            f"{work}/fsdp/step-0000005",
+            "--activation-checkpointing",
+        ]
+    )
+    == 0
+)
+assert (
+    main(
+        [
+            "train",
+            "--config",
+            config,
+            "--output",
+            f"{work}/bf16",
+            "--dtype",
+            "bf16",
+            "--max-steps",
+            "2",
+            "--set",
+            "checkpoint.save_every=100",
+        ]
+    )
+    == 0
+)

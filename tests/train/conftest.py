@@ -1,11 +1,21 @@
 """Tiny corpora and configs for the training tests (hidden 32, 2 layers, byte tokenizer)."""
+
 import json
 import random
 
 import pytest
 
-TINY_MODEL = dict(model_type="llama", vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
+TINY_MODEL = dict(
+    model_type="llama",
+    vocab_size=259,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 WORDS = "the quick brown fox jumps over a lazy dog and then runs far away into the quiet woods".split()
 
 
@@ -17,8 +27,9 @@ def write_corpus(directory, num_docs=120, seed=0):
         for _ in range(num_docs):
             n = int(rng.lognormvariate(2.5, 1.0)) + 1
             f.write(json.dumps({"text": " ".join(rng.choice(WORDS) for _ in range(n))}) + "\n")
-    (directory / "book.txt").write_text("".join(f"Line {i}: {' '.join(rng.choice(WORDS) for _ in range(8))}.\n"
-                                                for i in range(60)))
+    (directory / "book.txt").write_text(
+        "".join(f"Line {i}: {' '.join(rng.choice(WORDS) for _ in range(8))}.\n" for i in range(60))
+    )
     return directory
 
 
@@ -43,6 +54,7 @@ def tiny_config_dict(corpus, output_dir, **sections):
 
 def to_toml(d) -> str:
     """Enough TOML for our config dicts (tables of scalars, lists and inline tables)."""
+
     def value(v):
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -53,5 +65,8 @@ def to_toml(d) -> str:
         if isinstance(v, dict):
             return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         return repr(v)
-    return "".join(f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
-                   for name, table in d.items())
+
+    return "".join(
+        f"[{name}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in table.items()) + "\n"
+        for name, table in d.items()
+    )

@@ -1,4 +1,5 @@
 """Packing (positions restart per document, targets never cross them), streaming reads, file-order shuffle."""
+
 import io
 import json
 
@@ -7,7 +8,14 @@ import torch
 
 from longreach.model.tokenizer import ByteTokenizer
 from longreach.train import data
-from longreach.train.data import CHUNK_BYTES, IGNORE_INDEX, SequenceStream, collate, list_data_files, read_pieces
+from longreach.train.data import (
+    CHUNK_BYTES,
+    IGNORE_INDEX,
+    SequenceStream,
+    collate,
+    list_data_files,
+    read_pieces,
+)
 
 BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
 
@@ -25,22 +33,24 @@ def test_packing_layout(tmp_path):
     # documents are <bos> text <eos>: 7, 12, 4 tokens; the second is split across rows
     assert first.seqlens == (7, 9) and second.seqlens[0] == 3
     assert first.positions.tolist() == list(range(7)) + list(range(9))
-    assert second.positions[:3].tolist() == [0, 1, 2]             # the continued piece restarts at 0
+    assert second.positions[:3].tolist() == [0, 1, 2]  # the continued piece restarts at 0
     ids, labels = first.input_ids.tolist(), first.labels.tolist()
     assert ids[:7] == [BOS, *b"hello", EOS]
-    assert labels[:7] == [*b"hello", EOS, IGNORE_INDEX]           # no target across the boundary
-    assert labels[15] == IGNORE_INDEX                              # the row's last token: its target is elsewhere
+    assert labels[:7] == [*b"hello", EOS, IGNORE_INDEX]  # no target across the boundary
+    assert labels[15] == IGNORE_INDEX  # the row's last token: its target is elsewhere
     assert first.num_tokens == 16
     batch = collate([first, second])
-    assert batch.meta.cu_seqlens_q.tolist() == [0, 7, 16, 19, 23, 30, 32][:len(batch.meta.cu_seqlens_q)]
-    assert batch.meta.cu_seqlens_q[-1] == 32 and batch.num_targets == int((batch.labels != IGNORE_INDEX).sum())
+    assert batch.meta.cu_seqlens_q.tolist() == [0, 7, 16, 19, 23, 30, 32][: len(batch.meta.cu_seqlens_q)]
+    assert batch.meta.cu_seqlens_q[-1] == 32 and batch.num_targets == int(
+        (batch.labels != IGNORE_INDEX).sum()
+    )
 
 
 def test_padded_mode_one_document_per_row(tmp_path):
     path = _docs(tmp_path, ["hello", "a" * 30])
     stream = SequenceStream([str(path)], ByteTokenizer(), seq_len=16, packing=False, shuffle=False)
     rows = [next(stream) for _ in range(4)]
-    assert [r.num_tokens for r in rows] == [7, 16, 16, 7]           # 32-token doc split 16 + 16 ... then wraps
+    assert [r.num_tokens for r in rows] == [7, 16, 16, 7]  # 32-token doc split 16 + 16 ... then wraps
     assert all(r.seqlens == (16,) for r in rows)
     assert rows[0].input_ids[7:].tolist() == [ByteTokenizer.pad_token_id] * 9
     assert (rows[0].labels[6:] == IGNORE_INDEX).all()
@@ -51,7 +61,7 @@ def test_resume_is_exact(corpus):
     for _ in range(7):
         next(stream)
     state = json.loads(json.dumps(stream.state_dict()))
-    expected = [next(stream).input_ids for _ in range(80)]          # crosses files and an epoch
+    expected = [next(stream).input_ids for _ in range(80)]  # crosses files and an epoch
     resumed = SequenceStream([str(corpus)], ByteTokenizer(), seq_len=256, seed=3)
     resumed.load_state_dict(state)
     assert all(torch.equal(a, next(resumed).input_ids) for a in expected)
@@ -119,13 +129,14 @@ def test_files_are_read_and_tokenized_as_they_stream(tmp_path, monkeypatch, suff
     path = tmp_path / f"big{suffix}"
     line = "the quick brown fox jumps over the lazy dog " * 2
     if suffix == ".txt":
-        path.write_text(f"{line}\n" * 50_000)                              # one 4.5 MB document
+        path.write_text(f"{line}\n" * 50_000)  # one 4.5 MB document
     else:
-        path.write_text((json.dumps({"text": line}) + "\n") * 40_000)                # 40,000 documents
+        path.write_text((json.dumps({"text": line}) + "\n") * 40_000)  # 40,000 documents
     size = path.stat().st_size
     assert size > 3_000_000
-    monkeypatch.setattr(data, "open", lambda p, mode="r": io.BufferedReader(_CountingFileIO(p, "r")),
-                        raising=False)
+    monkeypatch.setattr(
+        data, "open", lambda p, mode="r": io.BufferedReader(_CountingFileIO(p, "r")), raising=False
+    )
     _CountingFileIO.bytes_read = _CountingTokenizer.chars_encoded = 0
     stream = SequenceStream([str(path)], _CountingTokenizer(), seq_len=64, shuffle=False)
     first = next(stream)
@@ -149,18 +160,27 @@ def test_shuffle_reorders_files_never_documents_within_a_file(tmp_path):
         names[prefix] = [f"{prefix}{i}" for i in range(10)]
 
     def epochs(shuffle, seed=0, count=6):
-        stream = SequenceStream([str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")], ByteTokenizer(),
-                                seq_len=8, packing=False, shuffle=shuffle, seed=seed)
-        texts = [bytes(t for t in next(stream).input_ids.tolist() if t < 256).decode() for _ in range(20 * count)]
-        return [texts[i:i + 20] for i in range(0, len(texts), 20)]
+        stream = SequenceStream(
+            [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl")],
+            ByteTokenizer(),
+            seq_len=8,
+            packing=False,
+            shuffle=shuffle,
+            seed=seed,
+        )
+        texts = [
+            bytes(t for t in next(stream).input_ids.tolist() if t < 256).decode() for _ in range(20 * count)
+        ]
+        return [texts[i : i + 20] for i in range(0, len(texts), 20)]
 
     assert all(e == names["a"] + names["b"] for e in epochs(shuffle=False))
     orders = set()
     for seed in range(3):
         for epoch in epochs(shuffle=True, seed=seed):
-            assert epoch in (names["a"] + names["b"], names["b"] + names["a"])   # whole files, in file order
+            assert epoch in (names["a"] + names["b"], names["b"] + names["a"])  # whole files, in file order
             orders.add(epoch[0][0])
-    assert orders == {"a", "b"}                                                # the file order does change
+    assert orders == {"a", "b"}  # the file order does change
     single = SequenceStream([str(tmp_path / "a.jsonl")], ByteTokenizer(), seq_len=8, packing=False, seed=5)
-    assert [bytes(t for t in next(single).input_ids.tolist() if t < 256).decode() for _ in range(20)] == \
-        names["a"] * 2                                                         # one file: read front to back
+    assert [
+        bytes(t for t in next(single).input_ids.tolist() if t < 256).decode() for _ in range(20)
+    ] == names["a"] * 2  # one file: read front to back

@@ -1,4 +1,5 @@
 """What a run reports: TensorBoard scalars (flushed and closed however the run ends) and the progress bar."""
+
 import re
 import sys
 import types
@@ -40,8 +41,9 @@ def test_tensorboard_gets_the_loss_and_is_closed_at_the_end(corpus, tmp_path, fa
     records = Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "out"))).train()
     [writer] = fake_tensorboard
     assert writer.log_dir == str(tmp_path / "out" / "tensorboard")
-    assert [(step, value) for tag, value, step in writer.scalars if tag == "loss"] == \
-        [(r["step"], r["loss"]) for r in records]
+    assert [(step, value) for tag, value, step in writer.scalars if tag == "loss"] == [
+        (r["step"], r["loss"]) for r in records
+    ]
     assert {"lr", "grad_norm", "tokens_per_s"} <= {tag for tag, _, _ in writer.scalars}
     assert writer.close_calls == 1
 
@@ -64,25 +66,29 @@ def test_tensorboard_is_closed_when_training_fails(corpus, tmp_path, fake_tensor
 
 
 def test_tensorboard_reopens_after_close_and_only_on_rank_zero(corpus, tmp_path, fake_tensorboard):
-    trainer = Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "out", schedule={"max_steps": 2})))
+    trainer = Trainer(
+        TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "out", schedule={"max_steps": 2}))
+    )
     trainer.train()
-    trainer.cfg = trainer.cfg.replace(schedule={"max_steps": 3})   # a second call continues the run
+    trainer.cfg = trainer.cfg.replace(schedule={"max_steps": 3})  # a second call continues the run
     trainer.train()
     assert [w.close_calls for w in fake_tensorboard] == [1, 1]
     assert [step for tag, _, step in fake_tensorboard[1].scalars if tag == "loss"] == [3]
     from longreach.train.trainer import MetricsLog
-    silent = MetricsLog(tmp_path / "other", enabled=False)        # ranks > 0
+
+    silent = MetricsLog(tmp_path / "other", enabled=False)  # ranks > 0
     silent.write({"step": 1, "loss": 1.0})
     silent.close()
     assert len(fake_tensorboard) == 2 and not (tmp_path / "other").exists()
 
 
 def test_progress_bar_shows_loss_and_tokens_per_second(corpus, tmp_path, capsys):
-    cfg = TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "bar", schedule={"max_steps": 3},
-                                                 training={"progress": True}))
+    cfg = TrainConfig.from_dict(
+        tiny_config_dict(corpus, tmp_path / "bar", schedule={"max_steps": 3}, training={"progress": True})
+    )
     records = Trainer(cfg).train()
     err = capsys.readouterr().err
-    final = err.replace("\r", "\n").strip().splitlines()[-1]      # the bar's last redraw
+    final = err.replace("\r", "\n").strip().splitlines()[-1]  # the bar's last redraw
     assert re.search(r"\b3/3\b", final), final
     assert f"loss={records[-1]['loss']:.4f}" in final, final
     assert f"tok_s={records[-1]['tokens_per_s']:,.0f}" in final and records[-1]["tokens_per_s"] > 0, final
@@ -94,5 +100,7 @@ def test_progress_bar_shows_loss_and_tokens_per_second(corpus, tmp_path, capsys)
 
 
 def test_no_progress_bar_when_disabled(corpus, tmp_path, capsys):
-    Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "quiet", schedule={"max_steps": 2}))).train()
+    Trainer(
+        TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "quiet", schedule={"max_steps": 2}))
+    ).train()
     assert "loss=" not in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """The loop: exact resume (in process and after SIGKILL), accumulation, checkpointing, bf16, schedule, CLI."""
+
 import json
 import math
 import os
@@ -31,9 +32,13 @@ def test_schedule_warmup_then_cosine():
 
 def test_resume_in_process_is_bit_identical(corpus, tmp_path):
     full = Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "a"))).train()
-    first = Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "b", schedule={"max_steps": 3})))
+    first = Trainer(
+        TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "b", schedule={"max_steps": 3}))
+    )
     first.train()
-    resumed = Trainer(TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "b", checkpoint={"resume": True})))
+    resumed = Trainer(
+        TrainConfig.from_dict(tiny_config_dict(corpus, tmp_path / "b", checkpoint={"resume": True}))
+    )
     assert resumed.step == 3
     rest = resumed.train()
     assert _losses(full)[3:] == _losses(rest)
@@ -46,16 +51,21 @@ def test_resume_in_process_is_bit_identical(corpus, tmp_path):
 
 def test_accumulation_and_activation_checkpointing_give_the_same_step(corpus, tmp_path):
     base = tiny_config_dict(corpus, tmp_path / "x", schedule={"max_steps": 3})
-    reference = _losses(Trainer(TrainConfig.from_dict(base)).train())          # 4 micro-batches of 1
+    reference = _losses(Trainer(TrainConfig.from_dict(base)).train())  # 4 micro-batches of 1
     for training in ({"micro_batch_size": 4}, {"micro_batch_size": 2, "activation_checkpointing": True}):
         cfg = TrainConfig.from_dict({**base, "training": {**base["training"], **training}})
         assert _losses(Trainer(cfg).train()) == pytest.approx(reference, rel=1e-6), training
 
 
 def test_bf16_autocast_keeps_fp32_master_weights_and_logs_eval(corpus, tmp_path):
-    cfg = TrainConfig.from_dict(tiny_config_dict(
-        corpus, tmp_path / "bf", training={"dtype": "bf16", "eval_every": 3},
-        data={"eval_paths": [str(corpus / "book.txt")], "eval_sequences": 2}))
+    cfg = TrainConfig.from_dict(
+        tiny_config_dict(
+            corpus,
+            tmp_path / "bf",
+            training={"dtype": "bf16", "eval_every": 3},
+            data={"eval_paths": [str(corpus / "book.txt")], "eval_sequences": 2},
+        )
+    )
     trainer = Trainer(cfg)
     records = trainer.train()
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
@@ -68,8 +78,9 @@ def test_kill_and_resume_gives_the_same_loss_curve(corpus, tmp_path):
     d = tiny_config_dict(corpus, tmp_path / "run", schedule={"max_steps": 60}, checkpoint={"save_every": 3})
     (tmp_path / "run.toml").write_text(to_toml(d))
     cmd = [sys.executable, "-m", "longreach", "train", "--config", str(tmp_path / "run.toml")]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = tmp_path / "run" / "latest"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -79,12 +90,16 @@ def test_kill_and_resume_gives_the_same_loss_curve(corpus, tmp_path):
         time.sleep(0.002)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    (tmp_path / "run" / ".step-0000099.tmp").mkdir()          # debris of a save cut short: ignored
+    (tmp_path / "run" / ".step-0000099.tmp").mkdir()  # debris of a save cut short: ignored
     resumed = Trainer(TrainConfig.from_toml(tmp_path / "run.toml", ["checkpoint.resume=true"]))
     assert 6 <= resumed.step < 60
     resumed.train()
-    reference = Trainer(TrainConfig.from_dict({**d, "checkpoint": {"output_dir": str(tmp_path / "ref")}})).train()
-    curve = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    reference = Trainer(
+        TrainConfig.from_dict({**d, "checkpoint": {"output_dir": str(tmp_path / "ref")}})
+    ).train()
+    curve = [
+        json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert curve == _losses(reference) and len(curve) == 60
 
 
@@ -100,14 +115,17 @@ def test_cli_toml_overrides_and_errors(corpus, tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"extra": {}}, "unknown config section"),
-    ({"optimizer": {"lrr": 1}}, "unknown key"),
-    ({"training": {"batch_size": 3, "micro_batch_size": 2}}, "multiple of micro_batch_size"),
-    ({"training": {"dtype": "fp8"}}, "training.dtype='fp8'"),
-    ({"schedule": {"max_steps": 2, "warmup_steps": 5}}, "warmup_steps=5"),
-    ({"model": {"config": None}}, "exactly one of path"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"extra": {}}, "unknown config section"),
+        ({"optimizer": {"lrr": 1}}, "unknown key"),
+        ({"training": {"batch_size": 3, "micro_batch_size": 2}}, "multiple of micro_batch_size"),
+        ({"training": {"dtype": "fp8"}}, "training.dtype='fp8'"),
+        ({"schedule": {"max_steps": 2, "warmup_steps": 5}}, "warmup_steps=5"),
+        ({"model": {"config": None}}, "exactly one of path"),
+    ],
+)
 def test_config_errors_name_the_bad_value(corpus, tmp_path, change, message):
     d = tiny_config_dict(corpus, tmp_path)
     for name, values in change.items():
