@@ -306,26 +306,9 @@ class LLM:
         kv_policy_args: dict[str, Any] | None = None,
         allow_long_max_model_len: bool = False,
     ):
-
-        if device is None and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tensor_parallel_size > 1 else "cuda"
-        device = torch.device(device or "cpu")
-        path = None
-        if isinstance(model, LlamaForCausalLM):
-            if rope_scaling is not None:
-                raise ValueError(
-                    "rope_scaling applies when loading a checkpoint; this model is already built"
-                )
-            model = model.to(device=device, dtype=resolve_dtype(dtype))
-        else:
-            path = resolve_model_path(None if model is None else str(model))
-            model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
-        if quantization is not None:
-            quantize_model(model, check_quantization(quantization))
-        parallel = None
-        if tensor_parallel_size > 1:
-            shard_model(model, tensor_parallel_size)
-            parallel = TensorParallel(device)
+        model, path, parallel = _build_model(
+            model, dtype, device, rope_scaling, quantization, tensor_parallel_size
+        )
         if tokenizer is None and path is not None:
             tokenizer = _try_load_tokenizer(path)
         elif isinstance(tokenizer, (str, Path)):
@@ -414,6 +397,28 @@ class LLM:
         finally:
             bar.close()
         return [done[i] for i in ids]
+
+
+def _build_model(model, dtype, device, rope_scaling, quantization, tensor_parallel_size: int):
+    """(model on its device, quantized and sharded as asked; its checkpoint directory or None; TP hooks or None)."""
+    if device is None and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if tensor_parallel_size > 1 else "cuda"
+    device = torch.device(device or "cpu")
+    path = None
+    if isinstance(model, LlamaForCausalLM):
+        if rope_scaling is not None:
+            raise ValueError("rope_scaling applies when loading a checkpoint; this model is already built")
+        model = model.to(device=device, dtype=resolve_dtype(dtype))
+    else:
+        path = resolve_model_path(None if model is None else str(model))
+        model = load_model(path, dtype=dtype, rope_scaling=rope_scaling, device=device)
+    if quantization is not None:
+        quantize_model(model, check_quantization(quantization))
+    parallel = None
+    if tensor_parallel_size > 1:
+        shard_model(model, tensor_parallel_size)
+        parallel = TensorParallel(device)
+    return model, path, parallel
 
 
 def _try_load_tokenizer(path: Path):
