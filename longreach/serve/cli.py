@@ -88,6 +88,12 @@ def _port(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_server_arguments(parser)
+    _add_model_arguments(parser)
+    _add_cache_arguments(parser)
+
+
+def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "model",
         nargs="?",
@@ -108,24 +114,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="name(s) clients use in 'model' (default: MODEL as given, or 'longreach-demo')",
     )
     parser.add_argument(
+        "--max-request-bytes",
+        type=parse_size,
+        default=None,
+        help="largest request body; bigger ones get 413 (default 8MiB)",
+    )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds in-flight requests may still run before they are aborted (default 30)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
         "--max-model-len",
         type=_positive_int,
         default=None,
-        help="longest prompt + completion in tokens (default: the model's max_position_embeddings)",
+        help="longest prompt + completion in tokens (default: what the model's rope supports; more is "
+        "refused unless LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1)",
     )
     parser.add_argument("--dtype", default=None, help="fp32 | bf16 | fp16 (default: as stored)")
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--kv-cache-dtype",
-        default="auto",
-        help="KV-cache storage: auto (the model dtype) or a quantized/other dtype the engine "
-        "supports (bf16, fp16, fp32, int8, int4)",
-    )
     parser.add_argument(
         "--quantization",
         choices=["int8", "int4"],
         default=None,
         help="weight-only quantization applied at load (default: none, or as the checkpoint was saved)",
+    )
+    parser.add_argument(
+        "--rope-scaling",
+        default=None,
+        help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4, '
+        '"original_max_position_embeddings": 8192}\'',
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+
+
+def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="KV-cache storage: auto (the model dtype) or a quantized/other dtype the engine "
+        "supports (bf16, fp16, fp32, int8, int4)",
     )
     parser.add_argument(
         "--kv-policy",
@@ -139,12 +174,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="share the KV blocks of identical prompt prefixes (default on)",
-    )
-    parser.add_argument(
-        "--rope-scaling",
-        default=None,
-        help='JSON rope dict overriding the checkpoint, e.g. \'{"rope_type": "yarn", "factor": 4, '
-        '"original_max_position_embeddings": 8192}\'',
     )
     parser.add_argument(
         "--max-num-seqs", type=_positive_int, default=256, help="requests per step (default 256)"
@@ -174,26 +203,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="exact number of KV blocks (overrides --kv-cache-memory)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
-    parser.add_argument(
-        "--max-request-bytes",
-        type=parse_size,
-        default=None,
-        help="largest request body; bigger ones get 413 (default 8MiB)",
-    )
-    parser.add_argument(
-        "--shutdown-timeout",
-        type=float,
-        default=30.0,
-        help="on SIGTERM, seconds in-flight requests may still run before they are aborted (default 30)",
-    )
-    parser.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
 
 
 def parse_rope_scaling(text: str | None) -> dict | None:
-    from longreach.rope import parse_rope_scaling_arg
+    from longreach.rope import parse_rope_scaling_arg  # lazy: CLI verb, keeps --help fast
 
     try:
         return parse_rope_scaling_arg(text)
@@ -208,7 +221,7 @@ def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
         return {}
     accepted = ("auto",)
     try:
-        from longreach.kvcache.quant import KV_CACHE_DTYPES
+        from longreach.kvcache.quant import KV_CACHE_DTYPES  # lazy: CLI verb, keeps --help fast
 
         accepted = tuple(KV_CACHE_DTYPES)
     except ImportError:
@@ -225,24 +238,17 @@ def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
 
 def build_app(args):
     """(app, served model names) from parsed arguments; CLIError for anything the user must fix."""
-    from longreach.engine.llm import LLM
-    from longreach.model.bundled import resolve_model_path
-    from longreach.serve.server import DEFAULT_MAX_REQUEST_BYTES, create_app
+    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
+    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    from longreach.serve.server import (  # lazy: CLI verb, keeps --help fast
+        DEFAULT_MAX_REQUEST_BYTES,
+        create_app,
+    )
 
     if args.shutdown_timeout < 0:
         raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     rope_scaling = parse_rope_scaling(args.rope_scaling)
-    kv_kwargs = kv_cache_dtype_kwargs(args.kv_cache_dtype, LLM)
-    try:
-        from longreach.kvcache.policies import parse_policy_spec
-
-        policy, policy_args = parse_policy_spec(args.kv_policy)
-    except ValueError as exc:
-        raise CLIError(f"--kv-policy: {exc}") from None
-    if policy != "none":
-        kv_kwargs.update(kv_policy=policy, kv_policy_args=policy_args)
-    if args.quantization is not None:
-        kv_kwargs["quantization"] = args.quantization
+    kv_kwargs = _storage_kwargs(args, LLM)
     try:
         path = resolve_model_path(args.model)
     except FileNotFoundError as exc:
@@ -268,7 +274,29 @@ def build_app(args):
         )
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
         raise CLIError(f"cannot serve {str(path)!r}: {exc}") from None
-    engine = llm.engine
+    _warn_about_limits(llm.engine)
+    max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
+    app = create_app(llm.engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
+    return app, names
+
+
+def _storage_kwargs(args, llm_cls) -> dict:
+    """The engine's KV dtype, eviction policy and weight quantization from the flags."""
+    from longreach.kvcache.policies import parse_policy_spec  # lazy: CLI verb, keeps --help fast
+
+    kwargs = kv_cache_dtype_kwargs(args.kv_cache_dtype, llm_cls)
+    try:
+        policy, policy_args = parse_policy_spec(args.kv_policy)
+    except ValueError as exc:
+        raise CLIError(f"--kv-policy: {exc}") from None
+    if policy != "none":
+        kwargs.update(kv_policy=policy, kv_policy_args=policy_args)
+    if args.quantization is not None:
+        kwargs["quantization"] = args.quantization
+    return kwargs
+
+
+def _warn_about_limits(engine) -> None:
     max_len, supported = engine.scheduler_config.max_model_len, engine.model.config.rope.max_supported_length
     if max_len > supported:  # only reachable with LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1
         print(
@@ -283,13 +311,6 @@ def build_app(args):
             f"{max_len}; longer requests will be refused (give it more with --kv-cache-memory)",
             file=sys.stderr,
         )
-    app = create_app(
-        engine,
-        names,
-        api_key=args.api_key or None,
-        max_request_bytes=args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES,
-    )
-    return app, names
 
 
 def main(args) -> int:
@@ -301,7 +322,7 @@ def main(args) -> int:
 
     import uvicorn
 
-    from longreach.serve.server import Server
+    from longreach.serve.server import Server  # lazy: CLI verb, keeps --help fast
 
     def announce(server: Server) -> None:
         host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"

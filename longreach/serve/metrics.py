@@ -86,7 +86,15 @@ LATENCY_BUCKETS = (
 
 class ServerMetrics:
     def __init__(self, num_kv_blocks: int):
-        self.registry = r = CollectorRegistry()
+        self.registry = CollectorRegistry()
+        self._add_engine_gauges(self.registry)
+        self._add_request_metrics(self.registry)
+        self.kv_blocks_total.set(num_kv_blocks)
+        self._num_preemptions_seen = 0
+        self._hits = self._queries = 0
+
+    def _add_engine_gauges(self, r: CollectorRegistry) -> None:
+        """What the engine holds now: queue lengths, KV blocks and bytes, prefix-cache traffic, preemptions."""
         p = PREFIX
         self.num_requests_running = Gauge(
             p + "num_requests_running", "Requests in the running batch", registry=r
@@ -121,6 +129,10 @@ class ServerMetrics:
         self.preemptions = Counter(
             p + "num_preemptions", "Requests preempted (KV blocks freed, recomputed later)", registry=r
         )
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Per finished request: tokens, finish reasons, latency histograms."""
+        p = PREFIX
         self.prompt_tokens = Counter(p + "prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(p + "generation_tokens", "Generated tokens", registry=r)
         self.requests_finished = Counter(
@@ -144,9 +156,6 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.kv_blocks_total.set(num_kv_blocks)
-        self._num_preemptions_seen = 0
-        self._hits = self._queries = 0
 
     def update_engine_state(self, engine: "LLMEngine") -> None:
         """Gauges from the engine's scheduler and block pool; called by the engine thread after each step."""

@@ -1,0 +1,197 @@
+"""One runner for /v1/completions and /v1/chat/completions, streamed or not.
+
+Both endpoints become a `Job`: prompts x n engine requests answering on one queue. The runner queues them all
+(or none: an engine refusal is a 400, a shutdown a 503), then either collects every choice into one JSON body
+or streams server-sent events as text arrives; a client that goes away has its requests aborted, which frees
+their KV blocks. What differs between the endpoints is only the shape of the answer, a `ResponseFormat`:
+object names, a finished choice, a streamed delta (with OpenAI's two logprob layouts) and chat's opening
+role chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from longreach.engine.sampling_params import SamplingParams
+from longreach.serve import protocol as P
+from longreach.serve.engine_loop import EngineLoop, ServerClosedError, StreamItem
+from longreach.serve.logprobs import LogprobFormatter
+from longreach.serve.streams import Choice, EventStream, Group, sse, wait_for_disconnect
+
+
+@dataclass(frozen=True)
+class Job:
+    """One HTTP request's work: `params[i]` holds prompt i's n choices."""
+
+    request_id: str
+    model: str
+    prompts: list[list[int]]
+    params: list[list[SamplingParams]]
+    logprobs_k: int | None  # None: no logprobs; k: the sampled token's and the top k
+    stream: bool
+    include_usage: bool  # stream_options.include_usage
+    arrival_time: float
+    cache_salt: str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+
+class CompletionFormat:
+    """/v1/completions: `text` choices, logprobs as parallel lists with text offsets."""
+
+    object = chunk_object = "text_completion"
+
+    def __init__(self, logprobs: LogprobFormatter):
+        self.logprobs = logprobs
+
+    def choice(self, index: int, c: Choice, k: int | None) -> dict[str, Any]:
+        lp = None if k is None else self.logprobs.completion(c.token_ids, c.logprobs, k, 0)
+        return P.completion_choice(index, c.text, c.finish_reason, lp)
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return None
+
+    def delta(self, index: int, item: StreamItem, k: int | None, text_offset: int) -> dict[str, Any] | None:
+        lp = None
+        if k is not None and item.delta_token_ids:
+            lp = self.logprobs.completion(item.delta_token_ids, item.delta_logprobs or [], k, text_offset)
+        if item.delta_text or item.finish_reason or lp:
+            return P.completion_choice(index, item.delta_text, item.finish_reason, lp)
+        return None
+
+
+class ChatFormat(CompletionFormat):
+    """/v1/chat/completions: `message` choices, streamed `delta`s after a role chunk, per-token logprobs."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+
+    def choice(self, index: int, c: Choice, k: int | None) -> dict[str, Any]:
+        return P.chat_choice(
+            index,
+            c.text,
+            c.finish_reason,
+            None if k is None else self.logprobs.chat(c.token_ids, c.logprobs, k),
+        )
+
+    def opening(self, index: int) -> dict[str, Any] | None:
+        return P.chat_chunk_choice(index, {"role": "assistant", "content": ""}, None, None)
+
+    def delta(self, index: int, item: StreamItem, k: int | None, text_offset: int) -> dict[str, Any] | None:
+        lp = None
+        if k is not None and item.delta_token_ids:
+            lp = self.logprobs.chat(item.delta_token_ids, item.delta_logprobs or [], k)
+        if item.delta_text or item.finish_reason or lp:
+            delta = {"content": item.delta_text} if item.delta_text or not item.finish_reason else {}
+            return P.chat_chunk_choice(index, delta, item.finish_reason, lp)
+        return None
+
+
+class EndpointRunner:
+    def __init__(self, engine_loop: EngineLoop):
+        self.engine_loop = engine_loop
+
+    async def run(self, request: Request, job: Job, fmt: CompletionFormat) -> Response:
+        group = await self._start(job)
+        created = P.now()
+        if job.stream:
+            return EventStream(self._events(group, job, fmt, created), group.abort_unfinished)
+        choices = await self._collect(request, group)
+        if choices is None:
+            return Response(status_code=499)
+        body = [fmt.choice(i, c, job.logprobs_k) for i, c in enumerate(choices)]
+        usage = P.usage(job.num_prompt_tokens, sum(c.num_output_tokens for c in choices))
+        return JSONResponse(P.response(fmt.object, job.request_id, created, job.model, body, usage))
+
+    async def _start(self, job: Job) -> Group:
+        """Queue every (prompt, choice) on the engine; all or none (refusals become 400, shutdown 503)."""
+        group = Group(self.engine_loop, job.request_id)
+        try:
+            for ids, choice_params in zip(job.prompts, job.params):
+                for p in choice_params:
+                    index = len(group.engine_ids)
+                    engine_id = f"{job.request_id}-{index}"
+                    await self.engine_loop.add(
+                        ids, p, engine_id, job.arrival_time, group.sink, tag=index, cache_salt=job.cache_salt
+                    )
+                    group.engine_ids.append(engine_id)
+        except BaseException as exc:
+            group.abort_unfinished()
+            if isinstance(exc, ServerClosedError):
+                raise P.APIError(503, str(exc), type="server_error", code="shutting_down") from None
+            if isinstance(exc, ValueError):
+                raise P.APIError(400, str(exc)) from None
+            raise
+        return group
+
+    async def _collect(self, request: Request, group: Group) -> list[Choice] | None:
+        """Wait for every choice; None (and the requests aborted) if the client disconnects first."""
+        choices = [Choice() for _ in group.engine_ids]
+        watcher = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            while not group.is_done:
+                getter = asyncio.ensure_future(group.next())
+                await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    return None
+                index, item = getter.result()
+                choices[index].add(item)
+        finally:
+            watcher.cancel()
+            group.abort_unfinished()
+        for choice in choices:
+            if choice.error is not None:
+                raise P.APIError(500, choice.error, type="server_error")
+            if choice.finish_reason == "abort":
+                raise P.APIError(
+                    503,
+                    f"the server shut down before the request finished (it had generated "
+                    f"{choice.num_output_tokens} tokens)",
+                    type="server_error",
+                    code="shutting_down",
+                )
+        return choices
+
+    async def _events(
+        self, group: Group, job: Job, fmt: CompletionFormat, created: int
+    ) -> AsyncIterator[str]:
+        def chunk(choices, usage=None) -> str:
+            obj = P.response(
+                fmt.chunk_object,
+                job.request_id,
+                created,
+                job.model,
+                choices,
+                usage,
+                with_usage_key=job.include_usage,
+            )
+            return sse(obj)
+
+        num_choices = len(group.engine_ids)
+        for index in range(num_choices):
+            opening = fmt.opening(index)
+            if opening is not None:
+                yield chunk([opening])
+        num_out, offsets = [0] * num_choices, [0] * num_choices
+        while not group.is_done:
+            index, item = await group.next()
+            if item.error is not None:
+                yield sse(P.APIError(500, item.error, type="server_error").to_dict())
+                group.abort_unfinished()
+                break
+            num_out[index] = item.num_output_tokens
+            delta = fmt.delta(index, item, job.logprobs_k, offsets[index])
+            offsets[index] += len(item.delta_text)
+            if delta is not None:
+                yield chunk([delta])
+        if job.include_usage:
+            yield chunk([], P.usage(job.num_prompt_tokens, sum(num_out)))
+        yield "data: [DONE]\n\n"
