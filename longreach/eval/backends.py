@@ -162,15 +162,7 @@ def _local_generator(
     `longreach.engine.llm` is importable; in a build without it, the contiguous-cache reference generator
     answers instead (the same greedy tokens, but no KV-cache options).
     """
-    try:
-        from longreach.engine.llm import (  # lazy: optional: a build without the engine falls back to the reference generator
-            LLM,
-            SamplingParams,
-        )
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("longreach.engine.llm", "longreach.engine"):
-            raise  # the engine exists but one of its imports is broken: say so
-        LLM = SamplingParams = None
+    LLM, SamplingParams = _import_engine()
     if LLM is not None:
         return _engine_generator(
             LLM,
@@ -195,21 +187,40 @@ def _local_generator(
             f"engine options {sorted(engine_kwargs)} need the paged serving engine "
             "(longreach.engine.llm), which this build does not have"
         )
+    model = _reference_model(model, dtype, device, rope_scaling)
+    stops = tuple(model.config.eos_token_ids) or tuple(stop_token_ids)
+    return _reference_generator(model, stops)
+
+
+def _import_engine():
+    """(LLM, SamplingParams) of the paged serving engine, or (None, None) in a build without it."""
+    try:
+        from longreach.engine.llm import (  # lazy: optional: a build without the engine falls back to the reference generator
+            LLM,
+            SamplingParams,
+        )
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("longreach.engine.llm", "longreach.engine"):
+            raise  # the engine exists but one of its imports is broken: say so
+        return None, None
+    return LLM, SamplingParams
+
+
+def _reference_model(model, dtype, device, rope_scaling):
+    """The model the reference generator runs: a checkpoint directory loaded with the options, or the
+    given model object moved to `device` (a loaded model's rope and dtype are already fixed)."""
     if isinstance(model, Path):
-        model = load_model(
+        return load_model(
             model,
             dtype=dtype,
             rope_scaling=rope_scaling,
             device=device or ("cuda" if torch.cuda.is_available() else "cpu"),
         )
-    elif rope_scaling is not None or dtype is not None:
+    if rope_scaling is not None or dtype is not None:
         raise ValueError(
             "rope_scaling and dtype apply when loading a checkpoint; pass a directory, not a model"
         )
-    elif device is not None:
-        model = model.to(device)
-    stops = tuple(model.config.eos_token_ids) or tuple(stop_token_ids)
-    return _reference_generator(model, stops)
+    return model.to(device) if device is not None else model
 
 
 class LocalBackend:

@@ -82,7 +82,14 @@ def parse_depths(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", choices=[*TASKS, "ppl"], help="what to measure: a generated task or ppl")
-    src = parser.add_argument_group("what to evaluate")
+    _add_source_arguments(parser.add_argument_group("what to evaluate"))
+    _add_grid_arguments(parser.add_argument_group("grid (generated tasks)"))
+    _add_ppl_arguments(parser.add_argument_group("ppl"))
+    _add_output_arguments(parser.add_argument_group("output"))
+
+
+def _add_source_arguments(src) -> None:
+    """The model or endpoint that answers, and the settings to compare it under."""
     src.add_argument(
         "--model",
         action="append",
@@ -128,7 +135,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME=JSON",
         help="a named setting to compare, JSON keys among " + ", ".join(SETTING_KEYS),
     )
-    grid = parser.add_argument_group("grid (generated tasks)")
+
+
+def _add_grid_arguments(grid) -> None:
+    """The length x depth grid of the generated tasks and how its prompts are batched and judged."""
     grid.add_argument("--lengths", default="1k,2k,4k", help="context lengths, k = 1024 (default 1k,2k,4k)")
     grid.add_argument("--depths", default="0,10,...,100", help="needle depths in %% (default 0,10,...,100)")
     grid.add_argument("--samples", type=int, default=3, help="samples per (length, depth) cell (default 3)")
@@ -142,7 +152,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=85.0,
         help="accuracy for the effective context length, %% or fraction (default 85)",
     )
-    ppl = parser.add_argument_group("ppl")
+
+
+def _add_ppl_arguments(ppl) -> None:
+    """The documents and windows perplexity is measured on."""
     ppl.add_argument(
         "--data",
         action="append",
@@ -151,7 +164,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     ppl.add_argument("--stride", type=int, default=256, help="tokens scored per window (default 256)")
     ppl.add_argument("--max-windows", type=int, default=4, help="windows per document (default 4)")
-    out = parser.add_argument_group("output")
+
+
+def _add_output_arguments(out) -> None:
     out.add_argument("--out", metavar="DIR", help="output directory (default: eval-results/TASK)")
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,32 +196,48 @@ def build_settings(args) -> dict[str | None, dict]:
         "dtype": args.dtype,
     }
     if args.setting:
-        settings = {}
-        for entry in args.setting:
-            name, sep, text = entry.partition("=")
-            if not sep or not name.strip():
-                raise ValueError(f"--setting {entry!r} must look like NAME=JSON")
-            try:
-                options = json.loads(text) if text.strip() else {}
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"--setting {name}: not valid JSON ({exc}): {text!r}") from None
-            if not isinstance(options, dict):
-                raise ValueError(f"--setting {name}: must be a JSON object")
-            unknown = sorted(set(options) - set(SETTING_KEYS))
-            if unknown:
-                raise ValueError(
-                    f"--setting {name}: unknown key(s) {unknown}; accepted: {list(SETTING_KEYS)}"
-                )
-            defaults = {
-                **base,
-                "model": (args.model or [None])[0],
-                "rope_scaling": parse_rope_scaling_arg(args.rope_scaling[0]) if args.rope_scaling else None,
-                "kv_cache_dtype": (args.kv_cache_dtype or [None])[0],
-            }
-            if name.strip() in settings:
-                raise ValueError(f"--setting name {name.strip()!r} is given twice")
-            settings[name.strip()] = {**defaults, **options}
-        return settings
+        return _named_settings(args, base)
+    return _flag_combinations(args, base)
+
+
+def _named_settings(args, base: dict) -> dict[str, dict]:
+    """One setting per --setting NAME=JSON; the keys it leaves out come from the flags (the first value
+    of a repeated flag)."""
+    settings = {}
+    for entry in args.setting:
+        name, options = _parse_setting(entry)
+        defaults = {
+            **base,
+            "model": (args.model or [None])[0],
+            "rope_scaling": parse_rope_scaling_arg(args.rope_scaling[0]) if args.rope_scaling else None,
+            "kv_cache_dtype": (args.kv_cache_dtype or [None])[0],
+        }
+        if name in settings:
+            raise ValueError(f"--setting name {name!r} is given twice")
+        settings[name] = {**defaults, **options}
+    return settings
+
+
+def _parse_setting(entry: str) -> tuple[str, dict]:
+    """'NAME=JSON' -> (NAME, the JSON object), its keys checked against SETTING_KEYS."""
+    name, sep, text = entry.partition("=")
+    if not sep or not name.strip():
+        raise ValueError(f"--setting {entry!r} must look like NAME=JSON")
+    try:
+        options = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--setting {name}: not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"--setting {name}: must be a JSON object")
+    unknown = sorted(set(options) - set(SETTING_KEYS))
+    if unknown:
+        raise ValueError(f"--setting {name}: unknown key(s) {unknown}; accepted: {list(SETTING_KEYS)}")
+    return name.strip(), options
+
+
+def _flag_combinations(args, base: dict) -> dict[str | None, dict]:
+    """Every combination of the repeated --model, --rope-scaling and --kv-cache-dtype values, named by the
+    flags that vary; a single combination is the one unnamed (None) setting."""
     models = args.model or [None]
     ropes = [parse_rope_scaling_arg(r) for r in args.rope_scaling] if args.rope_scaling else [None]
     kv_dtypes = args.kv_cache_dtype or [None]

@@ -48,8 +48,25 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
     ax = fig.subplots()
     cmap = RETRIEVAL_CMAP.with_extremes(bad="#bdbdbd")
     image = ax.imshow(np.ma.masked_invalid(acc), cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for i, depth in enumerate(depths):
-        for j, length in enumerate(lengths):
+    _annotate_cells(ax, result, acc)
+    _label_grid_axes(ax, depths, lengths)
+    effective, stopped_at = result._effective()
+    if effective is not None and effective != lengths[-1]:  # mark where the effective context ends
+        ax.axvline(lengths.index(effective) + 0.5, color="black", linestyle="--", linewidth=1.2)
+    colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
+    legend = "accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed"
+    if result.num_errors():
+        legend += "\nhatched = failed requests (N err), counted as missed"
+    colorbar.set_label(legend, fontsize=8)
+    ax.set_title(_heatmap_title(result, effective, stopped_at), fontsize=9)
+    return _save(fig, path)
+
+
+def _annotate_cells(ax, result: GridResult, acc: np.ndarray) -> None:
+    """Each cell's percentage ("n/a" without samples); a cell with failed requests is hatched and says
+    how many failed, on a white box so the text stays legible over the hatching."""
+    for i, depth in enumerate(result.depths):
+        for j, length in enumerate(result.lengths):
             errors = result.num_errors(length, depth)
             text = "n/a" if np.isnan(acc[i, j]) else f"{acc[i, j]:.0f}%"
             if errors:
@@ -69,6 +86,9 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
                 color="black",
                 bbox=dict(facecolor="white", alpha=0.75, edgecolor="none", pad=1) if errors else None,
             )
+
+
+def _label_grid_axes(ax, depths: Sequence[float | None], lengths: Sequence[int]) -> None:
     ax.set_xticks(range(len(lengths)), [format_length(n) for n in lengths])
     ax.set_xlabel("context length (tokens, K = 1024)")
     if depths == [None]:
@@ -77,25 +97,20 @@ def plot_heatmap(result: GridResult, path: str | os.PathLike) -> Path:
     else:
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_ylabel("needle depth (% of the context)")
-    effective, stopped_at = result._effective()
-    if effective is not None and effective != lengths[-1]:  # mark where the effective context ends
-        ax.axvline(lengths.index(effective) + 0.5, color="black", linestyle="--", linewidth=1.2)
-    colorbar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03)
-    legend = "accuracy (%) of the samples in the cell\ngreen = retrieved, red = missed"
-    if result.num_errors():
-        legend += "\nhatched = failed requests (N err), counted as missed"
-    colorbar.set_label(legend, fontsize=8)
+
+
+def _heatmap_title(result: GridResult, effective: int | None, stopped_at: int | None) -> str:
+    """Task, model and setting; then the effective context length, where the figure marks it and where
+    failed requests stopped it."""
     title = f"{result.task} — {result.model}" + (f" [{result.setting}]" if result.setting else "")
     eff = "below the shortest length" if effective is None else format_length(effective)
-    marked = ", dashed line" if effective is not None and effective != lengths[-1] else ""
+    marked = ", dashed line" if effective is not None and effective != result.lengths[-1] else ""
     if stopped_at is not None:
         marked += f"; not claimed from {format_length(stopped_at)} on: failed requests"
-    ax.set_title(
+    return (
         f"{title}\neffective context length {eff} (accuracy ≥ {100 * result.threshold:g}%{marked}); "
-        f"{result.num_samples} sample(s) per cell",
-        fontsize=9,
+        f"{result.num_samples} sample(s) per cell"
     )
-    return _save(fig, path)
 
 
 def _length_axis(ax, lengths: Sequence[int]) -> None:

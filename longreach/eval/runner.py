@@ -31,7 +31,7 @@ from longreach.eval.backends import LocalBackend
 from longreach.eval.plots import plot_comparison, plot_heatmap
 from longreach.eval.results import GridResult, SampleResult, format_length, pct
 from longreach.eval.scoring import is_correct, score_output
-from longreach.eval.tasks import TASKS, make_sample
+from longreach.eval.tasks import TASKS, Sample, make_sample
 
 
 def _as_backend(model_or_backend, **backend_kwargs):
@@ -65,23 +65,8 @@ def run_grid(
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     backend = _as_backend(backend)
-    lengths = sorted(set(int(n) for n in lengths))
-    if not lengths or lengths[0] < 1:
-        raise ValueError(f"lengths {lengths} must be positive token counts")
-    if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold={threshold} must be a fraction in (0, 1]")
-    spec = TASKS[task]
-    grid_depths: list[float | None] = (
-        [float(d) for d in (depths if depths is not None else (0, 25, 50, 75, 100))]
-        if spec.uses_depth
-        else [None]
-    )
-    for depth in grid_depths:
-        if depth is not None and not 0.0 <= depth <= 100.0:
-            raise ValueError(f"depth {depth} must be a percentage in [0, 100]")
-    budget = spec.max_new_tokens if max_new_tokens is None else max_new_tokens
+    lengths, grid_depths = _grid_axes(task, lengths, depths, num_samples, threshold)
+    budget = TASKS[task].max_new_tokens if max_new_tokens is None else max_new_tokens
     if hasattr(backend, "ensure_max_len"):
         backend.ensure_max_len(max(lengths))
     result = GridResult(
@@ -95,13 +80,6 @@ def run_grid(
         setting=setting,
         backend=getattr(backend, "kind", None),
     )
-    # a batch never mixes lengths: length-dependent rope (dynamic NTK, LongRoPE) picks its frequencies from
-    # the longest position in a forward call, so a mixed batch would score short prompts with long-prompt rope
-    batches = [
-        [(length, depth, index) for depth in grid_depths for index in range(num_samples)][i : i + batch_size]
-        for length in lengths
-        for i in range(0, len(grid_depths) * num_samples, batch_size)
-    ]
     bar = _progress_bar(
         len(lengths) * len(grid_depths) * num_samples,
         f"{task}" + (f" [{setting}]" if setting else ""),
@@ -109,24 +87,68 @@ def run_grid(
     )
     start = time.perf_counter()
     try:
-        for cells in batches:
+        for cells in _batches_of_one_length(lengths, grid_depths, num_samples, batch_size):
             samples = [
                 make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
                 for length, depth, index in cells
             ]
-            outputs = backend.complete([s.prompt for s in samples], budget)
-            for sample, output in zip(samples, outputs):
-                result.samples.append(_score(sample, output))
-            bar.update(len(samples))
-            bar.set_postfix_str(
-                f"{format_length(samples[-1].length)} acc {pct(result.accuracy(samples[-1].length))}",
-                refresh=False,
-            )
+            result.samples.extend(_answer_and_score(backend, samples, budget))
+            _show_progress(bar, result, samples)
     finally:
         bar.close()
     result.elapsed_s = round(time.perf_counter() - start, 3)
     result.backend = getattr(backend, "kind", None)
     return result
+
+
+def _grid_axes(
+    task: str, lengths: Sequence[int], depths: Sequence[float] | None, num_samples: int, threshold: float
+) -> tuple[list[int], list[float | None]]:
+    """The grid's sorted distinct lengths and its depths ([None] for a task without a needle depth),
+    after checking them and the other grid arguments."""
+    lengths = sorted(set(int(n) for n in lengths))
+    if not lengths or lengths[0] < 1:
+        raise ValueError(f"lengths {lengths} must be positive token counts")
+    if num_samples < 1:
+        raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold={threshold} must be a fraction in (0, 1]")
+    grid_depths: list[float | None] = (
+        [float(d) for d in (depths if depths is not None else (0, 25, 50, 75, 100))]
+        if TASKS[task].uses_depth
+        else [None]
+    )
+    for depth in grid_depths:
+        if depth is not None and not 0.0 <= depth <= 100.0:
+            raise ValueError(f"depth {depth} must be a percentage in [0, 100]")
+    return lengths, grid_depths
+
+
+def _batches_of_one_length(
+    lengths: list[int], depths: list[float | None], num_samples: int, batch_size: int
+) -> list[list[tuple[int, float | None, int]]]:
+    """(length, depth, sample index) cells in batches of up to batch_size, shortest length first."""
+    # a batch never mixes lengths: length-dependent rope (dynamic NTK, LongRoPE) picks its frequencies from
+    # the longest position in a forward call, so a mixed batch would score short prompts with long-prompt rope
+    return [
+        [(length, depth, index) for depth in depths for index in range(num_samples)][i : i + batch_size]
+        for length in lengths
+        for i in range(0, len(depths) * num_samples, batch_size)
+    ]
+
+
+def _answer_and_score(backend, samples: list[Sample], budget: int) -> list[SampleResult]:
+    """One backend call for the batch; a prompt that failed is scored as a miss with its error."""
+    outputs = backend.complete([s.prompt for s in samples], budget)
+    return [_score(sample, output) for sample, output in zip(samples, outputs)]
+
+
+def _show_progress(bar, result: GridResult, samples: list[Sample]) -> None:
+    """Advance the bar past a finished batch and show the running accuracy of its length."""
+    bar.update(len(samples))
+    bar.set_postfix_str(
+        f"{format_length(samples[-1].length)} acc {pct(result.accuracy(samples[-1].length))}", refresh=False
+    )
 
 
 def _score(sample, output: str | Exception) -> SampleResult:
