@@ -101,33 +101,32 @@ def _build_model(args):
     return load_model(resolve_model_path(args.model), dtype=args.dtype, device=device)
 
 
-def main(args) -> int:
-    import torch
-
-    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
-    from longreach.engine.sampler import SamplingParams  # lazy: CLI verb, keeps --help fast
-
-    _check(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = _build_model(args)
-    cfg = model.config
+def _random_prompts(args, vocab_size: int) -> list[list[int]]:
+    """Random token ids, lengths uniform in [min-input, max-input], reproducible from --seed."""
     rng = random.Random(args.seed)
-    prompts = [
-        [rng.randrange(cfg.vocab_size) for _ in range(rng.randint(args.min_input, args.max_input))]
+    return [
+        [rng.randrange(vocab_size) for _ in range(rng.randint(args.min_input, args.max_input))]
         for _ in range(args.num_prompts)
     ]
-    max_len = args.max_input + args.output_len
+
+
+def _kv_bytes_for_run(args, model, prompts: list[list[int]]) -> int:
+    """Room for every request at once: its prompt, its output and one block of rounding slack."""
+    cfg = model.config
+    elem = next(model.parameters()).element_size()
+    per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
+    return per_token * (sum(map(len, prompts)) + args.num_prompts * (args.output_len + args.block_size))
+
+
+def _build_engine(args, model, prompts: list[list[int]]):
+    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
+
     kv_bytes = args.kv_cache_memory
     if kv_bytes is None:
-        elem = next(model.parameters()).element_size()
-        per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * elem
-        kv_bytes = per_token * (
-            sum(map(len, prompts)) + args.num_prompts * (args.output_len + args.block_size)
-        )
-    llm = LLM(
+        kv_bytes = _kv_bytes_for_run(args, model, prompts)
+    return LLM(
         model,
-        max_model_len=max_len,
+        max_model_len=args.max_input + args.output_len,
         block_size=args.block_size,
         kv_cache_memory=kv_bytes,
         enable_prefix_caching=not args.no_prefix_caching,
@@ -135,16 +134,26 @@ def main(args) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
     )
+
+
+def _timed_generate(args, llm, prompts: list[list[int]]) -> tuple[list, float, float]:
+    """(outputs, start time, seconds): a short warm-up first keeps one-time setup out of the timing."""
+    from longreach.engine.sampler import SamplingParams  # lazy: CLI verb, keeps --help fast
+
     llm.generate([prompts[0][:16]], SamplingParams(max_tokens=2), use_tqdm=False)  # warm-up
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=not args.json)
-    seconds = time.perf_counter() - start
+    return outs, start, time.perf_counter() - start
+
+
+def _summary(llm, prompts: list[list[int]], outs: list, start: float, seconds: float) -> dict:
+    """Throughput, time to first token and decode rate of the timed run, plus the engine's KV counters."""
     num_out = sum(len(o.token_ids) for o in outs)
     num_in = sum(map(len, prompts))
     ttfts = sorted(o.metrics.first_token_time - start for o in outs)
     rates = [o.metrics.decode_tokens_per_s for o in outs if o.metrics.decode_tokens_per_s]
-    result = dict(
+    return dict(
         num_prompts=len(prompts),
         input_tokens=num_in,
         output_tokens=num_out,
@@ -157,6 +166,19 @@ def main(args) -> int:
         preemptions=llm.engine.scheduler.num_preemptions,
         kv_blocks=llm.engine.num_kv_blocks,
     )
+
+
+def main(args) -> int:
+    import torch
+
+    _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _build_model(args)
+    prompts = _random_prompts(args, model.config.vocab_size)
+    llm = _build_engine(args, model, prompts)
+    outs, start, seconds = _timed_generate(args, llm, prompts)
+    result = _summary(llm, prompts, outs, start, seconds)
     if args.json:
         print(json.dumps(result))
     else:
