@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext as _nullcontext
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -311,6 +312,48 @@ def _check_config(config):
         raise ValueError(f"config BLOCK_N={block_n} must be a power of two >= 16")
 
 
+@dataclass(frozen=True)
+class _SplitPlan:
+    """What the split and merge kernels take besides tensors, fixed on the host at the call."""
+
+    softmax_scale: float
+    window_left: int  # window_size[0]; negative: unbounded
+    split_len: int  # keys per split, a multiple of 16 (of 256 when the span is long enough)
+    num_splits: int  # splits that cover the span (may be fewer than asked for once rounded to split_len)
+    block_d: int  # the head dim padded to a power of two >= 16 (tl.dot's smallest)
+    config: triton.Config | None  # a pinned split-kernel tile, else the autotuner's choice
+
+
+def _check_kernel_inputs(q, block_table, cache_seqlens, config):
+    """What the kernels need beyond the contract `check_decode_inputs` checks: a device to run on,
+    unit-stride index tensors (read as raw pointers) and a well-formed pinned config."""
+    _require_device(q)
+    if block_table.stride(-1) != 1 or cache_seqlens.stride(-1) != 1:
+        raise ValueError("block_table and cache_seqlens must be contiguous in their last dim")
+    if config is not None:
+        _check_config(config)
+
+
+def _plan_splits(q, num_kv_heads, span, num_splits, softmax_scale, window_left, config) -> _SplitPlan:
+    """Cut the `span` keys any one query can see into splits: `num_splits` if given (1..64), else enough
+    for several waves of programs; split lengths are rounded up to whole granules of 16 or 256 tokens."""
+    batch, _, head_dim = q.shape
+    if num_splits is None:
+        num_splits = _num_splits(batch, num_kv_heads, span, q.device)
+    elif not 1 <= int(num_splits) <= MAX_SPLITS:
+        raise ValueError(f"num_splits={num_splits} is outside 1..{MAX_SPLITS}")
+    granule = 256 if span >= 256 * num_splits else 16
+    split_len = triton.cdiv(triton.cdiv(span, int(num_splits)), granule) * granule
+    return _SplitPlan(
+        softmax_scale=softmax_scale,
+        window_left=window_left,
+        split_len=split_len,
+        num_splits=triton.cdiv(span, split_len),
+        block_d=max(16, triton.next_power_of_2(head_dim)),
+        config=config,
+    )
+
+
 def paged_decode_attention(
     q,
     k_cache,
@@ -337,11 +380,7 @@ def paged_decode_attention(
     batch, num_heads, num_kv_heads, head_dim, block_size = check_decode_inputs(
         q, k_cache, v_cache, block_table, cache_seqlens, window_size, k_scale, v_scale
     )
-    _require_device(q)
-    if block_table.stride(-1) != 1 or cache_seqlens.stride(-1) != 1:
-        raise ValueError("block_table and cache_seqlens must be contiguous in their last dim")
-    if config is not None:
-        _check_config(config)
+    _check_kernel_inputs(q, block_table, cache_seqlens, config)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
     left = int(window_size[0])
     capacity = block_table.shape[1] * block_size
@@ -352,90 +391,20 @@ def paged_decode_attention(
         out.zero_()
         lse.fill_(float("-inf"))
         return (out, lse) if return_lse else out
-    if num_splits is None:
-        num_splits = _num_splits(batch, num_kv_heads, span, q.device)
-    elif not 1 <= int(num_splits) <= MAX_SPLITS:
-        raise ValueError(f"num_splits={num_splits} is outside 1..{MAX_SPLITS}")
-    granule = 256 if span >= 256 * num_splits else 16
-    split_len = triton.cdiv(triton.cdiv(span, int(num_splits)), granule) * granule
-    num_splits = triton.cdiv(span, split_len)
-    out_part = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    lse_part = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    plan = _plan_splits(q, num_kv_heads, span, num_splits, scale, left, config)
+    out_part = torch.empty(batch, num_heads, plan.num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse_part = torch.empty(batch, num_heads, plan.num_splits, dtype=torch.float32, device=q.device)
     with torch.cuda.device(q.device) if q.is_cuda else _nullcontext():
         _launch_split(
-            q,
-            k_cache,
-            v_cache,
-            k_scale,
-            v_scale,
-            block_table,
-            cache_seqlens,
-            out_part,
-            lse_part,
-            scale,
-            left,
-            split_len,
-            block_d,
-            config,
+            q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part, plan
         )
-        _decode_merge_kernel[(batch, num_heads)](
-            out_part,
-            lse_part,
-            out,
-            lse,
-            out_part.stride(0),
-            out_part.stride(1),
-            out_part.stride(2),
-            lse_part.stride(0),
-            lse_part.stride(1),
-            out.stride(0),
-            out.stride(1),
-            lse.stride(0),
-            num_splits,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_S=max(2, triton.next_power_of_2(num_splits)),
-        )
+        _launch_merge(out_part, lse_part, out, lse, plan)
     return (out, lse) if return_lse else out
 
 
-def _launch_split(
-    q,
-    k_cache,
-    v_cache,
-    k_scale,
-    v_scale,
-    block_table,
-    cache_seqlens,
-    out_part,
-    lse_part,
-    scale,
-    left,
-    split_len,
-    block_d,
-    config,
-):
-    """The split kernel over (sequence, KV head, split): partial outputs and log2-domain lse's of each split."""
-    batch, num_splits = q.shape[0], out_part.shape[2]
-    num_kv_heads = k_cache.shape[2]
-    group = q.shape[1] // num_kv_heads
-    quantized = k_scale is not None
-    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)  # unread without KV_INT8
-    _SPLIT(
-        (batch, num_kv_heads, num_splits),
-        config=config,
-        Q=q,
-        K=k_cache,
-        V=v_cache,
-        KScale=k_scale,
-        VScale=v_scale,
-        BlockTable=block_table,
-        SeqLens=cache_seqlens,
-        OutPart=out_part,
-        LsePart=lse_part,
-        stride_qb=q.stride(0),
-        stride_qh=q.stride(1),
+def _cache_strides(k_cache, v_cache, k_scale, v_scale) -> dict:
+    """The split kernel's strides of the K/V caches and their scales (block, slot in block, KV head)."""
+    return dict(
         stride_kb=k_cache.stride(0),
         stride_ks=k_cache.stride(1),
         stride_kh=k_cache.stride(2),
@@ -448,22 +417,73 @@ def _launch_split(
         stride_vsb=v_scale.stride(0),
         stride_vss=v_scale.stride(1),
         stride_vsh=v_scale.stride(2),
+    )
+
+
+def _launch_split(
+    q, k_cache, v_cache, k_scale, v_scale, block_table, cache_seqlens, out_part, lse_part, plan: _SplitPlan
+):
+    """The split kernel over (sequence, KV head, split): partial outputs and log2-domain lse's of each split."""
+    batch = q.shape[0]
+    num_kv_heads = k_cache.shape[2]
+    group = q.shape[1] // num_kv_heads
+    quantized = k_scale is not None
+    k_scale, v_scale = (k_scale, v_scale) if quantized else (k_cache, v_cache)  # unread without KV_INT8
+    left = plan.window_left
+    _SPLIT(
+        (batch, num_kv_heads, plan.num_splits),
+        config=plan.config,
+        Q=q,
+        K=k_cache,
+        V=v_cache,
+        KScale=k_scale,
+        VScale=v_scale,
+        BlockTable=block_table,
+        SeqLens=cache_seqlens,
+        OutPart=out_part,
+        LsePart=lse_part,
+        stride_qb=q.stride(0),
+        stride_qh=q.stride(1),
+        **_cache_strides(k_cache, v_cache, k_scale, v_scale),
         stride_bt=block_table.stride(0),
         stride_pb=out_part.stride(0),
         stride_ph=out_part.stride(1),
         stride_ps=out_part.stride(2),
         stride_lb=lse_part.stride(0),
         stride_lh=lse_part.stride(1),
-        qk_scale=scale * LOG2E,
+        qk_scale=plan.softmax_scale * LOG2E,
         window_left=UNBOUNDED if left < 0 else min(left, UNBOUNDED),
-        split_len=split_len,
+        split_len=plan.split_len,
         group=group,
         HEAD_DIM=q.shape[2],
-        BLOCK_D=block_d,
+        BLOCK_D=plan.block_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE_SIZE=k_cache.shape[1],
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         KV_INT8=quantized,
+    )
+
+
+def _launch_merge(out_part, lse_part, out, lse, plan: _SplitPlan):
+    """The merge kernel over (sequence, query head): out = sum_s exp(lse_s - lse) * out_s, and lse itself."""
+    batch, num_heads, _, head_dim = out_part.shape
+    _decode_merge_kernel[(batch, num_heads)](
+        out_part,
+        lse_part,
+        out,
+        lse,
+        out_part.stride(0),
+        out_part.stride(1),
+        out_part.stride(2),
+        lse_part.stride(0),
+        lse_part.stride(1),
+        out.stride(0),
+        out.stride(1),
+        lse.stride(0),
+        plan.num_splits,
+        HEAD_DIM=head_dim,
+        BLOCK_D=plan.block_d,
+        BLOCK_S=max(2, triton.next_power_of_2(plan.num_splits)),
     )
 
 

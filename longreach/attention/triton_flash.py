@@ -287,44 +287,17 @@ def _forward(q, k, v, cu_q, cu_k, plan: _Plan):
 
 
 def _backward(do, q, k, v, out, lse, cu_q, cu_k, plan: _Plan):
-    total_q, num_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
     batch = cu_q.numel() - 1
     if plan.end_q == 0 or plan.end_k == 0:  # no query sees a key
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    delta = torch.empty_like(lse)  # (Hq, total_q)
-    bwd_preprocess[(triton.cdiv(total_q, 64), num_heads)](
-        out,
-        do,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        do.stride(0),
-        do.stride(1),
-        delta.stride(0),
-        total_q,
-        HEAD_DIM=head_dim,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_M=64,
-    )
+    delta = _backward_delta(do, out, lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dq[plan.end_q :].zero_()  # padding rows: the kernels visit only rows inside sequences
     dk[plan.end_k :].zero_()
     dv[plan.end_k :].zero_()
     common = _common(q, plan, num_heads // num_kv_heads, cu_q)
-    strides = dict(
-        stride_qt=q.stride(0),
-        stride_qh=q.stride(1),
-        stride_kt=k.stride(0),
-        stride_kh=k.stride(1),
-        stride_vt=v.stride(0),
-        stride_vh=v.stride(1),
-        stride_dot=do.stride(0),
-        stride_doh=do.stride(1),
-        stride_lh=lse.stride(0),
-        qk_scale=plan.softmax_scale * LOG2E,
-        sm_scale=plan.softmax_scale,
-    )
+    strides = _backward_strides(do, q, k, v, lse, plan)
     _launcher("dkdv", common["LAYOUT_BLOCK"])(
         lambda meta: (triton.cdiv(plan.max_seqlen_k, meta["BLOCK_N"]), num_kv_heads, batch),
         config=plan.configs.get("dkdv"),
@@ -363,6 +336,45 @@ def _backward(do, q, k, v, out, lse, cu_q, cu_k, plan: _Plan):
         **common,
     )
     return dq, dk, dv
+
+
+def _backward_delta(do, out, lse):
+    """delta = rowsum(dO * O) per (head, query row), (Hq, total_q) fp32 like lse: FlashAttention-2's
+    preprocessing pass, so the dk/dv and dq kernels get the softmax gradient's row term without reading O."""
+    total_q, num_heads, head_dim = out.shape
+    delta = torch.empty_like(lse)  # (Hq, total_q)
+    bwd_preprocess[(triton.cdiv(total_q, 64), num_heads)](
+        out,
+        do,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        do.stride(0),
+        do.stride(1),
+        delta.stride(0),
+        total_q,
+        HEAD_DIM=head_dim,
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=64,
+    )
+    return delta
+
+
+def _backward_strides(do, q, k, v, lse, plan: _Plan) -> dict:
+    """The strides and scales the dk/dv and dq kernels both take."""
+    return dict(
+        stride_qt=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kt=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_vt=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_dot=do.stride(0),
+        stride_doh=do.stride(1),
+        stride_lh=lse.stride(0),
+        qk_scale=plan.softmax_scale * LOG2E,
+        sm_scale=plan.softmax_scale,
+    )
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
