@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install test run clean
+.PHONY: install lint test run clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-test: $(VENV)/.installed
+# lint: ruff (lint + format, configured in pyproject.toml) and the package's structure rules (tools/)
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tools/check_structure.py
+
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(VENV)/.installed
