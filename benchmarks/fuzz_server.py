@@ -156,6 +156,20 @@ def count_statuses(har: dict, operations: set[str]) -> dict[str, collections.Cou
     return counts
 
 
+def count_streams(har: dict) -> dict[str, int]:
+    """Server-sent event answers read to `data: [DONE]`, and those the client stopped reading (schemathesis
+    reads at most 20 events of a stream, then closes the connection: the server must abort and free them)."""
+    done = cut = 0
+    for entry in har["log"]["entries"]:
+        response = entry["response"]
+        if "text/event-stream" in response["content"].get("mimeType", ""):
+            if response["content"].get("text", "").rstrip().endswith("data: [DONE]"):
+                done += 1
+            else:
+                cut += 1
+    return {"streams_read_to_the_end": done, "streams_left_by_the_client": cut}
+
+
 def summarize(
     counts: dict[str, collections.Counter], report: dict, server_after: dict, wall: float, st_exit: int
 ) -> dict:
@@ -202,7 +216,9 @@ def table(row: dict) -> str:
         f"5xx: {row['num_5xx']}; no answer (timeout): {row['no_answer']}; schemathesis failures: "
         f"{len(row['failures'])}, errors: {len(row['errors'])}; wall {row['wall_s']} s; /health after: "
         f"{row['health_after']}; KV blocks held after: {row['kv_blocks_used_after']} of {row['kv_blocks_total']}; "
-        f"engine requests aborted: {row['aborted']}; server exit status {row['exit_status']}"
+        f"SSE streams read to the end / left by the client: {row['streams_read_to_the_end']} / "
+        f"{row['streams_left_by_the_client']}; engine requests aborted: {row['aborted']}; "
+        f"server exit status {row['exit_status']}"
     )
     return "\n".join([*lines, "", summary])
 
@@ -231,6 +247,7 @@ def fuzz(args, out: Path) -> dict:
     har = json.loads((out / "fuzz.har.json").read_text())
     report = json.loads((out / "schemathesis.json").read_text())
     row = summarize(count_statuses(har, operations), report, after, wall, st_exit)
+    row.update(count_streams(har))
     row.update(
         exit_status=exit_status,
         server_tracebacks=sum("Traceback" in line for line in server.log),

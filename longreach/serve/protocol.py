@@ -223,7 +223,34 @@ _PROMPT_SCHEMA = {
 }
 
 
+# request examples: shown by /docs, and the first bodies a schema fuzzer sends (short, so they fit any context)
+_COMPLETION_EXAMPLES = [
+    {"prompt": "The pass key is", "max_tokens": 8, "temperature": 0},
+    {
+        "prompt": ["The grass is", "The sky is"],
+        "n": 2,
+        "max_tokens": 24,
+        "seed": 1,
+        "logprobs": 2,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    },
+]
+_CHAT_EXAMPLES = [
+    {"messages": [{"role": "user", "content": "What is the pass key?"}], "max_tokens": 16},
+    {
+        "messages": [{"role": "user", "content": "Hi"}],
+        "n": 2,
+        "max_tokens": 24,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "stream": True,
+    },
+]
+
+
 class CompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": _COMPLETION_EXAMPLES})
     prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]  # checked by _check_prompt, for its messages
     max_tokens: int | None = Field(16, ge=1)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -309,6 +336,7 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": _CHAT_EXAMPLES})
     messages: list[ChatMessage] = Field(json_schema_extra={"minItems": 1})
     max_tokens: int | None = Field(None, ge=1, description="absent: up to the model's context length")
     max_completion_tokens: int | None = Field(None, ge=1)

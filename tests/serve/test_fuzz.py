@@ -42,7 +42,9 @@ def test_schemathesis_finds_no_5xx_no_hang_and_leaves_nothing_held(byte_model_di
     assert row["num_5xx"] == 0 and row["no_answer"] == 0, row["statuses"]
     assert row["failures"] == [] and row["errors"] == [], (tmp_path / "schemathesis.log").read_text()[-4000:]
     assert (row["health_after"], row["kv_blocks_used_after"], row["exit_status"]) == (200, 0, 0)
-    assert row["server_tracebacks"] == 0 and row["aborted"] == 0  # a refused batch never reached the engine
+    assert row["server_tracebacks"] == 0
+    # the schema's streaming examples ran; schemathesis leaves a stream after 20 events, and the blocks came back
+    assert row["streams_read_to_the_end"] + row["streams_left_by_the_client"] >= 2
     for op in ("POST /v1/completions", "POST /v1/chat/completions"):  # both accepted and refused bodies
         statuses = row["by_operation"][op]
         assert statuses.get("200", 0) >= 5 and statuses.get("400", 0) >= 5, (op, statuses)
