@@ -19,80 +19,21 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test
+from serve_process import ServeProcess  # noqa: E402
+
 # positive_data_acceptance wants every schema-valid body answered 2xx; some valid bodies are rightly refused
 # (a prompt + max_tokens over the context length, ids outside the vocabulary): reported, not a failure.
 CHECKS = ["--checks", "all", "--exclude-checks", "positive_data_acceptance"]
-
-
-class Server:
-    """`longreach serve` in a subprocess on a free port; stops with SIGTERM (graceful, exit 0)."""
-
-    def __init__(self, args: list[str], threads: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "longreach",
-            "serve",
-            *args,
-            "--port",
-            "0",
-            "--dtype",
-            "fp32",
-            "--device",
-            "cpu",
-            "--log-level",
-            "warning",
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        self.url, self.log = None, []
-        deadline = time.monotonic() + 180
-        while self.url is None:
-            line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit status {self.proc.poll()})")
-            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-            self.url = match and match.group(1)
-        threading.Thread(target=self._drain_stderr, daemon=True).start()
-
-    def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            self.log.append(line)
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        pattern = rf"^longreach_{name}{re.escape(labels)}\s+(\S+)$"
-        return sum(float(v) for v in re.findall(pattern, text, re.MULTILINE))
-
-    def wait_idle(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while (
-            self.metric("num_requests_running") or self.metric("num_requests_waiting")
-        ) and time.monotonic() < deadline:
-            time.sleep(0.2)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 def run_schemathesis(url: str, out: Path, args) -> tuple[int, float]:
@@ -224,7 +165,7 @@ def table(row: dict) -> str:
 
 
 def fuzz(args, out: Path) -> dict:
-    server = Server(args.serve_args, args.threads)
+    server = ServeProcess(args.serve_args, args.threads)
     try:
         with httpx.Client(timeout=30) as http:
             schema = http.get(server.url + "/openapi.json").json()

@@ -17,18 +17,16 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
-import re
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test
+from serve_process import ServeProcess  # noqa: E402
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -55,55 +53,6 @@ def make_requests(num: int, min_len: int, max_len: int, max_tokens: int, seed: i
             }
         )
     return out
-
-
-class Server:
-    """`longreach serve` in a subprocess on a free port; stops with SIGTERM (graceful, exit 0)."""
-
-    def __init__(self, extra: list[str], threads: int):
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-        cmd = [
-            sys.executable,
-            "-m",
-            "longreach",
-            "serve",
-            "--port",
-            "0",
-            "--dtype",
-            "fp32",
-            "--device",
-            "cpu",
-            "--log-level",
-            "warning",
-            "--served-model-name",
-            "demo",
-            *extra,
-        ]
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        self.url = None
-        deadline = time.monotonic() + 180
-        while self.url is None:
-            line = self.proc.stderr.readline()
-            if not line and self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit status {self.proc.poll()})")
-            match = re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line)
-            self.url = match and match.group(1)
-        threading.Thread(target=self.proc.stderr.read, daemon=True).start()
-
-    def metric(self, name: str, labels: str = "") -> float:
-        text = httpx.get(self.url + "/metrics", timeout=30).text
-        pattern = (
-            rf"^longreach_{name}{re.escape(labels)}\s+(\S+)$"
-            if labels
-            else rf"^longreach_{name}(?:{{[^}}]*}})?\s+(\S+)$"
-        )
-        return sum(float(v) for v in re.findall(pattern, text, re.M))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=60)
 
 
 async def one(client, req: dict, leave_after: int | None) -> dict:
@@ -158,14 +107,10 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_setting(name: str, extra: list[str], reqs: list[dict], leavers: set[int], threads: int) -> dict:
-    server = Server(extra, threads)
+    server = ServeProcess(["--served-model-name", "demo", *extra], threads)
     try:
         results, wall = asyncio.run(burst(server.url, reqs, leavers))  # cold: no prefix cached yet
-        deadline = time.monotonic() + 60
-        while (
-            server.metric("num_requests_running") or server.metric("num_requests_waiting")
-        ) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        server.wait_idle(60)
         counters = {k: server.metric(k) for k in ("num_preemptions_total", "generation_tokens_total")}
         aborted = server.metric("request_success_total", '{finished_reason="abort"}')
         kv_after = server.metric("kv_cache_blocks_used")
