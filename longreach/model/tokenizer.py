@@ -7,23 +7,26 @@
   bos/eos added by the post-processor in tokenizer.json (transformers 5.x ignores the config's
   `add_bos_token` then) or, with no post-processor, by `add_bos_token` / `add_eos_token`; never a double bos,
   eos ids merged from `generation_config.json` and `config.json` (Llama 3 stops on several), and
-  the Jinja chat template rendered like transformers' `apply_chat_template(..., tokenize=False)`:
-  sandboxed, `trim_blocks` + `lstrip_blocks`, `raise_exception`, `strftime_now`, a non-escaping `tojson`.
+  the checkpoint's chat templates.
 - `load_tokenizer(path)` picks one by the files present.
+
+Chat templates (finding, choosing and rendering them like transformers) live in `chat_template.py`;
+`render_chat_template` is re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from longreach.model.chat_template import (
+    render_chat_template,
+    select_chat_template,
+    template_files,
+    templates_from_config,
+)
 
 NUM_BYTE_TOKENS = 256
 BOS_TOKEN_ID = 256
@@ -64,65 +67,6 @@ _SPECIAL_TOKEN_NAMES = (
     "cls_token",
     "mask_token",
 )
-
-
-# ---------------------------------------------------------------- chat templates
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` marks assistant text for transformers' assistant mask;
-    rendering to a string just keeps the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller):
-        return caller()
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters; chat templates want the plain JSON
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
-
-
-def _strftime_now(format: str) -> str:
-    return datetime.now().strftime(format)
-
-
-@lru_cache(maxsize=32)
-def _compile_template(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(template)
-
-
-def render_chat_template(
-    template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
-) -> str:
-    """Render a Jinja chat template the way transformers does (sandboxed; errors become ValueError)."""
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message:
-            raise ValueError(f"messages[{index}] = {message!r}: each message must be a dict with a 'role'")
-    try:
-        return _compile_template(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-    except jinja2.exceptions.TemplateError as exc:
-        raise ValueError(f"chat template error: {exc}") from exc
 
 
 # ---------------------------------------------------------------- byte tokenizer
@@ -326,25 +270,13 @@ class HFTokenizer:
     def _read_chat_templates(self, config: dict[str, Any]) -> tuple[str | None, dict[str, str]]:
         """(default template, all named templates). As in transformers, template files (chat_template.jinja,
         additional_chat_templates/NAME.jinja) replace the tokenizer_config.json entry when present."""
-        templates: dict[str, str] = {}
-        jinja_path = self.directory / "chat_template.jinja"
-        if jinja_path.is_file():
-            templates["default"] = jinja_path.read_text(encoding="utf-8")
-        extra_dir = self.directory / "additional_chat_templates"
-        if extra_dir.is_dir():
-            for path in sorted(extra_dir.glob("*.jinja")):
-                templates[path.stem] = path.read_text(encoding="utf-8")
+        templates = template_files(self.directory)
         if templates:
             return templates.get("default"), templates
         raw = config.get("chat_template")
         if raw is None:  # processors (multimodal checkpoints) keep it in chat_template.json
             raw = (_read_json(self.directory / "chat_template.json") or {}).get("chat_template")
-        if isinstance(raw, list):
-            templates.update((entry["name"], entry["template"]) for entry in raw)
-        elif isinstance(raw, dict):
-            templates.update(raw)
-        elif isinstance(raw, str):
-            templates["default"] = raw
+        templates = templates_from_config(raw)
         return templates.get("default"), templates
 
     def __len__(self) -> int:
@@ -403,20 +335,10 @@ class HFTokenizer:
     ) -> str:
         """The prompt text for `messages`. `chat_template` may name one of the tokenizer's templates or be a
         template string; with tools and no name, a 'tool_use' template is preferred when there is one."""
-        if chat_template in self.chat_templates:
-            template = self.chat_templates[chat_template]
-        elif chat_template is not None:
-            template = chat_template
-        elif tools is not None and "tool_use" in self.chat_templates:
-            template = self.chat_templates["tool_use"]
-        elif self.chat_template is not None:
-            template = self.chat_template
-        elif self.chat_templates:
-            raise ValueError(
-                f"{self.directory}: several chat templates and none named 'default'; pass "
-                f"chat_template= one of {sorted(self.chat_templates)}"
-            )
-        else:
+        template = select_chat_template(
+            self.chat_templates, self.chat_template, chat_template, tools, self.directory
+        )
+        if template is None:
             raise ValueError(
                 f"{self.directory}: the tokenizer has no chat template (looked in {TOKENIZER_CONFIG} "
                 "and chat_template.jinja)"
