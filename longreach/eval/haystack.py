@@ -11,7 +11,8 @@ needles are "snapped to a sentence end" as in the needle-in-a-haystack repositor
   (`from_files`), started at a seeded sentence so samples see different parts.
 - `EntityDocuments`: short biographies of generated people, the documents of the `qa` task.
 
-Words used by the tasks (keys, variable names, word lists) are built here too: `pseudo_word`, `person_name`.
+The words themselves (parts of speech, templates, names, biography facts) live in
+`longreach.eval.vocabulary`; its public makers are re-exported here for existing callers.
 """
 
 from __future__ import annotations
@@ -24,350 +25,44 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from longreach.eval.vocabulary import (
+    ADJECTIVES,
+    ADVERBS,
+    ANIMALS,
+    CITIES,
+    INTRANSITIVE,
+    NOUNS,
+    PLACES,
+    PROFESSIONS,
+    TEMPLATES,
+    TIMES,
+    VERBS,
+    company_name,
+    entity_facts,
+    person_name,
+    pseudo_word,
+)
+
+__all__ = [
+    "ANIMALS",
+    "CITIES",
+    "DOCUMENT_START",
+    "PROFESSIONS",
+    "SENTENCE_START",
+    "EntityDocuments",
+    "RepeatedText",
+    "SyntheticText",
+    "TextSource",
+    "company_name",
+    "entity_document",
+    "entity_facts",
+    "person_name",
+    "pseudo_word",
+    "read_text_files",
+]
+
 SENTENCE_START = re.compile(r"(?<=[.!?])\s+")  # a needle goes where the next sentence starts
 DOCUMENT_START = re.compile(r"\n\n")
-
-_ADJECTIVES = (
-    "quiet",
-    "bright",
-    "ancient",
-    "narrow",
-    "golden",
-    "hollow",
-    "distant",
-    "gentle",
-    "silver",
-    "restless",
-    "patient",
-    "crooked",
-    "humble",
-    "vivid",
-    "weathered",
-    "curious",
-    "steady",
-    "fragile",
-    "broad",
-    "pale",
-    "stubborn",
-    "sunlit",
-    "forgotten",
-    "sturdy",
-    "tangled",
-    "modest",
-    "solemn",
-    "brisk",
-    "dusty",
-    "tender",
-)
-_NOUNS = (
-    "river",
-    "lantern",
-    "orchard",
-    "harbor",
-    "meadow",
-    "library",
-    "compass",
-    "garden",
-    "mountain",
-    "village",
-    "bridge",
-    "forest",
-    "market",
-    "window",
-    "island",
-    "workshop",
-    "valley",
-    "castle",
-    "letter",
-    "kitchen",
-    "engine",
-    "painter",
-    "sailor",
-    "teacher",
-    "farmer",
-    "traveler",
-    "scholar",
-    "merchant",
-    "poet",
-    "baker",
-)
-_VERBS = (
-    "watched",
-    "crossed",
-    "remembered",
-    "followed",
-    "carried",
-    "described",
-    "admired",
-    "repaired",
-    "visited",
-    "painted",
-    "ignored",
-    "studied",
-    "guarded",
-    "praised",
-    "mapped",
-    "questioned",
-    "welcomed",
-    "measured",
-)
-_INTRANSITIVE = (
-    "waited",
-    "wandered",
-    "rested",
-    "listened",
-    "lingered",
-    "hesitated",
-    "drifted",
-    "laughed",
-    "worked",
-    "returned",
-    "whispered",
-    "changed",
-)
-_ADVERBS = (
-    "slowly",
-    "quietly",
-    "carefully",
-    "happily",
-    "patiently",
-    "suddenly",
-    "gracefully",
-    "eagerly",
-    "steadily",
-    "softly",
-    "boldly",
-    "rarely",
-)
-_PLACES = (
-    "old town",
-    "northern hills",
-    "market square",
-    "coastal road",
-    "upper valley",
-    "river bank",
-    "small harbor",
-    "eastern woods",
-    "city gate",
-    "long avenue",
-    "quiet lane",
-    "high plateau",
-)
-_TIMES = ("morning", "evening", "winter", "spring", "afternoon", "season", "autumn", "summer")
-_TEMPLATES = (
-    "The {adj} {noun} {verb} the {adj2} {noun2}.",
-    "In the {place}, a {noun} {intrans} while the {noun2} {intrans2} {adverb}.",
-    "Every {time}, the {noun}s of the {place} {intrans} {adverb}.",
-    "Nobody expected the {adj} {noun} to be so {adj2}.",
-    "A {adj} {noun} once {verb} a {noun2} near the {place}.",
-    "It was said that the {noun} {verb} the {noun2} {adverb}, and then {intrans}.",
-    "Some people believe the {adj} {noun} still {intrans_present} by the {place}.",
-    "When the {time} came, the {noun} {verb} every {adj} {noun2} in sight.",
-    "The story of the {noun} and the {adj} {noun2} is told {adverb} in the {place}.",
-    "Beyond the {place}, the {noun2} {intrans} and the {noun} {verb} it {adverb}.",
-)
-_SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou") + ("th", "sh", "ch")
-_FIRST_NAMES = (
-    "Ada",
-    "Bruno",
-    "Clara",
-    "Dmitri",
-    "Elena",
-    "Farid",
-    "Greta",
-    "Hugo",
-    "Ines",
-    "Jonas",
-    "Kira",
-    "Lars",
-    "Mira",
-    "Nadia",
-    "Oskar",
-    "Priya",
-    "Quentin",
-    "Rosa",
-    "Soren",
-    "Talia",
-    "Umar",
-    "Vera",
-    "Wendell",
-    "Xenia",
-    "Yusuf",
-    "Zora",
-    "Amara",
-    "Basil",
-    "Celia",
-    "Dorian",
-    "Esme",
-    "Felix",
-    "Gideon",
-    "Helena",
-    "Ivo",
-    "Juno",
-    "Kasimir",
-    "Lena",
-    "Matteo",
-    "Noor",
-    "Otto",
-    "Paloma",
-    "Rafael",
-    "Selma",
-    "Tobias",
-    "Ulla",
-    "Viktor",
-    "Wilma",
-    "Yara",
-    "Zeno",
-)
-_SURNAME_HEADS = (
-    "Ash",
-    "Black",
-    "Brook",
-    "Clay",
-    "Dun",
-    "Elder",
-    "Fair",
-    "Gold",
-    "Hart",
-    "Iron",
-    "Kings",
-    "Lang",
-    "Marsh",
-    "North",
-    "Oak",
-    "Pen",
-    "Quill",
-    "Raven",
-    "Stone",
-    "Thorn",
-    "Under",
-    "Vale",
-    "West",
-    "Wren",
-)
-_SURNAME_TAILS = (
-    "wood",
-    "field",
-    "ford",
-    "more",
-    "ton",
-    "well",
-    "by",
-    "croft",
-    "hill",
-    "worth",
-    "ley",
-    "mere",
-    "wick",
-    "holt",
-    "stead",
-    "gate",
-    "ridge",
-    "shaw",
-    "combe",
-    "thwaite",
-)
-CITIES = (
-    "Lisbon",
-    "Oslo",
-    "Kyoto",
-    "Quito",
-    "Tbilisi",
-    "Porto",
-    "Tallinn",
-    "Valletta",
-    "Hanoi",
-    "Lima",
-    "Bergen",
-    "Dakar",
-    "Krakow",
-    "Ghent",
-    "Seville",
-    "Tunis",
-    "Cusco",
-    "Riga",
-    "Nairobi",
-    "Hobart",
-    "Galway",
-    "Bruges",
-    "Lyon",
-    "Turin",
-    "Salzburg",
-    "Leipzig",
-    "Bologna",
-    "Granada",
-    "Tartu",
-    "Aarhus",
-    "Cork",
-    "Utrecht",
-)
-PROFESSIONS = (
-    "architect",
-    "beekeeper",
-    "cartographer",
-    "chemist",
-    "glassblower",
-    "librarian",
-    "locksmith",
-    "luthier",
-    "midwife",
-    "navigator",
-    "optician",
-    "pharmacist",
-    "potter",
-    "surveyor",
-    "translator",
-    "veterinarian",
-    "watchmaker",
-    "weaver",
-    "geologist",
-    "sommelier",
-)
-_COMPANY_HEADS = (
-    "Northwind",
-    "Bluefield",
-    "Copperline",
-    "Silverleaf",
-    "Redcliff",
-    "Greenhollow",
-    "Lighthouse",
-    "Starling",
-    "Ironbridge",
-    "Moonstone",
-    "Harborview",
-    "Sunpeak",
-    "Foxglove",
-    "Cedarwood",
-)
-_COMPANY_TAILS = (
-    "Labs",
-    "Works",
-    "Trading",
-    "Foundry",
-    "Studios",
-    "Logistics",
-    "Textiles",
-    "Instruments",
-    "Press",
-    "Analytics",
-    "Bakery",
-    "Shipyard",
-)
-ANIMALS = ("cat", "dog", "parrot", "tortoise", "rabbit", "ferret", "goldfish", "hedgehog", "canary", "lizard")
-
-
-def pseudo_word(rng: random.Random, num_syllables: int | None = None) -> str:
-    """A pronounceable made-up lowercase word ('bamoku'), 2-3 syllables unless told."""
-    n = num_syllables or rng.randint(2, 3)
-    return "".join(rng.choice(_SYLLABLES) for _ in range(n))
-
-
-def person_name(rng: random.Random) -> str:
-    return f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAME_HEADS)}{rng.choice(_SURNAME_TAILS)}"
-
-
-def company_name(rng: random.Random) -> str:
-    return f"{rng.choice(_COMPANY_HEADS)} {rng.choice(_COMPANY_TAILS)}"
 
 
 class TextSource(abc.ABC):
@@ -435,18 +130,18 @@ class SyntheticText(TextSource):
 
     def _sentence(self) -> str:
         r = self._rng
-        text = r.choice(_TEMPLATES).format(
-            adj=r.choice(_ADJECTIVES),
-            adj2=r.choice(_ADJECTIVES),
-            noun=r.choice(_NOUNS),
-            noun2=r.choice(_NOUNS),
-            verb=r.choice(_VERBS),
-            intrans=r.choice(_INTRANSITIVE),
-            intrans2=r.choice(_INTRANSITIVE),
-            intrans_present=r.choice(_INTRANSITIVE)[:-2] + "s",
-            adverb=r.choice(_ADVERBS),
-            place=r.choice(_PLACES),
-            time=r.choice(_TIMES),
+        text = r.choice(TEMPLATES).format(
+            adj=r.choice(ADJECTIVES),
+            adj2=r.choice(ADJECTIVES),
+            noun=r.choice(NOUNS),
+            noun2=r.choice(NOUNS),
+            verb=r.choice(VERBS),
+            intrans=r.choice(INTRANSITIVE),
+            intrans2=r.choice(INTRANSITIVE),
+            intrans_present=r.choice(INTRANSITIVE)[:-2] + "s",
+            adverb=r.choice(ADVERBS),
+            place=r.choice(PLACES),
+            time=r.choice(TIMES),
         )
         return text[0].upper() + text[1:]
 
@@ -512,16 +207,6 @@ class EntityDocuments(TextSource):
                 break
         doc = entity_document(name, entity_facts(self._rng))
         return ("\n\n" if self._length else "") + doc
-
-
-def entity_facts(rng: random.Random) -> dict[str, str]:
-    return {
-        "city": rng.choice(CITIES),
-        "profession": rng.choice(PROFESSIONS),
-        "company": company_name(rng),
-        "animal": rng.choice(ANIMALS),
-        "pet": pseudo_word(rng).capitalize(),
-    }
 
 
 def entity_document(name: str, facts: dict[str, str]) -> str:

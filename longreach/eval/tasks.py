@@ -24,6 +24,10 @@ Needles are snapped to the sentence (or document) start nearest the requested de
 needle-in-a-haystack repository does; `Sample.needle_depths` records where they actually landed
 (the share, in %, of the haystack characters that precede each target needle).
 
+This module holds the task definitions (policy) and the length search; the needle placement they
+share lives in `longreach.eval.needles`, the haystack texts in `longreach.eval.haystack`, and their
+words in `longreach.eval.vocabulary`.
+
 Python use:
 
     from longreach.eval.tasks import make_sample
@@ -33,26 +37,14 @@ Python use:
 
 from __future__ import annotations
 
-import bisect
 import os
 import random
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Callable, Protocol, Sequence
 
-from longreach.eval.haystack import (
-    _ADJECTIVES,
-    _NOUNS,
-    EntityDocuments,
-    RepeatedText,
-    SyntheticText,
-    TextSource,
-    entity_document,
-    entity_facts,
-    person_name,
-    pseudo_word,
-    read_text_files,
-)
+from longreach.eval.haystack import EntityDocuments, entity_document, entity_facts, person_name, pseudo_word
+from longreach.eval.needles import Built, Needle, haystack_builder, haystack_source
+from longreach.eval.vocabulary import ADJECTIVES, NOUNS
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 PASSKEY_INSTRUCTION = (
@@ -82,100 +74,14 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class _Needle:
-    text: str
-    depth: float  # requested, % of the context
-    is_target: bool
-
-
-@dataclass
-class _Built:
-    prompt: str
-    expected: tuple[str, ...]
-    needle_depths: tuple[float, ...] = ()
-
-
-@dataclass(frozen=True)
 class TaskSpec:
     name: str
     description: str
     uses_depth: bool
     max_new_tokens: int  # answer budget in tokens (enough for a byte tokenizer too)
     scoring: str
-    # (rng, depth, haystack) -> (builder n -> _Built, smallest n, probe n for the slope estimate)
-    make: Callable[..., tuple[Callable[[int], _Built], int, int]] = field(repr=False)
-
-
-# ---------------------------------------------------------------- needles in a haystack
-
-
-def _insert_needles(
-    source: TextSource, num_chars: int, needles: Sequence[_Needle], sep: str
-) -> tuple[str, list[float]]:
-    """The haystack's first `num_chars` characters with each needle at the boundary nearest its depth.
-
-    Returns (context, depths of the target needles in needle order: the share (%) of the haystack text that
-    precedes each, as the needle-in-a-haystack repository measures depth)."""
-    hay = source.prefix(num_chars)
-    bounds = source.boundaries(num_chars)
-    placed = []
-    for order, needle in enumerate(needles):
-        want = needle.depth / 100.0 * num_chars
-        j = bisect.bisect_left(bounds, want)
-        if j == len(bounds) or (j > 0 and want - bounds[j - 1] <= bounds[j] - want):
-            j -= 1
-        placed.append((bounds[j], order))
-    placed.sort()  # needles at the same boundary keep their given order (chains stay in order)
-    pieces: list[tuple[str, int | None]] = []
-    cursor = 0
-    for pos, order in placed:
-        pieces.append((hay[cursor:pos], None))
-        pieces.append((needles[order].text, order))
-        cursor = pos
-    pieces.append((hay[cursor:], None))
-    out, hay_before, hay_chars = [], {}, 0
-    for text, order in pieces:
-        text = text.strip() if order is None else text
-        if order is not None:
-            hay_before[order] = hay_chars
-        else:
-            hay_chars += len(text)
-        if text:
-            out.append(text)
-    depths = [100.0 * hay_before[i] / max(hay_chars, 1) for i, n in enumerate(needles) if n.is_target]
-    return sep.join(out), depths
-
-
-def _haystack_builder(
-    source: TextSource,
-    header: str,
-    needles: Sequence[_Needle],
-    question: str,
-    expected: Sequence[str],
-    sep: str = " ",
-):
-    def build(num_chars: int) -> _Built:
-        context, depths = _insert_needles(source, num_chars, needles, sep)
-        return _Built(header + context + question, tuple(expected), tuple(depths))
-
-    return build, 0, 2000
-
-
-@lru_cache(maxsize=8)
-def _file_text(paths: tuple[str, ...]) -> str:
-    return read_text_files(paths)
-
-
-def _haystack(
-    rng: random.Random, haystack: Sequence[str | os.PathLike] | None, default: str = "essay"
-) -> TextSource:
-    """User files (repeated, from a seeded sentence) or the built-in synthetic text / passkey filler."""
-    start = rng.randrange(1 << 30)
-    if haystack:
-        return RepeatedText(_file_text(tuple(str(p) for p in haystack)), start=start, separator="\n\n")
-    if default == "passkey":
-        return RepeatedText(PASSKEY_FILLER)
-    return SyntheticText(seed=start)
+    # (rng, depth, haystack) -> (builder n -> Built, smallest n, probe n for the slope estimate)
+    make: Callable[..., tuple[Callable[[int], Built], int, int]] = field(repr=False)
 
 
 def _distinct(make: Callable[[], str], count: int) -> list[str]:
@@ -190,7 +96,7 @@ def _distinct(make: Callable[[], str], count: int) -> list[str]:
 
 
 def _magic_key(rng: random.Random) -> str:
-    return f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}"
+    return f"{rng.choice(ADJECTIVES)}-{rng.choice(NOUNS)}"
 
 
 def _magic_value(rng: random.Random) -> str:
@@ -229,9 +135,9 @@ def _other_depths(rng: random.Random, count: int) -> list[float]:
 
 def _make_passkey(rng, depth, haystack, num_digits: int = 5):
     key = str(rng.randint(10 ** (num_digits - 1), 10**num_digits - 1))
-    needle = _Needle(f"The pass key is {key}. Remember it. {key} is the pass key.", depth, True)
-    source = _haystack(rng, haystack, default="passkey")
-    return _haystack_builder(
+    needle = Needle(f"The pass key is {key}. Remember it. {key} is the pass key.", depth, True)
+    source = haystack_source(rng, haystack, filler=PASSKEY_FILLER)
+    return haystack_builder(
         source, PASSKEY_INSTRUCTION + "\n", [needle], "\n" + PASSKEY_QUESTION, [key], sep="\n"
     )
 
@@ -239,13 +145,13 @@ def _make_passkey(rng, depth, haystack, num_digits: int = 5):
 def _make_niah(rng, depth, haystack, num_distractors: int = 0):
     keys = _distinct(lambda: _magic_key(rng), 1 + num_distractors)
     values = _distinct(lambda: _magic_value(rng), 1 + num_distractors)
-    needles = [_Needle(_magic_needle(keys[0], values[0]), depth, True)]
+    needles = [Needle(_magic_needle(keys[0], values[0]), depth, True)]
     needles += [
-        _Needle(_magic_needle(k, v), d, False)
+        Needle(_magic_needle(k, v), d, False)
         for k, v, d in zip(keys[1:], values[1:], _other_depths(rng, num_distractors))
     ]
-    source = _haystack(rng, haystack)
-    return _haystack_builder(source, _NIAH_HEADER, needles, _niah_question(keys[:1], False), values[:1])
+    source = haystack_source(rng, haystack)
+    return haystack_builder(source, _NIAH_HEADER, needles, _niah_question(keys[:1], False), values[:1])
 
 
 def _make_niah_multikey(rng, depth, haystack):
@@ -256,18 +162,18 @@ def _make_niah_multivalue(rng, depth, haystack, num_values: int = 4):
     key = _magic_key(rng)
     values = _distinct(lambda: _magic_value(rng), num_values)
     depths = [depth, *_other_depths(rng, num_values - 1)]
-    needles = [_Needle(_magic_needle(key, v), d, True) for v, d in zip(values, depths)]
-    source = _haystack(rng, haystack)
-    return _haystack_builder(source, _NIAH_HEADER, needles, _niah_question([key], True), values)
+    needles = [Needle(_magic_needle(key, v), d, True) for v, d in zip(values, depths)]
+    source = haystack_source(rng, haystack)
+    return haystack_builder(source, _NIAH_HEADER, needles, _niah_question([key], True), values)
 
 
 def _make_niah_multiquery(rng, depth, haystack, num_queries: int = 4):
     keys = _distinct(lambda: _magic_key(rng), num_queries)
     values = _distinct(lambda: _magic_value(rng), num_queries)
     depths = [depth, *_other_depths(rng, num_queries - 1)]
-    needles = [_Needle(_magic_needle(k, v), d, True) for k, v, d in zip(keys, values, depths)]
-    source = _haystack(rng, haystack)
-    return _haystack_builder(source, _NIAH_HEADER, needles, _niah_question(keys, True), values)
+    needles = [Needle(_magic_needle(k, v), d, True) for k, v, d in zip(keys, values, depths)]
+    source = haystack_source(rng, haystack)
+    return haystack_builder(source, _NIAH_HEADER, needles, _niah_question(keys, True), values)
 
 
 def _variable_name(rng: random.Random) -> str:
@@ -287,14 +193,14 @@ def _make_variable_tracking(rng, depth, haystack, num_hops: int = 4, num_chains:
         statements = [f"VAR {chain[0]} = {values[c]}."] + [
             f"VAR {b} = VAR {a}." for a, b in zip(chain, chain[1:])
         ]
-        needles += [_Needle(s, d, c == 0) for s, d in zip(statements, depths)]
+        needles += [Needle(s, d, c == 0) for s, d in zip(statements, depths)]
     header = "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
     question = (
         f"\nQuestion: Find all variables that are assigned the value {values[0]} in the text above. "
         f"Answer: According to the chain(s) of variable assignment in the text above, {num_hops + 1} "
         f"variables are assigned the value {values[0]}, they are:"
     )
-    return _haystack_builder(_haystack(rng, haystack), header, needles, question, names[: num_hops + 1])
+    return haystack_builder(haystack_source(rng, haystack), header, needles, question, names[: num_hops + 1])
 
 
 def _make_common_words(rng, depth, haystack, num_common: int = 10):
@@ -313,7 +219,7 @@ def _make_common_words(rng, depth, haystack, num_common: int = 10):
     )
     min_entries = 2 * num_common + 1
 
-    def build(num_entries: int) -> _Built:
+    def build(num_entries: int) -> Built:
         # common words repeat `reps` times (up to RULER's 30), the others `rare` < `reps` times each
         reps = max(2, min(30, num_entries // (2 * num_common)))
         rare = max(1, min(3, reps // 3))
@@ -326,7 +232,7 @@ def _make_common_words(rng, depth, haystack, num_common: int = 10):
         entries = [w for w in words for _ in range(reps)] + [pool[i // rare] for i in range(num_rare_entries)]
         random.Random(f"{shuffle_seed}:{num_entries}").shuffle(entries)
         listing = " ".join(f"{i + 1}. {w}" for i, w in enumerate(entries))
-        return _Built(header + listing + question, tuple(words))
+        return Built(header + listing + question, tuple(words))
 
     return build, min_entries, min_entries + 200
 
@@ -347,12 +253,12 @@ def _make_qa(rng, depth, haystack):
         "pet": (f"What is the name of {name}'s pet {facts['animal']}?", facts["pet"]),
     }[kind]
     source = EntityDocuments(seed=rng.randrange(1 << 30), exclude=[name])
-    needle = _Needle(entity_document(name, facts), depth, True)
+    needle = Needle(entity_document(name, facts), depth, True)
     tail = (
         "\n\nAnswer the question based on the given documents. Only give me the answer and do not output any "
         f"other words.\n\nQuestion: {question}\nAnswer:"
     )
-    return _haystack_builder(source, _QA_HEADER, [needle], tail, [answer], sep="\n\n")
+    return haystack_builder(source, _QA_HEADER, [needle], tail, [answer], sep="\n\n")
 
 
 TASKS: dict[str, TaskSpec] = {
