@@ -1,8 +1,9 @@
 """Triton FlashAttention-2 over packed (varlen) sequences: configs, launch, autograd and the public entry point.
 
 The kernels, and how they walk the causal/window band and a block-sparse layout, are in
-`triton_flash_kernels.py`. On a GPU the configs are autotuned per (head dim, causal, dtype) over a
-small Hopper set (LONGREACH_TRITON_AUTOTUNE=0 takes the first config that fits instead); under
+`triton_flash_kernels.py`; their tile configs in `triton_flash_configs.py`; the launch machinery they share
+with the decode kernels in `triton_launch.py`. On a GPU the configs are autotuned per (head dim, causal,
+dtype) over a small Hopper set (LONGREACH_TRITON_AUTOTUNE=0 takes the first config that fits instead); under
 TRITON_INTERPRET=1 one small fixed config keeps CPU tests fast. With a layout only configs whose
 tiles divide its block size take part, so each kernel tile lies in one layout cell. `configs=` pins a
 kernel's config instead (the tests run every config of the lists this way).
@@ -20,16 +21,23 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
-from triton.compiler import errors as _compile_errors
-from triton.runtime import errors as _triton_errors
 
-from longreach.attention import check_varlen_inputs, seqlens_summary
+from longreach.attention import check_varlen_inputs, seqlens_summary, triton_launch
 from longreach.attention.masks import BlockSparseLayout
+from longreach.attention.triton_flash_configs import (
+    _DKDV_CONFIGS,
+    _DQ_CONFIGS,
+    _FWD_CONFIGS,
+    _INTERPRET_META,
+    _SMALLEST,
+    _divides,
+    _fits,
+)
+from longreach.attention.triton_flash_configs import _config as _config
 from longreach.attention.triton_flash_kernels import (
     EMPTY,
     bwd_dkdv_kernel,
@@ -37,138 +45,24 @@ from longreach.attention.triton_flash_kernels import (
     bwd_preprocess,
     fwd_kernel,
 )
+from longreach.attention.triton_launch import AUTOTUNE, INTERPRET, LOG2E, UNBOUNDED
+from longreach.attention.triton_launch import SMEM_BUDGET as SMEM_BUDGET
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-AUTOTUNE = not INTERPRET and os.environ.get("LONGREACH_TRITON_AUTOTUNE", "1") != "0"
 MAX_HEAD_DIM = 256
-LOG2E = 1.4426950408889634
-UNBOUNDED = 1 << 30  # a window side of -1 becomes this; keeps every index sum inside int32
-# Errors a config that does not suit the device raises when compiled or loaded: the set triton's own
-# autotuner skips (PTXASError exists from triton 3.2 on). Anything else, a CUDA fault above all, propagates:
-# after an illegal access the context is broken, and trying the next config would only hide the cause.
-_CONFIG_ERRORS = tuple(
-    getattr(module, name)
-    for module, name in (
-        (_triton_errors, "OutOfResources"),
-        (_triton_errors, "PTXASError"),
-        (_compile_errors, "CompileTimeAssertionFailure"),
-    )
-    if hasattr(module, name)
-)
 
 
 # ----------------------------------------------------------------------------- configs and launch
 
 
-def _config(block_m, block_n, num_warps, num_stages):
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+class Launcher(triton_launch.Launcher):
+    """`triton_launch.Launcher` reading INTERPRET and AUTOTUNE from this module, so setting them here (the
+    tests do, to drive the first-fit path on CPU) steers the FlashAttention kernels' launches, as it always has."""
 
+    def _interpret(self) -> bool:
+        return INTERPRET
 
-# Hopper candidates in order of preference; _fits drops those whose tiles overflow shared memory or
-# registers for the head dim and dtype. `regs` counts fp32 accumulator elements per thread.
-_FWD_CONFIGS = [
-    _config(128, 64, 8, 3),
-    _config(128, 128, 8, 3),
-    _config(64, 64, 4, 3),
-    _config(64, 64, 8, 2),
-    _config(64, 32, 4, 2),
-    _config(32, 32, 4, 1),
-]
-_DKDV_CONFIGS = [
-    _config(32, 128, 8, 3),
-    _config(64, 64, 8, 2),
-    _config(32, 64, 4, 3),
-    _config(32, 64, 8, 2),
-    _config(16, 32, 4, 1),
-]
-_DQ_CONFIGS = [_config(128, 32, 8, 3), _config(64, 64, 4, 3), _config(64, 32, 8, 2), _config(32, 32, 4, 1)]
-SMEM_BUDGET = 200 * 1024
-_INTERPRET_META = {
-    "fwd": {"BLOCK_M": 32, "BLOCK_N": 16},
-    "dkdv": {"BLOCK_M": 16, "BLOCK_N": 32},
-    "dq": {"BLOCK_M": 32, "BLOCK_N": 16},
-}
-
-
-def _fits(kind: str, config: triton.Config, block_d: int, elt: int) -> bool:
-    bm, bn, warps, stages = (
-        config.kwargs["BLOCK_M"],
-        config.kwargs["BLOCK_N"],
-        config.num_warps,
-        config.num_stages,
-    )
-    if kind == "fwd":  # q resident, k/v streamed; acc (BM, D)
-        smem, regs = elt * (bm * block_d + stages * 2 * bn * block_d), bm * block_d
-    elif kind == "dkdv":  # k/v resident, q/dO streamed; dk, dv (BN, D)
-        smem, regs = elt * (2 * bn * block_d + stages * 2 * bm * block_d), 2 * bn * block_d
-    else:  # q/dO resident, k/v streamed; dq (BM, D)
-        smem, regs = elt * (2 * bm * block_d + stages * 2 * bn * block_d), bm * block_d
-    return smem <= SMEM_BUDGET and regs <= 128 * 32 * warps
-
-
-class Launcher:
-    """One kernel launched with an autotuned, a first-fitting, (interpreter) a fixed, or a pinned config.
-
-    `fits(config, args)` drops configs whose tiles cannot fit; `key` names the arguments the
-    autotuner (and the first-fit cache) keys on, besides the tensors' dtypes.
-    """
-
-    def __init__(self, fn, configs, key, fits, interpret_meta):
-        self.fn, self.configs, self.key, self.fits, self.interpret_meta = (
-            fn,
-            configs,
-            key,
-            fits,
-            interpret_meta,
-        )
-        self.chosen: dict[tuple, triton.Config] = {}
-        self.tuned = None
-        if AUTOTUNE:
-            self.tuned = triton.autotune(
-                configs=configs, key=key, prune_configs_by={"early_config_prune": self._prune}
-            )(fn)
-
-    def _prune(self, configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        return [c for c in configs if self.fits(c, args)] or [configs[-1]]
-
-    def candidates(self, **args) -> list[triton.Config]:
-        """The configs the autotuner may choose for a launch with these arguments (those that fit)."""
-        return self._prune(self.configs, args)
-
-    def _launch(self, grid, config: triton.Config, kwargs: dict):
-        self.fn[grid](**kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
-
-    def __call__(self, grid, config: triton.Config | None = None, **kwargs):
-        """Launch `fn` on `grid` with the kernel arguments `kwargs`; `config` pins the tile config
-        (any device, interpreter included), else it is autotuned, first-fit or fixed."""
-        if config is not None:
-            self._launch(grid, config, kwargs)
-            return
-        if INTERPRET:
-            self.fn[grid](**kwargs, **self.interpret_meta)
-            return
-        if self.tuned is not None:
-            self.tuned[grid](**kwargs)
-            return
-        key = tuple(kwargs[k] for k in self.key) + tuple(
-            str(v.dtype) for v in kwargs.values() if isinstance(v, torch.Tensor)
-        )
-        if key in self.chosen:
-            self._launch(grid, self.chosen[key], kwargs)
-            return
-        first_error = None
-        for candidate in self._prune(self.configs, {}, **kwargs):
-            try:  # shared memory or registers the estimate missed fail at compile time: try the next config
-                self._launch(grid, candidate, kwargs)
-            except _CONFIG_ERRORS as e:
-                first_error = first_error or e
-                continue
-            self.chosen[key] = candidate
-            return
-        raise RuntimeError(
-            f"no config of {getattr(self.fn, '__name__', 'kernel')} compiles for {dict(zip(self.key, key))}"
-        ) from first_error
+    def _autotune(self) -> bool:
+        return AUTOTUNE
 
 
 _KERNELS = {
@@ -176,11 +70,6 @@ _KERNELS = {
     "dkdv": (bwd_dkdv_kernel, _DKDV_CONFIGS),
     "dq": (bwd_dq_kernel, _DQ_CONFIGS),
 }
-_SMALLEST = _config(16, 16, 4, 1)  # tl.dot's smallest tile: for layouts of 16-token blocks
-
-
-def _divides(meta: dict, layout_block: int) -> bool:
-    return layout_block % meta["BLOCK_M"] == 0 and layout_block % meta["BLOCK_N"] == 0
 
 
 @functools.lru_cache(maxsize=None)
