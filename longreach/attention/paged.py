@@ -72,13 +72,7 @@ def paged_decode_attention_torch(
     out = torch.zeros(batch, num_kv_heads, group, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=torch.float32, device=q.device)
     qg = q.view(batch, num_kv_heads, group, head_dim).to(dtype)  # (B, Hkv, G, D)
-    lengths = cache_seqlens.tolist()
-    capacity = block_table.shape[1] * block_size
-    bad = next((b for b, n in enumerate(lengths) if not 0 <= n <= capacity), None)
-    if bad is not None:
-        raise ValueError(
-            f"cache_seqlens[{bad}] = {lengths[bad]} is outside 0..{capacity} (block_table width x block_size)"
-        )
+    lengths = _host_lengths(cache_seqlens, block_table.shape[1] * block_size)
     max_keys = GROUP_GATHER_BYTES // (
         2 * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
     )
@@ -95,11 +89,24 @@ def paged_decode_attention_torch(
         if window_size[0] >= 0:
             hidden |= pos < seqlens - 1 - window_size[0]
         decode = _block_diagonal_decode if num_kv_heads <= 2 else _per_head_decode
-        o, lse_rows = decode(qg.index_select(0, idx), k, v, hidden[:, None, :], scale)
+        probs_of = _probabilities(has_empty=not all(lengths[r] for r in rows))
+        o, lse_rows = decode(qg.index_select(0, idx), k, v, hidden[:, None, :], scale, probs_of, return_lse)
         out.index_copy_(0, idx, o)
-        lse.index_copy_(0, idx, lse_rows)
+        if return_lse:
+            lse.index_copy_(0, idx, lse_rows)
     out = out.view(batch, num_heads, head_dim).to(q.dtype)
     return (out, lse.view(batch, num_heads)) if return_lse else out
+
+
+def _host_lengths(cache_seqlens: torch.Tensor, capacity: int) -> list[int]:
+    """The sequence lengths on the host, each checked against its block table's capacity."""
+    lengths = cache_seqlens.tolist()
+    bad = next((b for b, n in enumerate(lengths) if not 0 <= n <= capacity), None)
+    if bad is not None:
+        raise ValueError(
+            f"cache_seqlens[{bad}] = {lengths[bad]} is outside 0..{capacity} (block_table width x block_size)"
+        )
+    return lengths
 
 
 def _gather_pages(pages, flat: torch.Tensor, n: int, dtype: torch.dtype, workspace: dict | None):
@@ -115,20 +122,30 @@ def _gather_pages(pages, flat: torch.Tensor, n: int, dtype: torch.dtype, workspa
     return k.view(shape), v.view(shape)
 
 
-def _per_head_decode(q, k, v, hidden, scale):
-    """q (n, Hkv, G, D), k/v (n, L, Hkv, D): a loop over KV heads, not tokens; each is one batched product."""
+def _probabilities(has_empty: bool):
+    """softmax over keys; a row that sees no key (an empty sequence) gets zeros, not NaN. The NaN pass costs a
+    read of every score, so it runs only in groups that hold an empty sequence (never in the engine's decode)."""
+    if has_empty:
+        return lambda scores: scores.softmax(-1).nan_to_num_(0.0)
+    return lambda scores: scores.softmax(-1)
+
+
+def _per_head_decode(q, k, v, hidden, scale, probs_of, want_lse: bool):
+    """q (n, Hkv, G, D), k/v (n, L, Hkv, D): a loop over KV heads, not tokens; each is one batched product.
+    Returns o (n, Hkv, G, D) and, with want_lse, lse (n, Hkv, G) fp32 (else None: one pass less)."""
     n, num_kv_heads, group, head_dim = q.shape
     o = torch.empty(n, num_kv_heads, group, head_dim, dtype=v.dtype, device=q.device)
-    lse = torch.empty(n, num_kv_heads, group, dtype=torch.float32, device=q.device)
+    lse = torch.empty(n, num_kv_heads, group, dtype=torch.float32, device=q.device) if want_lse else None
     for h in range(num_kv_heads):
         scores = torch.bmm(q[:, h], k[:, :, h].transpose(1, 2)).float() * scale  # (n, G, L)
         scores.masked_fill_(hidden, float("-inf"))
-        lse[:, h] = torch.logsumexp(scores, dim=-1)
-        torch.bmm(scores.softmax(-1).nan_to_num_(0.0).to(v.dtype), v[:, :, h], out=o[:, h])  # (n, G, D)
+        if want_lse:
+            lse[:, h] = torch.logsumexp(scores, dim=-1)
+        torch.bmm(probs_of(scores).to(v.dtype), v[:, :, h], out=o[:, h])  # (n, G, D)
     return o, lse
 
 
-def _block_diagonal_decode(q, k, v, hidden, scale):
+def _block_diagonal_decode(q, k, v, hidden, scale, probs_of, want_lse: bool):
     """All heads in two contiguous bmm's: q (n, Hkv, G, D) placed block-diagonally against k/v (n, L, Hkv*D).
 
     Reads K and V once, contiguously, for Hkv times the multiply-adds: faster than per-head strided products
@@ -141,8 +158,8 @@ def _block_diagonal_decode(q, k, v, hidden, scale):
     q_bd = q_bd.view(n, num_kv_heads * group, num_kv_heads * head_dim)  # (n, Hq, Hkv*D)
     scores = torch.bmm(q_bd, k.reshape(n, num_keys, -1).transpose(1, 2)).float() * scale  # (n, Hq, L)
     scores.masked_fill_(hidden, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1).view(n, num_kv_heads, group)
-    probs = scores.softmax(-1).nan_to_num_(0.0).to(v.dtype)
+    lse = torch.logsumexp(scores, dim=-1).view(n, num_kv_heads, group) if want_lse else None
+    probs = probs_of(scores).to(v.dtype)
     o = torch.bmm(probs, v.reshape(n, num_keys, -1))  # (n, Hq, Hkv*D)
     o = o.view(n, num_kv_heads, group, num_kv_heads, head_dim)
     return torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2), lse  # (n, Hkv, G, D)
