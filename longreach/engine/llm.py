@@ -196,6 +196,7 @@ class LLMEngine:
         self.requests[request_id] = seq
         self.scheduler.add(seq)
         self.output.add(seq)
+        self.runner.prompt_logprobs.add(seq)
         return request_id
 
     def _encode(self, prompt: Prompt) -> list[int]:
@@ -243,9 +244,12 @@ class LLMEngine:
         self.scheduler.update(batch, step.sampling, token_ids, sampled.logprobs)
         outputs = self.output.process(step.sampling)
         self.runner.after_step(step)
+        for out in outputs:
+            out.prompt_logprobs = self.runner.prompt_logprobs.get(out.request_id)
         for seq in step.sampling:
             if seq.is_finished:
                 del self.requests[seq.request_id]
+                self.runner.prompt_logprobs.pop(seq.request_id)
         return outputs
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -253,6 +257,7 @@ class LLMEngine:
         seq = self.requests.pop(str(request_id), None)
         if seq is None:
             return None
+        self.runner.prompt_logprobs.pop(seq.request_id)
         return self.output.abort(seq)
 
 

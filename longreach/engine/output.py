@@ -39,6 +39,9 @@ class RequestOutput:
     stop_reason: int | str | None
     logprobs: list[dict[int, float]] | None
     metrics: RequestMetrics
+    # SamplingParams.prompt_logprobs: one entry per prompt token ({token id: logprob} of that token and the top
+    # k), None for the first; set by the engine from the request's first token on
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from longreach.engine.layouts import KVLayout, StepInputs
+from longreach.engine.prompt_logprobs import PromptLogprobs
 from longreach.engine.scheduler import ScheduledBatch
 from longreach.engine.sequence import Sequence
 from longreach.kvcache.block_pool import KVCacheManager
@@ -30,6 +31,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.block_bytes, self.window_slot_bytes = block_bytes, window_slot_bytes
         self.is_rope_length_dependent = model.config.rope.is_length_dependent
+        self.prompt_logprobs = PromptLogprobs()  # the requests that asked for them, and what is recorded
 
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """The step's model inputs (the layout's, plus per-token RoPE lengths)."""
@@ -48,9 +50,20 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[StepInputs, torch.Tensor]:
-        """Run one step. Returns its inputs (their `sampling` sequences in logits row order) and the logits (n, V)."""
+        """Run one step. Returns its inputs (their `sampling` sequences in logits row order) and the logits (n, V).
+
+        Requests that asked for prompt logprobs get logits at their prompt positions too; those are recorded
+        in `self.prompt_logprobs` here and not returned."""
         step = self.prepare(batch)
+        prompt_rows = self.prompt_logprobs.plan(step.seqs, step.counts)
+        if prompt_rows is not None:
+            extra = torch.tensor(prompt_rows.rows, dtype=torch.long, device=self.device)
+            step.kwargs["logits_indices"] = torch.cat([step.kwargs["logits_indices"], extra])
         logits = self.model(**step.kwargs)
+        if prompt_rows is not None:
+            num_sampling = len(step.sampling)
+            self.prompt_logprobs.record(logits[num_sampling:], prompt_rows)
+            logits = logits[:num_sampling]
         for seq in batch.seqs:  # the step's peak: its new tokens are stored, nothing evicted yet
             num_blocks = self.kv.num_held_blocks(seq.request_id)
             seq.metrics.max_kv_blocks = max(seq.metrics.max_kv_blocks, num_blocks)

@@ -26,6 +26,9 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # k: return the sampled token's and the top-k tokens' logprobs
     include_stop_str_in_output: bool = False
+    prompt_logprobs: int | None = (
+        None  # k: each prompt token's logprob given its prefix, and the top-k tokens
+    )
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731  (frozen dataclass)
@@ -58,6 +61,12 @@ class SamplingParams:
             raise ValueError(f"min_tokens={self.min_tokens} exceeds max_tokens={self.max_tokens}")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             raise ValueError(f"logprobs={self.logprobs!r} must be a non-negative integer or None")
+        if self.prompt_logprobs is not None and (
+            not isinstance(self.prompt_logprobs, int) or self.prompt_logprobs < 0
+        ):
+            raise ValueError(
+                f"prompt_logprobs={self.prompt_logprobs!r} must be a non-negative integer or None"
+            )
         if any(not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r} must not contain empty strings")
 

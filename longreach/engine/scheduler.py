@@ -95,6 +95,8 @@ class Scheduler:
             hits, num_hit_tokens = self.kv.get_computed_blocks(
                 seq.request_id, seq.token_ids, seq.block_hash_salt
             )
+            if seq.sampling_params.prompt_logprobs is not None:  # every prompt position's logits are needed
+                hits, num_hit_tokens = [], 0  # (vLLM's rule too)
             num_new = seq.num_tokens - num_hit_tokens
             if num_new > budget:
                 if not self.cfg.enable_chunked_prefill:
