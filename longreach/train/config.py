@@ -149,9 +149,13 @@ class LoopConfig:
     log_every: int = 1
     eval_every: int | None = None
     progress: bool = True
+    # tokens per chunk of the chunked cross-entropy (train/loss.py); 0 or None: the full (T, V) logits
+    loss_chunk_size: int | None = 4096
 
     def __post_init__(self):
         _positive_int("training", "batch_size", self.batch_size)
+        if self.loss_chunk_size != 0:
+            _positive_int("training", "loss_chunk_size", self.loss_chunk_size, allow_none=True)
         _positive_int("training", "micro_batch_size", self.micro_batch_size)
         _positive_int("training", "log_every", self.log_every)
         _positive_int("training", "eval_every", self.eval_every, allow_none=True)

@@ -128,7 +128,9 @@ def apply_fsdp(
             mp_policy=mp_policy,
             reshard_after_forward=reshard_after_forward and i < len(blocks) - 1,
         )
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=reshard_after_forward)
+    # the root (embeddings, norm, LM head) stays gathered after forward, as FSDP2 defaults for roots: the
+    # chunked loss reads lm_head.weight after the forward, and backward needs it first anyway
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
     return model
 
 

@@ -34,6 +34,7 @@ from longreach.train import checkpoint as ckpt
 from longreach.train import parallel
 from longreach.train.config import ModelSource, ScheduleConfig, TrainConfig
 from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples
+from longreach.train.loss import chunked_cross_entropy
 from longreach.train.parallel import DistInfo
 
 METRICS_FILE = "metrics.jsonl"
@@ -216,9 +217,16 @@ class Trainer:
 
     def loss_sum(self, batch: Batch) -> torch.Tensor:
         """Summed fp32 cross-entropy over the batch's targets (document-masked by construction)."""
+        chunk_size = self.cfg.training.loss_chunk_size
         with self._autocast():
-            logits = self.model(batch.input_ids, batch.positions, meta=batch.meta)  # (T, V)
-        return F.cross_entropy(logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum")
+            if not chunk_size:
+                logits = self.model(batch.input_ids, batch.positions, meta=batch.meta)  # (T, V)
+                return F.cross_entropy(
+                    logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum"
+                )
+            hidden = self.model(batch.input_ids, batch.positions, meta=batch.meta, return_hidden=True)
+            # the head's weight after the root forward: FSDP keeps the root unsharded until backward
+            return chunked_cross_entropy(hidden, self.model.lm_head.weight, batch.labels, chunk_size)
 
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
