@@ -15,7 +15,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
 	touch $@
 
-install: $(VENV)/.installed
+# real long documents for `longreach eval --haystack real` / `--data real`: four public-domain texts kept from
+# Brotli's pinned source distribution on PyPI (downloaded by pip, nothing built; longreach/eval/real_text.py)
+REAL_TEXT := $(VENV)/share/longreach/real-text/alice29.txt
+$(REAL_TEXT): $(VENV)/.installed
+	$(PY) -m longreach.eval.real_text install
+
+install: $(VENV)/.installed $(REAL_TEXT)
 
 # lint: ruff (lint + format, configured in pyproject.toml) and the package's structure rules (tools/)
 lint: $(VENV)/.installed
@@ -23,7 +29,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(PY) tools/check_structure.py
 
-test: lint
+test: lint $(REAL_TEXT)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(VENV)/.installed

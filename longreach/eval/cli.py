@@ -21,6 +21,7 @@ import re
 import sys
 from pathlib import Path
 
+from longreach.eval.real_text import HAYSTACK_TEXTS, PPL_TEXTS, resolve_text_arg
 from longreach.eval.tasks import TASKS
 from longreach.rope import parse_rope_scaling_arg
 
@@ -143,7 +144,13 @@ def _add_grid_arguments(grid) -> None:
     grid.add_argument("--depths", default="0,10,...,100", help="needle depths in %% (default 0,10,...,100)")
     grid.add_argument("--samples", type=int, default=3, help="samples per (length, depth) cell (default 3)")
     grid.add_argument("--seed", type=int, default=0)
-    grid.add_argument("--haystack", action="append", metavar="FILE", help="text file(s) to use as haystack")
+    grid.add_argument(
+        "--haystack",
+        action="append",
+        metavar="filler|real|FILE",
+        help="filler: the built-in text (default); real: Alice in Wonderland (longreach.eval.real_text); "
+        "or text file(s)",
+    )
     grid.add_argument("--max-tokens", type=int, help="answer budget (default: the task's)")
     grid.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
     grid.add_argument(
@@ -159,8 +166,9 @@ def _add_ppl_arguments(ppl) -> None:
     ppl.add_argument(
         "--data",
         action="append",
-        metavar="FILE",
-        help="text file(s), one document each (default: built-in synthetic text)",
+        metavar="real|FILE",
+        help="text file(s), one document each; real: three public-domain books "
+        "(longreach.eval.real_text) (default: built-in synthetic text)",
     )
     ppl.add_argument("--stride", type=int, default=256, help="tokens scored per window (default 256)")
     ppl.add_argument("--max-windows", type=int, default=4, help="windows per document (default 4)")
@@ -357,7 +365,7 @@ def _main(args) -> int:
         depths=depths,
         num_samples=args.samples,
         seed=args.seed,
-        haystack=args.haystack,
+        haystack=resolve_text_arg(args.haystack, HAYSTACK_TEXTS),
         max_new_tokens=args.max_tokens,
         batch_size=args.batch_size,
         threshold=threshold,
@@ -407,7 +415,7 @@ def _main_ppl(args, settings, lengths, out_dir) -> int:
         results.append(
             evaluate_perplexity(
                 options.get("model"),
-                data=args.data,
+                data=resolve_text_arg(args.data, PPL_TEXTS),
                 lengths=lengths,
                 stride=args.stride,
                 max_windows=args.max_windows,
