@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mix",
         default="base",
-        choices=["base", "passkey", "passkey-prompt"],
-        help="corpus mix (default base; the bundled model: passkey-prompt)",
+        choices=["base", "passkey", "passkey-prompt", "passkey-edges"],
+        help="corpus mix (default base; the bundled model: passkey-prompt, then passkey-edges)",
     )
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--export", help="also save the final weights in bf16 with the tokenizer here")

@@ -105,9 +105,10 @@ def passkey_doc(rng: random.Random, num_bytes: int) -> str:
     return f"{body}{PASSKEY_QUESTION} {key}."
 
 
-def passkey_prompt_doc(rng: random.Random, num_bytes: int) -> str:
+def passkey_prompt_doc(rng: random.Random, num_bytes: int, depth: float | None = None) -> str:
     """A passkey document laid out exactly as `longreach eval passkey` asks: the instruction line, the
-    haystack cut anywhere (not only at a sentence), the needle and the question on lines of their own."""
+    haystack cut anywhere (not only at a sentence), the needle and the question on lines of their own.
+    depth: where the haystack is cut, as a share of it (default: uniform)."""
 
     key = rng.randint(10000, 99999)
     needle = PASSKEY_LINE.format(key=key).strip()
@@ -118,9 +119,22 @@ def passkey_prompt_doc(rng: random.Random, num_bytes: int) -> str:
         if rng.random() < 0.7
         else prose(rng, room)[:room]
     )
-    cut = int(len(haystack) * rng.random())
+    cut = int(len(haystack) * (rng.random() if depth is None else depth))
     parts = [header, haystack[:cut].strip(), needle, haystack[cut:].strip(), f"{PASSKEY_QUESTION} {key}."]
     return "\n".join(part for part in parts if part)
+
+
+def passkey_edge_doc(rng: random.Random, num_bytes: int) -> str:
+    """An evaluation-layout passkey document with its needle mostly near either end of the haystack.
+
+    A uniform depth puts 1 needle in 20 in the last 5% of a document, and few documents are long, so a
+    model trained on uniform depths can be weak exactly there (the demo model was: 0/6 at depths 95-100%
+    of 4,096 tokens); this one trains those positions: 45% in the last 10%, 20% in the first 10%,
+    35% anywhere. `documents` gives it nearly full-length documents (LONG_MAKERS)."""
+
+    pick = rng.random()
+    depth = rng.uniform(0.9, 1.0) if pick < 0.45 else rng.uniform(0.0, 0.1) if pick < 0.65 else rng.random()
+    return passkey_prompt_doc(rng, num_bytes, depth=depth)
 
 
 def kv_doc(rng: random.Random, num_bytes: int) -> str:
@@ -154,7 +168,12 @@ MIXES = {
     "passkey": [(passkey_doc, 1.0)],
     # passkeys in both layouts, the corpus's and the evaluation prompt's: what the retrieval stage ends on
     "passkey-prompt": [(passkey_doc, 0.5), (passkey_prompt_doc, 0.5)],
+    # plus nearly full-length documents with needles at the edges: what the bundled model's second
+    # extension run trains on (its needles in the last 5% of 4,096 tokens were missed before)
+    "passkey-edges": [(passkey_doc, 0.25), (passkey_prompt_doc, 0.25), (passkey_edge_doc, 0.5)],
 }
+# makers whose documents are drawn from the top eighth of the length range, so their depths are far positions
+LONG_MAKERS = (passkey_edge_doc,)
 
 
 def documents(seed: int, max_bytes: int, min_bytes: int = 64, mix: str = "base") -> Iterator[str]:
@@ -170,6 +189,8 @@ def documents(seed: int, max_bytes: int, min_bytes: int = 64, mix: str = "base")
             if len(makers) == 1
             else rng.choices([m for m, _ in makers], weights=[w for _, w in makers])[0]
         )
+        if maker in LONG_MAKERS:
+            num_bytes = rng.randint(max(min_bytes, max_bytes - max_bytes // 8), max_bytes)
         yield maker(rng, num_bytes)[:max_bytes] if maker is prose else maker(rng, num_bytes)
 
 

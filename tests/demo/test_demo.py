@@ -79,3 +79,23 @@ def test_extension_experiment_writes_tables_and_plots(tmp_path):
     # while the extended model's stays low
     assert ppl["no scaling"]["1024"] > 10 * ppl["YaRN x8 + continued pretraining"]["1024"]
     assert (tmp_path / "img" / "extension-ppl.png").stat().st_size > 10_000
+
+
+def test_edge_mix_trains_far_needles_near_both_ends():
+    """passkey-edges: half its documents are nearly full length with the needle in the first or last 10%
+    of the haystack most of the time (the positions the bundled model missed at 4,096 tokens)."""
+    from longreach.demo.corpus import passkey_edge_doc
+
+    stream = documents(5, 4088, min_bytes=100, mix="passkey-edges")
+    docs = [next(stream) for _ in range(200)]
+    depths = []
+    for doc in docs:
+        m = re.search(r"\nThe pass key is (\d+)\. Remember it\. \1 is the pass key\.\n", doc)
+        if m and len(doc) >= 4088 - 4088 // 8 - 100:
+            depths.append(m.start() / len(doc))
+    assert len(depths) > 60  # the long evaluation-layout documents
+    late = sum(d > 0.85 for d in depths) / len(depths)
+    early = sum(d < 0.15 for d in depths) / len(depths)
+    assert late > 0.3 and early > 0.15, (late, early)
+    doc = passkey_edge_doc(random.Random(0), 1000)
+    assert doc.endswith(".") and PASSKEY_QUESTION in doc
