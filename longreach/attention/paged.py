@@ -5,9 +5,9 @@ The cache layout is vLLM's PagedAttention / FlashAttention's `flash_attn_with_kv
 `block_table[b, t // block_size]` at offset `t % block_size`; `cache_seqlens[b]` tokens are valid.
 Decode has one query per sequence, the newest token, so the causal mask lets it see the whole
 cache; a window (left, right) keeps the last left + 1 keys (right has nothing to cut). GQA: query
-head h reads KV head h // (Hq // Hkv). int8 caches (`kvcache.quant.Int8KV`) come with `k_scale, v_scale:
-[num_blocks, block_size, Hkv]`, one scale per (token, KV head): a key or value is `code * scale`,
-dequantized where it is read.
+head h reads KV head h // (Hq // Hkv). int8 and fp8 e4m3 caches (`kvcache.quant.Int8KV` / `Fp8KV`) come with
+`k_scale, v_scale: [num_blocks, block_size, Hkv]`, one scale per (token, KV head): a key or value is
+`code * scale`, dequantized where it is read.
 
 `paged_decode_attention` / `write_kv` dispatch to the Triton kernels (Flash-Decoding split-K, see
 `triton_decode.py`) for CUDA tensors when Triton imports, and to the PyTorch versions here otherwise.
@@ -113,8 +113,9 @@ def _gather_pages(pages, flat: torch.Tensor, n: int, dtype: torch.dtype, workspa
     """K and V of `flat` blocks as (n, L, Hkv, D) in `dtype`; int8 codes times their (gathered) scales."""
     k_cache, v_cache, k_scale, v_scale = pages
     block_size, num_kv_heads, head_dim = k_cache.shape[1:]
-    k = gather_rows(k_cache, flat, workspace, "k")
-    v = gather_rows(v_cache, flat, workspace, "v")
+    rows_as = torch.uint8 if k_cache.dtype == torch.float8_e4m3fn else k_cache.dtype  # fp8: gather the bytes
+    k = gather_rows(k_cache.view(rows_as), flat, workspace, "k").view(k_cache.dtype)
+    v = gather_rows(v_cache.view(rows_as), flat, workspace, "v").view(v_cache.dtype)
     if k_scale is not None:
         k = k.to(dtype) * k_scale.index_select(0, flat).to(dtype)[..., None]
         v = v.to(dtype) * v_scale.index_select(0, flat).to(dtype)[..., None]
@@ -212,11 +213,15 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
 _triton_decode = None
 
 
-def _triton_for(t: torch.Tensor):
-    """The Triton module for CUDA tensors when Triton imports; None means use PyTorch."""
+def _triton_for(t: torch.Tensor, cache: torch.Tensor | None = None):
+    """The Triton module for CUDA tensors when Triton imports; None means use PyTorch. fp8 caches need a GPU
+    that converts e4m3 (compute capability 8.9+: Ada, Hopper); older ones dequantize in PyTorch."""
     global _triton_decode
     if not t.is_cuda:
         return None
+    if cache is not None and cache.dtype == torch.float8_e4m3fn:
+        if torch.cuda.get_device_capability(t.device) < (8, 9):
+            return None
     if _triton_decode is None:
         try:
             from longreach.attention import triton_decode  # lazy: optional heavy dependency (triton)
@@ -240,9 +245,9 @@ def paged_decode_attention(
     workspace: dict | None = None,
 ):
     """Paged decode attention: Triton split-K on CUDA, PyTorch elsewhere (each validates its inputs once).
-    Shapes as in the PyTorch version (int8 caches with their k_scale, v_scale); `workspace` serves the
+    Shapes as in the PyTorch version (int8 / fp8 caches with their k_scale, v_scale); `workspace` serves the
     PyTorch path's gather buffers and is ignored by the kernel."""
-    impl = _triton_for(q)
+    impl = _triton_for(q, k_cache)
     if impl:
         return impl.paged_decode_attention(
             q,

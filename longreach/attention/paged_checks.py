@@ -7,13 +7,15 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# quantized caches' code dtypes (read as code * scale): int8 and fp8 e4m3 (`kvcache.quant.Int8KV` / `Fp8KV`)
+CODE_DTYPES = (torch.int8, torch.float8_e4m3fn)
 MAX_HEAD_DIM = 256
 
 
 def check_decode_inputs(
     q, k_cache, v_cache, block_table, cache_seqlens, window_size=(-1, -1), k_scale=None, v_scale=None
 ):
-    """Validate decode inputs (int8 caches with both scales); returns (batch, Hq, Hkv, D, block_size)."""
+    """Validate decode inputs (int8 / fp8 caches with both scales); returns (batch, Hq, Hkv, D, block_size)."""
     if q.dim() != 3:
         raise ValueError(f"q must be (batch, heads, head_dim), got shape {tuple(q.shape)}")
     for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
@@ -64,20 +66,22 @@ def check_decode_inputs(
 
 
 def _check_scales(q, k_cache, v_cache, k_scale, v_scale) -> bool:
-    """Validate int8 caches' scales (both or neither, and only with int8 caches); True when quantized."""
+    """Validate quantized (int8 / fp8) caches' scales (both or neither, and only with quantized caches, both
+    of one code dtype); True when quantized."""
     if (k_scale is None) != (v_scale is None):
         raise ValueError("pass both k_scale and v_scale, or neither")
-    int8 = (k_cache.dtype == torch.int8, v_cache.dtype == torch.int8)
+    int8 = (k_cache.dtype in CODE_DTYPES, v_cache.dtype in CODE_DTYPES)
     if k_scale is None:
         if any(int8):
             raise ValueError(
-                f"int8 caches need k_scale and v_scale (got k_cache {k_cache.dtype}, "
+                f"int8 caches need k_scale and v_scale, fp8 caches too (got k_cache {k_cache.dtype}, "
                 f"v_cache {v_cache.dtype} without scales)"
             )
         return False
-    if not all(int8):
+    if not all(int8) or k_cache.dtype != v_cache.dtype:
         raise ValueError(
-            f"k_scale and v_scale go with int8 caches, got k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+            f"k_scale and v_scale go with int8 caches or fp8 ones (both of one dtype), got k_cache "
+            f"{k_cache.dtype}, v_cache {v_cache.dtype}"
         )
     for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
         if t.shape != k_cache.shape[:3]:

@@ -10,7 +10,9 @@ Layout and conventions are those of `paged.py` (the PyTorch reference with the s
 caches [num_blocks, block_size, Hkv, D], block_table (B, max_blocks) int32, cache_seqlens (B,) int32.
 int8 caches are dequantized in the kernel: each K/V tile is scaled by its tokens' scales
 ([num_blocks, block_size, Hkv], read through the same block table) in fp32 and cast to q's dtype
-before the products, so only int8 codes and their scales cross memory.
+before the products, so only int8 codes and their scales cross memory. fp8 e4m3 caches
+(torch.float8_e4m3fn, loaded as tl.float8e4nv) take the same KV_INT8 path: code -> fp32 -> times scale;
+the dispatcher in `paged.py` sends them here on GPUs of compute capability 8.9+ only.
 Tokens are gathered one by one through the block table, so any block_size >= 1 works (powers of
 two make the index arithmetic shifts). No host synchronisation: splits are sized from the block
 table's width, and splits past a sequence's end write an empty partial.

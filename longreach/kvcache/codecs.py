@@ -1,9 +1,16 @@
-"""Integer codes for tensors: int8 (symmetric, one scale per row) and int4 (asymmetric, scale + min per group,
-two codes per byte). The numerics shared by the quantized KV cache (`longreach.kvcache.quant`) and int8/int4
-weights (`longreach.model.quant`); no storage layout here.
+"""Codes for tensors: int8 (symmetric, one scale per row), fp8 e4m3 (one scale per row) and int4 (asymmetric,
+scale + min per group, two codes per byte). The numerics shared by the quantized KV cache
+(`longreach.kvcache.quant`) and int8/int4 weights (`longreach.model.quant`); no storage layout here.
 
 Scales (and int4 minimums) are stored in fp16 by default. A stored scale is rounded up when fp16 rounding would
 make it too small, so every element's error is at most half its own stored scale: |x - dequant(x)| <= scale / 2.
+
+fp8 codes are `torch.float8_e4m3fn` (4 exponent bits, 3 mantissa bits, max 448, no infinities: OCP's E4M3, what
+vLLM's `fp8` / `fp8_e4m3` KV cache stores). The row's scale is absmax / 448 (rounded up as above, so x / scale
+never exceeds 448 and no code saturates), code = round-to-nearest-even(x / scale). With 3 mantissa bits the
+step between neighbouring codes is 2^-3 of the binade, so a code in e4m3's normal range (|x / scale| >= 2^-6)
+is off by at most 2^-4 of itself, and a subnormal one by at most half the subnormal step 2^-9:
+|x - dequant(x)| <= max(2^-4 * |x|, 2^-10 * scale). Only casts to and from fp8 are used (no fp8 arithmetic).
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import torch
 
 INT4_GROUP_SIZE = 32  # KIVI's group size: the int4 KV cache's default and spec.py's accounting
 INT8_MAX, INT4_MAX = 127, 15
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 SCALE_DTYPE = torch.float16
 
 
@@ -40,6 +49,26 @@ def dequantize_int8(
     codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """codes int8 (..., D), scale (...,) -> (..., D) in dtype."""
+    return (codes.float() * scale.float()[..., None]).to(dtype)
+
+
+def quantize_fp8(
+    x: torch.Tensor, scale_dtype: torch.dtype = SCALE_DTYPE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 codes over the last dim. x: (..., D) -> codes float8_e4m3fn (..., D), scale (...,) in scale_dtype."""
+    xf = x.float()
+    absmax = xf.abs().amax(dim=-1)  # (...,)
+    scale = _round_up(absmax / FP8_MAX, absmax / FP8_MAX, scale_dtype)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
+    # the clamp only catches fp32 rounding of x / scale: older torch casts past 448 to NaN, not to 448
+    codes = (xf / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return codes, scale
+
+
+def dequantize_fp8(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """codes float8_e4m3fn (..., D), scale (...,) -> (..., D) in dtype."""
     return (codes.float() * scale.float()[..., None]).to(dtype)
 
 

@@ -9,9 +9,10 @@ decode kernel; prefills starting at position 0 through `flash_attn_varlen_func` 
 continued prefill chunks through `flash_attn_varlen_func` over keys gathered from their pages,
 bottom-right causal as FlashAttention defines it.
 
-The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors; int8 pages
-are written quantized. The decode and the write are the attention package's (`attention.paged`: Triton on CUDA,
-batched PyTorch on CPU), which read int8 pages with their scales and dequantize where they read.
+The storage goes through a `KVQuantizer` (`kvcache.quant`): bf16/fp16/fp32 pages are plain tensors; int8 and
+fp8 pages are written quantized (fp8's fresh prefills attend their K/V as stored, so chunking changes nothing).
+The decode and the write are the attention package's (`attention.paged`: Triton on CUDA, batched PyTorch on
+CPU), which read int8 / fp8 pages with their scales and dequantize where they read.
 This module keeps storage: allocation, writes, slot reads, and the sizing of the cache.
 int4 (KIVI) and eviction policies bring their own batch (`paged_gather.GatheredBatch`): keys read
 (dequantized) per sequence, one varlen attention call. Either batch kind writes and attends for itself;
@@ -28,7 +29,7 @@ import torch
 from longreach.attention import AttentionMetadata, flash_attn_varlen_func
 from longreach.attention.paged import gather_rows, paged_decode_attention, write_kv
 from longreach.config import CacheConfig
-from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, Int8KV, KVQuantizer
+from longreach.kvcache.quant import FULL_PRECISION, FullPrecisionKV, KVQuantizer, ScaledCodesKV
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ class PagedBatch:
             )
         start, end = num_decodes, num_decodes + self.num_fresh_tokens
         if self.fresh_meta is not None:
-            out[start:end] = attend_fresh(
-                q[start:end], k[start:end], v[start:end], self.fresh_meta, window_size
-            )
+            fresh_k, fresh_v = k[start:end], v[start:end]
+            if cache.quantizer.attends_stored:  # fp8: attend the stored values, as every later read does
+                fresh_k, fresh_v = cache.read_slots(store, self.slot_mapping[start:end], q.dtype)
+            out[start:end] = attend_fresh(q[start:end], fresh_k, fresh_v, self.fresh_meta, window_size)
         if self.continued_meta is not None:
             keys, values = cache.read_slots(store, self.continued_kv_slots, q.dtype)  # (Tk, Hkv, D)
             m = self.continued_meta
@@ -191,7 +193,7 @@ class PagedKVCache:
         the paged decode as they are (int8 dequantized where it reads); pages stored in another dtype than
         the queries are converted first, only the blocks the tables reference, into a compact page set."""
         k_cache, v_cache = store["k"], store["v"]
-        if isinstance(self.quantizer, Int8KV):
+        if isinstance(self.quantizer, ScaledCodesKV):  # int8 / fp8 codes with their scales
             return paged_decode_attention(
                 q,
                 k_cache,

@@ -1,4 +1,4 @@
-"""Quantized KV cache: int8 (per token, per head) and int4 (KIVI), stored in paged blocks with their scales.
+"""Quantized KV cache: int8 and fp8 (per token, per head) and int4 (KIVI), stored in paged blocks with scales.
 
 Storage is paged like every other KV cache here: per layer, each named tensor is `[num_blocks, *block_shape]`
 where a block holds `block_size` consecutive tokens of one sequence; a sequence's block table maps its logical
@@ -7,6 +7,12 @@ block i (tokens [i * block_size, (i + 1) * block_size)) to a physical block.
 - `bf16` / `fp16` / `fp32`: the keys and values as they are.
 - `int8`: symmetric, one scale per (token, KV head) over head_dim: scale = absmax / 127, code = round(x / scale).
   Token-local, so a write is a scatter through a slot mapping (vLLM's `reshape_and_cache`).
+- `fp8` (alias `fp8_e4m3`): e4m3 codes (`torch.float8_e4m3fn`, vLLM's `fp8` KV storage) with int8's layout: one
+  scale per (token, KV head), scale = absmax / 448, code = fp8(x / scale). vLLM scales per tensor (1.0 unless
+  calibrated); a per-token scale is computed on write, so nothing is calibrated, nothing saturates, and a
+  token's codes depend on its own K/V alone (prefix blocks stay shareable, results stay schedule-independent).
+  Every attention over an fp8 cache reads the stored values, fresh prefills included (as vLLM's attention
+  reads its cache), so how a prompt is chunked or batched does not change what its queries see.
 - `int4` (KIVI, Liu et al. 2024, arXiv 2402.02750): asymmetric 4-bit codes (x ~ code * scale + min), two codes
   per uint8. Keys are quantized per channel (each channel's values over a group of G = 32 consecutive tokens
   share scale/min: key outliers live in fixed channels), values per token (groups of G channels along
@@ -17,36 +23,53 @@ block i (tokens [i * block_size, (i + 1) * block_size)) to a physical block.
   Groups never straddle blocks (block_size must be a multiple of G), so every block is self-contained and
   its codes depend only on its own tokens (identical prefixes give identical blocks).
 
-Scales (and int4 minimums) are fp16, matching `longreach.kvcache.spec`: int8 adds 2 bytes per (token, head) for
-K and for V; int4 adds 4 bytes (scale + min) per 32 values; the int4 window is a per-sequence cost, not per token.
+Scales (and int4 minimums) are fp16, matching `longreach.kvcache.spec`: int8 and fp8 add 2 bytes per (token, head)
+for K and for V; int4 adds 4 bytes (scale + min) per 32 values; the int4 window is a per-sequence cost, not per token.
 The codes themselves (and the error bound |x - dequant(x)| <= scale / 2) are `longreach.kvcache.codecs`.
 
-Engine API (`make_kv_quantizer(kv_cache_dtype, ...)` returns one of the `KVQuantizer` subclasses):
+Engine API (`make_kv_quantizer(kv_cache_dtype, ...)` returns one of the `KVQuantizer` subclasses, whose protocol
+is `kvcache.quant_base`):
 `block_layout` / `window_layout` describe the tensors, `allocate` makes them, `write` stores a sequence's new
 tokens and returns its new `num_quantized`, `read` returns dequantized (L, Hkv, D) keys and values.
 """
 
 from __future__ import annotations
 
-import abc
-import math
-from dataclasses import dataclass
-from typing import Sequence
-
 import torch
 
 from longreach.kvcache.codecs import (
+    FP8_DTYPE,
     INT4_GROUP_SIZE,
     SCALE_DTYPE,
+    dequantize_fp8,
     dequantize_int4_per_channel,
     dequantize_int4_per_token,
     dequantize_int8,
+    quantize_fp8,
     quantize_int4_per_channel,
     quantize_int4_per_token,
     quantize_int8,
 )
+from longreach.kvcache.quant_base import KVQuantizer, TensorSpec, TokenLocalKV, sequence_slots
 
-KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+__all__ = [
+    "FULL_PRECISION",
+    "KV_CACHE_DTYPES",
+    "Fp8KV",
+    "FullPrecisionKV",
+    "Int4KV",
+    "Int8KV",
+    "KVQuantizer",
+    "ScaledCodesKV",
+    "TensorSpec",
+    "check_kv_cache_dtype",
+    "kv_window_bytes_per_sequence",
+    "make_kv_quantizer",
+    "resolve_kv_cache_dtype",
+]
+
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp32", "int8", "fp8", "fp8_e4m3", "int4")
+KV_CACHE_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # vLLM's two names for e4m3 storage
 FULL_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_INT4_WINDOW = 128  # KIVI's full-precision residual of recent tokens
 
@@ -58,173 +81,18 @@ def check_kv_cache_dtype(kv_cache_dtype: str) -> str:
 
 
 def resolve_kv_cache_dtype(kv_cache_dtype: str, model_dtype: torch.dtype = torch.bfloat16) -> str:
-    """'auto' -> the model's dtype ('bf16' / 'fp16' / 'fp32'); any other valid name unchanged."""
+    """'auto' -> the model's dtype ('bf16' / 'fp16' / 'fp32'); an alias -> its name ('fp8_e4m3' -> 'fp8');
+    any other valid name unchanged."""
     check_kv_cache_dtype(kv_cache_dtype)
     if kv_cache_dtype != "auto":
-        return kv_cache_dtype
+        return KV_CACHE_DTYPE_ALIASES.get(kv_cache_dtype, kv_cache_dtype)
     for name, dtype in FULL_PRECISION.items():
         if dtype == model_dtype:
             return name
     raise ValueError(f"kv_cache_dtype 'auto' needs a bf16/fp16/fp32 model, got model dtype {model_dtype}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Paged storage
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of one stored tensor, per block (or per window slot); allocate with a leading count."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    @property
-    def num_bytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
-
-
-def _slots(
-    block_table: Sequence[int] | torch.Tensor, block_size: int, start: int, end: int, device: torch.device
-) -> torch.Tensor:
-    """Flat slot index (block * block_size + offset) of tokens [start, end) of one sequence: (end - start,) int64."""
-    table = torch.as_tensor(block_table, dtype=torch.long, device=device)
-    needed = -(-end // block_size)
-    if table.numel() < needed:
-        raise ValueError(
-            f"block table has {table.numel()} blocks but tokens up to {end} need {needed} "
-            f"(block_size={block_size})"
-        )
-    positions = torch.arange(start, end, device=device)
-    return table[positions // block_size] * block_size + positions % block_size
-
-
-class KVQuantizer(abc.ABC):
-    """One KV cache dtype's storage scheme for one layer's K and V (stateless; the engine owns the tensors).
-
-    `store` is the dict returned by `allocate`. Per sequence the engine keeps its block table, its length and
-    `num_quantized` (returned by `write`; only int4 needs it, others return the new length).
-    """
-
-    name: str = ""
-    needs_window = False
-
-    @abc.abstractmethod
-    def block_layout(self, block_size: int, num_kv_heads: int, head_dim: int) -> dict[str, TensorSpec]:
-        """name -> shape and dtype of one block's tensors (data and scales, K and V)."""
-
-    def window_layout(self, num_kv_heads: int, head_dim: int) -> dict[str, TensorSpec]:
-        """Per-sequence full-precision tensors (int4's recent-token window); empty for the other dtypes."""
-        return {}
-
-    def block_bytes(self, block_size: int, num_kv_heads: int, head_dim: int) -> int:
-        """Bytes of one block of one layer, K and V with their scales."""
-        return sum(s.num_bytes for s in self.block_layout(block_size, num_kv_heads, head_dim).values())
-
-    def window_bytes(self, num_kv_heads: int, head_dim: int) -> int:
-        """Bytes of one sequence's window slot in one layer (0 unless int4)."""
-        return sum(s.num_bytes for s in self.window_layout(num_kv_heads, head_dim).values())
-
-    def allocate(
-        self,
-        num_blocks: int,
-        block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
-        num_window_slots: int = 0,
-        device: str | torch.device = "cpu",
-    ) -> dict[str, torch.Tensor]:
-        """Zeroed tensors of one layer: `[num_blocks, *block shape]` and `[num_window_slots, *window shape]`."""
-        if num_blocks < 1 or block_size < 1:
-            raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be >= 1")
-        if self.needs_window and num_window_slots < 1:
-            raise ValueError(
-                f"kv_cache_dtype {self.name!r} keeps recent tokens in per-sequence window slots; "
-                f"num_window_slots={num_window_slots} must be >= 1 (one per running sequence)"
-            )
-        store = {
-            name: torch.zeros((num_blocks, *spec.shape), dtype=spec.dtype, device=device)
-            for name, spec in self.block_layout(block_size, num_kv_heads, head_dim).items()
-        }
-        store.update(
-            {
-                name: torch.zeros((num_window_slots, *spec.shape), dtype=spec.dtype, device=device)
-                for name, spec in self.window_layout(num_kv_heads, head_dim).items()
-            }
-        )
-        return store
-
-    @abc.abstractmethod
-    def write(
-        self,
-        store: dict[str, torch.Tensor],
-        k: torch.Tensor,
-        v: torch.Tensor,
-        block_table: Sequence[int] | torch.Tensor,
-        start: int,
-        num_quantized: int | None = None,
-        window_slot: int | None = None,
-    ) -> int:
-        """Store one sequence's new tokens k, v (n, Hkv, D) at positions [start, start + n); returns num_quantized."""
-
-    @abc.abstractmethod
-    def read(
-        self,
-        store: dict[str, torch.Tensor],
-        block_table: Sequence[int] | torch.Tensor,
-        length: int,
-        num_quantized: int | None = None,
-        window_slot: int | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's tokens [0, length) as full-precision keys and values, each (length, Hkv, D) in dtype."""
-
-    @staticmethod
-    def _check_kv(k: torch.Tensor, v: torch.Tensor) -> None:
-        if k.dim() != 3 or k.shape != v.shape:
-            raise ValueError(f"k and v must both be (n, Hkv, D); got {tuple(k.shape)} and {tuple(v.shape)}")
-
-
-class _TokenLocalKV(KVQuantizer):
-    """Dtypes whose tokens are stored independently (full precision, int8): writes are slot scatters."""
-
-    @abc.abstractmethod
-    def write_slots(
-        self, store: dict[str, torch.Tensor], k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor
-    ) -> None:
-        """Batched write of any tokens: k, v (T, Hkv, D); slot_mapping (T,) int64 = block * block_size + offset."""
-
-    @abc.abstractmethod
-    def read_slots(
-        self, store: dict[str, torch.Tensor], slots: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens at flat slots (S,) -> keys, values (S, Hkv, D) in dtype."""
-
-    def read_blocks(
-        self, store: dict[str, torch.Tensor], block_table: torch.Tensor, dtype: torch.dtype = torch.float32
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whole blocks of a batch: block_table (B, num_blocks_per_seq) -> keys, values (B, nb * block_size, Hkv, D)
-        (padded decode; mask keys at or past each sequence's length)."""
-        block_size = store["k"].shape[1]
-        offsets = torch.arange(block_size, device=block_table.device)
-        slots = (block_table.long()[:, :, None] * block_size + offsets).flatten(1)  # (B, nb * bs)
-        k, v = self.read_slots(store, slots.flatten(), dtype)
-        return k.unflatten(0, slots.shape), v.unflatten(0, slots.shape)
-
-    def write(self, store, k, v, block_table, start, num_quantized=None, window_slot=None) -> int:
-        self._check_kv(k, v)
-        block_size = store["k"].shape[1]
-        self.write_slots(store, k, v, _slots(block_table, block_size, start, start + k.shape[0], k.device))
-        return start + k.shape[0]
-
-    def read(self, store, block_table, length, num_quantized=None, window_slot=None, dtype=torch.float32):
-        return self.read_slots(
-            store, _slots(block_table, store["k"].shape[1], 0, length, store["k"].device), dtype
-        )
-
-
-class FullPrecisionKV(_TokenLocalKV):
+class FullPrecisionKV(TokenLocalKV):
     """bf16 / fp16 / fp32: keys and values stored as they are."""
 
     def __init__(self, name: str = "bf16"):
@@ -245,30 +113,59 @@ class FullPrecisionKV(_TokenLocalKV):
         return tuple(store[name].flatten(0, 1)[slots].to(dtype) for name in ("k", "v"))
 
 
-class Int8KV(_TokenLocalKV):
-    """int8 codes (block_size, Hkv, D) + fp16 scale per (token, head) (block_size, Hkv), for K and for V."""
+def _as_bytes(codes: torch.Tensor) -> torch.Tensor:
+    """fp8 codes as uint8 (same bits): scatters and gathers then need no fp8 kernels (CPU torch has few)."""
+    return codes.view(torch.uint8) if codes.dtype == FP8_DTYPE else codes
 
-    name = "int8"
+
+class ScaledCodesKV(TokenLocalKV):
+    """One-byte codes (block_size, Hkv, D) + an fp16 scale per (token, head) (block_size, Hkv), for K and for V:
+    `code_dtype` codes from `quantize` (x -> codes, scale over head_dim), read back as code * scale. The paged
+    decode (`attention.paged`) takes such pages with their scales and dequantizes where it reads."""
+
+    code_dtype: torch.dtype
+    quantize = staticmethod(quantize_int8)
+    dequantize = staticmethod(dequantize_int8)
 
     def block_layout(self, block_size, num_kv_heads, head_dim):
-        data = TensorSpec((block_size, num_kv_heads, head_dim), torch.int8)
+        data = TensorSpec((block_size, num_kv_heads, head_dim), self.code_dtype)
         scale = TensorSpec((block_size, num_kv_heads), SCALE_DTYPE)
         return {"k": data, "k_scale": scale, "v": data, "v_scale": scale}
 
     def write_slots(self, store, k, v, slot_mapping):
         self._check_kv(k, v)
         for name, x in (("k", k), ("v", v)):
-            codes, scale = quantize_int8(x)  # (T, Hkv, D), (T, Hkv)
-            store[name].flatten(0, 1)[slot_mapping] = codes
+            codes, scale = self.quantize(x)  # (T, Hkv, D), (T, Hkv)
+            _as_bytes(store[name]).flatten(0, 1)[slot_mapping] = _as_bytes(codes)
             store[f"{name}_scale"].flatten(0, 1)[slot_mapping] = scale
 
     def read_slots(self, store, slots, dtype=torch.float32):
         return tuple(
-            dequantize_int8(
-                store[name].flatten(0, 1)[slots], store[f"{name}_scale"].flatten(0, 1)[slots], dtype
+            self.dequantize(
+                _as_bytes(store[name]).flatten(0, 1)[slots].view(self.code_dtype),
+                store[f"{name}_scale"].flatten(0, 1)[slots],
+                dtype,
             )
             for name in ("k", "v")
         )
+
+
+class Int8KV(ScaledCodesKV):
+    """int8 codes + fp16 scale per (token, head): scale = absmax / 127, code = round(x / scale)."""
+
+    name = "int8"
+    code_dtype = torch.int8
+
+
+class Fp8KV(ScaledCodesKV):
+    """fp8 e4m3 codes + fp16 scale per (token, head): scale = absmax / 448, code = fp8(x / scale). Every attention
+    reads the stored values back (`attends_stored`), so a prompt's chunking does not change its tokens."""
+
+    name = "fp8"
+    code_dtype = FP8_DTYPE
+    quantize = staticmethod(quantize_fp8)
+    dequantize = staticmethod(dequantize_fp8)
+    attends_stored = True
 
 
 class Int4KV(KVQuantizer):
@@ -367,7 +264,7 @@ class Int4KV(KVQuantizer):
             fresh = slice(0, max(new_q - start, 0))
             k_fp = torch.cat([k_ring[stored].to(k.dtype), k[fresh]])  # (new_q - old_q, Hkv, D)
             v_fp = torch.cat([v_ring[stored].to(v.dtype), v[fresh]])
-            slots = _slots(block_table, block_size, old_q, new_q, k.device)  # (N,)
+            slots = sequence_slots(block_table, block_size, old_q, new_q, k.device)  # (N,)
             k_codes, k_scale, k_min = quantize_int4_per_channel(k_fp, group)  # scale (N/G, Hkv, D)
             v_codes, v_scale, v_min = quantize_int4_per_token(v_fp, group)  # scale (N, Hkv, D/G)
             group_slots = slots[::group] // group  # (N/G,) flat group index
@@ -386,7 +283,7 @@ class Int4KV(KVQuantizer):
     def read(self, store, block_table, length, num_quantized=None, window_slot=None, dtype=torch.float32):
         num_quantized = self._check_state(store, length, num_quantized, window_slot)
         group, block_size = self.group_size, store["k"].shape[1]
-        slots = _slots(block_table, block_size, 0, num_quantized, store["k"].device)  # (Q,)
+        slots = sequence_slots(block_table, block_size, 0, num_quantized, store["k"].device)  # (Q,)
         group_slots = slots[::group] // group  # (Q/G,)
         k_old = dequantize_int4_per_channel(
             store["k"].flatten(0, 1)[slots],
@@ -421,6 +318,8 @@ def make_kv_quantizer(
     name = resolve_kv_cache_dtype(kv_cache_dtype, model_dtype)
     if name == "int8":
         return Int8KV()
+    if name == "fp8":
+        return Fp8KV()
     if name == "int4":
         return Int4KV(group_size, window, window_dtype=model_dtype)
     return FullPrecisionKV(name)

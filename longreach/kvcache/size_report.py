@@ -21,9 +21,11 @@ from longreach.kvcache.spec import (
     DEFAULT_GPU_PRICE_PER_HOUR,
     DEFAULT_MFU,
     DEFAULT_PEAK_TFLOPS,
+    KV_DTYPE_ALIASES,
     KV_DTYPES,
     GiB,
     KiB,
+    check_kv_dtype,
     kv_bytes_per_request,
     kv_bytes_per_request_without_gqa,
     kv_bytes_per_token,
@@ -216,10 +218,10 @@ def format_report(rep: dict[str, Any]) -> str:
         *_kv_table(rep),
         "",
         (
-            "scales: int8 = fp16 per (token, KV head) for K and V; "
+            "scales: int8, fp8 (e4m3) = fp16 per (token, KV head) for K and V; "
             f"int4 = fp16 scale + zero per group of {INT4_GROUP_SIZE} (KIVI);"
         ),
-        "        fp8 per-tensor scale not counted. no-GQA = total with one KV head per query head.",
+        "        no-GQA = total with one KV head per query head.",
         "",
         *_prefill_lines(rep),
     ]
@@ -310,7 +312,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch", type=_batch_arg, default=1, help="concurrent requests (default 1)")
     parser.add_argument(
-        "--dtype", choices=list(KV_DTYPES), default=None, help="show only this KV dtype (default: all)"
+        "--dtype",
+        "--kv-cache-dtype",
+        dest="dtype",
+        choices=[*KV_DTYPES, *KV_DTYPE_ALIASES],
+        default=None,
+        help="show only this KV dtype (default: all); fp8_e4m3 is fp8 (vLLM's names)",
     )
     parser.add_argument(
         "--gpu-price-per-hour",
@@ -356,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
     rep = report(
         model,
         args.context,
-        [args.dtype] if args.dtype else None,
+        [check_kv_dtype(args.dtype)] if args.dtype else None,
         args.batch,
         args.peak_tflops,
         args.mfu,

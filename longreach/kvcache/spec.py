@@ -15,7 +15,8 @@ scale dtype and the int4 group size are the codecs' (`kvcache.codecs`), so this 
 cache (`kvcache.quant`) stores:
 
 - bf16 / fp16: 2 bytes per value, no scales.
-- fp8 (e4m3): 1 byte per value; one scale per tensor, counted as zero.
+- fp8 (e4m3, alias fp8_e4m3): 1 byte per value + one fp16 scale per (token, KV head) for K and for V, as int8
+  (vLLM's per-tensor scale would cost nothing per token; ours is per token and head, `kvcache.quant`).
 - int8: 1 byte per value + one fp16 scale per (token, KV head) for K and for V (symmetric, per-token).
 - int4: 0.5 byte per value, asymmetric, group size 32 with an fp16 scale and an fp16 zero point per group
   (KIVI, arXiv 2402.02750: keys grouped per channel along 32 tokens, values per token along 32 channels).
@@ -50,7 +51,8 @@ DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM bf16 dense (no sparsity)
 
 # KV dtype -> bits per stored value
 KV_DTYPES: dict[str, int] = {"bf16": 16, "fp16": 16, "fp8": 8, "int8": 8, "int4": 4}
-SCALE_BYTES = SCALE_DTYPE.itemsize  # int8 scales and int4 scales/minimums are stored in the codecs' dtype
+KV_DTYPE_ALIASES = {"fp8_e4m3": "fp8"}  # vLLM's other name for e4m3 storage
+SCALE_BYTES = SCALE_DTYPE.itemsize  # int8 / fp8 scales and int4 scales/minimums are in the codecs' dtype
 
 
 class KVBytes(NamedTuple):
@@ -64,18 +66,20 @@ class KVBytes(NamedTuple):
         return self.data + self.scales
 
 
-def check_kv_dtype(dtype: str) -> None:
-    if dtype not in KV_DTYPES:
+def check_kv_dtype(dtype: str) -> str:
+    """The dtype's name (an alias resolved: 'fp8_e4m3' -> 'fp8'); an unknown one is an error naming it."""
+    if dtype not in KV_DTYPES and dtype not in KV_DTYPE_ALIASES:
         raise ValueError(f"unknown KV dtype {dtype!r}; supported: {', '.join(KV_DTYPES)}")
+    return KV_DTYPE_ALIASES.get(dtype, dtype)
 
 
 def kv_bytes_per_token(model: ModelConfig, dtype: str = "bf16") -> KVBytes:
     """K and V of one token across all layers (scheme in the module docstring)."""
-    check_kv_dtype(dtype)
+    dtype = check_kv_dtype(dtype)
     num_layers, num_kv_heads = model.num_hidden_layers, model.num_key_value_heads
     num_values = 2 * num_layers * num_kv_heads * model.head_dim  # K and V
     data_bytes = num_values * KV_DTYPES[dtype] / 8
-    if dtype == "int8":
+    if dtype in ("int8", "fp8"):
         scale_bytes = 2 * num_layers * num_kv_heads * SCALE_BYTES  # one scale per (token, head), K and V
     elif dtype == "int4":
         scale_bytes = num_values / INT4_GROUP_SIZE * 2 * SCALE_BYTES  # scale + zero point per group

@@ -109,8 +109,8 @@ def test_int4_kv_runs_end_to_end(wide_llama):
 
 
 def test_bad_kv_settings_name_the_values(tiny_llama, wide_llama):
-    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp8'"):
-        LLM(tiny_llama[0], dtype="fp32", num_kv_blocks=8, kv_cache_dtype="fp8")
+    with pytest.raises(ValueError, match="unknown kv_cache_dtype 'fp8_e5m2'"):
+        LLM(tiny_llama[0], dtype="fp32", num_kv_blocks=8, kv_cache_dtype="fp8_e5m2")
     with pytest.raises(ValueError, match=r"int4' needs block_size to be a multiple of 32.*block_size=16"):
         LLM(wide_llama, dtype="fp32", num_kv_blocks=8, kv_cache_dtype="int4", block_size=16)
     with pytest.raises(ValueError, match=r"head_dim \(16\) to be a multiple of group_size"):

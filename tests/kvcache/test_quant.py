@@ -222,13 +222,13 @@ def test_attention_error_with_quantized_kv(outliers):
 
 
 def test_dtype_names_and_validation():
-    assert KV_CACHE_DTYPES == ("auto", "bf16", "fp16", "fp32", "int8", "int4")
+    assert KV_CACHE_DTYPES == ("auto", "bf16", "fp16", "fp32", "int8", "fp8", "fp8_e4m3", "int4")
     assert resolve_kv_cache_dtype("auto", torch.float16) == "fp16"
     assert isinstance(make_kv_quantizer("auto", torch.bfloat16), FullPrecisionKV)
     with pytest.raises(ValueError, match="'int3'"):
         check_kv_cache_dtype("int3")
-    with pytest.raises(ValueError, match="'fp8'"):
-        make_kv_quantizer("fp8")
+    with pytest.raises(ValueError, match="'fp8_e5m2'"):
+        make_kv_quantizer("fp8_e5m2")
     with pytest.raises(ValueError, match=r"block_size \(16\)"):
         Int4KV().block_layout(16, 2, 64)
     with pytest.raises(ValueError, match=r"head_dim \(16\)"):

@@ -55,7 +55,7 @@ def test_llama_70b_figures():
     assert kv_bytes_per_request_without_gqa(arch, N_128K, "bf16") == (320 * GiB, 0)
     data, scales = kv_bytes_per_request(arch, N_128K, "int4")
     assert data / GiB == 10.0 and scales / GiB == 2.5  # 4 bytes per group of 32 values
-    assert kv_bytes_per_token(arch, "fp8") == (160 * KiB, 0)
+    assert kv_bytes_per_token(arch, "fp8") == (160 * KiB, 2 * 80 * 8 * 2)  # + int8's scales
 
 
 def test_params_and_flops():

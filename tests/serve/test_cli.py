@@ -40,7 +40,7 @@ def test_without_a_model_it_says_the_bundled_model_is_missing(capsys, monkeypatc
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype 'fp8' is not supported; accepted: auto"),
+        (["--kv-cache-dtype", "fp4"], "--kv-cache-dtype 'fp4' is not supported; accepted: auto"),
         (["--rope-scaling", "{yarn"], "--rope-scaling is not valid JSON"),
         (["--rope-scaling", '{"rope_type": "magic", "factor": 2}'], "magic"),
         (["--dtype", "fp7"], "unsupported dtype 'fp7'"),
