@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from longreach.config import CacheConfig, SchedulerConfig, kv_cache_memory_fields
+from longreach.engine.bi_layout import BatchInvariantLayout, configure_batch_invariant
 from longreach.engine.kv_state import KVStates
 from longreach.engine.layouts import make_layout
 from longreach.engine.output import OutputProcessor, RequestOutput
@@ -77,8 +78,10 @@ class LLMEngine:
         scheduler_config: SchedulerConfig | None = None,
         seed: int | None = 0,
         parallel: Any = None,
+        batch_invariant: bool | None = None,
     ):
-        """parallel: tensor parallelism's hooks (tp.TensorParallel) when the model is sharded, else None."""
+        """parallel: tensor parallelism's hooks (tp.TensorParallel) when the model is sharded, else None.
+        batch_invariant: see `LLM`; None follows LONGREACH_BATCH_INVARIANT (or a model already switched on)."""
         cfg = model.config
         self.model, self.tokenizer = model.eval(), tokenizer
         self.cache_config = cc = cache_config or CacheConfig()
@@ -119,6 +122,9 @@ class LLMEngine:
         self.scheduler = Scheduler(sc, self.kv_manager)
         self.output = OutputProcessor(tokenizer, self.eos_token_ids, sc.max_model_len, self.scheduler.finish)
         layout = make_layout(plan, self.cache, self.kv_manager, param.device, self.kv_states)
+        self.batch_invariant = configure_batch_invariant(model, batch_invariant, plan, parallel is not None)
+        if self.batch_invariant:  # one fixed reduction order per token, whatever the batch (bi_layout.py)
+            layout = BatchInvariantLayout(self.cache, self.kv_manager, param.device)
         self.runner = ModelRunner(model, layout, self.kv_manager, plan.block_bytes, plan.window_slot_bytes)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.requests: dict[str, Sequence] = {}
@@ -284,7 +290,10 @@ class LLM:
     policy's max_held_blocks plus one step's new tokens (a prefill chunk of up to max_num_batched_tokens;
     RequestOutput.metrics.max_kv_blocks says how much it held). Positions are NOT re-rotated: kept keys keep
     their original RoPE positions, so a query sees them at their true distance (unlike StreamingLLM's rolling
-    positions). Prefix caching is off under a policy."""
+    positions). Prefix caching is off under a policy.
+    batch_invariant: True gives every token the same logits (bitwise) whatever else runs in its step, its
+    prefill chunking or preemption (fixed-tile linears, fixed-split attention: `longreach.batch_invariant`);
+    None follows LONGREACH_BATCH_INVARIANT=1. Needs tensor_parallel_size=1 and token-local KV storage."""
 
     def __init__(
         self,
@@ -310,6 +319,7 @@ class LLM:
         kv_policy: str = "none",
         kv_policy_args: dict[str, Any] | None = None,
         allow_long_max_model_len: bool = False,
+        batch_invariant: bool | None = None,
     ):
         model, path, parallel = _build_model(
             model, dtype, device, rope_scaling, quantization, tensor_parallel_size
@@ -338,7 +348,9 @@ class LLM:
             enable_chunked_prefill=enable_chunked_prefill,
             allow_long_max_model_len=allow_long_max_model_len,
         )
-        self.engine = LLMEngine(model, tokenizer, cache_config, scheduler_config, seed, parallel)
+        self.engine = LLMEngine(
+            model, tokenizer, cache_config, scheduler_config, seed, parallel, batch_invariant=batch_invariant
+        )
 
     def get_tokenizer(self):
         return self.engine.tokenizer
