@@ -5,7 +5,8 @@ Both endpoints become a `Job`: prompts x n engine requests answering on one queu
 or streams server-sent events as text arrives; a client that goes away has its requests aborted, which frees
 their KV blocks. What differs between the endpoints is only the shape of the answer, a `ResponseFormat`:
 object names, a finished choice, a streamed delta (with OpenAI's two logprob layouts) and chat's opening
-role chunk.
+role chunk. /v1/completions' `echo` puts each prompt (its text, its tokens and their logprobs) before its
+choices, in the answer or in a stream's first chunk of each choice.
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ from longreach.serve.streams import Choice, EventStream, Group, sse, wait_for_di
 
 
 @dataclass(frozen=True)
+class EchoPrompt:
+    """The prompt one choice echoes; without `keep_output` (max_tokens 0) it is the whole answer."""
+
+    text: str
+    token_ids: list[int]
+    keep_output: bool
+
+    def join(self, text: str, ids: list[int], logprobs: list, prompt_logprobs: list | None):
+        """(text, token ids, logprobs) of the prompt followed by the output's (if kept)."""
+        if not self.keep_output:
+            text, ids, logprobs = "", [], []
+        prompt_logprobs = prompt_logprobs or [None] * len(self.token_ids)
+        return self.text + text, self.token_ids + ids, prompt_logprobs + logprobs
+
+
+@dataclass(frozen=True)
 class Job:
     """One HTTP request's work: `params[i]` holds prompt i's n choices."""
 
@@ -38,10 +55,19 @@ class Job:
     include_usage: bool  # stream_options.include_usage
     arrival_time: float
     cache_salt: str | None = None
+    echo_texts: list[str] | None = None  # /v1/completions' echo: each prompt's text; None: no echo
+    keep_output: bool = True  # False: echo with max_tokens 0 (one token is generated, then dropped)
 
     @property
     def num_prompt_tokens(self) -> int:
         return sum(map(len, self.prompts))
+
+    def echo_for(self, index: int) -> EchoPrompt | None:
+        """What choice `index` (prompt-major, n per prompt) echoes; None without echo."""
+        if self.echo_texts is None:
+            return None
+        prompt = index // len(self.params[0])
+        return EchoPrompt(self.echo_texts[prompt], self.prompts[prompt], self.keep_output)
 
 
 class CompletionFormat:
@@ -52,19 +78,31 @@ class CompletionFormat:
     def __init__(self, logprobs: LogprobFormatter):
         self.logprobs = logprobs
 
-    def choice(self, index: int, c: Choice, k: int | None) -> dict[str, Any]:
-        lp = None if k is None else self.logprobs.completion(c.token_ids, c.logprobs, k, 0)
-        return P.completion_choice(index, c.text, c.finish_reason, lp)
+    def choice(self, index: int, c: Choice, k: int | None, echo: EchoPrompt | None = None) -> dict[str, Any]:
+        text, ids, logprobs, finish_reason = c.text, c.token_ids, c.logprobs, c.finish_reason
+        if echo is not None:
+            text, ids, logprobs = echo.join(text, ids, logprobs, c.prompt_logprobs)
+            finish_reason = finish_reason if echo.keep_output else "length"
+        lp = None if k is None else self.logprobs.completion(ids, logprobs, k, 0)
+        return P.completion_choice(index, text, finish_reason, lp)
 
     def opening(self, index: int) -> dict[str, Any] | None:
         return None
 
-    def delta(self, index: int, item: StreamItem, k: int | None, text_offset: int) -> dict[str, Any] | None:
+    def delta(
+        self, index: int, item: StreamItem, k: int | None, text_offset: int, echo: EchoPrompt | None = None
+    ) -> dict[str, Any] | None:
+        """A streamed chunk; `echo` on a choice's first one."""
+        text, ids, logprobs = item.delta_text, item.delta_token_ids, item.delta_logprobs or []
+        finish_reason = item.finish_reason
+        if echo is not None:
+            text, ids, logprobs = echo.join(text, ids, logprobs, item.prompt_logprobs)
+            finish_reason = finish_reason if echo.keep_output or finish_reason is None else "length"
         lp = None
-        if k is not None and item.delta_token_ids:
-            lp = self.logprobs.completion(item.delta_token_ids, item.delta_logprobs or [], k, text_offset)
-        if item.delta_text or item.finish_reason or lp:
-            return P.completion_choice(index, item.delta_text, item.finish_reason, lp)
+        if k is not None and ids:
+            lp = self.logprobs.completion(ids, logprobs, k, text_offset)
+        if text or finish_reason or lp:
+            return P.completion_choice(index, text, finish_reason, lp)
         return None
 
 
@@ -73,8 +111,8 @@ class ChatFormat(CompletionFormat):
 
     object, chunk_object = "chat.completion", "chat.completion.chunk"
 
-    def choice(self, index: int, c: Choice, k: int | None) -> dict[str, Any]:
-        return P.chat_choice(
+    def choice(self, index: int, c: Choice, k: int | None, echo: EchoPrompt | None = None) -> dict[str, Any]:
+        return P.chat_choice(  # (chat has no echo)
             index,
             c.text,
             c.finish_reason,
@@ -84,7 +122,9 @@ class ChatFormat(CompletionFormat):
     def opening(self, index: int) -> dict[str, Any] | None:
         return P.chat_chunk_choice(index, {"role": "assistant", "content": ""}, None, None)
 
-    def delta(self, index: int, item: StreamItem, k: int | None, text_offset: int) -> dict[str, Any] | None:
+    def delta(
+        self, index: int, item: StreamItem, k: int | None, text_offset: int, echo: EchoPrompt | None = None
+    ) -> dict[str, Any] | None:
         lp = None
         if k is not None and item.delta_token_ids:
             lp = self.logprobs.chat(item.delta_token_ids, item.delta_logprobs or [], k)
@@ -106,8 +146,9 @@ class EndpointRunner:
         choices = await self._collect(request, group)
         if choices is None:
             return Response(status_code=499)
-        body = [fmt.choice(i, c, job.logprobs_k) for i, c in enumerate(choices)]
-        usage = P.usage(job.num_prompt_tokens, sum(c.num_output_tokens for c in choices))
+        body = [fmt.choice(i, c, job.logprobs_k, job.echo_for(i)) for i, c in enumerate(choices)]
+        num_output_tokens = sum(c.num_output_tokens for c in choices) if job.keep_output else 0
+        usage = P.usage(job.num_prompt_tokens, num_output_tokens)
         return JSONResponse(P.response(fmt.object, job.request_id, created, job.model, body, usage))
 
     async def _start(self, job: Job) -> Group:
@@ -180,16 +221,18 @@ class EndpointRunner:
             opening = fmt.opening(index)
             if opening is not None:
                 yield chunk([opening])
-        num_out, offsets = [0] * num_choices, [0] * num_choices
+        num_out, offsets, started = [0] * num_choices, [0] * num_choices, [False] * num_choices
         while not group.is_done:
             index, item = await group.next()
             if item.error is not None:
                 yield sse(P.APIError(500, item.error, type="server_error").to_dict())
                 group.abort_unfinished()
                 break
-            num_out[index] = item.num_output_tokens
-            delta = fmt.delta(index, item, job.logprobs_k, offsets[index])
-            offsets[index] += len(item.delta_text)
+            num_out[index] = item.num_output_tokens if job.keep_output else 0
+            echo = None if started[index] else job.echo_for(index)
+            started[index] = True
+            delta = fmt.delta(index, item, job.logprobs_k, offsets[index], echo)
+            offsets[index] += len(item.delta_text) + (0 if echo is None else len(echo.text))
             if delta is not None:
                 yield chunk([delta])
         if job.include_usage:

@@ -42,6 +42,7 @@ class StreamItem:
     num_output_tokens: int
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     error: str | None = None  # set when the engine failed (a server bug, not bad input)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # on a request's first item, if it asked
 
     @property
     def finished(self) -> bool:
@@ -77,6 +78,8 @@ class Sinks:
             return
         num_out, num_new = len(out.token_ids), len(out.delta_token_ids)
         logprobs = None if out.logprobs is None else list(out.logprobs[num_out - num_new : num_out])
+        first = num_out == num_new
+        prompt_logprobs = list(out.prompt_logprobs) if first and out.prompt_logprobs is not None else None
         item = StreamItem(
             out.text if out.finished else "",
             out.delta_text,
@@ -85,6 +88,7 @@ class Sinks:
             len(out.prompt_token_ids),
             num_out,
             out.finish_reason,
+            prompt_logprobs=prompt_logprobs,
         )
         self._send(sink, item)
 

@@ -39,6 +39,13 @@ def _in_vocab(ids: list[int], vocab: int, param: str) -> list[int]:
     return list(ids)
 
 
+def _echo_text(tokenizer, prompt: str | list[int], ids: list[int]) -> str:
+    """The text echo puts first: a text prompt as sent, token ids decoded (special tokens shown)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "" if tokenizer is None else tokenizer.decode(ids, skip_special_tokens=False)
+
+
 async def _discard(request: Request) -> None:
     """Read the rest of an oversized body (up to a bound) so the client sees our 413, not a reset."""
     seen = 0
@@ -196,7 +203,11 @@ class OpenAIServer:
 
     @staticmethod
     def sampling_params(
-        req: P._SamplingFields, max_tokens: int, logprobs: int | None, choice: int
+        req: P._SamplingFields,
+        max_tokens: int,
+        logprobs: int | None,
+        choice: int,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         seed = (
             None if req.seed is None else (req.seed + choice) % 2**64
@@ -218,6 +229,7 @@ class OpenAIServer:
                 ignore_eos=req.ignore_eos,
                 min_tokens=req.min_tokens,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
             )
         except ValueError as exc:
             raise P.APIError(400, str(exc)) from None
@@ -241,11 +253,21 @@ class OpenAIServer:
                 if isinstance(prompt, str)
                 else _in_vocab(prompt, self.engine.model.config.vocab_size, param)
             )
-        budgets = [self.check_length(len(ids), req.max_tokens, "prompt") for ids in prompts]
+        # echo with max_tokens 0 answers the prompt alone: one token is generated and dropped (as vLLM does)
+        keep_output = req.max_tokens != 0
+        budgets = [
+            self.check_length(len(ids), req.max_tokens if keep_output else 1, "prompt") for ids in prompts
+        ]
         k = self.logprobs_k(req.logprobs)
-        params = [[self.sampling_params(req, budget, k, i) for i in range(req.n)] for budget in budgets]
+        prompt_k = k if req.echo else None  # echo + logprobs: the prompt tokens' logprobs come first
+        params = [
+            [self.sampling_params(req, budget, k, i, prompt_k) for i in range(req.n)] for budget in budgets
+        ]
+        echo_texts = (
+            [_echo_text(self.tokenizer, p, ids) for p, ids in zip(batch, prompts)] if req.echo else None
+        )
         job = Job(P.new_id("cmpl"), model, prompts, params, k, req.stream, req.include_usage_in_stream,
-                  arrival_time, req.cache_salt)  # fmt: skip
+                  arrival_time, req.cache_salt, echo_texts, keep_output)  # fmt: skip
         return await self.runner.run(request, job, self.completion_format)
 
     async def chat_completions(self, request: Request) -> Response:

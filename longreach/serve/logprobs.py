@@ -1,6 +1,7 @@
 """Logprobs in OpenAI's two layouts: /v1/completions' parallel lists (tokens, token_logprobs, top_logprobs,
 text_offset) and /v1/chat/completions' per-token entries with UTF-8 bytes. Non-finite values (a token the
-sampler masked) become -9999.0, as OpenAI's API never sends NaN or infinity in JSON."""
+sampler masked) become -9999.0, as OpenAI's API never sends NaN or infinity in JSON. With `echo` the prompt's
+tokens come first; the first has no logprob (null), as in OpenAI's legacy API and vLLM."""
 
 from __future__ import annotations
 
@@ -34,12 +35,19 @@ class LogprobFormatter:
         return list(self.token_text(token_id).encode("utf-8"))
 
     def completion(
-        self, token_ids: list[int], logprobs: list[dict[int, float]], k: int, text_offset: int
+        self, token_ids: list[int], logprobs: list[dict[int, float] | None], k: int, text_offset: int
     ) -> dict[str, Any]:
+        """An entry None (a prompt's first token) has null logprob and top_logprobs."""
         out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, entry in zip(token_ids, logprobs):
             text = self.token_text(token_id)
             out["tokens"].append(text)
+            out["text_offset"].append(text_offset)
+            text_offset += len(text)
+            if entry is None:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
             out["token_logprobs"].append(finite(entry.get(token_id, float("-inf"))))
             top: dict[str, float] | None = None
             if k:
@@ -47,8 +55,6 @@ class LogprobFormatter:
                 for t, v in _top(entry, k):  # distinct ids may share a text: keep the likeliest
                     top.setdefault(self.token_text(t), finite(v))
             out["top_logprobs"].append(top)
-            out["text_offset"].append(text_offset)
-            text_offset += len(text)
         return out
 
     def chat(self, token_ids: list[int], logprobs: list[dict[int, float]], k: int) -> dict[str, Any]:

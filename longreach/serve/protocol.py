@@ -252,10 +252,12 @@ _CHAT_EXAMPLES = [
 class CompletionRequest(_SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": _COMPLETION_EXAMPLES})
     prompt: Annotated[Any, WithJsonSchema(_PROMPT_SCHEMA)]  # checked by _check_prompt, for its messages
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(
+        16, ge=0, description="0 only with echo: the prompt (and its logprobs) alone"
+    )
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool | None = Field(
-        False, description="not supported: absent or false", json_schema_extra={"enum": [False, None]}
+        False, description="the prompt before the completion (with logprobs: theirs first)"
     )
     best_of: int | None = Field(None, description="absent or equal to n")
     suffix: str | None = Field(
@@ -286,8 +288,8 @@ class CompletionRequest(_SamplingFields):
 
     @model_validator(mode="after")
     def _check_unsupported(self):
-        if self.echo:
-            raise ValueError("echo: not supported by this server (prompt logprobs are not computed)")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (it returns the prompt alone)")
         if self.suffix:
             raise ValueError("suffix: not supported by this server")
         if self.best_of is not None and self.best_of != self.n:

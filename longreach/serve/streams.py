@@ -24,10 +24,13 @@ class Choice:
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.num_output_tokens = 0
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None  # SamplingParams.prompt_logprobs
 
     def add(self, item: StreamItem) -> None:
         if item.finished and item.error is None:
             self.text = item.text
+        if item.prompt_logprobs is not None:
+            self.prompt_logprobs = item.prompt_logprobs
         self.token_ids += item.delta_token_ids
         self.logprobs += item.delta_logprobs or []
         self.finish_reason, self.error = item.finish_reason, item.error

@@ -27,7 +27,7 @@ CASES = {
     "empty prompt": (C, {**OK, "prompt": ""}, 400, "empty", "prompt"),
     "empty prompt list": (C, {**OK, "prompt": []}, 400, "empty", "prompt"),
     "n = 0": (C, {**OK, "n": 0}, 400, "greater than or equal to 1", "n"),
-    "negative max_tokens": (C, {**OK, "max_tokens": -1}, 400, "greater than or equal to 1", "max_tokens"),
+    "negative max_tokens": (C, {**OK, "max_tokens": -1}, 400, "greater than or equal to 0", "max_tokens"),
     "temperature < 0": (C, {**OK, "temperature": -0.5}, 400, "greater than or equal to 0", "temperature"),
     "top_p > 1": (C, {**OK, "top_p": 1.5}, 400, "less than or equal to 1", "top_p"),
     "penalty out of range": (
@@ -48,7 +48,7 @@ CASES = {
         "stream",
         None,
     ),
-    "echo unsupported": (C, {**OK, "echo": True}, 400, "echo", None),
+    "max_tokens 0 without echo": (C, {**OK, "max_tokens": 0}, 400, "only allowed with echo", "max_tokens"),
     "too long": (
         C,
         {**OK, "prompt": "x" * 250, "max_tokens": 10},
