@@ -11,6 +11,8 @@ never exceeds 448 and no code saturates), code = round-to-nearest-even(x / scale
 step between neighbouring codes is 2^-3 of the binade, so a code in e4m3's normal range (|x / scale| >= 2^-6)
 is off by at most 2^-4 of itself, and a subnormal one by at most half the subnormal step 2^-9:
 |x - dequant(x)| <= max(2^-4 * |x|, 2^-10 * scale). Only casts to and from fp8 are used (no fp8 arithmetic).
+A row whose absmax exceeds 448 x fp16's largest value (about 2.9e7) saturates at that bound instead of
+overflowing its scale to inf (vLLM's fp8 cache saturates at its scale x 448 too).
 """
 
 from __future__ import annotations
@@ -59,8 +61,9 @@ def quantize_fp8(
     xf = x.float()
     absmax = xf.abs().amax(dim=-1)  # (...,)
     scale = _round_up(absmax / FP8_MAX, absmax / FP8_MAX, scale_dtype)
+    scale = scale.clamp(max=torch.finfo(scale_dtype).max)  # rows past 448 x the largest scale saturate
     safe = torch.where(scale == 0, torch.ones_like(scale), scale).float()
-    # the clamp only catches fp32 rounding of x / scale: older torch casts past 448 to NaN, not to 448
+    # the clamp catches fp32 rounding of x / scale and saturated rows (older torch casts past 448 to NaN)
     codes = (xf / safe[..., None]).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return codes, scale
 
