@@ -27,6 +27,10 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "eval": ("longreach.eval.cli", "passkey / needle-in-a-haystack / RULER-style / perplexity evaluation"),
     "bench": ("longreach.engine.bench", "throughput benchmark of the serving engine"),
+    "convert": (
+        "longreach.model.gguf_convert",
+        "convert a GGUF file into a Hugging Face checkpoint directory",
+    ),
     "demo": (
         "longreach.demo",
         "the bundled demo model: train it, reproduce the context-extension experiment",

@@ -59,10 +59,27 @@ def resolve_model_path(model: str | None) -> Path:
             return resolve_model(require_real_model_path())
         return resolve_model(model)
     if (BUNDLED_MODEL_DIR / "config.json").is_file():
+        _announce_demo_default()
         return BUNDLED_MODEL_DIR
     raise FileNotFoundError(
         f"no model given and the bundled demo model is missing at {BUNDLED_MODEL_DIR}; "
         f"pass a checkpoint directory, a .gguf file, a Hub id or {REAL_MODEL_NAME} (--model ...)"
+    )
+
+
+_announced = False
+
+
+def _announce_demo_default() -> None:
+    """Say once per process which model "no model" means, and how to get the real one."""
+    global _announced
+    if _announced:
+        return
+    _announced = True
+    print(
+        "longreach: no model given, using the bundled demo model (4.3M parameters, byte-level, trained for "
+        f"pass-key retrieval); for a real instruct model pass {REAL_MODEL_NAME}",
+        file=sys.stderr,
     )
 
 

@@ -34,6 +34,11 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LONGREACH_CACHE") or "~/.cache/longreach").expanduser()
 
 
+def is_hub_id(text: str) -> bool:
+    """True for `org/name` or `org/name/file.gguf` (a Hub model id, possibly naming a GGUF file in it)."""
+    return bool(_HUB_ID.match(text)) and not text.startswith((".", "~"))
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
     """A checkpoint directory for `model` (a directory, a .gguf file or a Hub id); errors name what was given."""
     text = str(model)
@@ -48,7 +53,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
         raise ValueError(
             f"model {text!r} is a file but not a GGUF file; give a checkpoint directory, a .gguf file or a Hub id"
         )
-    if _HUB_ID.match(text) and not text.startswith((".", "~")):
+    if is_hub_id(text):
         return hub_checkpoint_dir(text)
     raise FileNotFoundError(
         f"model {text!r} does not exist: not a checkpoint directory, a .gguf file or a Hub id (org/name)"

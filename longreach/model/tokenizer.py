@@ -372,8 +372,14 @@ def load_tokenizer(path: str | Path) -> ByteTokenizer | HFTokenizer:
     """The tokenizer stored at `path`: a checkpoint directory, or its tokenizer.json / tokenizer_config.json.
 
     tokenizer.json -> HFTokenizer; tokenizer_config.json with "tokenizer_class": "ByteTokenizer" -> ByteTokenizer.
+    A .gguf file or a Hub id resolves as for `load_model` (`resolve.resolve_model`).
     """
     path = Path(path).expanduser()
+    if path.suffix == ".gguf" or not path.exists():
+        from longreach.model.resolve import is_hub_id, resolve_model  # lazy: pulls in the gguf reader
+
+        if path.is_file() or is_hub_id(str(path)):
+            path = resolve_model(path)
     if not path.exists():
         raise FileNotFoundError(
             f"{path}: no such file or directory (expected a directory holding "
