@@ -153,6 +153,12 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         '"original_max_position_embeddings": 8192}\'',
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of unseeded sampling (default 0)")
+    parser.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        help="bitwise the same tokens and logprobs for a request whatever else is batched with it, however "
+        "its prompt is chunked (slower; also LONGREACH_BATCH_INVARIANT=1; see docs/serving.md)",
+    )
 
 
 def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +276,7 @@ def build_app(args):
             max_num_batched_tokens=args.max_num_batched_tokens,
             rope_scaling=rope_scaling,
             seed=args.seed,
+            batch_invariant=args.batch_invariant or None,
             **kv_kwargs,
         )
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
