@@ -1,0 +1,97 @@
+"""The engine with an fp8 (e4m3) KV cache: close to full-precision KV, and exactly its own tokens under any
+schedule (batched or alone, chunked or not, preempted, prefix-cache hits)."""
+
+import torch
+
+from longreach import LLM, SamplingParams
+from tests.engine.test_kv_storage import _compare, _prompts, _run
+
+# Every logit of every step (before greedy tokens diverge) within this fraction of the logits' std of the
+# full-precision cache's. Each stored K/V element is off by at most 2^-4 of itself (e4m3's half step); if the
+# K and the V errors of a layer both pushed the logits the same way with that full relative size, the logits
+# would move by about 2 x 2^-4 = 0.125 of their spread. Errors of random sign mostly cancel in the dot
+# products: measured 0.046 here (int8's, with its absmax / 254 steps, is 0.0074).
+FP8_LOGIT_TOLERANCE = 2 * 2.0**-4
+
+
+def _greedy(llm, prompts, max_tokens=12, logits=None):
+    """Greedy outputs; with a `logits` dict, each request's sampled logits rows are appended to it."""
+    engine = llm.engine
+    sampler = engine.sampler
+
+    def recording(rows, seqs):
+        for row, seq in enumerate(seqs):
+            logits.setdefault(seq.request_id, []).append(rows[row].float().clone())
+        return sampler(rows, seqs)
+
+    if logits is not None:
+        engine.sampler = recording
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    engine.sampler = sampler
+    assert engine.kv_manager.num_free_blocks == engine.num_kv_blocks, "blocks leaked"
+    return outs
+
+
+def test_fp8_kv_stays_close_to_full_precision(tiny_llama):
+    ref = _run(tiny_llama[0], block_size=8)
+    got = _run(tiny_llama[0], block_size=8, kv_cache_dtype="fp8")
+    identical, worst = _compare(ref, got)
+    assert worst < FP8_LOGIT_TOLERANCE and identical >= 0.5, (identical, worst)
+    # the alias is the same storage, and the pages really hold e4m3 codes
+    assert _compare(got, _run(tiny_llama[0], block_size=8, kv_cache_dtype="fp8_e4m3")) == (1.0, 0.0)
+    llm = LLM(tiny_llama[0], dtype="bf16", device="cpu", num_kv_blocks=8, kv_cache_dtype="fp8_e4m3")
+    store = llm.engine.cache.stores[0]
+    assert store["k"].dtype == torch.float8_e4m3fn and store["k_scale"].dtype == torch.float16
+
+
+def test_fp8_kv_against_bf16_kv_on_a_bf16_model(tiny_llama):
+    """The same comparison in the dtype a GPU serves in: fp8 pages vs bf16 pages, bf16 weights."""
+    prompts = _prompts()
+    kwargs = dict(dtype="bf16", device="cpu", num_kv_blocks=64, block_size=8)
+    bf16 = _greedy(LLM(tiny_llama[0], **kwargs), prompts, max_tokens=24)
+    fp8 = _greedy(LLM(tiny_llama[0], kv_cache_dtype="fp8", **kwargs), prompts, max_tokens=24)
+    same = [
+        next((i for i, (a, b) in enumerate(zip(r.token_ids, o.token_ids)) if a != b), len(r.token_ids))
+        for r, o in zip(bf16, fp8)
+    ]
+    assert sum(same) / sum(len(r.token_ids) for r in bf16) >= 0.5, same
+
+
+def test_fp8_tokens_do_not_depend_on_the_schedule(tiny_llama):
+    """Alone with the whole prompt in one step vs batched in 7-token chunks with shared prefixes, preemption
+    and prefix-cache hits: identical greedy tokens. A fresh prefill attends its K/V as stored (e4m3), so the
+    first chunk of a prompt sees exactly what a later chunk or a decode reads back from the pages: the logits
+    agree to fp32 rounding (1e-4 of their std), far inside fp8's own error (0.046 of it, see above), which
+    is what they would differ by if a whole prompt's prefill attended its unquantized K/V."""
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 128, (20,), generator=g).tolist()
+    prompts = [shared + torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 1, 30)]
+    common = dict(dtype="fp32", device="cpu", block_size=4, kv_cache_dtype="fp8")
+    solo, solo_logits = [], []
+    for p in prompts:
+        logits = {}
+        llm = LLM(tiny_llama[0], num_kv_blocks=32, enable_prefix_caching=False, **common)
+        solo.append(_greedy(llm, [p], logits=logits)[0].token_ids)
+        solo_logits += logits.values()
+    llm, logits = LLM(tiny_llama[0], num_kv_blocks=17, max_num_batched_tokens=7, max_num_seqs=4, **common), {}
+    batched = _greedy(llm, prompts, logits=logits)
+    assert [o.token_ids for o in batched] == solo
+    for alone, together in zip(solo_logits, (logits[o.request_id] for o in batched)):
+        assert len(together) == len(alone)
+        worst = max(float((a - b).abs().max() / a.std()) for a, b in zip(alone, together))
+        assert worst < 1e-4, worst
+    assert llm.engine.scheduler.num_preemptions > 0  # 17 blocks of 4: the longest request alone needs 16
+    assert sum(o.metrics.num_cached_tokens for o in batched) > 0
+
+
+def test_fp8_prefix_cache_hits_give_the_same_tokens(tiny_llama):
+    prompt = _prompts((37,))[0] * 2
+    kwargs = dict(dtype="fp32", device="cpu", num_kv_blocks=64, block_size=8, kv_cache_dtype="fp8")
+    llm = LLM(tiny_llama[0], **kwargs)
+    assert llm.engine.kv_manager.pool.enable_caching
+    first = _greedy(llm, [prompt], max_tokens=6)[0]
+    again = _greedy(llm, [prompt], max_tokens=6)[0]
+    assert again.metrics.num_cached_tokens >= 64 and again.token_ids == first.token_ids
+    cold = _greedy(LLM(tiny_llama[0], enable_prefix_caching=False, **kwargs), [prompt], max_tokens=6)[0]
+    assert cold.token_ids == first.token_ids
