@@ -1,6 +1,6 @@
 """What each KV-cache lever costs and saves, measured in one run on one model: docs/tradeoffs.md.
 
-Settings: full-precision KV (bf16), int8 KV, int4 KV (KIVI-style), sliding window, attention sinks
+Settings: full-precision KV (bf16), int8 KV, fp8 (e4m3) KV, int4 KV (KIVI-style), sliding window, attention sinks
 (StreamingLLM), H2O and int8 weights. The three eviction policies get the same budget, a fraction of the
 context (default 25%: window = budget, sinks = 4 + budget - 4, h2o = half heavy hitters + half recent).
 For every setting and context length, through the serving engine (`LLM.generate`, greedy):
@@ -33,14 +33,14 @@ from longreach.eval.runner import GridResult, comparison_table, format_length, r
 from longreach.eval.tasks import make_sample
 from longreach.model.bundled import resolve_model_path
 
-SETTINGS = ["bf16", "int8", "int4", "window", "sinks", "h2o", "h2o-block", "int8-weights"]
+SETTINGS = ["bf16", "int8", "fp8", "int4", "window", "sinks", "h2o", "h2o-block", "int8-weights"]
 NUM_SINKS = 4
 
 
 def engine_kwargs(setting: str, length: int, budget_ratio: float) -> dict:
     """LLM keywords of one setting at one context length (eviction budgets scale with it)."""
     budget = max(16, int(length * budget_ratio))
-    if setting in ("bf16", "int8", "int4"):
+    if setting in ("bf16", "int8", "fp8", "int4"):
         return {"kv_cache_dtype": setting}
     if setting == "int8-weights":
         return {"kv_cache_dtype": "bf16", "quantization": "int8"}
@@ -70,6 +70,7 @@ def describe(setting: str, budget_ratio: float) -> str:
     return {
         "bf16": "KV in bf16 (the baseline)",
         "int8": "KV int8, per-token-per-head scales",
+        "fp8": "KV fp8 e4m3, per-token-per-head scales",
         "int4": "KV int4, KIVI groups of 32 + a window of recent tokens in the model's dtype",
         "window": f"last {pct} of the context",
         "sinks": f"{NUM_SINKS} sink tokens + last {pct}",
