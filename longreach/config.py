@@ -210,7 +210,7 @@ class CacheConfig:
     Users' single "bytes or a fraction" value (`LLM(kv_cache_memory=0.5)`, `--kv-cache-memory 4GiB`) is split
     into these two fields by `kv_cache_memory_fields`.
     `kv_cache_dtype` is the storage of K/V (`longreach.kvcache.quant`: auto = the model's dtype, bf16, fp16,
-    fp32, int8, int4); `kv_policy` / `kv_policy_args` the eviction policy (`longreach.kvcache.policies`:
+    fp32, int8, fp8 (e4m3; alias fp8_e4m3), int4); `kv_policy` / `kv_policy_args` the eviction policy (`longreach.kvcache.policies`:
     none, window, sinks, h2o, with `make_policy`'s keyword budgets, e.g. {"window": 4096}).
     """
 

@@ -1,7 +1,7 @@
 """Model config + cache config + device -> a KV plan (nano-vllm's `allocate_kv_cache`, in one function).
 
 The plan fixes, once, everything the engine's KV cache depends on: the storage scheme (a `KVQuantizer`:
-bf16/fp16/fp32, int8, int4) and the eviction policy, checked against each other and the model; the bytes of
+bf16/fp16/fp32, int8, fp8, int4) and the eviction policy, checked against each other and the model; the bytes of
 one block and of int4's per-request window slot; how many blocks fit (a count, bytes, or a fraction of the
 free memory, agreed by every tensor-parallel rank); and whether prefix caching can be honoured.
 """
