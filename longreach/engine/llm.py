@@ -281,7 +281,7 @@ class LLM:
     kv_cache_dtype: KV storage, "auto" (the model dtype), "bf16", "fp16", "fp32", "int8" or "fp8" (e4m3, alias
     "fp8_e4m3"; both with one scale per token and head) or "int4" (KIVI; needs block_size a multiple of 32,
     the default block_size then, and turns prefix caching off). Quantized on write, dequantized for attention
-    (int8 and fp8 inside the Triton decode kernel on CUDA; int4 into a compact page set before it).
+    (int8 and fp8 inside the Triton decode kernel on CUDA; int4 per sequence before its attention call).
     quantization: "int8" / "int4" weight-only linears, swapped in at load (`longreach.model.quant`);
     a checkpoint saved by `save_quantized` loads quantized without it.
     kv_policy: "none", "window", "sinks" or "h2o", with kv_policy_args its budgets (`make_policy`'s keywords:
