@@ -166,7 +166,7 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype",
         default="auto",
         help="KV-cache storage: auto (the model dtype) or a quantized/other dtype the engine "
-        "supports (bf16, fp16, fp32, int8, int4)",
+        "supports (bf16, fp16, fp32, int8, fp8 = e4m3 or fp8_e4m3, int4)",
     )
     parser.add_argument(
         "--kv-policy",
