@@ -13,84 +13,36 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import logging
 import os
-import re
 import sys
+
+from longreach.serve.cli_options import (  # noqa: F401  (parse_size, parse_kv_memory: re-exported)
+    add_vllm_arguments,
+    kv_sizing,
+    override_chat_template,
+    parse_kv_memory,
+    parse_size,
+    read_chat_template,
+)
+from longreach.serve.cli_options import port_number as _port
+from longreach.serve.cli_options import positive_int as _positive_int
 
 # The announced curl: a pass-key prompt (the README's), which the bundled model answers with 48213.
 EXAMPLE_PROMPT = (
     "The grass is green. The pass key is 48213. Remember it. 48213 is the pass key. The sky is blue. "
     "What is the pass key? The pass key is"
 )
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "kb": 10**3,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
 
 
 class CLIError(Exception):
     """A bad flag or an unusable model: printed as one line, exit status 2."""
 
 
-def parse_size(text: str) -> int:
-    """'4GiB', '512MB', '1e9', '123' -> bytes."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _SIZE_UNITS:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: give bytes, or a number with a unit such as 512MiB, 4GiB, 8GB"
-        )
-    value = int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
-    return value
-
-
-def parse_kv_memory(text: str) -> int | float:
-    """--kv-cache-memory: a size ('4GiB', '123') or, written with a decimal point, a fraction ('0.5')."""
-    if re.fullmatch(r"\s*[0-9]*\.[0-9]+\s*", text) and float(text) <= 1.0:
-        if float(text) <= 0.0:
-            raise argparse.ArgumentTypeError(f"{text!r}: a fraction of the free memory must be in (0, 1]")
-        return float(text)
-    return parse_size(text)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port {value} is outside 0..65535 (0 picks a free port)")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_server_arguments(parser)
     _add_model_arguments(parser)
     _add_cache_arguments(parser)
+    add_vllm_arguments(parser)
 
 
 def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,8 +152,9 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-memory",
         type=parse_kv_memory,
         default=None,
-        help="bytes for the KV cache, e.g. 4GiB, or a fraction of the free memory, e.g. 0.3 "
-        "(default: 0.9 on a GPU, 0.5 on a CPU)",
+        help="bytes for the KV cache with a unit, e.g. 4GiB or 512MiB, or a fraction of the free memory "
+        "with a decimal point, e.g. 0.3 or 1.0; a bare number is refused (default: 0.9 on a GPU, 0.5 on "
+        "a CPU)",
     )
     parser.add_argument(
         "--num-kv-blocks",
@@ -243,12 +196,38 @@ def kv_cache_dtype_kwargs(value: str | None, llm_cls) -> dict:
 
 
 def build_app(args):
-    """(app, served model names) from parsed arguments; CLIError for anything the user must fix."""
-    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
-    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    """(app, served model names) from parsed arguments; CLIError for anything the user must fix.
+    Under --tensor-parallel-size N the app's engine is rank 0's, mirrored to the other ranks
+    (app.state.tp_workers: the processes started for them, app.state.mirror: what tells them to stop)."""
     from longreach.serve.server import (  # lazy: CLI verb, keeps --help fast
         DEFAULT_MAX_REQUEST_BYTES,
         create_app,
+    )
+
+    llm, path, generation, workers = build_llm(args)
+    engine, mirror = llm.engine, None
+    if args.tensor_parallel_size > 1:
+        from longreach.serve.tp_serve import MirroredEngine, control_group  # lazy: only under TP
+
+        engine = mirror = MirroredEngine(llm.engine, control_group())
+    names = args.served_model_name or [args.model if args.model is not None else "longreach-demo"]
+    _warn_about_limits(llm.engine)
+    max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
+    app = create_app(engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
+    app.state.server.generation_defaults = generation[0]
+    app.state.model_path, app.state.generation_config = path, generation[1]
+    app.state.tp_workers, app.state.mirror = workers, mirror
+    return app, names
+
+
+def build_llm(args):
+    """(LLM, checkpoint path, (generation defaults, their file), TP worker processes started here).
+
+    Every tensor-parallel rank runs this same function, so their engines are built in lock-step."""
+    from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
+    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    from longreach.serve.generation_config import (  # lazy: CLI verb, keeps --help fast
+        load_generation_defaults,
     )
 
     if args.shutdown_timeout < 0:
@@ -261,7 +240,13 @@ def build_app(args):
         raise CLIError(str(exc)) from None
     if not path.is_dir():
         raise CLIError(f"{path}: no such checkpoint directory")
-    names = args.served_model_name or [args.model if args.model is not None else "longreach-demo"]
+    try:
+        chat_template = read_chat_template(args.chat_template)
+        generation = load_generation_defaults(args.generation_config, path)
+        sizing, gpu_fraction = kv_sizing(args, _on_cuda(args.device))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    workers = _start_tp_workers(args)
     try:
         llm = LLM(
             path,
@@ -269,22 +254,58 @@ def build_app(args):
             device=args.device,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
-            num_kv_blocks=args.num_kv_blocks,
             enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=args.enable_chunked_prefill,
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
             rope_scaling=rope_scaling,
             seed=args.seed,
             batch_invariant=args.batch_invariant or None,
+            tensor_parallel_size=args.tensor_parallel_size,
+            **sizing,
             **kv_kwargs,
         )
+        if gpu_fraction is not None:
+            from longreach.serve.startup import resize_for_gpu_utilization  # lazy: CUDA only
+
+            resize_for_gpu_utilization(llm, gpu_fraction, args.seed)
+        if chat_template is not None:
+            override_chat_template(llm.get_tokenizer(), chat_template)
     except (ValueError, FileNotFoundError, KeyError, TypeError, RuntimeError) as exc:
         raise CLIError(f"cannot serve {str(path)!r}: {exc}") from None
-    _warn_about_limits(llm.engine)
-    max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
-    app = create_app(llm.engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
-    return app, names
+    return llm, path, generation, workers
+
+
+def _on_cuda(device: str | None) -> bool:
+    import torch  # lazy: CLI verb, keeps --help fast
+
+    return str(device).startswith("cuda") if device else torch.cuda.is_available()
+
+
+def _start_tp_workers(args) -> list:
+    """Ranks 1..N-1 for --tensor-parallel-size N, unless torchrun started them already."""
+    if args.tensor_parallel_size == 1:
+        return []
+    from longreach.serve.tp_serve import is_launched_by_torchrun, spawn_workers  # lazy: only under TP
+
+    if is_launched_by_torchrun():
+        return []
+    return spawn_workers(args.tensor_parallel_size, run_worker, args)
+
+
+def run_worker(args) -> int:
+    """A tensor-parallel rank other than 0: build the same engine, then follow rank 0's calls."""
+    from longreach.logging_setup import configure_logging  # lazy: CLI verb, keeps --help fast
+    from longreach.serve.tp_serve import control_group, follow  # lazy: only under TP
+
+    configure_logging(args.log_level, secrets=[args.api_key])
+    try:
+        llm = build_llm(args)[0]
+    except CLIError as exc:
+        print(f"longreach serve (tensor-parallel worker): error: {exc}", file=sys.stderr)
+        return 2
+    follow(llm.engine, control_group())
+    return 0
 
 
 def _storage_kwargs(args, llm_cls) -> dict:
@@ -321,21 +342,49 @@ def _warn_about_limits(engine) -> None:
 
 
 def main(args) -> int:
+    from longreach.logging_setup import configure_logging  # lazy: CLI verb, keeps --help fast
+
+    configure_logging(args.log_level, secrets=[args.api_key])
+    if args.tensor_parallel_size > 1 and os.environ.get("RANK", "0") != "0":  # torchrun's other ranks
+        return run_worker(args)
     try:
         app, names = build_app(args)
     except CLIError as exc:
         print(f"longreach serve: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        return _serve(app, names, args)
+    finally:
+        _stop_tp_workers(app)
 
+
+def _serve(app, names, args) -> int:
     import uvicorn
 
     from longreach.serve.server import Server  # lazy: CLI verb, keeps --help fast
+    from longreach.serve.startup import (  # lazy: CLI verb, keeps --help fast
+        log_startup_summary,
+        startup_summary,
+    )
 
     def announce(server: Server) -> None:
         host = args.host if args.host not in ("0.0.0.0", "::") else "127.0.0.1"
         url = f"http://{host}:{server.bound_port}"
-        auth = f" -H 'Authorization: Bearer {args.api_key}'" if args.api_key else ""
+        # the key itself is never printed: the line reads it from the environment when run
+        auth = ' -H "Authorization: Bearer $LONGREACH_API_KEY"' if args.api_key else ""
         body = json.dumps({"model": names[0], "prompt": EXAMPLE_PROMPT, "max_tokens": 8})
+        log_startup_summary(
+            startup_summary(
+                app.state.server.engine,
+                names,
+                app.state.model_path,
+                url,
+                tensor_parallel_size=args.tensor_parallel_size,
+                generation_config=app.state.generation_config or args.generation_config,
+                generation_defaults=app.state.server.generation_defaults,
+                api_key="set (not shown)" if args.api_key else None,
+            )
+        )
         print(
             f"longreach serve: serving {names[0]!r} at {url}/v1 (metrics at {url}/metrics)\n"
             f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
@@ -343,7 +392,6 @@ def main(args) -> int:
             flush=True,
         )
 
-    logging.getLogger("longreach").setLevel(args.log_level.upper())
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, lifespan="on")
     server = Server(config, shutdown_timeout=args.shutdown_timeout, on_started=announce)
     try:
@@ -351,3 +399,12 @@ def main(args) -> int:
     except SystemExit as exc:  # uvicorn exits 1 when it cannot bind the port (already logged)
         return int(exc.code or 1)
     return 0 if server.started else 1
+
+
+def _stop_tp_workers(app) -> None:
+    if app.state.mirror is None:
+        return
+    from longreach.serve.tp_serve import join_workers  # lazy: only under TP
+
+    app.state.mirror.close()
+    join_workers(app.state.tp_workers)

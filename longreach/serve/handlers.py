@@ -23,6 +23,7 @@ from longreach.engine.sampling_params import SamplingParams
 from longreach.serve import protocol as P
 from longreach.serve.endpoint import ChatFormat, CompletionFormat, EndpointRunner, Job
 from longreach.serve.engine_loop import EngineLoop
+from longreach.serve.generation_config import apply_generation_defaults
 from longreach.serve.logprobs import LogprobFormatter
 from longreach.serve.metrics import ServerMetrics
 
@@ -72,6 +73,7 @@ class OpenAIServer:
         self.runner = EndpointRunner(self.engine_loop)
         logprobs = LogprobFormatter(self.tokenizer)
         self.completion_format, self.chat_format = CompletionFormat(logprobs), ChatFormat(logprobs)
+        self.generation_defaults: dict[str, Any] = {}  # --generation-config: for the fields a request omits
 
     # ------------------------------------------------------------ checks
 
@@ -138,7 +140,7 @@ class OpenAIServer:
                     )
         except ClientDisconnect:
             raise P.APIError(400, "the client disconnected while sending the request body") from None
-        return P.parse_request(bytes(body), cls)
+        return apply_generation_defaults(P.parse_request(bytes(body), cls), self.generation_defaults)
 
     async def encode(self, text: str, param: str, chat: bool = False) -> list[int]:
         if self.tokenizer is None:

@@ -45,6 +45,13 @@ def test_without_a_model_it_says_the_bundled_model_is_missing(capsys, monkeypatc
         (["--rope-scaling", '{"rope_type": "magic", "factor": 2}'], "magic"),
         (["--dtype", "fp7"], "unsupported dtype 'fp7'"),
         (["--kv-cache-memory", "lots"], "is not a size"),
+        (["--kv-cache-memory", "1"], "'1' has no unit: give a size such as 4GiB, 512MiB or 1B"),
+        (["--gpu-memory-utilization", "1.5"], "must be in (0, 1]"),
+        (["--tensor-parallel-size", "0"], "the tensor-parallel size must be >= 1"),
+        (["--generation-config", "/nowhere"], "--generation-config '/nowhere': no generation_config.json"),
+        (["--chat-template", "/nowhere.jinja"], "--chat-template '/nowhere.jinja': no such file"),
+        (["--chat-template", "{% if %}"], "--chat-template: not a valid Jinja template"),
+        (["--gpu-memory-utilization", "0.5", "--num-kv-blocks", "8"], "drop --kv-cache-memory / --num-kv"),
         (["--port", "70000"], "outside 0..65535"),
     ],
 )
@@ -136,11 +143,14 @@ def test_kv_cache_memory_flag_takes_a_size_or_a_fraction():
 
     from longreach.serve.cli import parse_kv_memory
 
-    assert parse_kv_memory("4GiB") == 4 * 2**30 and parse_kv_memory("123") == 123
+    assert parse_kv_memory("4GiB") == 4 * 2**30 and parse_kv_memory("123B") == 123
     assert parse_kv_memory("0.3") == 0.3 and parse_kv_memory(".5") == 0.5 and parse_kv_memory("1.0") == 1.0
     assert parse_kv_memory("2.5GB") == 2_500_000_000
     with pytest.raises(argparse.ArgumentTypeError, match="'0.0'"):
         parse_kv_memory("0.0")
+    for bare in ("1", "123", "4e9"):  # one byte, or all the memory? neither: a unit is required
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{bare}' has no unit"):
+            parse_kv_memory(bare)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="no curl on this machine")
