@@ -1,9 +1,11 @@
 """The engine with an fp8 (e4m3) KV cache: close to full-precision KV, and exactly its own tokens under any
 schedule (batched or alone, chunked or not, preempted, prefix-cache hits)."""
 
+import pytest
 import torch
 
 from longreach import LLM, SamplingParams
+from longreach.serve.cli import kv_cache_dtype_kwargs
 from tests.engine.test_kv_storage import _compare, _prompts, _run
 
 # Every logit of every step (before greedy tokens diverge) within this fraction of the logits' std of the
@@ -95,3 +97,33 @@ def test_fp8_prefix_cache_hits_give_the_same_tokens(tiny_llama):
     assert again.metrics.num_cached_tokens >= 64 and again.token_ids == first.token_ids
     cold = _greedy(LLM(tiny_llama[0], enable_prefix_caching=False, **kwargs), [prompt], max_tokens=6)[0]
     assert cold.token_ids == first.token_ids
+
+
+def test_serve_flag_passes_fp8_to_the_engine():
+    assert kv_cache_dtype_kwargs("fp8", LLM) == {"kv_cache_dtype": "fp8"}
+    assert kv_cache_dtype_kwargs("fp8_e4m3", LLM) == {"kv_cache_dtype": "fp8_e4m3"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp8_kv_decode_matches_cpu(tiny_llama):
+    """fp8 KV on CUDA: the Triton decode reading e4m3 codes (sm89+; older GPUs take the PyTorch route) gives
+    the CPU path's greedy tokens on an fp32 model, and a bf16 model with a window policy runs to the end."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    tokens = {}
+    for device in ("cpu", "cuda"):
+        llm = LLM(tiny_llama[0], dtype="fp32", device=device, num_kv_blocks=128, kv_cache_dtype="fp8")
+        tokens[device] = [o.token_ids for o in llm.generate(_prompts(), params, use_tqdm=False)]
+    assert tokens["cuda"] == tokens["cpu"]
+    llm = LLM(
+        tiny_llama[0],
+        dtype="bf16",
+        device="cuda",
+        num_kv_blocks=128,
+        kv_cache_dtype="fp8",
+        kv_policy="window",
+        kv_policy_args={"window": 32},
+    )
+    outs = llm.generate(_prompts(), params, use_tqdm=False)
+    assert all(len(o.token_ids) == 24 for o in outs)
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.num_kv_blocks
