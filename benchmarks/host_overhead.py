@@ -2,13 +2,15 @@
 
 With a model this small the forward pass is cheap, so what is left of a step is ours: scheduling, building the
 step's input tensors (`runner.prepare`), sampling, appending tokens and output processing. Measured for 1, 64
-and 256 running sequences, every one decoding (their 16-token prompts are prefilled before the timing starts).
+and 256 running sequences, every one decoding (their 16-token prompts are prefilled before the timing starts);
+`--context N` puts a shared N-token prefix before every prompt (a prefix-cache hit), so each request's block
+table is long, as in long-context serving, while the prefill stays cheap.
 
     python benchmarks/host_overhead.py                       # this tree
     python benchmarks/host_overhead.py --baseline 5522bf4    # and a git ref side by side, alternating
 
-`--baseline REF` checks REF out into a git worktree under /tmp (once) and runs the same measurement there in
-a subprocess, alternating with this tree round by round, so both see the same machine load. Each figure is
+`--baseline REF` checks REF out into a git worktree under /tmp (once) and runs this script against that tree's
+package in a subprocess, alternating with this tree round by round, so both see the same machine load. Each figure is
 the median over rounds of a per-round median over steps. One torch thread by default.
 """
 
@@ -63,7 +65,7 @@ class _TimedModel:
         return out
 
 
-def _engine(num_seqs: int, num_steps: int, device: str):
+def _engine(num_seqs: int, num_steps: int, device: str, context: int = 0):
     import torch
 
     from longreach.config import CacheConfig, ModelConfig, SchedulerConfig
@@ -73,23 +75,27 @@ def _engine(num_seqs: int, num_steps: int, device: str):
 
     torch.manual_seed(0)
     model = build_model(ModelConfig.from_hf_dict(TINY), dtype=torch.float32, device=device)
-    blocks_per_seq = -(-(PROMPT_LEN + num_steps + 8) // 16) + 1
+    blocks_per_seq = -(-(PROMPT_LEN + num_steps + 8) // 16) + 2
     engine = LLMEngine(
         model,
-        cache_config=CacheConfig(block_size=16, num_blocks=num_seqs * blocks_per_seq),
+        cache_config=CacheConfig(
+            block_size=16, num_blocks=num_seqs * blocks_per_seq + 4 * (context // 16 + 1)
+        ),
         scheduler_config=SchedulerConfig(
             max_model_len=4096, max_num_seqs=max(num_seqs, 1), max_num_batched_tokens=2048
         ),
     )
     params = SamplingParams(max_tokens=num_steps + 8, temperature=0, ignore_eos=True)
+    prefix = [(3 * j + 1) % TINY["vocab_size"] for j in range(context)]  # shared: a prefix-cache hit
     for i in range(num_seqs):
-        engine.add_request([(7 * i + j) % TINY["vocab_size"] for j in range(PROMPT_LEN)], params)
+        engine.add_request(prefix + [(7 * i + j) % TINY["vocab_size"] for j in range(PROMPT_LEN)], params)
     return engine
 
 
-def measure(num_seqs: int, num_steps: int, device: str) -> dict:
-    """Per-step medians (ms) of `num_steps` decode steps with `num_seqs` sequences running."""
-    engine = _engine(num_seqs, num_steps, device)
+def measure(num_seqs: int, num_steps: int, device: str, context: int = 0) -> dict:
+    """Per-step medians (ms) of `num_steps` decode steps with `num_seqs` sequences running, each holding a
+    shared `context`-token prefix (a prefix-cache hit: long block tables, cheap prefill) and its own prompt."""
+    engine = _engine(num_seqs, num_steps, device, context)
     while not all(s.num_output_tokens for s in engine.requests.values()):
         engine.step()  # prefill (in chunks of the token budget) until every request decodes
     for _ in range(3):  # warm-up decode steps
@@ -125,8 +131,11 @@ def measure(num_seqs: int, num_steps: int, device: str) -> dict:
 def _worker(args) -> None:
     import torch
 
+    import longreach
+
     torch.set_num_threads(args.threads)
-    print(json.dumps([measure(n, args.steps, args.device) for n in args.seqs]))
+    rows = [measure(n, args.steps, args.device, args.context) for n in args.seqs]
+    print(json.dumps(dict(package=longreach.__file__, rows=rows)))
 
 
 def _baseline_tree(ref: str) -> Path:
@@ -144,12 +153,15 @@ def _baseline_tree(ref: str) -> Path:
 
 
 def _run_tree(tree: Path, args) -> list[dict]:
-    cmd = [sys.executable, str(tree / "benchmarks" / "host_overhead.py"), "--worker"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]  # this script, the tree's package
     cmd += ["--seqs", *map(str, args.seqs), "--steps", str(args.steps), "--threads", str(args.threads)]
-    cmd += ["--device", args.device]
+    cmd += ["--device", args.device, "--context", str(args.context)]
     env = dict(os.environ, PYTHONPATH=str(tree))
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=tree, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    result = json.loads(out.strip().splitlines()[-1])
+    if not result["package"].startswith(str(tree)):
+        raise RuntimeError(f"the worker imported longreach from {result['package']}, not from {tree}")
+    return result["rows"]
 
 
 def _median_rows(rounds: list[list[dict]]) -> list[dict]:
@@ -168,6 +180,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="timed decode steps per size")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (with --baseline)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--context", type=int, default=0, help="tokens of a shared prompt prefix every sequence holds"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--baseline", help="a git ref measured side by side in a worktree")
     parser.add_argument("--json", help="write the results here")
@@ -176,8 +191,10 @@ def main(argv=None) -> int:
     if args.worker:
         _worker(args)
         return 0
-    if any(n < 1 for n in args.seqs) or args.steps < 1:
-        raise SystemExit(f"--seqs {args.seqs} and --steps {args.steps} must all be >= 1")
+    if any(n < 1 for n in args.seqs) or args.steps < 1 or args.context < 0:
+        raise SystemExit(
+            f"--seqs {args.seqs} and --steps {args.steps} must all be >= 1, --context {args.context} >= 0"
+        )
     trees = {"this tree": ROOT}
     if args.baseline:
         trees = {f"baseline {args.baseline}": _baseline_tree(args.baseline), **trees}

@@ -18,12 +18,14 @@ import abc
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from longreach.attention import AttentionMetadata
 from longreach.engine.kv_state import KVStates
 from longreach.engine.scheduler import ScheduledBatch
 from longreach.engine.sequence import RequestStatus, Sequence
+from longreach.engine.step_buffers import BlockTableRows, Staging
 from longreach.kvcache.block_pool import KVCacheManager
 from longreach.kvcache.paged_cache import PagedBatch, PagedKVCache
 from longreach.kvcache.paged_gather import GatheredBatch, GatheredRun, SeqWrite
@@ -68,6 +70,8 @@ def _ordered(batch: ScheduledBatch, rank) -> tuple[list[Sequence], list[int]]:
 class KVLayout(abc.ABC):
     """The strategy protocol (and shared plumbing)."""
 
+    evicts = False  # whether block tables may hold evicted (None) entries
+
     def __init__(self, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device):
         self.cache, self.kv, self.device = cache, kv_manager, device
         self.block_size = kv_manager.block_size
@@ -79,56 +83,52 @@ class KVLayout(abc.ABC):
     def after_step(self, step: StepInputs) -> None:
         """After the scheduler advanced the step's requests (finished / preempted ones already released)."""
 
-    def _inputs(self, seqs, counts, cache_batch, meta: AttentionMetadata, ids, positions) -> StepInputs:
+    def _inputs(
+        self, seqs, counts, cache_batch, meta: AttentionMetadata, ids, positions, staging=None
+    ) -> StepInputs:
+        """ids / positions: lists of per-sequence tensors, or already the (T,) tensors on the device;
+        staging: a `Staging` to put the sampled rows in (else a new tensor)."""
         dev = self.device
         last_rows, sampling = _sampling_rows(seqs, counts)
+        if staging is None:
+            logits_indices = torch.tensor(last_rows, dtype=torch.long, device=dev)
+        else:
+            staging.array("logits_indices", len(last_rows), torch.long)[:] = last_rows
+            logits_indices = staging.tensor("logits_indices", (len(last_rows),))
         kwargs = dict(
-            input_ids=torch.cat(ids).to(dev),
-            positions=torch.cat(positions).to(dev),
+            input_ids=ids if isinstance(ids, torch.Tensor) else torch.cat(ids).to(dev),
+            positions=positions if isinstance(positions, torch.Tensor) else torch.cat(positions).to(dev),
             meta=meta,
             kv_cache=self.cache.bind(cache_batch),
-            logits_indices=torch.tensor(last_rows, dtype=torch.long, device=dev),
+            logits_indices=logits_indices,
         )
         return StepInputs(seqs, counts, sampling, kwargs)
 
 
 class PagedLayout(KVLayout):
+    """Decodes first, then fresh prefills, then continued chunks. The step's tensors are written into
+    persistent buffers (`step_buffers`): the decodes' ids, positions, slots and block-table rows in O(batch)
+    host work, their block tables kept as persistent rows that grow one block at a time."""
+
+    def __init__(self, cache: PagedKVCache, kv_manager: KVCacheManager, device: torch.device):
+        super().__init__(cache, kv_manager, device)
+        self.staging = Staging(device)
+        self.rows = BlockTableRows(kv_manager)
+
     def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        bs, dev = self.block_size, self.device
         # decodes first, then prefills starting at position 0, then continued prefill chunks
         seqs, counts = _ordered(batch, lambda s, n: 0 if n == 1 else 1 if s.num_computed_tokens == 0 else 2)
-        num_decodes = sum(1 for n, s in zip(counts, seqs) if n == 1)
-        tables = [self.kv.block_ids(s.request_id) for s in seqs]
-        positions = [s.num_computed_tokens for s in seqs[:num_decodes]]  # decodes: Python scalars
-        ids_t = [torch.tensor([s.token_ids[p] for s, p in zip(seqs, positions)], dtype=torch.long)]
-        pos_t = [torch.tensor(positions, dtype=torch.long)]
-        slot_t = [
-            torch.tensor(
-                [tables[b][p // bs] * bs + p % bs for b, p in enumerate(positions)], dtype=torch.long
-            )
-        ]
-        fresh_lens, cont_lens_q, cont_lens_k, kv_slots = [], [], [], []
-        for s, n, table in zip(seqs[num_decodes:], counts[num_decodes:], tables[num_decodes:]):
-            start, end = s.num_computed_tokens, s.num_computed_tokens + n
-            block_ids = torch.tensor(table, dtype=torch.long)
-            ids_t.append(torch.tensor(s.token_ids[start:end], dtype=torch.long))
-            pos_t.append(torch.arange(start, end))
-            slot_t.append(_slots(block_ids, start, end, bs))
-            if start == 0:
-                fresh_lens.append(n)
-            else:
-                cont_lens_q.append(n)
-                cont_lens_k.append(end)
-                kv_slots.append(_slots(block_ids, 0, end, bs))
-        dec_table = dec_lens = None
-        if num_decodes:
-            width = max(len(t) for t in tables[:num_decodes])
-            dec_table = torch.tensor(
-                [t + [0] * (width - len(t)) for t in tables[:num_decodes]], dtype=torch.int32, device=dev
-            )
-            dec_lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32, device=dev)
+        num_decodes = sum(1 for n in counts if n == 1)
+        st = self.staging
+        st.begin()
+        total = sum(counts)
+        host = {name: st.array(name, total, torch.long) for name in ("ids", "positions", "slots")}
+        dec_table, dec_lens = self._fill_decodes(seqs[:num_decodes], host)
+        prefill = self._fill_prefills(seqs[num_decodes:], counts[num_decodes:], num_decodes, host)
+        fresh_lens, cont_lens_q, cont_lens_k, kv_slots = prefill
+        dev = self.device
         paged = PagedBatch(
-            slot_mapping=torch.cat(slot_t).to(dev),
+            slot_mapping=st.tensor("slots", (total,)),
             num_decodes=num_decodes,
             decode_block_table=dec_table,
             decode_seqlens=dec_lens,
@@ -141,10 +141,49 @@ class PagedLayout(KVLayout):
         )
         meta = AttentionMetadata.from_seqlens(
             [1] * num_decodes + fresh_lens + cont_lens_q,
-            [p + 1 for p in positions] + fresh_lens + cont_lens_k,
+            (host["positions"][:num_decodes] + 1).tolist() + fresh_lens + cont_lens_k,
             device=dev,
         )
-        return self._inputs(seqs, counts, paged, meta, ids_t, pos_t)
+        ids, pos = st.tensor("ids", (total,)), st.tensor("positions", (total,))
+        step = self._inputs(seqs, counts, paged, meta, ids, pos, staging=st)
+        st.end()
+        return step
+
+    def _fill_decodes(self, seqs: list[Sequence], host: dict[str, np.ndarray]):
+        """Write the decodes' rows [0, B) of ids, positions and slots; their (B, width) int32 block table and
+        (B,) int32 key lengths on the device (None, None without decodes)."""
+        if not seqs:
+            return None, None
+        num, bs, st = len(seqs), self.block_size, self.staging
+        pos = host["positions"][:num]
+        pos[:] = [s.num_computed_tokens for s in seqs]
+        host["ids"][:num] = [s.token_ids[p] for s, p in zip(seqs, pos.tolist())]
+        rows, width = self.rows.sync([s.request_id for s in seqs])
+        table = st.array("table", num * width, torch.int32).reshape(num, width)
+        np.take(self.rows.array[:, :width], rows, axis=0, out=table)
+        np.add(pos, 1, out=st.array("lens", num, torch.int32), casting="unsafe")
+        rows_of = np.arange(num)
+        host["slots"][:num] = table[rows_of, pos // bs].astype(np.int64) * bs + pos % bs
+        return st.tensor("table", (num, width)), st.tensor("lens", (num,))
+
+    def _fill_prefills(self, seqs, counts, row: int, host: dict[str, np.ndarray]):
+        """Write the prefills' rows (from `row` on); their lengths and the continued chunks' key slots."""
+        bs = self.block_size
+        fresh_lens, cont_lens_q, cont_lens_k, kv_slots = [], [], [], []
+        for s, n in zip(seqs, counts):
+            start, end = s.num_computed_tokens, s.num_computed_tokens + n
+            block_ids = torch.tensor(self.kv.block_ids(s.request_id), dtype=torch.long)
+            host["ids"][row : row + n] = s.token_ids[start:end]
+            host["positions"][row : row + n] = np.arange(start, end)
+            host["slots"][row : row + n] = _slots(block_ids, start, end, bs).numpy()
+            row += n
+            if start == 0:
+                fresh_lens.append(n)
+            else:
+                cont_lens_q.append(n)
+                cont_lens_k.append(end)
+                kv_slots.append(_slots(block_ids, 0, end, bs))
+        return fresh_lens, cont_lens_q, cont_lens_k, kv_slots
 
 
 class _GatheredLayout(KVLayout):
@@ -247,6 +286,8 @@ class Int4Layout(_GatheredLayout):
 
 
 class EvictionLayout(_GatheredLayout):
+    evicts = True
+
     def __init__(self, cache, kv_manager, device, kv_states: KVStates, policy):
         super().__init__(cache, kv_manager, device, kv_states)
         self.policy = policy

@@ -64,8 +64,11 @@ class ModelRunner:
             num_sampling = len(step.sampling)
             self.prompt_logprobs.record(logits[num_sampling:], prompt_rows)
             logits = logits[:num_sampling]
+        tables, evicts = self.kv.tables, self.layout.evicts
         for seq in batch.seqs:  # the step's peak: its new tokens are stored, nothing evicted yet
-            num_blocks = self.kv.num_held_blocks(seq.request_id)
+            # without eviction every table entry is held: its length, not a count over it (O(blocks) a step)
+            rid = seq.request_id
+            num_blocks = self.kv.num_held_blocks(rid) if evicts else len(tables.get(rid, ()))
             seq.metrics.max_kv_blocks = max(seq.metrics.max_kv_blocks, num_blocks)
             seq.metrics.max_kv_bytes = max(
                 seq.metrics.max_kv_bytes, num_blocks * self.block_bytes + self.window_slot_bytes
