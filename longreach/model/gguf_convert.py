@@ -31,6 +31,22 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, dtype
     return save_model(model, out_dir, extra_files=extra)
 
 
+def trainable_checkpoint(model: str | os.PathLike) -> Path:
+    """A checkpoint directory holding safetensors weights for `model` (a directory, .gguf file or Hub id):
+    trainers read safetensors directly, so a GGUF is converted once (fp32) next to its cache entry."""
+    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    from longreach.model.resolve import gguf_source  # lazy: CLI verb, keeps --help fast
+
+    directory = resolve_model_path(str(model))
+    source = gguf_source(directory)
+    if source is None:
+        return directory
+    out = directory.with_name(f"{directory.name}-fp32")
+    if not (out / "model.safetensors").is_file():
+        convert_gguf(source, out, "fp32")
+    return out
+
+
 def add_arguments(parser) -> None:
     parser.add_argument(
         "gguf", help="the .gguf file (a Hub id org/name/FILE.gguf from the local cache works too)"

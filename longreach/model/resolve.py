@@ -60,20 +60,31 @@ def resolve_model(model: str | os.PathLike) -> Path:
     )
 
 
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, read from the environment now: HF_HUB_CACHE, else HF_HOME/hub, else default."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
 def hub_checkpoint_dir(model_id: str) -> Path:
     """The local snapshot of Hub id `org/name` (or the GGUF file `org/name/file.gguf` in it), offline."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     parts = model_id.split("/")
     repo_id, file_name = "/".join(parts[:2]), (parts[2] if len(parts) > 2 else None)
+    hub_cache = hub_cache_dir()
     try:
-        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
+        snapshot = Path(snapshot_download(repo_id, cache_dir=hub_cache, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, HFValidationError, OSError) as exc:
         raise FileNotFoundError(
             f"model {model_id!r} is not a local path and Hub id {repo_id!r} is not in the Hugging Face cache "
-            f"{HF_HUB_CACHE} ({type(exc).__name__}); download it once where the network is reachable with "
+            f"{hub_cache} ({type(exc).__name__}); download it once where the network is reachable with "
             f"`hf download {repo_id}` (older huggingface_hub: `huggingface-cli download {repo_id}`), or point "
             "HF_HUB_CACHE / HF_HOME at the cache that holds it; with HF_HUB_OFFLINE=1 nothing is fetched"
         ) from None

@@ -154,7 +154,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from longreach.model.gguf_convert import trainable_checkpoint  # lazy: CLI verb, keeps --help fast
+
     try:
+        args.model = str(trainable_checkpoint(args.model))  # a .gguf or Hub id: a directory with weights
         if args.max_steps == 0:
             print(f"rope rewritten, weights unchanged: {rewrite_only(args)}")
             return 0
