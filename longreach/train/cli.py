@@ -128,6 +128,10 @@ def main(args: argparse.Namespace) -> int:
     from longreach.train.config import TrainConfig  # lazy: CLI verb, keeps --help fast
 
     try:
+        if getattr(args, "model", None):  # a .gguf or Hub id: a directory with safetensors weights
+            from longreach.model.gguf_convert import trainable_checkpoint  # lazy: CLI verb, keeps --help fast
+
+            args.model = str(trainable_checkpoint(args.model))
         cfg = TrainConfig.from_toml(args.config, collect_overrides(args))
         return run_training(cfg)
     except (ValueError, FileNotFoundError) as exc:
