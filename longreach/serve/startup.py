@@ -67,9 +67,9 @@ def log_startup_summary(summary: dict[str, Any]) -> None:
         s["dtype"],
     )
     logger.info(
-        "KV cache: %s, %.2f GiB, %d tokens = %d request(s) of the full max_model_len %d at once%s",
+        "KV cache: %s, %s, %d tokens = %d request(s) of the full max_model_len %d at once%s",
         s["kv_cache_dtype"],
-        s["kv_cache_bytes"] / 2**30,
+        format_bytes(s["kv_cache_bytes"]),
         s["kv_cache_tokens"],
         s["full_length_requests"],
         s["max_model_len"],
@@ -86,6 +86,14 @@ def log_startup_summary(summary: dict[str, Any]) -> None:
     if rest:
         logger.info("%s", ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in rest.items()))
     logger.info("listening at %s/v1", s["address"])
+
+
+def format_bytes(num_bytes: int) -> str:
+    """1536 -> '1.5 KiB', 3 * 2**30 -> '3.00 GiB'."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:.{2 if unit == 'GiB' else 1}f} {unit}"
+    return f"{num_bytes} B"
 
 
 _STATED = {

@@ -1,0 +1,120 @@
+"""The vLLM-named serve flags reach the engine and the request path: --gpu-memory-utilization (CPU mapping),
+--[no-]enable-chunked-prefill, --chat-template, --generation-config (defaults for omitted fields only)."""
+
+import argparse
+import json
+
+import httpx
+import pytest
+
+from longreach.serve import protocol as P
+from longreach.serve.generation_config import apply_generation_defaults, load_generation_defaults
+from longreach.serve.startup import gpu_kv_budget
+from tests.serve.conftest import run_server
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<bot>{% endif %}"
+
+
+def _args(*argv):
+    from longreach.serve.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([*argv, "--dtype", "fp32", "--device", "cpu"])
+
+
+def _generation_dir(tmp_path, **values):
+    directory = tmp_path / "gen"
+    directory.mkdir(exist_ok=True)
+    (directory / "generation_config.json").write_text(json.dumps({"do_sample": True, **values}))
+    return directory
+
+
+def test_new_flags_reach_the_engine_and_the_server(byte_model_dir, tmp_path):
+    from longreach.serve.cli import build_app
+
+    (tmp_path / "chat.jinja").write_text(TEMPLATE)
+    gen = _generation_dir(tmp_path, temperature=0.25, top_k=7, max_new_tokens=5)
+    args = _args(
+        str(byte_model_dir),
+        "--gpu-memory-utilization",
+        "0.125",
+        "--no-enable-chunked-prefill",
+        "--max-model-len",
+        "256",
+        "--max-num-batched-tokens",
+        "256",
+        "--chat-template",
+        str(tmp_path / "chat.jinja"),
+        "--generation-config",
+        str(gen),
+    )
+    app, _ = build_app(args)
+    engine = app.state.server.engine
+    assert engine.scheduler_config.enable_chunked_prefill is False
+    assert engine.cache_config.memory_fraction == 0.125  # on a CPU: the KV cache's share of free memory
+    assert engine.tokenizer.chat_template == TEMPLATE
+    assert engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<bot>"
+    assert app.state.server.generation_defaults == {"temperature": 0.25, "top_k": 7, "max_tokens": 5}
+    assert app.state.generation_config == gen / "generation_config.json"
+
+
+def test_chunked_prefill_is_on_by_default_and_vllm_means_no_defaults(byte_model_dir, tmp_path):
+    from longreach.serve.cli import build_app
+
+    app, _ = build_app(_args(str(byte_model_dir), "--num-kv-blocks", "16", "--generation-config", "vllm"))
+    assert app.state.server.engine.scheduler_config.enable_chunked_prefill is True
+    assert app.state.server.generation_defaults == {} and app.state.generation_config is None
+
+
+def test_generation_config_choices(tmp_path):
+    assert load_generation_defaults("vllm", tmp_path) == ({}, None)
+    assert load_generation_defaults("auto", tmp_path) == ({}, None)  # a checkpoint without the file
+    gen = _generation_dir(tmp_path, temperature=0.6, top_p=0.9, repetition_penalty=1.1, eos_token_id=2)
+    assert load_generation_defaults("auto", gen) == (
+        {"temperature": 0.6, "top_p": 0.9, "repetition_penalty": 1.1},
+        gen / "generation_config.json",
+    )
+    bad = _generation_dir(tmp_path, temperature=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        load_generation_defaults(str(bad), None)
+
+
+def test_defaults_fill_only_what_a_request_omits():
+    defaults = {"temperature": 0.6, "top_k": 20, "repetition_penalty": 1.1, "max_tokens": 7}
+    omitted = P.CompletionRequest.model_validate({"prompt": "x"})
+    filled = apply_generation_defaults(omitted, defaults)
+    assert (filled.temperature, filled.top_k, filled.repetition_penalty, filled.max_tokens) == (
+        0.6,
+        20,
+        1.1,
+        7,
+    )
+    given = P.CompletionRequest.model_validate({"prompt": "x", "temperature": 1.0, "max_tokens": 16})
+    kept = apply_generation_defaults(given, defaults)
+    assert (kept.temperature, kept.max_tokens, kept.top_k) == (1.0, 16, 20)  # even when equal to our default
+    chat = P.ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 3}
+    )
+    assert apply_generation_defaults(chat, defaults).max_tokens is None  # max_completion_tokens was given
+
+
+def test_generation_defaults_reach_requests_through_the_server(byte_model_dir, one_thread):
+    from tests.serve.conftest import make_engine
+
+    with run_server(make_engine(byte_model_dir)) as server:
+        server.app.state.server.generation_defaults = {"temperature": 0.0, "max_tokens": 5}
+        body = {"model": "tiny", "prompt": "The grass is", "ignore_eos": True}
+        first = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        second = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
+        assert first["usage"]["completion_tokens"] == 5  # max_new_tokens, not OpenAI's 16
+        assert first["choices"][0]["text"] == second["choices"][0]["text"]  # temperature 0: greedy
+        longer = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 9}, timeout=60).json()
+        assert longer["usage"]["completion_tokens"] == 9
+
+
+def test_gpu_kv_budget_is_what_the_fraction_leaves():
+    gib = 2**30
+    assert gpu_kv_budget(0.9, 80 * gib, 16 * gib, 2 * gib) == int(0.9 * 80 * gib) - 18 * gib
+    with pytest.raises(ValueError, match="--gpu-memory-utilization 0.2: 20% of 80.00 GiB leaves nothing"):
+        gpu_kv_budget(0.2, 80 * gib, 16 * gib, 2 * gib)
