@@ -2,6 +2,8 @@
 
     longreach train --config recipes/demo.toml --set optimizer.lr=1e-4 --max-steps 200
     torchrun --nproc-per-node 2 -m longreach train --config recipes/demo.toml      # FSDP2 over 2 ranks
+    torchrun --nproc-per-node 4 -m longreach train --config recipes/demo.toml --context-parallel 2
+                                                    # 2 (data) x 2 (context): each sequence on 2 ranks
 
 Every flag below is a shortcut for one `--set section.key=value`; `--set` reaches any key
 (see longreach/train/config.py for the sections). Flags win over the file.
@@ -32,6 +34,7 @@ SHORTCUTS = {
     "output": "checkpoint.output_dir",
     "save_every": "checkpoint.save_every",
     "resume": "checkpoint.resume",
+    "context_parallel": "parallel.context",
 }
 
 
@@ -81,6 +84,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const=True,
         help="continue from the latest checkpoint in --output, or from the given one",
+    )
+    parser.add_argument(
+        "--context-parallel",
+        type=int,
+        metavar="N",
+        help="shard each sequence over N ranks (ring attention); the world size must be a multiple of N",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -185,6 +185,17 @@ class CheckpointConfig:
             raise ValueError(f"checkpoint.resume={self.resume!r} is not a checkpoint directory")
 
 
+@dataclass(frozen=True)
+class ParallelConfig:
+    """`context`: ranks that share one sequence (context parallelism, ring attention); the remaining
+    factor of the world size is data parallelism. FSDP2 shards the parameters over all ranks."""
+
+    context: int = 1
+
+    def __post_init__(self):
+        _positive_int("parallel", "context", self.context)
+
+
 _SECTIONS = {
     "model": ModelSource,
     "data": DataConfig,
@@ -192,6 +203,7 @@ _SECTIONS = {
     "schedule": ScheduleConfig,
     "training": LoopConfig,
     "checkpoint": CheckpointConfig,
+    "parallel": ParallelConfig,
 }
 
 
@@ -203,6 +215,7 @@ class TrainConfig:
     schedule: ScheduleConfig = ScheduleConfig()
     training: LoopConfig = LoopConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "TrainConfig":

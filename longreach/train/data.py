@@ -21,7 +21,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import torch
 
@@ -147,6 +147,7 @@ class Batch:
     meta: AttentionMetadata
     num_tokens: int  # non-padding input tokens
     num_targets: int  # labels that count in the loss
+    kv_cache: Any = None  # the model's K/V provider: context parallelism's ring (context_parallel.py)
 
 
 def collate(samples: list[Sample], device: torch.device | str = "cpu") -> Batch:

@@ -1,8 +1,9 @@
 """The training loop (torchtitan's shape, on our flat varlen layout).
 
 One optimizer step takes `batch_size` sequences from the data stream; every rank reads the same
-stream and keeps every world_size-th sequence, so the data cursor is identical everywhere and needs no
-coordination. Each rank runs its share as `micro_batch_size`-sequence forward/backward passes
+stream and keeps every data-parallel-size-th sequence, so the data cursor is identical everywhere and needs
+no coordination; with context parallelism (`parallel.context`, context_parallel.py) the ranks of a ring
+share their sequences, each holding a shard of every micro-batch. Each rank runs its share as `micro_batch_size`-sequence forward/backward passes
 (gradient accumulation). The loss is the token-level mean cross-entropy over the *whole* step (summed
 in fp32, divided by the step's target count across ranks), so any split into micro-batches or ranks
 gives the same gradient: 2 FSDP ranks reproduce one process.
@@ -31,7 +32,7 @@ from longreach.model.llama import LlamaForCausalLM
 from longreach.model.loader import init_weights, load_state_dict, read_config
 from longreach.model.tokenizer import ByteTokenizer, load_tokenizer
 from longreach.train import checkpoint as ckpt
-from longreach.train import parallel
+from longreach.train import context_parallel, parallel
 from longreach.train.config import ModelSource, ScheduleConfig, TrainConfig
 from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples
 from longreach.train.loss import chunked_cross_entropy
@@ -160,12 +161,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, tokenizer=None, model: LlamaForCausalLM | None = None):
         self.cfg, self.info = cfg, DistInfo.from_env()
         self.device = parallel.pick_device(self.info, cfg.training.device)
-        self.mesh = parallel.init_distributed(self.info, self.device)
-        per_pass = cfg.training.micro_batch_size * self.info.world_size
+        self.plan = context_parallel.plan_parallelism(self.info, self.device, cfg.parallel.context)
+        self.mesh = self.plan.fsdp_mesh
+        per_pass = cfg.training.micro_batch_size * self.plan.dp_size
         if cfg.training.batch_size % per_pass:
             raise ValueError(
                 f"training.batch_size={cfg.training.batch_size} must be a multiple of micro_batch_size "
-                f"x world_size = {cfg.training.micro_batch_size} x {self.info.world_size}"
+                f"x data-parallel ranks = {cfg.training.micro_batch_size} x {self.plan.dp_size}"
             )
         self.grad_accum = cfg.training.batch_size // per_pass
         self.tokenizer = tokenizer or resolve_tokenizer(cfg.data.tokenizer, cfg.model.path)
@@ -219,20 +221,29 @@ class Trainer:
         """Summed fp32 cross-entropy over the batch's targets (document-masked by construction)."""
         chunk_size = self.cfg.training.loss_chunk_size
         with self._autocast():
+            inputs = dict(meta=batch.meta, kv_cache=batch.kv_cache)
             if not chunk_size:
-                logits = self.model(batch.input_ids, batch.positions, meta=batch.meta)  # (T, V)
+                logits = self.model(batch.input_ids, batch.positions, **inputs)  # (T, V)
                 return F.cross_entropy(
                     logits.float(), batch.labels, ignore_index=IGNORE_INDEX, reduction="sum"
                 )
-            hidden = self.model(batch.input_ids, batch.positions, meta=batch.meta, return_hidden=True)
+            hidden = self.model(batch.input_ids, batch.positions, return_hidden=True, **inputs)
             # the head's weight after the root forward: FSDP keeps the root unsharded until backward
             return chunked_cross_entropy(hidden, self.model.lm_head.weight, batch.labels, chunk_size)
 
+    def micro_batches(self, samples) -> list[Batch]:
+        """This rank's micro-batches of a step's samples: its data-parallel share, its ring shard."""
+        plan, mb = self.plan, self.cfg.training.micro_batch_size
+        mine = samples[plan.dp_rank :: plan.dp_size]
+        batches = [collate(mine[i : i + mb], self.device) for i in range(0, len(mine), mb)]
+        if plan.cp_size > 1:
+            batches = [context_parallel.shard_batch(b, plan) for b in batches]
+        return batches
+
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
-        world, mb = self.info.world_size, self.cfg.training.micro_batch_size
-        mine = take_samples(self.data, self.cfg.training.batch_size)[self.info.rank :: world]
-        batches = [collate(mine[i : i + mb], self.device) for i in range(0, len(mine), mb)]
+        world = self.info.world_size
+        batches = self.micro_batches(take_samples(self.data, self.cfg.training.batch_size))
         num_targets, num_tokens = parallel.all_reduce_sum(
             [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches)], self.device
         )
@@ -244,7 +255,7 @@ class Trainer:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         for batch in batches:
             loss = self.loss_sum(batch)
-            # FSDP averages gradients over ranks, so scale by world_size to get sum / num_targets
+            # FSDP averages gradients over all ranks (data x context): scale by world_size for sum / num_targets
             (loss * (world / num_targets)).backward()
             total += loss.detach()
         clip = self.cfg.optimizer.grad_clip
@@ -273,7 +284,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float | None:
         """Mean loss over the first eval_sequences rows of data.eval_paths (None without eval data)."""
-        d, world = self.cfg.data, self.info.world_size
+        d, data_ranks = self.cfg.data, self.plan.dp_size
         if not d.eval_paths:
             return None
         if self._eval_samples is None:
@@ -288,12 +299,9 @@ class Trainer:
                 add_eos=d.add_eos,
             )
             # every rank must run the same number of forwards (FSDP all-gathers are collective)
-            self._eval_samples = take_samples(stream, -(-d.eval_sequences // world) * world)
-        mb = self.cfg.training.micro_batch_size
-        mine = self._eval_samples[self.info.rank :: world]
+            self._eval_samples = take_samples(stream, -(-d.eval_sequences // data_ranks) * data_ranks)
         total, count = 0.0, 0
-        for i in range(0, len(mine), mb):
-            batch = collate(mine[i : i + mb], self.device)
+        for batch in self.micro_batches(self._eval_samples):
             total += self.loss_sum(batch).item()
             count += batch.num_targets
         total, count = parallel.all_reduce_sum([total, count], self.device)
