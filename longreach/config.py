@@ -263,6 +263,11 @@ def kv_cache_memory_fields(
                 "another; give one"
             )
         return None, value
+    if value == 1 and not isinstance(value, (bool, float)):
+        raise ValueError(
+            "kv_cache_memory=1 would be one byte: pass 1.0 for all the free memory, or a size in bytes "
+            "(e.g. 4 * 2**30); the CLI's --kv-cache-memory takes 4GiB or 1.0"
+        )
     if isinstance(value, float) and value.is_integer() and value >= 1:
         return int(value), memory_fraction
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

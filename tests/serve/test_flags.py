@@ -113,6 +113,14 @@ def test_generation_defaults_reach_requests_through_the_server(byte_model_dir, o
         assert longer["usage"]["completion_tokens"] == 9
 
 
+def test_llm_api_refuses_kv_cache_memory_1_as_the_cli_does():
+    from longreach.config import kv_cache_memory_fields
+
+    with pytest.raises(ValueError, match="kv_cache_memory=1 would be one byte: pass 1.0"):
+        kv_cache_memory_fields(1)
+    assert kv_cache_memory_fields(1.0) == (None, 1.0) and kv_cache_memory_fields(2**30) == (2**30, None)
+
+
 def test_gpu_kv_budget_is_what_the_fraction_leaves():
     gib = 2**30
     assert gpu_kv_budget(0.9, 80 * gib, 16 * gib, 2 * gib) == int(0.9 * 80 * gib) - 18 * gib
