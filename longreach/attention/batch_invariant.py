@@ -61,6 +61,7 @@ class TilePlan:
     key_limit: torch.Tensor  # (num_tiles,) int64 keys the tile's sequence has in the cache this step
     num_rows: int
     schedules: dict[int, list] = field(default_factory=dict)
+    on_device: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @staticmethod
     def build(seqs: list[SeqQueries], num_rows: int, device: torch.device) -> "TilePlan":
@@ -84,6 +85,13 @@ class TilePlan:
             key_limit=torch.tensor(limits, dtype=torch.long),
             num_rows=num_rows,
         )
+
+    def tile_index_and_key_limit(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`tile_index` and `key_limit` on the plan's device (copied once, for the Triton kernel)."""
+        if not self.on_device:
+            device = self.query_rows.device
+            self.on_device.update(index=self.tile_index.to(device), limit=self.key_limit.to(device))
+        return self.on_device["index"], self.on_device["limit"]
 
     def schedule(self, window_left: int | None) -> list:
         """Per KV split c: (tile ids visiting c (A,), their key slots (A * KV_SPLIT,), hidden mask

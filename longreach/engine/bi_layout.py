@@ -33,10 +33,30 @@ class BatchInvariantBatch:
         cache.write_slots(store, k, v, self.slot_mapping)
 
     def attend(self, cache, store, q, k, v, window_size: tuple[int, int]) -> torch.Tensor:
-        """q (T, Hq, D) of the step, its K/V already written -> (T, Hq, D)."""
+        """q (T, Hq, D) of the step, its K/V already written -> (T, Hq, D): the Triton kernel for plain
+        pages on CUDA, the PyTorch version otherwise (same policy; their bits may differ from each other)."""
+        kernel = _triton_kernel() if q.is_cuda and cache.is_plain else None
+        if kernel is not None:
+            return kernel(q, store["k"], store["v"], self.plan, window_size)
         return fixed_split_attention(
             q, lambda slots: cache.read_slots(store, slots, torch.float32), self.plan, window_size
         )
+
+
+_TRITON: list = []
+
+
+def _triton_kernel():
+    """`fixed_split_attention_triton`, or None when Triton does not import."""
+    if not _TRITON:
+        try:
+            from longreach.attention.triton_batch_invariant import (  # lazy: optional heavy dependency (triton)
+                fixed_split_attention_triton,
+            )
+        except ImportError:
+            fixed_split_attention_triton = None
+        _TRITON.append(fixed_split_attention_triton)
+    return _TRITON[0]
 
 
 class BatchInvariantLayout(KVLayout):
