@@ -2,6 +2,7 @@
 one process equals the reference, and 2 / 4 gloo ranks reproduce one process (loss, gradients, training
 with FSDP2 on the data dimension, a sharded checkpoint's resume)."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from longreach.train.data import Sample, collate
 from longreach.train.parallel import DistInfo
 from longreach.train.ring_attention import chunk_ids, ring_attention, ring_layout
 from longreach.train.trainer import Trainer
-from tests.train.conftest import tiny_config_dict, to_toml
+from tests.train.conftest import TINY_MODEL, tiny_config_dict, to_toml
 
 BOUNDARIES = [0, 7, 25, 26, 33, 60]  # documents of 7, 18, 1, 7 and 27 tokens; 60 = 2 x 3 ranks x 10
 
@@ -135,3 +136,15 @@ def test_context_parallel_ranks_reproduce_one_process(corpus, tmp_path):
         exported = load_model(tmp_path / run / "final").state_dict()
         for name, tensor in reference.items():
             torch.testing.assert_close(exported[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_train_and_extend_flags_set_parallel_context(corpus, tmp_path):
+    from longreach.train import cli, extend  # lazy: only this test parses the verbs' flags
+
+    for module, extra in ((cli, []), (extend, ["--model", str(tmp_path), "--rope", "yarn", "--factor", "2"])):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        args = parser.parse_args([*extra, "--data", str(corpus), "--context-parallel", "2"])
+        assert "parallel.context=2" in cli.collect_overrides(args)
+    (tmp_path / "config.json").write_text(json.dumps(dict(TINY_MODEL)))
+    assert extend.extend_config(args).parallel.context == 2
