@@ -288,6 +288,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
     allow_long_max_model_len: bool = False  # past what the rope supports: warn instead of refusing
+    enforce_eager: bool = False  # never replay decode steps from CUDA graphs (engine/cuda_graphs.py)
 
     def __post_init__(self):
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):

@@ -23,6 +23,7 @@ import torch
 
 from longreach.config import CacheConfig, SchedulerConfig, kv_cache_memory_fields
 from longreach.engine.bi_layout import BatchInvariantLayout, configure_batch_invariant
+from longreach.engine.cuda_graphs import make_decode_graphs
 from longreach.engine.kv_state import KVStates
 from longreach.engine.layouts import make_layout
 from longreach.engine.output import OutputProcessor, RequestOutput
@@ -43,7 +44,6 @@ from longreach.model.tokenizer import load_tokenizer
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
-
 
 ALLOW_LONG_ENV = "LONGREACH_ALLOW_LONG_MAX_MODEL_LEN"
 
@@ -126,6 +126,7 @@ class LLMEngine:
         if self.batch_invariant:  # one fixed reduction order per token, whatever the batch (bi_layout.py)
             layout = BatchInvariantLayout(self.cache, self.kv_manager, param.device)
         self.runner = ModelRunner(model, layout, self.kv_manager, plan.block_bytes, plan.window_slot_bytes)
+        self.runner.graphs = make_decode_graphs(model, layout, self.cache, sc, param.device, parallel)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.requests: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -293,7 +294,8 @@ class LLM:
     positions). Prefix caching is off under a policy.
     batch_invariant: True gives every token the same logits (bitwise) whatever else runs in its step, its
     prefill chunking or preemption (fixed-tile linears, fixed-split attention: `longreach.batch_invariant`);
-    None follows LONGREACH_BATCH_INVARIANT=1. Needs tensor_parallel_size=1 and token-local KV storage."""
+    None follows LONGREACH_BATCH_INVARIANT=1. Needs tensor_parallel_size=1 and token-local KV storage.
+    enforce_eager: True never replays decode steps from CUDA graphs (`engine.cuda_graphs`; CUDA only)."""
 
     def __init__(
         self,
@@ -320,6 +322,7 @@ class LLM:
         kv_policy_args: dict[str, Any] | None = None,
         allow_long_max_model_len: bool = False,
         batch_invariant: bool | None = None,
+        enforce_eager: bool = False,
     ):
         model, path, parallel = _build_model(
             model, dtype, device, rope_scaling, quantization, tensor_parallel_size
@@ -347,6 +350,7 @@ class LLM:
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=enable_chunked_prefill,
             allow_long_max_model_len=allow_long_max_model_len,
+            enforce_eager=enforce_eager,
         )
         self.engine = LLMEngine(
             model, tokenizer, cache_config, scheduler_config, seed, parallel, batch_invariant=batch_invariant

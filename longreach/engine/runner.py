@@ -26,8 +26,11 @@ class ModelRunner:
         kv_manager: KVCacheManager,
         block_bytes: int,
         window_slot_bytes: int = 0,
+        graphs=None,
     ):
+        """graphs: a `cuda_graphs.DecodeGraphs` that runs decode-only steps it can run, else None (eager)."""
         self.model, self.layout, self.kv = model, layout, kv_manager
+        self.graphs = graphs
         self.device = next(model.parameters()).device
         self.block_bytes, self.window_slot_bytes = block_bytes, window_slot_bytes
         self.is_rope_length_dependent = model.config.rope.is_length_dependent
@@ -59,7 +62,10 @@ class ModelRunner:
         if prompt_rows is not None:
             extra = torch.tensor(prompt_rows.rows, dtype=torch.long, device=self.device)
             step.kwargs["logits_indices"] = torch.cat([step.kwargs["logits_indices"], extra])
-        logits = self.model(**step.kwargs)
+        if self.graphs is not None and self.graphs.can_run(step):
+            logits = self.graphs.run(step)  # decode-only: replayed (padded to its bucket)
+        else:
+            logits = self.model(**step.kwargs)
         if prompt_rows is not None:
             num_sampling = len(step.sampling)
             self.prompt_logprobs.record(logits[num_sampling:], prompt_rows)
