@@ -28,7 +28,10 @@ from torch import nn
 from longreach.model.quant import Int4Linear, Int8Linear
 
 BATCH_INVARIANT_ENV = "LONGREACH_BATCH_INVARIANT"
-ROW_TILE = 16  # rows per GEMM call: every call of a batch-invariant linear has exactly this many
+ROW_TILE = 16  # rows per GEMM call on the CPU: every call of a batch-invariant linear has exactly this many
+# on CUDA: a decode's padding to it is nearly free (the GEMM is bound by reading the weights), and fewer tiles
+# mean fewer launches in a long prefill
+ROW_TILE_CUDA = 128
 
 
 def resolve_batch_invariant(flag: bool | None) -> bool:
@@ -47,15 +50,16 @@ def resolve_batch_invariant(flag: bool | None) -> bool:
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with every GEMM exactly (ROW_TILE, in) x (in, out): x (..., in) ->
-    (..., out). Rows are independent in a GEMM; what can change a row's bits is the kernel the library
-    picks for the call's shape, and here that shape never changes."""
+    """`F.linear(x, weight, bias)` with every GEMM exactly (ROW_TILE, in) x (in, out) (ROW_TILE_CUDA rows on
+    CUDA): x (..., in) -> (..., out). Rows are independent in a GEMM; what can change a row's bits is the
+    kernel (blocking, split-K) the library picks for the call's shape, and here that shape never changes."""
+    tile_rows = ROW_TILE_CUDA if x.is_cuda else ROW_TILE
     rows = x.reshape(-1, x.shape[-1])
     num_rows = rows.shape[0]
-    pad = -num_rows % ROW_TILE
+    pad = -num_rows % tile_rows
     if pad:
         rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])
-    out = torch.cat([F.linear(tile, weight, bias) for tile in rows.split(ROW_TILE)])
+    out = torch.cat([F.linear(tile, weight, bias) for tile in rows.split(tile_rows)])
     return out[:num_rows].view(*x.shape[:-1], weight.shape[0])
 
 

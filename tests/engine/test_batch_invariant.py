@@ -145,3 +145,17 @@ def test_switch_env_and_errors(monkeypatch):
         LLM(model, num_kv_blocks=8, kv_policy="window", kv_policy_args={"window": 32}, batch_invariant=True)
     with pytest.raises(ValueError, match="quantized linears"):
         LLM(tiny_model(torch.float32), quantization="int8", num_kv_blocks=8, batch_invariant=True)
+
+
+def test_seeded_sampling_is_invariant_too():
+    """Per-request seeds draw each request's noise from its own generator, so with invariant logits a sampled
+    (temperature, top-p) request gets its solo tokens in any batch; unseeded ones share one stream."""
+    prompts = _prompts()[:4]
+    params = [SamplingParams(max_tokens=8, temperature=0.9, top_p=0.9, seed=i, logprobs=1) for i in range(4)]
+
+    def run(batch, batch_params, **kwargs):
+        llm = LLM(tiny_model(torch.bfloat16), batch_invariant=True, num_kv_blocks=64, **kwargs)
+        return [(o.token_ids, o.logprobs) for o in llm.generate(batch, batch_params, use_tqdm=False)]
+
+    solo = [run([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert run(prompts, params, max_num_batched_tokens=19) == solo
