@@ -287,7 +287,7 @@ class OpenAIServer:
                   arrival_time, req.cache_salt)  # fmt: skip
         return await self.runner.run(request, job, self.chat_format)
 
-    def _chat_prompt(self, req: P.ChatCompletionRequest) -> str:
+    def _chat_prompt(self, req: P.ChatCompletionRequest, add_generation_prompt: bool = True) -> str:
         """The messages through the tokenizer's chat template (400 when there is none or it fails)."""
         if self.tokenizer is None:
             raise P.APIError(
@@ -301,7 +301,7 @@ class OpenAIServer:
         except ValueError as exc:
             raise P.APIError(400, str(exc), param="messages") from None
         try:
-            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
         except Exception as exc:  # noqa: BLE001  (the template runs on client data)
             raise P.APIError(
                 400, f"messages: cannot apply the chat template: {exc}", param="messages"

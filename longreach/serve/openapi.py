@@ -105,6 +105,20 @@ class Health(_Doc):
     status: Literal["ok", "shutting down", "engine failing"]
 
 
+class TokenizeResponse(_Doc):
+    count: int = Field(description="number of tokens")
+    max_model_len: int = Field(description="longest prompt + completion, in tokens")
+    tokens: list[int]
+
+
+class DetokenizeResponse(_Doc):
+    prompt: str
+
+
+class Version(_Doc):
+    version: str = Field(description="longreach's version")
+
+
 SSE_EVENT = {
     "type": "object",
     "required": ["data"],
@@ -191,7 +205,8 @@ def install(app: FastAPI, request_models: list[type[BaseModel]], *, has_api_key:
             if has_api_key:
                 components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
                 for path, operations in schema["paths"].items():
-                    for operation in operations.values() if path.startswith("/v1/") else ():
+                    keyed = path.startswith("/v1/") or path in ("/tokenize", "/detokenize")
+                    for operation in operations.values() if keyed else ():
                         operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema

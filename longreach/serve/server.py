@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over `LLMEngine`: the FastAPI app and uvicorn with a graceful drain.
 
 Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both stream server-sent events ending in
-`data: [DONE]` when `stream` is true), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`.
+`data: [DONE]` when `stream` is true), `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics`,
+and vLLM's `POST /tokenize`, `POST /detokenize`, `GET /version` (`tokenization`).
 The request handling is in `handlers`, the engine thread in `engine_loop`; every error, including unknown
 routes and methods, is answered in OpenAI's JSON shape.
 """
@@ -22,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from longreach.serve import openapi as O
 from longreach.serve import protocol as P
+from longreach.serve import tokenization as T
 from longreach.serve.handlers import DEFAULT_MAX_REQUEST_BYTES, OpenAIServer
 
 __all__ = ["DEFAULT_MAX_REQUEST_BYTES", "OpenAIServer", "Server", "create_app"]
@@ -60,7 +62,11 @@ def create_app(
     app.state.engine_loop = server.engine_loop
     _add_error_handlers(app)
     _add_routes(app, server)
-    O.install(app, [P.CompletionRequest, P.ChatCompletionRequest], has_api_key=api_key is not None)
+    O.install(
+        app,
+        [P.CompletionRequest, P.ChatCompletionRequest, T.TokenizeRequest, T.DetokenizeRequest],
+        has_api_key=api_key is not None,
+    )
     return app
 
 
@@ -141,6 +147,35 @@ def _add_routes(app: FastAPI, server: OpenAIServer) -> None:
     async def chat_completions(request: Request):
         """OpenAI's Chat Completions API (streams server-sent events when `stream` is true)."""
         return await server.chat_completions(request)
+
+    _add_tokenizer_routes(app, server)
+
+
+def _add_tokenizer_routes(app: FastAPI, server: OpenAIServer) -> None:
+    """vLLM's /tokenize, /detokenize and /version."""
+
+    @app.post(
+        "/tokenize",
+        openapi_extra=O.json_body(T.TokenizeRequest),
+        responses=O.responses(O.TokenizeResponse, 400, 401, 404, 413),
+    )
+    async def tokenize(request: Request):
+        """A prompt, or chat messages through the chat template, as the model's token ids."""
+        return await T.tokenize(server, request)
+
+    @app.post(
+        "/detokenize",
+        openapi_extra=O.json_body(T.DetokenizeRequest),
+        responses=O.responses(O.DetokenizeResponse, 400, 401, 404, 413),
+    )
+    async def detokenize(request: Request):
+        """Token ids as text (special tokens shown)."""
+        return await T.detokenize(server, request)
+
+    @app.get("/version", responses=O.responses(O.Version))
+    async def version():
+        """The server's longreach version (no API key needed)."""
+        return T.version()
 
 
 class Server(uvicorn.Server):
