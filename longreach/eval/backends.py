@@ -11,35 +11,36 @@ A failed prompt comes back as its exception (never raised), so one bad request c
 - `LocalBackend(model_dir | model object)`: greedy generation here, through the paged serving engine
   (`longreach.engine.llm.LLM`) when this build has it and the contiguous-cache reference generator
   (`longreach.model.generate.generate`) otherwise — the one switch is `_local_generator`.
-- `EndpointBackend(url)`: POSTs `/v1/completions` (temperature 0) with a thread pool (`concurrency`),
-  a per-request socket `timeout`, and `retries` with exponential backoff on connection errors, timeouts,
-  HTTP 408/429 and 5xx; other HTTP errors are not retried. Prompts are sized with `tokenizer` when given
-  (the served model's tokenizer directory), else with `ApproxTokenizer` (about 20% off).
+- `EndpointBackend(url)` (in `endpoint.py`, re-exported here): POSTs `/v1/completions` or, with
+  `api="chat"`, `/v1/chat/completions` (temperature 0) with concurrency, timeouts and retries.
 """
 
 from __future__ import annotations
 
-import http.client
 import inspect
-import json
 import math
-import re
-import socket
-import time
-import urllib.error
-import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from longreach.engine.llm import SamplingParams
+from longreach.eval.chat import ChatTemplateTokenizer
+from longreach.eval.endpoint import ApproxTokenizer, EndpointBackend, EndpointError, completions_url
 from longreach.eval.tasks import Tokenizer
 from longreach.model.bundled import resolve_model_path
 from longreach.model.generate import generate
 from longreach.model.loader import load_model
 from longreach.model.tokenizer import load_tokenizer
+
+__all__ = [
+    "ApproxTokenizer",
+    "Backend",
+    "EndpointBackend",
+    "EndpointError",
+    "LocalBackend",
+    "completions_url",
+]
 
 IdsGenerator = Callable[[list[list[int]], int], list[list[int]]]  # (prompt ids, max_tokens) -> new ids
 
@@ -49,22 +50,6 @@ class Backend(Protocol):
     tokenizer: Tokenizer
 
     def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]: ...
-
-
-class ApproxTokenizer:
-    """A stand-in token counter for endpoints whose tokenizer is not at hand: roughly one token per
-    3-4 characters of English (pieces of up to 4 letters, 3 digits, or one other character), within
-    about 20% of a Llama-style BPE tokenizer. Only the count is meaningful (the "ids" are piece lengths).
-    Pass the real tokenizer whenever you have it."""
-
-    _PIECE = re.compile(r"[A-Za-z]{1,4}|\d{1,3}|\S")
-
-    def encode(self, text: str) -> list[int]:
-        return [len(p) for p in self._PIECE.findall(text)]
-
-
-class EndpointError(RuntimeError):
-    """A request to the evaluation endpoint failed (the message says how)."""
 
 
 # ---------------------------------------------------------------- local
@@ -248,7 +233,10 @@ class LocalBackend:
         batch_size: int = 8,
         engine_kwargs: dict | None = None,
         name: str | None = None,
+        apply_chat_template: bool = False,
     ):
+        """apply_chat_template: each prompt goes to the model as one user turn of the tokenizer's chat
+        template (`ChatTemplateTokenizer`), and is sized with the template's tokens counted."""
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         if model is None or isinstance(model, (str, Path)):
@@ -262,7 +250,7 @@ class LocalBackend:
             if not isinstance(model, Path):
                 raise ValueError("pass tokenizer= along with a model object")
             tokenizer = load_tokenizer(model)
-        self.tokenizer = tokenizer
+        self.tokenizer = ChatTemplateTokenizer(tokenizer) if apply_chat_template else tokenizer
         self.name = name or (model.name if isinstance(model, Path) else type(model).__name__)
         self.batch_size = batch_size
         self.max_model_len = max_model_len
@@ -317,126 +305,3 @@ class LocalBackend:
 
     def close(self) -> None:
         self._generator = None
-
-
-# ---------------------------------------------------------------- OpenAI-compatible endpoint
-
-
-def completions_url(url: str) -> str:
-    """'http://host:8000', '.../v1' or '.../v1/completions' -> the /v1/completions URL."""
-    if not url.startswith(("http://", "https://")):
-        raise ValueError(f"endpoint {url!r} must start with http:// or https://")
-    url = url.rstrip("/")
-    if url.endswith("/v1/completions"):
-        return url
-    return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
-
-
-class EndpointBackend:
-    """Greedy completions from an OpenAI-compatible server (ours, vLLM, a hosted API)."""
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        api_key: str | None = None,
-        model_name: str | None = None,
-        tokenizer: Tokenizer | None = None,
-        concurrency: int = 8,
-        timeout: float = 600.0,
-        retries: int = 2,
-        backoff: float = 0.5,
-        extra_body: dict | None = None,
-    ):
-        if concurrency < 1:
-            raise ValueError(f"concurrency={concurrency} must be >= 1")
-        if timeout <= 0:
-            raise ValueError(f"timeout={timeout} must be > 0 seconds")
-        if retries < 0:
-            raise ValueError(f"retries={retries} must be >= 0")
-        self.url = completions_url(url)
-        self.api_key, self.concurrency, self.timeout, self.retries, self.backoff = (
-            api_key,
-            concurrency,
-            timeout,
-            retries,
-            backoff,
-        )
-        self.extra_body = dict(extra_body or {})
-        self.is_approximate_tokenizer = tokenizer is None
-        self.tokenizer = tokenizer if tokenizer is not None else ApproxTokenizer()
-        self.model_name = model_name or self._discover_model()
-        self.name = self.model_name
-        self.kind = "endpoint"
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
-
-    def _discover_model(self) -> str:
-        models_url = self.url[: -len("/completions")] + "/models"
-        try:
-            with urllib.request.urlopen(
-                urllib.request.Request(models_url, headers=self._headers()), timeout=min(self.timeout, 30.0)
-            ) as response:
-                data = json.loads(response.read())
-            return str(data["data"][0]["id"])
-        except Exception as exc:
-            raise ValueError(
-                f"could not list models at {models_url} ({type(exc).__name__}: {exc}); "
-                "pass the served model's name (--model-name)"
-            ) from None
-
-    def _post(self, body: dict) -> str:
-        request = urllib.request.Request(
-            self.url, data=json.dumps(body).encode(), headers=self._headers(), method="POST"
-        )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = response.read()
-        try:
-            return json.loads(payload)["choices"][0]["text"]
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise EndpointError(f"malformed response from {self.url}: {payload[:200]!r}") from exc
-
-    def _complete_one(self, prompt: str, max_tokens: int) -> str | Exception:
-        body = {
-            "model": self.model_name,
-            "prompt": prompt,
-            "max_tokens": max_tokens,
-            "temperature": 0.0,
-            **self.extra_body,
-        }
-        error: Exception = EndpointError("no attempt made")
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            try:
-                return self._post(body)
-            except urllib.error.HTTPError as exc:
-                detail = exc.read()[:300].decode("utf-8", errors="replace")
-                error = EndpointError(f"HTTP {exc.code} from {self.url}: {detail}")
-                if exc.code not in (408, 429) and exc.code < 500:
-                    return error  # the request itself is wrong: retrying cannot help
-            except (TimeoutError, socket.timeout):
-                error = EndpointError(f"no answer from {self.url} within {self.timeout:g} s")
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    error = EndpointError(f"no answer from {self.url} within {self.timeout:g} s")
-                else:
-                    error = EndpointError(f"cannot reach {self.url}: {exc.reason}")
-            except (OSError, http.client.HTTPException) as exc:
-                error = EndpointError(f"connection to {self.url} failed: {exc}")
-            except EndpointError as exc:
-                return exc
-        if self.retries:
-            error = EndpointError(f"{error} (after {self.retries + 1} attempts)")
-        return error
-
-    def complete(self, prompts: list[str], max_tokens: int) -> list[str | Exception]:
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, max(len(prompts), 1))) as pool:
-            return list(pool.map(lambda p: self._complete_one(p, max_tokens), prompts))
-
-    def close(self) -> None:
-        pass
