@@ -5,7 +5,8 @@ into `seq_len`-token rows, `positions` restart at 0 at every document, document 
 `cu_seqlens` (so attention never crosses them), and the last token of each document piece has no target
 (labels = IGNORE_INDEX), so the loss never predicts one document from another. A document longer than
 the room left is continued in the next row, where its positions restart at 0. The padded mode (one
-document piece per row, padded to `seq_len`) exists for comparison.
+document piece per row, padded to `seq_len`; `trim_padding` then cuts a batch to its longest row) exists for
+comparison.
 
 Files are read and tokenized as they stream (never the whole corpus in memory): `.txt`/`.md` files are
 one document each, read in chunks of lines; `.jsonl` files hold one document per line in `text_field`.
@@ -312,6 +313,23 @@ class SequenceStream:
             positions[num_tokens:] = torch.arange(seqlens[-1], seqlens[-1] + self.seq_len - num_tokens)
             seqlens[-1] += self.seq_len - num_tokens
         return Sample(input_ids, labels, positions, tuple(seqlens), num_tokens)
+
+
+def trim_padding(samples: list[Sample]) -> list[Sample]:
+    """Padded rows cut to the longest real row among them: a batch pads to its longest document, as
+    transformers' DataCollatorWithPadding does, not to seq_len. Packed (full) rows come back unchanged;
+    only trailing padding goes, so targets, positions and every real token's attention are the same."""
+    longest = max((s.num_tokens for s in samples), default=0)
+    trimmed = []
+    for s in samples:
+        cut = len(s.input_ids) - max(longest, 1)
+        if cut <= 0:
+            trimmed.append(s)
+            continue
+        seqlens = (*s.seqlens[:-1], s.seqlens[-1] - cut)  # the padding rides at the end of the last one
+        keep = len(s.input_ids) - cut
+        trimmed.append(Sample(s.input_ids[:keep], s.labels[:keep], s.positions[:keep], seqlens, s.num_tokens))
+    return trimmed
 
 
 def take_samples(stream: SequenceStream, count: int) -> list[Sample]:

@@ -34,7 +34,7 @@ from longreach.model.tokenizer import ByteTokenizer, load_tokenizer
 from longreach.train import checkpoint as ckpt
 from longreach.train import context_parallel, parallel
 from longreach.train.config import ModelSource, ScheduleConfig, TrainConfig
-from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples
+from longreach.train.data import IGNORE_INDEX, Batch, SequenceStream, collate, take_samples, trim_padding
 from longreach.train.loss import chunked_cross_entropy
 from longreach.train.parallel import DistInfo
 
@@ -235,7 +235,7 @@ class Trainer:
         """This rank's micro-batches of a step's samples: its data-parallel share, its ring shard."""
         plan, mb = self.plan, self.cfg.training.micro_batch_size
         mine = samples[plan.dp_rank :: plan.dp_size]
-        batches = [collate(mine[i : i + mb], self.device) for i in range(0, len(mine), mb)]
+        batches = [collate(trim_padding(mine[i : i + mb]), self.device) for i in range(0, len(mine), mb)]
         if plan.cp_size > 1:
             batches = [context_parallel.shard_batch(b, plan) for b in batches]
         return batches
@@ -244,8 +244,13 @@ class Trainer:
         start = time.perf_counter()
         world = self.info.world_size
         batches = self.micro_batches(take_samples(self.data, self.cfg.training.batch_size))
-        num_targets, num_tokens = parallel.all_reduce_sum(
-            [sum(b.num_targets for b in batches), sum(b.num_tokens for b in batches)], self.device
+        num_targets, num_tokens, num_computed = parallel.all_reduce_sum(
+            [
+                sum(b.num_targets for b in batches),
+                sum(b.num_tokens for b in batches),
+                sum(b.input_ids.numel() for b in batches),
+            ],
+            self.device,
         )
         if num_targets == 0:
             raise ValueError(
@@ -278,6 +283,7 @@ class Trainer:
             "grad_norm": float(grad_norm),
             "tokens": self.tokens_seen,
             "tokens_per_s": num_tokens / elapsed,
+            "computed_tokens": int(num_computed),  # this step's tokens through the model, padding included
             "step_time_s": elapsed,
         }
 

@@ -15,6 +15,7 @@ from longreach.train.data import (
     collate,
     list_data_files,
     read_pieces,
+    trim_padding,
 )
 
 BOS, EOS = ByteTokenizer.bos_token_id, ByteTokenizer.eos_token_id
@@ -54,6 +55,20 @@ def test_padded_mode_one_document_per_row(tmp_path):
     assert all(r.seqlens == (16,) for r in rows)
     assert rows[0].input_ids[7:].tolist() == [ByteTokenizer.pad_token_id] * 9
     assert (rows[0].labels[6:] == IGNORE_INDEX).all()
+
+
+def test_trim_padding_pads_a_batch_to_its_longest_row(tmp_path):
+    path = _docs(tmp_path, ["hello", "abcdefgh", "xy"])  # 7, 10 and 4 tokens with bos/eos
+    stream = SequenceStream([str(path)], ByteTokenizer(), seq_len=16, packing=False, shuffle=False)
+    rows = [next(stream) for _ in range(3)]
+    trimmed = trim_padding(rows)
+    assert [len(r.input_ids) for r in trimmed] == [10, 10, 10]
+    assert [r.seqlens for r in trimmed] == [(10,), (10,), (10,)]
+    for row, cut in zip(rows, trimmed):
+        assert torch.equal(cut.labels, row.labels[:10]) and torch.equal(cut.positions, row.positions[:10])
+        assert cut.num_tokens == row.num_tokens
+    full = [next(SequenceStream([str(path)], ByteTokenizer(), seq_len=16, shuffle=False))]
+    assert trim_padding(full) == full  # packed rows have no padding to cut
 
 
 def test_resume_is_exact(corpus):
