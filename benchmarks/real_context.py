@@ -8,17 +8,15 @@ YaRN and Llama 3 -- all sized by one factor, new length / the model's own length
 - niah_multikey and variable_tracking (RULER-style, the built-in synthetic haystack);
 - perplexity vs length on real text (sliding windows, the same scored tokens at every length).
 
-Every task runs through the serving engine (`LLM` via `LocalBackend`, greedy, prefix caching on: prompts of
-one length that share a haystack prefix share its KV blocks). The effective length of a lever is RULER's:
-the longest length such that it and every shorter tested length score >= 85%.
+All tasks run through the serving engine (`LocalBackend`, greedy, prefix caching on: prompts sharing a
+haystack prefix share its KV blocks). A lever's effective length is RULER's (>= 85% up to that length).
 
     python benchmarks/real_context.py --grid full --device cuda      # the full grid (a GPU)
     nice python benchmarks/real_context.py --grid cpu --threads 2    # the sized-down CPU grid
     python benchmarks/real_context.py --grid smoke --model longreach/assets/demo-model --out /tmp/rc
 
-Each (run, lever) result is saved as JSON under --out as soon as it is measured and is not re-run when
-the file exists (delete it to re-measure), so an interrupted run resumes; --report-only rewrites the
-doc section and the figures from the saved results.
+Each (run, lever) result is saved under --out when measured and not re-run while its JSON exists (an
+interrupted run resumes); --report-only rewrites the doc section and figures from the saved results.
 """
 
 from __future__ import annotations
@@ -43,15 +41,11 @@ from longreach.eval.real_text import HAYSTACK_TEXTS, prepared_files, resolve_tex
 from longreach.eval.results import GridResult, format_length
 from longreach.eval.runner import run_grid
 
-REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Usable context (measured)"
-K = 1024
+REPO, HEADING, K = Path(__file__).resolve().parents[1], "## Usable context (measured)", 1024
 
 
 @dataclass(frozen=True)
-class Run:
-    """One task over a length x depth grid for some levers."""
-
+class Run:  # one task over a length x depth grid for some levers
     name: str  # shown in the doc
     task: str
     haystack: str  # "filler" (the task's built-in text) or "real"
@@ -66,7 +60,7 @@ class Run:
 
 
 @dataclass(frozen=True)
-class Grid:
+class Grid:  # the runs, and perplexity's lengths / texts / windows / levers
     runs: tuple[Run, ...]
     ppl_lengths: tuple[int, ...]
     ppl_texts: tuple[str, ...]  # names in longreach.eval.real_text.TEXTS
@@ -244,7 +238,7 @@ def run_ppl(grid: Grid, lever: str, rope: dict | None, args, out: Path) -> dict:
     return result
 
 
-def _saved(path: Path, load):
+def _saved(path: Path, load):  # a saved result, or None
     return load(path) if path.is_file() else None
 
 
