@@ -31,6 +31,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test
 from serve_process import ServeProcess  # noqa: E402
 
+from longreach.model.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+
 # positive_data_acceptance wants every schema-valid body answered 2xx; some valid bodies are rightly refused
 # (a prompt + max_tokens over the context length, ids outside the vocabulary): reported, not a failure.
 CHECKS = ["--checks", "all", "--exclude-checks", "positive_data_acceptance"]
@@ -244,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, default=None, help="directory for the reports (default: a temporary one)"
     )
     args = p.parse_args(argv)
+    # the model explicit: `longreach serve` alone serves SmolLM2 when it is installed
     args.serve_args = (
-        ([args.model] if args.model else [])
+        [args.model or str(BUNDLED_MODEL_DIR)]
         + [
             "--served-model-name",
             "demo",

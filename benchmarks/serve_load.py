@@ -28,6 +28,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script or loaded by a test
 from serve_process import ServeProcess  # noqa: E402
 
+from longreach.model.bundled import BUNDLED_MODEL_DIR  # noqa: E402
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
@@ -107,7 +109,8 @@ def pct(values: list[float], q: float) -> float:
 
 
 def run_setting(name: str, extra: list[str], reqs: list[dict], leavers: set[int], threads: int) -> dict:
-    server = ServeProcess(["--served-model-name", "demo", *extra], threads)
+    demo = str(BUNDLED_MODEL_DIR)  # explicit: `longreach serve` alone now serves SmolLM2 when installed
+    server = ServeProcess([demo, "--served-model-name", "demo", *extra], threads)
     try:
         results, wall = asyncio.run(burst(server.url, reqs, leavers))  # cold: no prefix cached yet
         server.wait_idle(60)
