@@ -24,6 +24,9 @@ from longreach.kvcache.policies import key_attention_mass
 
 # H2O's mass materializes (Hq, queries, keys) fp32 probabilities: chunk the queries to stay under this many
 MASS_CHUNK_ELEMENTS = 2**26
+# int4 runs of decodes only go through the Triton kernel that dequantizes inside (attention/triton_decode_int4.py)
+# instead of reading every key dequantized: None means on CUDA tensors; True forces it (tests, interpreter)
+INT4_DECODE_KERNEL: bool | None = None
 
 
 @dataclass
@@ -121,6 +124,9 @@ def gathered_attention(
     window_size: tuple[int, int],
 ) -> torch.Tensor:
     """q (Tq, Hq, D): the run's queries -> (Tq, Hq, D). `cache` is the PagedKVCache (already written)."""
+    use_kernel = q.is_cuda if INT4_DECODE_KERNEL is None else INT4_DECODE_KERNEL
+    if run.kv_slots is None and run.mass is None and run.meta.max_seqlen_q == 1 and use_kernel:
+        return _int4_decode(cache, store, q, run, seq_writes, window_size)
     if run.kv_slots is not None:
         keys, values = cache.read_slots(store, run.kv_slots, q.dtype)  # (Tk, Hkv, D)
     else:
@@ -152,6 +158,30 @@ def gathered_attention(
     if run.mass is not None:
         _accumulate_mass(run, q, keys)
     return out
+
+
+def _int4_decode(cache, store, q, run: GatheredRun, seq_writes, window_size) -> torch.Tensor:
+    """One query per sequence over int4 pages and window, dequantized in the Triton kernel: (B, Hq, D)."""
+    from longreach.attention.triton_decode_int4 import (  # lazy: optional heavy dependency (triton)
+        paged_decode_attention_int4,
+    )
+
+    writes = [seq_writes[i] for i, _ in run.reads]
+    table = torch.nn.utils.rnn.pad_sequence([w.block_table for w in writes], batch_first=True)
+
+    def int32(values):
+        return torch.tensor(values, dtype=torch.int32, device=q.device)
+
+    return paged_decode_attention_int4(
+        q,
+        store,
+        table.to(torch.int32),
+        int32([n for _, n in run.reads]),
+        int32([w.new_num_quantized for w in writes]),
+        int32([w.window_slot for w in writes]),
+        cache.quantizer.group_size,
+        window_size=window_size,
+    )
 
 
 def _accumulate_mass(run: GatheredRun, q: torch.Tensor, keys: torch.Tensor) -> None:

@@ -106,3 +106,34 @@ def test_int4_decode_names_a_bad_store():
         triton_decode_int4.paged_decode_attention_int4(
             q, store, torch.zeros(1, 2, dtype=torch.int32), one, one * 0, one * 0
         )
+
+
+@needs_triton
+def test_the_engine_decodes_int4_through_the_kernel_with_the_same_tokens(tmp_path, monkeypatch):
+    """The int4 layout's decode steps, forced through the in-kernel path (on CUDA it is the default), give the
+    tokens of the dequantize-then-attend path; prompts longer than the 128-token window, so blocks are read."""
+    from longreach import LLM, SamplingParams
+    from longreach.kvcache import paged_gather
+    from tests.model.conftest import make_hf_model
+
+    model = make_hf_model(
+        "llama",
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=512,
+    )
+    model.save_pretrained(tmp_path)
+    prompts = [[(5 * i + 3 * j) % 120 + 1 for j in range(150 + 40 * i)] for i in range(2)]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    outs = {}
+    calls = []
+    real = paged_gather._int4_decode
+    monkeypatch.setattr(paged_gather, "_int4_decode", lambda *a: calls.append(1) or real(*a))
+    for forced in (False, True):
+        monkeypatch.setattr(paged_gather, "INT4_DECODE_KERNEL", forced)
+        llm = LLM(tmp_path, dtype="fp32", kv_cache_dtype="int4", num_kv_blocks=40, device=DEVICE)
+        outs[forced] = [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert calls  # the kernel ran
+    assert outs[True] == outs[False]
