@@ -27,6 +27,16 @@ from longreach.engine.cuda_graphs import make_decode_graphs
 from longreach.engine.kv_state import KVStates
 from longreach.engine.layouts import make_layout
 from longreach.engine.output import OutputProcessor, RequestOutput
+from longreach.engine.prompts import (
+    Message,
+    Prompt,
+    as_conversations,
+    as_prompt_list,
+    chat_prompt_ids,
+    check_fits,
+    encode_prompt,
+    params_per_prompt,
+)
 from longreach.engine.runner import ModelRunner
 from longreach.engine.sampler import Sampler
 from longreach.engine.sampling_params import SamplingParams
@@ -42,7 +52,6 @@ from longreach.model.loader import load_model, resolve_dtype
 from longreach.model.quant import check_quantization, quantize_model
 from longreach.model.tokenizer import load_tokenizer
 
-Prompt = str | list[int]
 logger = logging.getLogger(__name__)
 
 ALLOW_LONG_ENV = "LONGREACH_ALLOW_LONG_MAX_MODEL_LEN"
@@ -172,25 +181,13 @@ class LLMEngine:
                 f"stop strings {list(params.stop)} need a tokenizer; this engine has none "
                 "(use stop_token_ids)"
             )
-        max_len = self.scheduler_config.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but max_model_len is {max_len}: it must be shorter, "
-                "leaving room for at least one generated token"
-            )
-        longest = min(len(ids) + (params.max_tokens or max_len), max_len)
-        needed = self.plan.max_held_tokens(longest, self.scheduler_config.max_num_batched_tokens)
-        if needed > self.plan.capacity_tokens:
-            raise ValueError(
-                f"request needs up to {needed} tokens of KV cache ({len(ids)} prompt + up to "
-                f"{longest - len(ids)} generated) but the cache holds {self.plan.capacity_tokens} "
-                f"({self.kv_manager.num_blocks} blocks of {self.kv_manager.block_size}); "
-                "lower max_tokens or give the cache more memory"
-            )
+        sc = self.scheduler_config
+        longest = check_fits(
+            len(ids), params.max_tokens, sc.max_model_len, self.plan, sc.max_num_batched_tokens
+        )
         # length-dependent RoPE: chosen once, from the most positions this request can ever run (the last
         # sampled token is never fed back), never from the batch it happens to share a step with
-        rope = self.model.config.rope
-        rope_seq_len = rope.table_length(min(len(ids) + (params.max_tokens or max_len), max_len) - 1)
+        rope_seq_len = self.model.config.rope.table_length(longest - 1)
         seq = Sequence(
             request_id,
             ids,
@@ -207,19 +204,7 @@ class LLMEngine:
         return request_id
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("text prompts need a tokenizer; this engine has none (pass token-id lists)")
-            ids = list(self.tokenizer.encode(prompt))
-        else:
-            ids = [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("prompt is empty: at least one token is needed")
-        vocab = self.model.config.vocab_size
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
-        return ids
+        return encode_prompt(self.tokenizer, prompt, self.model.config.vocab_size)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -366,20 +351,8 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs in the prompts' order."""
-        if isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
-        ):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
-        else:
-            params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise ValueError(
-                    f"got {len(params)} sampling_params for {len(prompts)} prompts; "
-                    "pass one for all, or one per prompt"
-                )
+        prompts = as_prompt_list(prompts)
+        params = params_per_prompt(sampling_params, len(prompts))
         engine = self.engine
         ids = []
         try:
@@ -390,6 +363,24 @@ class LLM:
                 engine.abort(request_id)
             raise
         return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: Seq[Message] | Seq[Seq[Message]],
+        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role", "content"}, ...]) or a list of them (vLLM's `LLM.chat`):
+        each goes through the chat template (the tokenizer's, or `chat_template`: a template string or one of
+        the tokenizer's template names), tokenized without added special tokens, then `generate`."""
+        tokenizer = self.engine.tokenizer
+        prompts = [
+            chat_prompt_ids(tokenizer, c, chat_template, add_generation_prompt)
+            for c in as_conversations(messages)
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         from tqdm.auto import tqdm
