@@ -101,9 +101,22 @@ def _add_source_arguments(src) -> None:
         "--endpoint", metavar="URL", help="OpenAI-compatible server (…/v1/completions is POSTed)"
     )
     src.add_argument(
+        "--endpoint-api",
+        choices=["completions", "chat"],
+        default="completions",
+        help="what --endpoint is asked through: /v1/completions with the raw prompt, or "
+        "/v1/chat/completions with the prompt as one user message (the server's chat template)",
+    )
+    src.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="instruct models as used: each prompt as one user turn of the checkpoint's chat template "
+        "(its tokens count toward the length); with --endpoint it means --endpoint-api chat",
+    )
+    src.add_argument(
         "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="bearer token for --endpoint (default: $OPENAI_API_KEY)",
+        default=os.environ.get("OPENAI_API_KEY") or os.environ.get("LONGREACH_API_KEY"),
+        help="bearer token for --endpoint (default: $OPENAI_API_KEY, else $LONGREACH_API_KEY)",
     )
     src.add_argument("--model-name", help="model name sent to --endpoint (default: the first of /v1/models)")
     src.add_argument(
@@ -175,7 +188,17 @@ def _add_ppl_arguments(ppl) -> None:
 
 
 def _add_output_arguments(out) -> None:
-    out.add_argument("--out", metavar="DIR", help="output directory (default: eval-results/TASK)")
+    out.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output directory, new or empty (default: eval-results/TASK); never overwritten",
+    )
+    out.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR with its recorded flags: samples already answered (samples.jsonl) "
+        "are skipped",
+    )
     out.add_argument("--no-plot", action="store_true", help="skip the PNG")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -269,47 +292,6 @@ def _flag_combinations(args, base: dict) -> dict[str | None, dict]:
     return settings
 
 
-def make_backend(options: dict, args, max_len: int):
-    from longreach.eval.backends import EndpointBackend, LocalBackend  # lazy: CLI verb, keeps --help fast
-
-    if options.get("endpoint"):
-        tokenizer = None
-        if options.get("tokenizer"):
-            from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
-
-            tokenizer = load_tokenizer(options["tokenizer"])
-        backend = EndpointBackend(
-            options["endpoint"],
-            api_key=options.get("api_key"),
-            model_name=options.get("model_name"),
-            tokenizer=tokenizer,
-            concurrency=args.concurrency,
-            timeout=args.timeout,
-            retries=args.retries,
-        )
-        if backend.is_approximate_tokenizer:
-            print(
-                "note: prompt lengths are approximate (no --tokenizer given for the endpoint)",
-                file=sys.stderr,
-            )
-        return backend
-    tokenizer = None
-    if options.get("tokenizer"):
-        from longreach.model.tokenizer import load_tokenizer  # lazy: CLI verb, keeps --help fast
-
-        tokenizer = load_tokenizer(options["tokenizer"])
-    return LocalBackend(
-        options.get("model"),
-        tokenizer=tokenizer,
-        dtype=options.get("dtype"),
-        rope_scaling=options.get("rope_scaling"),
-        kv_cache_dtype=options.get("kv_cache_dtype"),
-        device=args.device,
-        max_model_len=max_len,
-        batch_size=args.batch_size,
-    )
-
-
 def _check_flags(args) -> None:
     if args.task == "ppl":
         if args.endpoint or any(o.get("endpoint") for o in _setting_options(args)):
@@ -320,6 +302,11 @@ def _check_flags(args) -> None:
             raise ValueError("--haystack is for the generated tasks; ppl reads --data")
     elif args.data:
         raise ValueError(f"--data is for ppl; {args.task} takes its haystack from --haystack")
+    has_endpoint = args.endpoint or any(o.get("endpoint") for o in _setting_options(args))
+    if args.task == "ppl" and args.apply_chat_template:
+        raise ValueError("ppl scores raw text windows: --apply-chat-template does not apply")
+    if args.endpoint_api != "completions" and not has_endpoint:
+        raise ValueError(f"--endpoint-api {args.endpoint_api} needs --endpoint URL")
     for name in ("samples", "batch_size", "concurrency", "stride", "max_windows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
@@ -346,23 +333,20 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
+    out_dir, run = _prepare_out_dir(args)
     _check_flags(args)
     lengths = parse_lengths(args.lengths)
     threshold = args.threshold / 100.0 if args.threshold > 1 else args.threshold
     settings = build_settings(args)
-    out_dir = Path(args.out or Path("eval-results") / args.task)
-    if args.task == "ppl":
-        return _main_ppl(args, settings, lengths, out_dir)
-    from longreach.eval.runner import (  # lazy: CLI verb, keeps --help fast
-        comparison_table,
-        run_grid,
-        write_comparison,
-        write_report,
-    )
+    from longreach.eval import record  # lazy: CLI verb, keeps --help fast
 
-    depths = parse_depths(args.depths)
+    if args.task == "ppl":
+        record.write_run(out_dir, args)
+        return _main_ppl(args, settings, lengths, out_dir)
+    from longreach.eval.grid_command import run_settings  # lazy: CLI verb, keeps --help fast
+
     grid = dict(
-        depths=depths,
+        depths=parse_depths(args.depths),
         num_samples=args.samples,
         seed=args.seed,
         haystack=resolve_text_arg(args.haystack, HAYSTACK_TEXTS),
@@ -371,32 +355,28 @@ def _main(args) -> int:
         threshold=threshold,
         progress=not args.no_progress,
     )
-    results = []
-    for name, options in settings.items():
-        backend = make_backend(options, args, max(lengths))
-        try:
-            results.append(run_grid(backend, args.task, lengths, setting=name, **grid))
-        finally:
-            backend.close()
-        print(results[-1].table() + "\n")
-    if len(results) == 1:
-        paths = write_report(results[0], out_dir, plot=not args.no_plot)
-    else:
-        paths = write_comparison(results, out_dir, plot=not args.no_plot)
-        print(comparison_table(results) + "\n")
-    for r in results:
-        num_errors = sum(s.error is not None for s in r.samples)
-        if num_errors:
-            first = next(s.error for s in r.samples if s.error)
-            print(
-                f"warning: {num_errors} of {len(r.samples)} request(s) failed"
-                + (f" [{r.setting}]" if r.setting else "")
-                + f" and count as misses; first: {first}",
-                file=sys.stderr,
-            )
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
-    answered = sum(s.error is None for r in results for s in r.samples)
-    return 0 if answered else 1
+    return run_settings(args, settings, lengths, grid, out_dir, run or record.write_run(out_dir, args))
+
+
+def _prepare_out_dir(args) -> tuple[Path, dict | None]:
+    """The output directory, checked (new or empty, or the run --resume continues), and with --resume that
+    run's record, whose flags then replace the defaults in `args`."""
+    from longreach.eval import record  # lazy: CLI verb, keeps --help fast
+
+    if args.resume and args.out and Path(args.out) != Path(args.resume):
+        raise ValueError(f"--resume {args.resume} writes into that directory; drop --out {args.out}")
+    if args.resume and args.task == "ppl":
+        raise ValueError("--resume continues the generated tasks' grids; ppl runs are not resumable")
+    out_dir = Path(args.resume or args.out or Path("eval-results") / args.task)
+    record.check_out_dir(out_dir, resume=bool(args.resume))
+    run = record.resume_run(out_dir, args, _defaults(args.task)) if args.resume else None
+    return out_dir, run
+
+
+def _defaults(task: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args([task])
 
 
 def _main_ppl(args, settings, lengths, out_dir) -> int:

@@ -42,6 +42,7 @@ class GridResult:
     setting: str | None = None
     backend: str | None = None
     elapsed_s: float = 0.0
+    run: dict[str, Any] = field(default_factory=dict)  # the full setting and the run's facts (record.py)
     samples: list[SampleResult] = field(default_factory=list)
 
     def _cell(self, length: int, depth: Any = _ANY_DEPTH) -> list[SampleResult]:

@@ -21,14 +21,16 @@ one table and one accuracy-vs-length figure with a line per setting.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from longreach.eval.backends import LocalBackend
 from longreach.eval.plots import plot_comparison, plot_heatmap
+from longreach.eval.record import SampleKey, sample_key
 from longreach.eval.results import GridResult, SampleResult, format_length, pct
 from longreach.eval.scoring import is_correct, score_output
 from longreach.eval.tasks import TASKS, Sample, make_sample
@@ -53,6 +55,8 @@ def run_grid(
     threshold: float = 0.85,
     progress: bool = True,
     setting: str | None = None,
+    done: Mapping[SampleKey, SampleResult] | None = None,
+    on_samples: Callable[[list[SampleResult]], None] | None = None,
 ) -> GridResult:
     """Generate every (length, depth, sample) prompt of `task`, answer it through `backend`, score it.
 
@@ -60,8 +64,8 @@ def run_grid(
     `LocalBackend`. lengths: context lengths in tokens (prompt + answer budget). depths: percentages
     (ignored, and recorded as None, for tasks without a depth). Prompts go to the backend in batches of
     up to `batch_size` prompts of one length, shortest first; a tqdm bar on stderr shows progress unless
-    `progress=False`.
-    """
+    `progress=False`. done: earlier results by `record.sample_key`, not asked again but kept in grid order;
+    on_samples: gets each batch's new results as soon as they are scored (e.g. `SampleLog.append`)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; choose one of {sorted(TASKS)}")
     backend = _as_backend(backend)
@@ -88,17 +92,31 @@ def run_grid(
     start = time.perf_counter()
     try:
         for cells in _batches_of_one_length(lengths, grid_depths, num_samples, batch_size):
-            samples = [
-                make_sample(task, backend.tokenizer, length, depth, index, seed, haystack, budget)
-                for length, depth, index in cells
-            ]
-            result.samples.extend(_answer_and_score(backend, samples, budget))
-            _show_progress(bar, result, samples)
+            make = functools.partial(
+                make_sample, task, backend.tokenizer, seed=seed, haystack=haystack, max_new_tokens=budget
+            )
+            result.samples.extend(_answer_cells(backend, cells, make, budget, done or {}, on_samples))
+            _show_progress(bar, result, cells[-1][0], len(cells))
     finally:
         bar.close()
     result.elapsed_s = round(time.perf_counter() - start, 3)
     result.backend = getattr(backend, "kind", None)
     return result
+
+
+def _answer_cells(backend, cells, make, budget: int, done, on_samples) -> list[SampleResult]:
+    """The results of one batch of cells in order: recorded ones from `done`, the others answered now
+    (and handed to `on_samples` first)."""
+    todo = [cell for cell in cells if _cell_key(cell) not in done]
+    answered = {}
+    if todo:
+        new = _answer_and_score(
+            backend, [make(length, depth, index) for length, depth, index in todo], budget
+        )
+        if on_samples is not None:
+            on_samples(new)
+        answered = {sample_key(r): r for r in new}
+    return [answered.get(_cell_key(c)) or done[_cell_key(c)] for c in cells]
 
 
 def _grid_axes(
@@ -143,12 +161,15 @@ def _answer_and_score(backend, samples: list[Sample], budget: int) -> list[Sampl
     return [_score(sample, output) for sample, output in zip(samples, outputs)]
 
 
-def _show_progress(bar, result: GridResult, samples: list[Sample]) -> None:
+def _cell_key(cell: tuple[int, float | None, int]) -> SampleKey:
+    length, depth, index = cell
+    return (int(length), None if depth is None else float(depth), int(index))
+
+
+def _show_progress(bar, result: GridResult, length: int, num_samples: int) -> None:
     """Advance the bar past a finished batch and show the running accuracy of its length."""
-    bar.update(len(samples))
-    bar.set_postfix_str(
-        f"{format_length(samples[-1].length)} acc {pct(result.accuracy(samples[-1].length))}", refresh=False
-    )
+    bar.update(num_samples)
+    bar.set_postfix_str(f"{format_length(length)} acc {pct(result.accuracy(length))}", refresh=False)
 
 
 def _score(sample, output: str | Exception) -> SampleResult:
@@ -265,7 +286,7 @@ def write_comparison(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for r in results:
-        write_report(r, out_dir / _slug(r.setting or r.model), plot=plot)
+        write_report(r, setting_dir(out_dir, r.setting or r.model), plot=plot)
     table = comparison_table(results)
     (out_dir / "comparison.txt").write_text(table + "\n")
     summary = [
@@ -289,6 +310,11 @@ def write_comparison(
     if plot:
         paths["plot"] = plot_comparison(results, out_dir / "comparison.png")
     return paths
+
+
+def setting_dir(out_dir: str | os.PathLike, name: str | None) -> Path:
+    """Where one setting's files go: out_dir itself for a single run, its subdirectory in a comparison."""
+    return Path(out_dir) if name is None else Path(out_dir) / _slug(name)
 
 
 def _slug(name: str) -> str:
