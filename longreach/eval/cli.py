@@ -333,20 +333,23 @@ def main(args) -> int:
 
 
 def _main(args) -> int:
-    out_dir, run = _prepare_out_dir(args)
+    from longreach.eval import record  # lazy: CLI verb, keeps --help fast
+
+    out_dir, run = _resume(args) if args.resume else (None, None)  # its recorded flags come first
     _check_flags(args)
     lengths = parse_lengths(args.lengths)
     threshold = args.threshold / 100.0 if args.threshold > 1 else args.threshold
     settings = build_settings(args)
-    from longreach.eval import record  # lazy: CLI verb, keeps --help fast
-
+    depths = None if args.task == "ppl" else parse_depths(args.depths)
+    if out_dir is None:
+        out_dir = Path(args.out or Path("eval-results") / args.task)
+        record.check_out_dir(out_dir, resume=False)
     if args.task == "ppl":
-        record.write_run(out_dir, args)
         return _main_ppl(args, settings, lengths, out_dir)
     from longreach.eval.grid_command import run_settings  # lazy: CLI verb, keeps --help fast
 
     grid = dict(
-        depths=parse_depths(args.depths),
+        depths=depths,
         num_samples=args.samples,
         seed=args.seed,
         haystack=resolve_text_arg(args.haystack, HAYSTACK_TEXTS),
@@ -355,22 +358,21 @@ def _main(args) -> int:
         threshold=threshold,
         progress=not args.no_progress,
     )
-    return run_settings(args, settings, lengths, grid, out_dir, run or record.write_run(out_dir, args))
+    return run_settings(args, settings, lengths, grid, out_dir, run)
 
 
-def _prepare_out_dir(args) -> tuple[Path, dict | None]:
-    """The output directory, checked (new or empty, or the run --resume continues), and with --resume that
-    run's record, whose flags then replace the defaults in `args`."""
+def _resume(args) -> tuple[Path, dict]:
+    """--resume DIR: the directory, checked, and its run's record, whose flags replace the defaults in
+    `args`."""
     from longreach.eval import record  # lazy: CLI verb, keeps --help fast
 
-    if args.resume and args.out and Path(args.out) != Path(args.resume):
+    if args.out and Path(args.out) != Path(args.resume):
         raise ValueError(f"--resume {args.resume} writes into that directory; drop --out {args.out}")
-    if args.resume and args.task == "ppl":
+    if args.task == "ppl":
         raise ValueError("--resume continues the generated tasks' grids; ppl runs are not resumable")
-    out_dir = Path(args.resume or args.out or Path("eval-results") / args.task)
-    record.check_out_dir(out_dir, resume=bool(args.resume))
-    run = record.resume_run(out_dir, args, _defaults(args.task)) if args.resume else None
-    return out_dir, run
+    out_dir = Path(args.resume)
+    record.check_out_dir(out_dir, resume=True)
+    return out_dir, record.resume_run(out_dir, args, _defaults(args.task))
 
 
 def _defaults(task: str) -> argparse.Namespace:
@@ -410,5 +412,9 @@ def _main_ppl(args, settings, lengths, out_dir) -> int:
         )
     print(perplexity_table(results))
     paths = write_perplexity_report(results, out_dir, plot=not args.no_plot)
+    from longreach.eval.record import RUN_FILE, write_run  # lazy: CLI verb, keeps --help fast
+
+    write_run(out_dir, args)  # what was measured, how, when and by which command
+    paths["run"] = out_dir / RUN_FILE
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from longreach.eval.record import SAMPLES_FILE, SampleLog, run_setting
+from longreach.eval.record import SAMPLES_FILE, SampleLog, run_setting, write_run
 from longreach.eval.results import GridResult
 from longreach.eval.runner import comparison_table, run_grid, setting_dir, write_comparison, write_report
 
@@ -56,13 +56,19 @@ def make_backend(options: dict, args, max_len: int):
     )
 
 
-def run_settings(args, settings: dict, lengths: list[int], grid: dict, out_dir: Path, run: dict) -> int:
-    """Every setting's grid (resuming from its samples.jsonl), the reports, and the exit status."""
+def run_settings(
+    args, settings: dict, lengths: list[int], grid: dict, out_dir: Path, run: dict | None
+) -> int:
+    """Every setting's grid (resuming from its samples.jsonl), the reports, and the exit status.
+
+    run: the record of the run being resumed; None for a new run, whose run.json is written once the first
+    backend is built (a bad model path leaves the output directory untouched)."""
     results = []
     for name, options in settings.items():
         log = SampleLog(setting_dir(out_dir, name) / SAMPLES_FILE)
         done = log.read()
         backend = make_backend(options, args, max(lengths))
+        run = run or write_run(out_dir, args)
         try:
             result = run_grid(
                 backend, args.task, lengths, setting=name, done=done, on_samples=log.append, **grid

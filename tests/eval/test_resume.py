@@ -118,6 +118,8 @@ def test_an_existing_output_directory_is_never_overwritten(byte_checkpoint, tmp_
     ]
     assert main(["eval", "passkey", "--resume", str(out)]) == 2
     assert "no run.json there" in capsys.readouterr().err
+    fresh = tmp_path / "fresh"  # a run that fails before its first sample leaves nothing behind
+    assert main(_argv(tmp_path / "missing-model", "--out", fresh)) == 2 and not fresh.exists()
 
 
 def test_resume_refuses_other_flags_and_another_task(byte_checkpoint, tmp_path, capsys, crash_after):
