@@ -3,8 +3,9 @@ model on the same checkpoint (fp32, CPU) score the repo's two offline tasks (ben
 multiple-choice log-likelihood task and a generate_until task) alike, sample by sample.
 
 The log-likelihood task goes through /v1/completions with `echo` + `logprobs` (prompt logprobs); generate_until
-through plain greedy completions with stop strings. Both lm_eval runs are subprocesses (its import takes most of
-their time), run side by side against a server started in this process."""
+through plain greedy completions with stop strings. lm_eval runs in one subprocess (its import and setup take most
+of the time) through its Python API, both models one after the other, against a server started in this process
+(the app `longreach serve` runs); the CLI form of the same runs is in docs/serving.md."""
 
 import importlib.util
 import json
