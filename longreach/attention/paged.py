@@ -22,6 +22,7 @@ import math
 import torch
 
 from longreach.attention.paged_checks import check_decode_inputs, check_write_inputs
+from longreach.kvcache.codecs import fp8_to
 
 # a group's gathered K and V together stay under this, so they are still in cache when the products read them
 GROUP_GATHER_BYTES = 8 * 2**20
@@ -117,8 +118,9 @@ def _gather_pages(pages, flat: torch.Tensor, n: int, dtype: torch.dtype, workspa
     k = gather_rows(k_cache.view(rows_as), flat, workspace, "k").view(k_cache.dtype)
     v = gather_rows(v_cache.view(rows_as), flat, workspace, "v").view(v_cache.dtype)
     if k_scale is not None:
-        k = k.to(dtype) * k_scale.index_select(0, flat).to(dtype)[..., None]
-        v = v.to(dtype) * v_scale.index_select(0, flat).to(dtype)[..., None]
+        to = fp8_to if k.dtype == torch.float8_e4m3fn else torch.Tensor.to  # fp8: exact, vectorized on CPU
+        k = to(k, dtype) * k_scale.index_select(0, flat).to(dtype)[..., None]
+        v = to(v, dtype) * v_scale.index_select(0, flat).to(dtype)[..., None]
     shape = (n, flat.numel() // n * block_size, num_kv_heads, head_dim)
     return k.view(shape), v.view(shape)
 

@@ -11,7 +11,7 @@ from longreach.attention.paged import paged_decode_attention_torch
 from longreach.attention.reference import paged_decode_reference
 from longreach.cli import main as cli_main
 from longreach.config import CacheConfig, SchedulerConfig
-from longreach.kvcache.codecs import FP8_DTYPE, FP8_MAX, SCALE_DTYPE, dequantize_fp8, quantize_fp8
+from longreach.kvcache.codecs import FP8_DTYPE, FP8_MAX, SCALE_DTYPE, dequantize_fp8, fp8_to, quantize_fp8
 from longreach.kvcache.paged_cache import PagedKVCache
 from longreach.kvcache.planner import plan_kv_cache
 from longreach.kvcache.presets import resolve_model
@@ -48,6 +48,15 @@ def test_round_trip_error_is_within_e4m3s_half_step():
     assert bool((back[3] == 0).all()) and bool((torch.sign(back) == torch.sign(x))[back != 0].all())
     # the bound is tight (the worst element uses most of it) and well above int8's on small elements
     assert float(((x - back).abs() / bound.clamp_min(1e-30)).max()) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_to_reads_every_code_exactly(dtype):
+    """The CPU bit move (e4m3 bits into fp16's) gives torch's own cast for all 254 non-NaN codes."""
+    codes = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE)
+    want, got = codes.to(dtype), fp8_to(codes, dtype)
+    is_nan = torch.isnan(want)
+    assert got.dtype == dtype and int(is_nan.sum()) == 2 and torch.equal(got[~is_nan], want[~is_nan])
 
 
 def test_bf16_input_and_a_scale_fp16_cannot_hold_exactly():
