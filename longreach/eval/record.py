@@ -160,7 +160,7 @@ def run_setting(options: dict, args, run: dict[str, Any], backend=None) -> dict[
     setting = {
         "model": None if options.get("endpoint") else str(model or "bundled demo model"),
         "endpoint": options.get("endpoint"),
-        "endpoint_api": args.endpoint_api if options.get("endpoint") else None,
+        "endpoint_api": getattr(backend, "api", None) if options.get("endpoint") else None,
         "model_name": getattr(backend, "model_name", None) or options.get("model_name"),
         "tokenizer": options.get("tokenizer"),
         "rope_scaling": options.get("rope_scaling") or "as in the checkpoint",
