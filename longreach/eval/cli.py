@@ -4,11 +4,16 @@
     longreach eval niah --endpoint http://localhost:8000 --model-name my-model --tokenizer ckpt/ --lengths 4k,8k
     longreach eval passkey --model ckpt/ --rope-scaling none --rope-scaling '{"rope_type": "yarn", "factor": 4}'
     longreach eval ppl --model ckpt/ --data book.txt --lengths 1k,2k,4k,8k
+    longreach eval niah --model instruct/ --apply-chat-template       # each prompt as one user turn
+    longreach eval niah --endpoint http://localhost:8000 --endpoint-api chat --tokenizer instruct/
+    longreach eval passkey --resume eval-results/passkey              # continue an interrupted run
 
 TASK is one of the generated tasks (`longreach.eval.tasks.TASKS`) or `ppl`. Several `--model`,
 `--rope-scaling` or `--kv-cache-dtype` values (their combinations), or `--setting NAME=JSON` entries, run a
 comparison: one table and one figure with a line per setting, plus each setting's own report.
 No --model and no --endpoint: the bundled demo model.
+The output directory must be new or empty (or the run --resume continues); see `record.py` for what it
+keeps (run.json, samples.jsonl appended as samples finish, results.json with the full setting).
 """
 
 from __future__ import annotations
