@@ -150,7 +150,7 @@ class LoopConfig:
     eval_every: int | None = None
     progress: bool = True
     # tokens per chunk of the chunked cross-entropy (train/loss.py); 0 or None: the full (T, V) logits
-    loss_chunk_size: int | None = 4096
+    loss_chunk_size: int | None = 1024
 
     def __post_init__(self):
         _positive_int("training", "batch_size", self.batch_size)

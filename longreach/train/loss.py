@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from longreach.train.data import IGNORE_INDEX
 
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 1024
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 from longreach.attention import flash_attn_varlen_func
 
 # fp32 elements per (heads x rows x keys) score tile in the backward: 4 such tiles live at once
-BACKWARD_TILE_ELEMENTS = 1 << 24
+BACKWARD_TILE_ELEMENTS = 1 << 22
 
 
 @dataclass(frozen=True)
