@@ -106,9 +106,7 @@ def run_case(model, kv_dtype: str, num_tokens: int, args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     prompt = torch.randint(0, vocab, (num_tokens,), generator=torch.Generator().manual_seed(1)).tolist()
     params = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
-    start = time.perf_counter()
-    (out,) = llm.generate([prompt], params, use_tqdm=False)
-    wall = time.perf_counter() - start
+    out, wall = _generate_with_progress(llm.engine, prompt, params)
     m = out.metrics
     result = dict(
         kv_cache_dtype=kv_dtype,
@@ -128,6 +126,24 @@ def run_case(model, kv_dtype: str, num_tokens: int, args) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _generate_with_progress(engine, prompt: list[int], params, every_s: float = 10.0):
+    """(finished output, seconds): the request stepped by hand, printing progress every `every_s` seconds so a
+    run cut short by a time limit still shows how far the prefill got and at what rate."""
+    request_id = engine.add_request(prompt, params)
+    start = last = time.perf_counter()
+    out = None
+    while engine.has_unfinished_requests():
+        out = next((o for o in engine.step() if o.finished and o.request_id == request_id), out)
+        now = time.perf_counter()
+        seq = engine.requests.get(request_id)
+        if seq is not None and now - last >= every_s:
+            done = seq.num_computed_tokens
+            print(f"  {done:,}/{len(prompt):,} prompt tokens computed, {seq.num_output_tokens} decoded, "
+                  f"{now - start:.1f} s ({done / (now - start):,.0f} tok/s)", flush=True)  # fmt: skip
+            last = now
+    return out, time.perf_counter() - start
 
 
 def _markdown(results: list[dict], meta: dict) -> str:
