@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make run` (serve/generate with the bundled model) and `make test`.
+# Two commands on a fresh machine: `make run` (serve the real model, SmolLM2-135M-Instruct) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -36,7 +36,7 @@ test: lint $(REAL_TEXT)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 run: $(VENV)/.installed
-	$(VENV)/bin/longreach serve --host 127.0.0.1 --port 8000
+	$(VENV)/bin/longreach serve SmolLM2-135M-Instruct --host 127.0.0.1 --port 8000
 
 clean:
 	rm -rf $(VENV) build *.egg-info
