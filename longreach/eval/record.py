@@ -40,11 +40,34 @@ def utc_now() -> str:
 
 
 def command_line() -> str:
-    """The command as typed (`longreach eval ...` when run through the console script)."""
+    """The command as typed (`longreach eval ...` when run through the console script), API keys as ***."""
     argv = list(sys.argv)
     if argv and Path(argv[0]).name in ("longreach", "__main__.py"):
         argv[0] = "longreach"
+    for i, arg in enumerate(argv):
+        if arg == "--api-key" and i + 1 < len(argv):
+            argv[i + 1] = "***"
+        elif arg.startswith("--api-key="):
+            argv[i] = "--api-key=***"
+        elif i and argv[i - 1] == "--setting":
+            argv[i] = _without_api_key(arg, mask=True)
     return shlex.join(argv)
+
+
+def _without_api_key(entry: str, mask: bool = False) -> str:
+    """A --setting NAME=JSON entry with its api_key dropped (or masked): keys are never written to disk."""
+    name, sep, text = entry.partition("=")
+    try:
+        options = json.loads(text)
+    except ValueError:
+        return entry
+    if not sep or not isinstance(options, dict) or "api_key" not in options:
+        return entry
+    if mask:
+        options["api_key"] = "***"
+    else:
+        del options["api_key"]
+    return f"{name}={json.dumps(options)}"
 
 
 def check_out_dir(out_dir: Path, resume: bool) -> None:
@@ -61,8 +84,12 @@ def check_out_dir(out_dir: Path, resume: bool) -> None:
 
 
 def recorded_arguments(args) -> dict[str, Any]:
-    """The flags worth recording (JSON values; the API key never)."""
-    return {k: v for k, v in sorted(vars(args).items()) if k not in OPERATIONAL and not callable(v)}
+    """The flags worth recording (JSON values; the API key never, nor a --setting's: a resumed run uses
+    --api-key / the environment's)."""
+    out = {k: v for k, v in sorted(vars(args).items()) if k not in OPERATIONAL and not callable(v)}
+    if out.get("setting"):
+        out["setting"] = [_without_api_key(entry) for entry in out["setting"]]
+    return out
 
 
 def write_run(out_dir: Path, args) -> dict[str, Any]:

@@ -146,6 +146,21 @@ def test_failed_samples_are_asked_again_and_a_torn_line_is_ignored(tmp_path):
     assert list(log.read()) == [(256, 0.0, 0)]
 
 
+def test_api_keys_are_never_recorded(monkeypatch):
+    import argparse
+
+    from longreach.eval.record import command_line, recorded_arguments
+
+    argv = ["longreach", "eval", "niah", "--api-key", "sk-1", "--api-key=sk-2"]
+    argv += ["--setting", 'a={"endpoint": "http://h", "api_key": "sk-3"}']
+    monkeypatch.setattr("sys.argv", argv)
+    line = command_line()
+    assert not any(k in line for k in ("sk-1", "sk-2", "sk-3")) and line.count("***") == 3
+    args = argparse.Namespace(task="niah", api_key="sk-1", setting=[argv[-1]], lengths="1k")
+    recorded = recorded_arguments(args)
+    assert recorded == {"task": "niah", "setting": ['a={"endpoint": "http://h"}'], "lengths": "1k"}
+
+
 def test_endpoint_api_key_falls_back_to_longreach_api_key(monkeypatch):
     import argparse
 
