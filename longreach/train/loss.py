@@ -40,6 +40,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             valid = target != ignore_index
             picked = logits.gather(1, target.clamp(min=0)[:, None]).squeeze(1)  # (n,)
             total += (torch.logsumexp(logits, dim=1) - picked)[valid].sum()
+            del logits  # before the next chunk's: only one chunk of logits lives at a time
         ctx.save_for_backward(hidden, weight, labels)
         ctx.args = (chunk_size, ignore_index, dtype)
         return total
@@ -64,10 +65,12 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
             grad_logits[rows, target[rows]] -= 1.0
             grad_logits.mul_((valid.float() * grad_total)[:, None])  # ignored rows get no gradient
             g = grad_logits.to(matmul_dtype)
+            del grad_logits
             if need_hidden:
                 grad_hidden[start:stop] = (g @ weight_m).to(hidden.dtype)  # (n, H)
             if need_weight:
-                grad_weight += (g.t() @ h.to(matmul_dtype)).float()  # (V, H)
+                grad_weight.add_(g.t() @ h.to(matmul_dtype))  # (V, H), summed in fp32
+            del g  # before the next chunk's softmax
         return grad_hidden, grad_weight.to(weight.dtype) if need_weight else None, None, None, None, None
 
 
