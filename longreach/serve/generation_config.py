@@ -1,7 +1,8 @@
 """`--generation-config`: the sampling defaults a request gets for the fields it leaves out (vLLM's rule).
 
-    auto  (default) the checkpoint's generation_config.json: temperature, top_p, top_k, min_p,
-          repetition_penalty and max_new_tokens (as max_tokens) apply when a request omits them
+    auto  (default) the checkpoint's generation_config.json: temperature, top_p, top_k, min_p and
+          repetition_penalty apply when a request omits them; max_new_tokens caps every request's
+          max_tokens (vLLM takes the smallest of the request's, the context left and this one)
     vllm  our built-in defaults only (OpenAI's: temperature 1, top_p 1, no top_k, max_tokens 16 on
           /v1/completions, up to the context length on /v1/chat/completions)
     DIR   the generation_config.json in DIR instead of the checkpoint's
@@ -21,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 from longreach.serve import protocol as P
 
 GENERATION_CONFIG = "generation_config.json"
-# generation_config.json key -> request field
+# generation_config.json key -> request field (max_tokens: a cap, see `max_tokens_cap`)
 _KEYS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -30,6 +31,13 @@ _KEYS = {
     "repetition_penalty": "repetition_penalty",
     "max_new_tokens": "max_tokens",
 }
+
+
+def max_tokens_cap(defaults: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """(the defaults a request's omitted fields take, the cap on every completion budget): the generation
+    config's max_new_tokens bounds max_tokens whether or not a request gives one, as in vLLM."""
+    rest = dict(defaults)
+    return rest, rest.pop("max_tokens", None)
 
 
 def load_generation_defaults(choice: str, model_dir: Path | None) -> tuple[dict[str, Any], Path | None]:
@@ -75,7 +83,6 @@ def _check(defaults: dict[str, Any], path: Path) -> None:
 
 def apply_generation_defaults(request: BaseModel, defaults: dict[str, Any]) -> BaseModel:
     """`request` with each default filled into the fields it did not set (a copy; the original if none).
-
     max_tokens counts as set on a chat request that gives max_completion_tokens instead."""
     if not defaults:
         return request

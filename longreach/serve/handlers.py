@@ -74,6 +74,7 @@ class OpenAIServer:
         logprobs = LogprobFormatter(self.tokenizer)
         self.completion_format, self.chat_format = CompletionFormat(logprobs), ChatFormat(logprobs)
         self.generation_defaults: dict[str, Any] = {}  # --generation-config: for the fields a request omits
+        self.max_tokens_cap: int | None = None  # --generation-config's max_new_tokens: caps every budget
 
     # ------------------------------------------------------------ checks
 
@@ -176,7 +177,7 @@ class OpenAIServer:
                     param=param,
                     code="context_length_exceeded",
                 )
-            return limit - num_prompt_tokens
+            return min(limit - num_prompt_tokens, self.max_tokens_cap or limit)
         if num_prompt_tokens + max_tokens > limit:
             raise P.APIError(
                 400,
@@ -187,7 +188,7 @@ class OpenAIServer:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        return max_tokens
+        return min(max_tokens, self.max_tokens_cap or max_tokens)
 
     def check_sampling(self, req: P._SamplingFields, num_prompts: int) -> None:
         """What the schema cannot know: the vocabulary size and the per-request fan-out."""

@@ -55,7 +55,8 @@ def test_new_flags_reach_the_engine_and_the_server(byte_model_dir, tmp_path):
     assert engine.cache_config.memory_fraction == 0.125  # on a CPU: the KV cache's share of free memory
     assert engine.tokenizer.chat_template == TEMPLATE
     assert engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<bot>"
-    assert app.state.server.generation_defaults == {"temperature": 0.25, "top_k": 7, "max_tokens": 5}
+    assert app.state.server.generation_defaults == {"temperature": 0.25, "top_k": 7}
+    assert app.state.server.max_tokens_cap == 5  # max_new_tokens bounds every budget, as in vLLM
     assert app.state.generation_config == gen / "generation_config.json"
 
 
@@ -103,14 +104,21 @@ def test_generation_defaults_reach_requests_through_the_server(byte_model_dir, o
     from tests.serve.conftest import make_engine
 
     with run_server(make_engine(byte_model_dir)) as server:
-        server.app.state.server.generation_defaults = {"temperature": 0.0, "max_tokens": 5}
+        state = server.app.state.server
+        state.generation_defaults, state.max_tokens_cap = {"temperature": 0.0}, 5
         body = {"model": "tiny", "prompt": "The grass is", "ignore_eos": True}
         first = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
         second = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
-        assert first["usage"]["completion_tokens"] == 5  # max_new_tokens, not OpenAI's 16
+        assert first["usage"]["completion_tokens"] == 5  # max_new_tokens caps OpenAI's default of 16
         assert first["choices"][0]["text"] == second["choices"][0]["text"]  # temperature 0: greedy
-        longer = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 9}, timeout=60).json()
-        assert longer["usage"]["completion_tokens"] == 9
+        for asked, got in ((9, 5), (3, 3)):  # a request's own max_tokens is capped too (vLLM's min)
+            answer = httpx.post(
+                server.url + "/v1/completions", json={**body, "max_tokens": asked}, timeout=60
+            )
+            assert answer.json()["usage"]["completion_tokens"] == got
+        chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
+        answer = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
+        assert answer["usage"]["completion_tokens"] == 5  # not up to the whole context
 
 
 def test_llm_api_refuses_kv_cache_memory_1_as_the_cli_does():
