@@ -137,7 +137,7 @@ def write_gguf(
             continue
         name = gguf_name(hf_name)
         tensor = tensor.detach().float()
-        if arch == "llama" and (".attn_q." in name or ".attn_k." in name):
+        if arch in ("llama", "mistral") and (".attn_q." in name or ".attn_k." in name):
             heads = cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads
             tensor = permute_rows(tensor, heads)
         array = tensor.numpy()
