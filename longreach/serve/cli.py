@@ -204,7 +204,7 @@ def build_app(args):
     """(app, served model names) from parsed arguments; CLIError for anything the user must fix.
     Under --tensor-parallel-size N the app's engine is rank 0's, mirrored to the other ranks
     (app.state.tp_workers: the processes started for them, app.state.mirror: what tells them to stop)."""
-    from longreach.serve.generation_config import max_tokens_cap  # lazy: CLI verb, keeps --help fast
+    from longreach.serve.generation_config import split_max_tokens  # lazy: CLI verb, keeps --help fast
     from longreach.serve.server import (  # lazy: CLI verb, keeps --help fast
         DEFAULT_MAX_REQUEST_BYTES,
         create_app,
@@ -222,7 +222,9 @@ def build_app(args):
     max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
     app = create_app(engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
     server = app.state.server
-    server.generation_defaults, server.max_tokens_cap = max_tokens_cap(generation[0])
+    server.generation_defaults, server.max_tokens_fallback, server.max_tokens_cap = split_max_tokens(
+        generation[0], args.generation_config
+    )
     app.state.model_path, app.state.generation_config = path, generation[1]
     app.state.tp_workers, app.state.mirror = workers, mirror
     return app, names
@@ -407,6 +409,7 @@ def _serve(app, names, args) -> int:
                 tensor_parallel_size=args.tensor_parallel_size,
                 generation_config=app.state.generation_config or args.generation_config,
                 generation_defaults=app.state.server.generation_defaults,
+                default_max_tokens=app.state.server.max_tokens_fallback,
                 max_tokens_cap=app.state.server.max_tokens_cap,
                 api_key="set (not shown)" if args.api_key else None,
             )

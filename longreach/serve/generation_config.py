@@ -1,11 +1,12 @@
 """`--generation-config`: the sampling defaults a request gets for the fields it leaves out (vLLM's rule).
 
-    auto  (default) the checkpoint's generation_config.json: temperature, top_p, top_k, min_p and
-          repetition_penalty apply when a request omits them; max_new_tokens caps every request's
-          max_tokens (vLLM takes the smallest of the request's, the context left and this one)
+    auto  (default) the checkpoint's generation_config.json: temperature, top_p, top_k, min_p,
+          repetition_penalty and max_new_tokens apply when a request omits them (an omitted max_tokens
+          then means max_new_tokens or the context left, whichever is smaller)
     vllm  our built-in defaults only (OpenAI's: temperature 1, top_p 1, no top_k, max_tokens 16 on
           /v1/completions, up to the context length on /v1/chat/completions)
-    DIR   the generation_config.json in DIR instead of the checkpoint's
+    DIR   the generation_config.json in DIR instead of the checkpoint's; its max_new_tokens also caps
+          the max_tokens a request gives (vLLM treats a generation-config folder as an override)
 
 As in vLLM, only these keys are read (`do_sample` is not: a checkpoint that sets temperature 0.6 samples at
 0.6 unless the request says otherwise). A value a request gives always wins, even when it equals our default.
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ValidationError
 from longreach.serve import protocol as P
 
 GENERATION_CONFIG = "generation_config.json"
-# generation_config.json key -> request field (max_tokens: a cap, see `max_tokens_cap`)
+# generation_config.json key -> request field (max_tokens: see `split_max_tokens`)
 _KEYS = {
     "temperature": "temperature",
     "top_p": "top_p",
@@ -33,11 +34,18 @@ _KEYS = {
 }
 
 
-def max_tokens_cap(defaults: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """(the defaults a request's omitted fields take, the cap on every completion budget): the generation
-    config's max_new_tokens bounds max_tokens whether or not a request gives one, as in vLLM."""
+def split_max_tokens(defaults: dict[str, Any], choice: str) -> tuple[dict[str, Any], int | None, int | None]:
+    """(the defaults a request's omitted fields take, the budget of a request without max_tokens, the cap
+    on every budget), vLLM's `get_max_tokens`: the budget is the smallest of the request's max_tokens
+    (else the generation config's max_new_tokens), the context left, and the cap (a DIR's max_new_tokens).
+
+    An omitted max_tokens is filled with None ("up to the context"), which the server then bounds by the
+    fallback, so a long prompt shortens the answer instead of being refused."""
     rest = dict(defaults)
-    return rest, rest.pop("max_tokens", None)
+    fallback = rest.pop("max_tokens", None)
+    if fallback is not None:
+        rest["max_tokens"] = None
+    return rest, fallback, None if choice in ("auto", "vllm") else fallback
 
 
 def load_generation_defaults(choice: str, model_dir: Path | None) -> tuple[dict[str, Any], Path | None]:

@@ -74,7 +74,8 @@ class OpenAIServer:
         logprobs = LogprobFormatter(self.tokenizer)
         self.completion_format, self.chat_format = CompletionFormat(logprobs), ChatFormat(logprobs)
         self.generation_defaults: dict[str, Any] = {}  # --generation-config: for the fields a request omits
-        self.max_tokens_cap: int | None = None  # --generation-config's max_new_tokens: caps every budget
+        self.max_tokens_cap: int | None = None  # --generation-config DIR's max_new_tokens: caps every budget
+        self.max_tokens_fallback: int | None = None  # its max_new_tokens: the budget without max_tokens
 
     # ------------------------------------------------------------ checks
 
@@ -177,7 +178,9 @@ class OpenAIServer:
                     param=param,
                     code="context_length_exceeded",
                 )
-            return min(limit - num_prompt_tokens, self.max_tokens_cap or limit)
+            return min(
+                limit - num_prompt_tokens, self.max_tokens_fallback or limit, self.max_tokens_cap or limit
+            )
         if num_prompt_tokens + max_tokens > limit:
             raise P.APIError(
                 400,

@@ -55,8 +55,9 @@ def test_new_flags_reach_the_engine_and_the_server(byte_model_dir, tmp_path):
     assert engine.cache_config.memory_fraction == 0.125  # on a CPU: the KV cache's share of free memory
     assert engine.tokenizer.chat_template == TEMPLATE
     assert engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<bot>"
-    assert app.state.server.generation_defaults == {"temperature": 0.25, "top_k": 7}
-    assert app.state.server.max_tokens_cap == 5  # max_new_tokens bounds every budget, as in vLLM
+    state = app.state.server
+    assert state.generation_defaults == {"temperature": 0.25, "top_k": 7, "max_tokens": None}
+    assert state.max_tokens_fallback == 5 and state.max_tokens_cap == 5  # a DIR's max_new_tokens also caps
     assert app.state.generation_config == gen / "generation_config.json"
 
 
@@ -105,20 +106,27 @@ def test_generation_defaults_reach_requests_through_the_server(byte_model_dir, o
 
     with run_server(make_engine(byte_model_dir)) as server:
         state = server.app.state.server
-        state.generation_defaults, state.max_tokens_cap = {"temperature": 0.0}, 5
+
+        def tokens(route, body):
+            answer = httpx.post(server.url + route, json=body, timeout=60)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        state.generation_defaults, state.max_tokens_fallback = {"temperature": 0.0, "max_tokens": None}, 5
         body = {"model": "tiny", "prompt": "The grass is", "ignore_eos": True}
-        first = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
-        second = httpx.post(server.url + "/v1/completions", json=body, timeout=60).json()
-        assert first["usage"]["completion_tokens"] == 5  # max_new_tokens caps OpenAI's default of 16
+        first, second = tokens("/v1/completions", body), tokens("/v1/completions", body)
+        assert first["usage"]["completion_tokens"] == 5  # max_new_tokens instead of OpenAI's 16
         assert first["choices"][0]["text"] == second["choices"][0]["text"]  # temperature 0: greedy
-        for asked, got in ((9, 5), (3, 3)):  # a request's own max_tokens is capped too (vLLM's min)
-            answer = httpx.post(
-                server.url + "/v1/completions", json={**body, "max_tokens": asked}, timeout=60
-            )
-            assert answer.json()["usage"]["completion_tokens"] == got
+        assert tokens("/v1/completions", {**body, "max_tokens": 9})["usage"]["completion_tokens"] == 9
         chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
-        answer = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
-        assert answer["usage"]["completion_tokens"] == 5  # not up to the whole context
+        assert (
+            tokens("/v1/chat/completions", chat)["usage"]["completion_tokens"] == 5
+        )  # not the whole context
+        state.max_tokens_fallback = 1000  # more than the context leaves: the answer is shortened, not refused
+        long_prompt = tokens("/v1/completions", {**body, "prompt": "x" * 200})["usage"]
+        assert long_prompt["prompt_tokens"] + long_prompt["completion_tokens"] == 256  # max_model_len
+        state.max_tokens_cap = 4  # --generation-config DIR: a request's own max_tokens is capped too
+        assert tokens("/v1/completions", {**body, "max_tokens": 9})["usage"]["completion_tokens"] == 4
 
 
 def test_llm_api_refuses_kv_cache_memory_1_as_the_cli_does():
