@@ -8,6 +8,9 @@
 --[no-]enable-chunked-prefill   split long prompts over steps (on by default)
 --chat-template FILE            a Jinja template replacing the checkpoint's (a file, or the template text)
 --generation-config auto|vllm|DIR   sampling defaults for fields a request omits (generation_config.py)
+
+Also the value parsers of the other flags: sizes with units (`parse_size`, `parse_kv_memory`), ports and
+positive integers.
 """
 
 from __future__ import annotations
