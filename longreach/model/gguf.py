@@ -10,6 +10,7 @@ Architectures: llama (which llama.cpp also writes for Mistral checkpoints), mist
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from longreach.model.llama import LlamaForCausalLM
 from longreach.model.safetensors_io import assign_checked
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-dimension rope divisors (Llama 3.1 scaling)
 GGUF_MAGIC = b"GGUF"
 
 # GGUF tensor name (after "blk.N.") -> Hugging Face name (after "model.layers.N.")
@@ -126,11 +128,8 @@ class GGUFFile:
 
 def _rope_scaling(g: GGUFFile) -> dict[str, Any] | None:
     """The HF rope_scaling dict from `{arch}.rope.scaling.*`; None for plain rope."""
-    if "rope_freqs.weight" in g.tensors:
-        raise GGUFError(
-            f"{g.path}: per-dimension rope factors (tensor 'rope_freqs.weight', Llama 3.1-style scaling) "
-            "are not supported; supported rope scaling types: none, linear, yarn"
-        )
+    if ROPE_FREQS in g.tensors:
+        return _llama3_scaling(g)
     kind = g.arch("rope.scaling.type")
     factor = g.arch("rope.scaling.factor")
     if kind in (None, "none"):
@@ -150,6 +149,51 @@ def _rope_scaling(g: GGUFFile) -> dict[str, Any] | None:
         f"{g.path}: unsupported rope scaling type {kind!r} ({g.architecture}.rope.scaling.type); "
         "supported: none, linear, yarn"
     )
+
+
+def _llama3_factors(wavelen: torch.Tensor, factor: float, low: float, high: float, original: float):
+    """The per-dimension divisors llama.cpp's converter writes for Llama 3.1 scaling (its rope_freqs.weight)."""
+    smooth = (original / wavelen - low) / (high - low)
+    medium = 1 / ((1 - smooth) / factor + smooth)
+    out = torch.where(wavelen > original / low, torch.full_like(wavelen, factor), medium)
+    return torch.where(wavelen < original / high, torch.ones_like(wavelen), out)
+
+
+def _llama3_scaling(g: GGUFFile) -> dict[str, Any] | None:
+    """Llama 3.1-style scaling stored as per-dimension divisors (`rope_freqs.weight`) -> HF's llama3 parameters.
+
+    The factor is the largest divisor; the original length is the metadata's or llama.cpp's default 8192; the
+    low/high frequency factors are fitted to the smooth band (1/f = (1-s)/factor + s, s linear in 1/wavelength),
+    or llama.cpp's defaults 1 and 4 when the band has fewer than two dimensions. The parameters must reproduce
+    every stored divisor, else the file is refused naming the tensor."""
+    factors = dequantize(g.tensors[ROPE_FREQS]).double()
+    dim = 2 * factors.numel()
+    inv_freq = 1.0 / float(g.arch("rope.freq_base") or 10000.0) ** (torch.arange(0, dim, 2).double() / dim)
+    wavelen = 2 * math.pi / inv_freq
+    factor = float(factors.max())
+    if factor <= 1.0:
+        return None
+    original = float(g.arch("rope.scaling.original_context_length") or 8192)
+    low, high = 1.0, 4.0
+    band = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if int(band.sum()) >= 2:
+        smooth = (1 / factors[band] - 1 / factor) / (1 - 1 / factor)  # s = (original / wavelen - low) * k
+        x = original / wavelen[band]
+        k = float((smooth[-1] - smooth[0]) / (x[-1] - x[0]))
+        low = round(float(x[0] - smooth[0] / k), 6)
+        high = round(low + 1 / k, 6)
+    if (_llama3_factors(wavelen, factor, low, high, original) - factors).abs().max() > 1e-4 * factor:
+        raise GGUFError(
+            f"{g.path}: tensor {ROPE_FREQS!r} holds per-dimension rope factors that are not Llama 3.1 scaling; "
+            "supported rope scaling: none, linear, yarn, llama3"
+        )
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": int(original),
+    }
 
 
 def hf_config(g: GGUFFile) -> dict[str, Any]:
@@ -221,7 +265,7 @@ def state_dict(
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """Every tensor under its Hugging Face name, dequantized to `dtype`, Q/K rows in HF order."""
-    unknown = [t for t in g.tensors if _hf_name(t) is None]
+    unknown = [t for t in g.tensors if _hf_name(t) is None and t != ROPE_FREQS]
     if unknown:
         raise GGUFError(
             f"{g.path}: tensor(s) {unknown[:5]} have no place in a {config['model_type']} model "
@@ -233,6 +277,8 @@ def state_dict(
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
     state = {}
     for name, tensor in g.tensors.items():
+        if name == ROPE_FREQS:  # read into the config (`_llama3_scaling`)
+            continue
         try:
             value = dequantize(tensor, torch.float32)
         except ValueError as exc:

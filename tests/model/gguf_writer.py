@@ -8,6 +8,7 @@ blocks of them (finite fp16 scales) for tests that compare two readers of the sa
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -132,6 +133,9 @@ def write_gguf(
     w.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra or {}).items():
         w.add_key_value(key, value[0], value[1])
+    rope = dict(cfg.rope_parameters)
+    if rope.get("rope_type") == "llama3":  # llama.cpp stores it as per-dimension divisors
+        w.add_tensor("rope_freqs.weight", llama3_rope_freqs(rope, head_dim))
     for hf_name, tensor in hf_model.state_dict().items():
         if cfg.tie_word_embeddings and hf_name == "lm_head.weight" or "rotary_emb" in hf_name:
             continue
@@ -154,6 +158,24 @@ def write_gguf(
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def llama3_rope_freqs(rope: dict, head_dim: int) -> np.ndarray:
+    """What llama.cpp's LlamaModel.generate_extra_tensors writes for Llama 3.1 scaling (rope_freqs.weight)."""
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
 
 
 def round_trip(weight: torch.Tensor, qtype: str) -> torch.Tensor:

@@ -120,3 +120,27 @@ def test_dtype_is_applied(tmp_path):
     assert next(load_model(tmp_path / "m.gguf", dtype="bf16").parameters()).dtype == torch.bfloat16
     write_gguf(tmp_path / "h.gguf", _source("llama"), "F16")
     assert next(load_model(tmp_path / "h.gguf").parameters()).dtype == torch.float16
+
+
+@pytest.mark.parametrize("low, high", [(1.0, 4.0), (1.5, 6.0)])
+def test_llama3_rope_factors_become_llama3_scaling(tmp_path, low, high):
+    """llama.cpp writes Llama 3.1 scaling as a rope_freqs.weight tensor: read back as HF's llama3 parameters."""
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": low, "high_freq_factor": high}
+    rope["original_max_position_embeddings"] = 8192
+    source = make_hf_model(
+        "llama",
+        rope,
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=65536,
+    )
+    write_gguf(tmp_path / "l3.gguf", source, "F32")
+    ours = load_model(tmp_path / "l3.gguf")
+    scaling = ours.config.rope.scaling
+    assert ours.config.rope.rope_type == "llama3" and scaling["factor"] == 8.0
+    assert math.isclose(scaling["low_freq_factor"], low, rel_tol=1e-4)
+    assert math.isclose(scaling["high_freq_factor"], high, rel_tol=1e-4)
+    ids = torch.arange(VOCAB_SIZE)[:30]
+    assert (_logits(ours, ids) - _logits(source, ids)).abs().max().item() <= 1e-5
