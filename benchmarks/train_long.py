@@ -12,7 +12,7 @@
    sequence that trained, peak memory per rank and tokens/s per rank, for the chunked and the full loss.
 
     python benchmarks/train_long.py loss                 # CPU defaults: hidden 576, bf16, 1K-4K tokens
-    python benchmarks/train_long.py cp                   # CPU defaults: CP 1/2/4, budget 1,000 MiB per rank, 1K tokens and up
+    python benchmarks/train_long.py cp                   # CPU defaults: CP 1/2/4, 1,000 MiB per rank, from 1K
     python benchmarks/train_long.py loss --device cuda --tokens 8192 16384 32768 65536 --max-gib 100
     python benchmarks/train_long.py cp --device cuda --cp 1 2 4 --budget-mib 20000 --lengths 16384
 

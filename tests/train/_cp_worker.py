@@ -5,7 +5,8 @@ documents cross the shard boundaries. Every rank computes the one-process loss a
 same with the batch sharded over rings of 2 ({0,1}, {2,3}) and of 4, gradients summed over the ring;
 rank 0 writes the largest relative differences to workdir/model.json.
 2. The CLI on the same process group: `--context-parallel 2` (2 data x 2 context ranks, FSDP2 over all
-four), 4 steps with a sharded checkpoint at step 2; a resume of that checkpoint; `--context-parallel 4`.
+four), 4 steps with a sharded checkpoint at step 2; a resume of that checkpoint; `--context-parallel 4`
+with activation checkpointing.
 argv: config.toml workdir
 """
 
@@ -78,5 +79,7 @@ common = ["train", "--config", config, "--max-steps", "4"]
 assert main([*common, "--output", f"{work}/cp2", "--context-parallel", "2", "--save-every", "2"]) == 0
 resume = ["--resume", f"{work}/cp2/step-0000002", "--context-parallel", "2"]
 assert main([*common, "--output", f"{work}/cp2_resumed", *resume]) == 0
-assert main([*common, "--output", f"{work}/cp4", "--context-parallel", "4"]) == 0
+# activation checkpointing recomputes each block, ring exchange included, in backward: same losses
+cp4 = ["--context-parallel", "4", "--activation-checkpointing"]
+assert main([*common, "--output", f"{work}/cp4", *cp4]) == 0
 dist.destroy_process_group()
