@@ -56,6 +56,7 @@ def add_arguments(parser) -> None:
         "--kv-cache-memory", type=int, default=None, help="KV cache bytes (default: sized to the run)"
     )
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--enforce-eager", action="store_true", help="no CUDA-graph decode (CUDA only)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
@@ -131,6 +132,7 @@ def _build_engine(args, model, prompts: list[list[int]]):
         kv_cache_memory=kv_bytes,
         enable_prefix_caching=not args.no_prefix_caching,
         max_num_seqs=args.max_num_seqs,
+        enforce_eager=args.enforce_eager,
         max_num_batched_tokens=args.max_num_batched_tokens,
         seed=args.seed,
     )

@@ -142,6 +142,11 @@ def _add_cache_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-num-seqs", type=_positive_int, default=256, help="requests per step (default 256)"
     )
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never replay decode steps from CUDA graphs (on CUDA they are captured per batch size)",
+    )
+    parser.add_argument(
         "--max-num-batched-tokens",
         type=_positive_int,
         default=2048,
@@ -230,15 +235,24 @@ def build_app(args):
     return app, names
 
 
+def _model_path(args):
+    """The checkpoint directory to serve: MODEL resolved, else the default model (its name then served)."""
+    from longreach.model.bundled import default_serve_model, resolve_model_path  # lazy: CLI verb
+
+    try:
+        if args.model is None:
+            path, args.default_served_name = default_serve_model()
+            return path
+        return resolve_model_path(args.model)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CLIError(str(exc)) from None
+
+
 def build_llm(args):
     """(LLM, checkpoint path, (generation defaults, their file), TP worker processes started here).
 
     Every tensor-parallel rank runs this same function, so their engines are built in lock-step."""
     from longreach.engine.llm import LLM  # lazy: CLI verb, keeps --help fast
-    from longreach.model.bundled import (  # lazy: CLI verb, keeps --help fast
-        default_serve_model,
-        resolve_model_path,
-    )
     from longreach.serve.generation_config import (  # lazy: CLI verb, keeps --help fast
         load_generation_defaults,
     )
@@ -247,13 +261,7 @@ def build_llm(args):
         raise CLIError(f"--shutdown-timeout {args.shutdown_timeout} must be >= 0 seconds")
     rope_scaling = parse_rope_scaling(args.rope_scaling)
     kv_kwargs = _storage_kwargs(args, LLM)
-    try:
-        if args.model is None:
-            path, args.default_served_name = default_serve_model()
-        else:
-            path = resolve_model_path(args.model)
-    except (FileNotFoundError, ValueError) as exc:
-        raise CLIError(str(exc)) from None
+    path = _model_path(args)
     if not path.is_dir():
         raise CLIError(f"{path}: no such checkpoint directory")
     try:
@@ -277,6 +285,7 @@ def build_llm(args):
             rope_scaling=rope_scaling,
             seed=args.seed,
             batch_invariant=args.batch_invariant or None,
+            enforce_eager=args.enforce_eager,
             tensor_parallel_size=args.tensor_parallel_size,
             **sizing,
             **kv_kwargs,
