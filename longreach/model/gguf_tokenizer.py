@@ -6,6 +6,9 @@ the vocabulary in GPT-2's byte-to-unicode spelling, the merges as written, contr
 added tokens and user-defined ones (type 4) as plain added tokens, so they are matched whole as llama.cpp does.
 Text is split as llama.cpp splits it for the file's `tokenizer.ggml.pre` (its `llama-vocab.cpp` regexes);
 an unknown pre-tokenizer name falls back to GPT-2's split, as llama.cpp does.
+
+SentencePiece BPE (`"llama"`: Llama 2, Mistral 7B): as transformers' GGUF loader builds it (merges derived from the
+token scores, Metaspace, byte fallback), bos added unless the file says otherwise (llama.cpp's default).
 """
 
 from __future__ import annotations
@@ -101,6 +104,58 @@ def _special(g: GGUFFile, tokens: list[str], key: str) -> tuple[int | None, str 
     return int(token_id), tokens[int(token_id)]
 
 
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE files list no merges: every split of a token into two vocabulary tokens, best-scored
+    merged token first (transformers' `generate_merges` order, ties kept in vocabulary order)."""
+    vocab = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    found = []
+    for token, score in dict(zip(tokens, scores)).items():
+        local = [
+            (token[:i], token[i:], score)
+            for i in range(1, len(token))
+            if token[:i] in vocab and token[i:] in vocab
+        ]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        found.extend(local)
+    found.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in found]
+
+
+def _sentencepiece(g: GGUFFile, tokens: list[str]) -> Tokenizer:
+    """SentencePiece BPE (`tokenizer.ggml.model == "llama"`: Llama 2, Mistral 7B): '▁' for spaces, a '▁' before the
+    text when `add_space_prefix` (the default), unknown bytes as <0xXX> tokens."""
+    vocab = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    merges = g.get("tokenizer.ggml.merges")
+    if merges:
+        merges = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        scores = g.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise GGUFError(
+                f"{g.path}: a SentencePiece tokenizer with neither merges nor tokenizer.ggml.scores"
+            )
+        merges = _merges_from_scores(tokens, [float(x) for x in scores])
+    _, unk = _special(g, tokens, "unknown_token_id")
+    model = models.BPE(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    tokenizer = Tokenizer(model)
+    prefix = bool(g.get("tokenizer.ggml.add_space_prefix", True))
+    scheme = "first" if prefix else "never"
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
+    return tokenizer
+
+
+def _add_bos(g: GGUFFile) -> bool:
+    """llama.cpp adds bos to a SentencePiece vocabulary unless the file says otherwise; to byte-level BPE only
+    when it says so."""
+    return bool(g.get("tokenizer.ggml.add_bos_token", g.get("tokenizer.ggml.model") == "llama"))
+
+
 def build_tokenizer(g: GGUFFile) -> Tokenizer:
     """The `tokenizers.Tokenizer` the file's metadata describes."""
     kind = g.get("tokenizer.ggml.model")
@@ -109,36 +164,43 @@ def build_tokenizer(g: GGUFFile) -> Tokenizer:
         raise GGUFError(
             f"{g.path}: no tokenizer in the metadata (tokenizer.ggml.model / tokenizer.ggml.tokens)"
         )
-    if kind != "gpt2":
-        raise GGUFError(
-            f"{g.path}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)"
-        )
     tokens = [str(t) for t in tokens]
-    pre = g.get("tokenizer.ggml.pre")
-    tokenizer = Tokenizer(_byte_level_model(g, tokens, pre))
-    tokenizer.pre_tokenizer = _pre_tokenizer(pre)
-    tokenizer.decoder = decoders.ByteLevel()
+    if kind == "gpt2":
+        pre = g.get("tokenizer.ggml.pre")
+        tokenizer = Tokenizer(_byte_level_model(g, tokens, pre))
+        tokenizer.pre_tokenizer = _pre_tokenizer(pre)
+        tokenizer.decoder = decoders.ByteLevel()
+        alphabet = set(bytes_to_unicode().values())
+    elif kind == "llama":
+        tokenizer, alphabet = _sentencepiece(g, tokens), None
+    else:
+        raise GGUFError(
+            f"{g.path}: tokenizer.ggml.model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE), "
+            "'llama' (SentencePiece BPE)"
+        )
     types = list(g.get("tokenizer.ggml.token_type") or [1] * len(tokens))
-    alphabet = set(bytes_to_unicode().values())
-    # a control token outside the byte alphabet is a llama.cpp mislabel with no id of its own in the model
-    control = [t for t, k in zip(tokens, types) if k == CONTROL and set(t) <= alphabet]
+    # a byte-level control token outside the byte alphabet is a llama.cpp mislabel with no id in the model
+    control = [t for t, k in zip(tokens, types) if k == CONTROL and (alphabet is None or set(t) <= alphabet)]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     user = [t for t, k in zip(tokens, types) if k == USER_DEFINED and tokenizer.token_to_id(t) is not None]
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-    tokenizer.post_processor = _post_processor(g, tokens)
+    tokenizer.post_processor = _post_processor(g, tokens, byte_level=kind == "gpt2")
     return tokenizer
 
 
-def _post_processor(g: GGUFFile, tokens: list[str]):
-    """bos/eos added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say (default: neither for gpt2)."""
+def _post_processor(g: GGUFFile, tokens: list[str], byte_level: bool):
+    """bos/eos added as `tokenizer.ggml.add_bos_token` / `add_eos_token` say (see `_add_bos` for the default)."""
     single, specials = ["$A"], []
-    for key, flag in (("bos_token_id", "add_bos_token"), ("eos_token_id", "add_eos_token")):
+    for key, wanted in (
+        ("bos_token_id", _add_bos(g)),
+        ("eos_token_id", g.get("tokenizer.ggml.add_eos_token")),
+    ):
         token_id, token = _special(g, tokens, key)
-        if token is not None and bool(g.get(f"tokenizer.ggml.{flag}", False)):
+        if token is not None and bool(wanted):
             specials.append((token, token_id))
             single = [token, *single] if key == "bos_token_id" else [*single, token]
     if not specials:
-        return processors.ByteLevel(trim_offsets=False)
+        return processors.ByteLevel(trim_offsets=False) if byte_level else None
     pair = single + ["$B" if s == "$A" else s for s in single]
     return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
@@ -149,7 +211,7 @@ def tokenizer_config(g: GGUFFile) -> dict[str, Any]:
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "clean_up_tokenization_spaces": False,
-        "add_bos_token": bool(g.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": _add_bos(g),
         "add_eos_token": bool(g.get("tokenizer.ggml.add_eos_token", False)),
         "model_max_length": int(g.arch("context_length") or 2048),
     }
