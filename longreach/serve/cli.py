@@ -214,6 +214,7 @@ def build_app(args):
         DEFAULT_MAX_REQUEST_BYTES,
         create_app,
     )
+    from longreach.serve.startup import warn_about_limits  # lazy: CLI verb, keeps --help fast
 
     llm, path, generation, workers = build_llm(args)
     engine, mirror = llm.engine, None
@@ -223,7 +224,7 @@ def build_app(args):
         engine = mirror = MirroredEngine(llm.engine, control_group())
     default_name = getattr(args, "default_served_name", "longreach-demo")
     names = args.served_model_name or [args.model if args.model is not None else default_name]
-    _warn_about_limits(llm.engine)
+    warn_about_limits(llm.engine)
     max_request_bytes = args.max_request_bytes or DEFAULT_MAX_REQUEST_BYTES
     app = create_app(engine, names, api_key=args.api_key or None, max_request_bytes=max_request_bytes)
     server = app.state.server
@@ -347,23 +348,6 @@ def _storage_kwargs(args, llm_cls) -> dict:
     if args.quantization is not None:
         kwargs["quantization"] = args.quantization
     return kwargs
-
-
-def _warn_about_limits(engine) -> None:
-    max_len, supported = engine.scheduler_config.max_model_len, engine.model.config.rope.max_supported_length
-    if max_len > supported:  # only reachable with LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1
-        print(
-            f"longreach serve: warning: --max-model-len {max_len} exceeds the {supported} tokens the model's "
-            "rope supports; beyond it answers may degrade (extend it with --rope-scaling)",
-            file=sys.stderr,
-        )
-    capacity = engine.num_kv_blocks * engine.cache_config.block_size
-    if capacity < max_len:
-        print(
-            f"longreach serve: warning: the KV cache holds {capacity} tokens, fewer than --max-model-len "
-            f"{max_len}; longer requests will be refused (give it more with --kv-cache-memory)",
-            file=sys.stderr,
-        )
 
 
 def main(args) -> int:

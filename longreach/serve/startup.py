@@ -10,6 +10,7 @@ are never part of it (the API key is only said to be set).
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -113,6 +114,24 @@ _STATED = {
     "max_num_batched_tokens",
     "address",
 }
+
+
+def warn_about_limits(engine) -> None:
+    """Warnings on stderr when max_model_len passes what the rope supports or what the KV cache holds."""
+    max_len, supported = engine.scheduler_config.max_model_len, engine.model.config.rope.max_supported_length
+    if max_len > supported:  # only reachable with LONGREACH_ALLOW_LONG_MAX_MODEL_LEN=1
+        print(
+            f"longreach serve: warning: --max-model-len {max_len} exceeds the {supported} tokens the model's "
+            "rope supports; beyond it answers may degrade (extend it with --rope-scaling)",
+            file=sys.stderr,
+        )
+    capacity = engine.num_kv_blocks * engine.cache_config.block_size
+    if capacity < max_len:
+        print(
+            f"longreach serve: warning: the KV cache holds {capacity} tokens, fewer than --max-model-len "
+            f"{max_len}; longer requests will be refused (give it more with --kv-cache-memory)",
+            file=sys.stderr,
+        )
 
 
 # ---------------------------------------------------------------- --gpu-memory-utilization
