@@ -150,9 +150,11 @@ def test_triton_decode_dequantizes_fp8_in_kernel(window):
 
 def test_fp8_error_against_full_precision_decode():
     """Attention over fp8 K/V vs over the fp32 K/V (unit-normal): within 2^-4 of the output scale. Measured
-    here about 1e-2; int8's is about 4x smaller (its error is absmax / 254 per row, fp8's up to |x| / 16)."""
+    here 0.017 of outputs up to 0.56; int8's is 4x smaller, 0.0043 (its error is absmax / 254 per row, fp8's
+    up to |x| / 16)."""
     g = torch.Generator().manual_seed(3)
-    k, v, q = torch.randn(64, 2, 32, generator=g), torch.randn(64, 2, 32, generator=g), torch.randn(1, 4, 32)
+    k, v = torch.randn(64, 2, 32, generator=g), torch.randn(64, 2, 32, generator=g)
+    q = torch.randn(1, 4, 32, generator=g)
     table, length = torch.arange(16, dtype=torch.int32)[None], torch.tensor([64], dtype=torch.int32)
     exact = paged_decode_reference(q, k.view(16, 4, 2, 32), v.view(16, 4, 2, 32), table, length)
     errors = {}
