@@ -22,6 +22,18 @@ FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 _HANDLER_NAME = "longreach-stderr"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (as logging's last-resort handler does), so a
+    replaced stderr (pytest's capture, a redirect) is followed and a closed one never kept."""
+
+    def __init__(self, level: int = logging.NOTSET):
+        logging.Handler.__init__(self, level)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+
 class RedactingFormatter(logging.Formatter):
     """A formatter that writes `***` wherever one of `secrets` would appear (message, arguments, traceback)."""
 
@@ -48,7 +60,7 @@ def configure_logging(level: str | int = "info", secrets: Iterable[str | None] =
     logger = logging.getLogger("longreach")
     for old in [h for h in logger.handlers if h.get_name() == _HANDLER_NAME]:
         logger.removeHandler(old)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.set_name(_HANDLER_NAME)
     handler.setFormatter(RedactingFormatter(FORMAT, [s for s in secrets if s]))
     handler.setLevel(level)
