@@ -9,6 +9,7 @@ are never part of it (the API key is only said to be set).
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 from dataclasses import replace
@@ -169,6 +170,7 @@ def resize_for_gpu_utilization(llm, fraction: float, seed: int | None) -> None:
     activation_peak = torch.cuda.max_memory_allocated(device) - base
     model, tokenizer, cc, parallel = engine.model, engine.tokenizer, engine.cache_config, engine.parallel
     llm.engine = engine = None
+    gc.collect()  # the measuring cache's tensors must be gone before the free memory is read
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     budget = gpu_kv_budget(fraction, total, total - free, activation_peak)
