@@ -142,3 +142,32 @@ def test_gpu_kv_budget_is_what_the_fraction_leaves():
     assert gpu_kv_budget(0.9, 80 * gib, 16 * gib, 2 * gib) == int(0.9 * 80 * gib) - 18 * gib
     with pytest.raises(ValueError, match="--gpu-memory-utilization 0.2: 20% of 80.00 GiB leaves nothing"):
         gpu_kv_budget(0.2, 80 * gib, 16 * gib, 2 * gib)
+
+
+def test_gpu_memory_utilization_rebuilds_the_cache_from_measured_memory(byte_model_dir, monkeypatch):
+    """The CUDA path's plumbing on CPU, with the device's memory figures faked: a step is measured, the
+    engine is rebuilt with the budget the fraction leaves."""
+    import torch
+
+    from longreach import LLM
+    from longreach.serve.startup import resize_for_gpu_utilization
+
+    mib = 2**20
+    fake = {
+        "synchronize": lambda device=None: None,
+        "memory_allocated": lambda device=None: 0,
+        "reset_peak_memory_stats": lambda device=None: None,
+        "max_memory_allocated": lambda device=None: 1 * mib,  # the step's activations
+        "empty_cache": lambda: None,
+        "mem_get_info": lambda device=None: (56 * mib, 64 * mib),  # 8 MiB in use without the cache
+    }
+    for name, value in fake.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+    llm = LLM(byte_model_dir, dtype="fp32", device="cpu", max_model_len=256, num_kv_blocks=20, block_size=16)
+    resize_for_gpu_utilization(llm, 0.5, seed=0)
+    budget = 32 * mib - 8 * mib - 1 * mib
+    engine = llm.engine
+    assert engine.cache_config.kv_cache_memory == budget and engine.cache_config.num_blocks is None
+    assert engine.num_kv_blocks == budget // engine.plan.block_bytes
+    [out] = llm.generate(["hello"], use_tqdm=False)
+    assert out.finished
