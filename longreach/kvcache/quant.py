@@ -23,8 +23,9 @@ block i (tokens [i * block_size, (i + 1) * block_size)) to a physical block.
   Groups never straddle blocks (block_size must be a multiple of G), so every block is self-contained and
   its codes depend only on its own tokens (identical prefixes give identical blocks).
 
-Scales (and int4 minimums) are fp16, matching `longreach.kvcache.spec`: int8 and fp8 add 2 bytes per (token, head)
-for K and for V; int4 adds 4 bytes (scale + min) per 32 values; the int4 window is a per-sequence cost, not per token.
+Scales (and int4 minimums) are fp16, matching `longreach.kvcache.spec`: int8 and fp8 add 2 bytes per (token,
+head) for K and for V; int4 adds 4 bytes (scale + min) per 32 values; the int4 window is a per-sequence cost,
+not per token.
 The codes themselves (and the error bound |x - dequant(x)| <= scale / 2) are `longreach.kvcache.codecs`.
 
 Engine API (`make_kv_quantizer(kv_cache_dtype, ...)` returns one of the `KVQuantizer` subclasses, whose protocol
@@ -124,8 +125,8 @@ class ScaledCodesKV(TokenLocalKV):
     decode (`attention.paged`) takes such pages with their scales and dequantizes where it reads."""
 
     code_dtype: torch.dtype
-    quantize = staticmethod(quantize_int8)
-    dequantize = staticmethod(dequantize_int8)
+    quantize: staticmethod  # x (..., D) -> codes (..., D), scale (...,)
+    dequantize: staticmethod  # codes, scale, dtype -> (..., D)
 
     def block_layout(self, block_size, num_kv_heads, head_dim):
         data = TensorSpec((block_size, num_kv_heads, head_dim), self.code_dtype)
@@ -155,6 +156,8 @@ class Int8KV(ScaledCodesKV):
 
     name = "int8"
     code_dtype = torch.int8
+    quantize = staticmethod(quantize_int8)
+    dequantize = staticmethod(dequantize_int8)
 
 
 class Fp8KV(ScaledCodesKV):
