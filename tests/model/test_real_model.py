@@ -36,7 +36,6 @@ CHATS = [
 def ours():
     from longreach.model.loader import load_model
 
-    torch.set_num_threads(2)
     return load_model(GGUF, dtype="fp32")
 
 

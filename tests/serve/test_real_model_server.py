@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(base URL, announced curl line) of `longreach serve` started with no model, on a free port."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env["LONGREACH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     argv = [sys.executable, "-m", "longreach", "serve", "--port", "0", "--log-level", "warning"]
     argv += ["--max-model-len", "2048", "--kv-cache-memory", "256MiB"]
