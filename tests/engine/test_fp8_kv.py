@@ -3,9 +3,11 @@ schedule (batched or alone, chunked or not, preempted, prefix-cache hits)."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 from longreach import LLM, SamplingParams
 from longreach.serve.cli import kv_cache_dtype_kwargs
+from tests.engine.test_engine_property import _drive, _make_prompts, scenarios
 from tests.engine.test_kv_storage import _compare, _prompts, _run
 
 # Every logit of every step (before greedy tokens diverge) within this fraction of the logits' std of the
@@ -136,4 +138,36 @@ def test_cuda_fp8_kv_decode_matches_cpu(tiny_llama):
     )
     outs = llm.generate(_prompts(), params, use_tqdm=False)
     assert all(len(o.token_ids) == 24 for o in outs)
+    assert llm.engine.kv_manager.num_free_blocks == llm.engine.num_kv_blocks
+
+
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(sc=scenarios())
+def test_fp8_engine_property_every_request_equals_its_solo_run(tiny_llama, sc):
+    """The engine property (test_engine_property.py) with fp8 pages: shared prefixes, arrival steps, 3-64
+    token budgets, preemption, aborts and a failed step; every completed request gets its solo run's tokens."""
+    prompts = _make_prompts(sc)
+    bs = sc["block_size"]
+    longest = max(len(p) + m for p, (_, _, m, _) in zip(prompts, sc["requests"]))
+    fp8 = dict(dtype="fp32", device="cpu", kv_cache_dtype="fp8")
+    llm = LLM(
+        tiny_llama[0],
+        block_size=bs,
+        num_kv_blocks=-(-longest // bs) + 1 + sc["spare_blocks"],
+        max_num_seqs=sc["max_num_seqs"],
+        max_num_batched_tokens=sc["budget"],
+        **fp8,
+    )
+    done, aborted = _drive(llm.engine, sc, prompts)
+    solo = LLM(tiny_llama[0], enable_prefix_caching=False, num_kv_blocks=8, block_size=16, **fp8)
+    for i, (prompt, (_, _, max_tokens, _)) in enumerate(zip(prompts, sc["requests"])):
+        if i in aborted and i not in done:
+            continue
+        assert done[i] == _greedy(solo, [prompt], max_tokens=max_tokens)[0].token_ids, i
     assert llm.engine.kv_manager.num_free_blocks == llm.engine.num_kv_blocks
