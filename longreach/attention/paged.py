@@ -213,6 +213,7 @@ def write_kv_torch(k, v, k_cache, v_cache, slot_mapping):
 
 
 _triton_decode = None
+FP8_MIN_CAPABILITY = (8, 9)  # Triton converts e4m3 (tl.float8e4nv) from Ada / Hopper on
 
 
 def _triton_for(t: torch.Tensor, cache: torch.Tensor | None = None):
@@ -222,7 +223,7 @@ def _triton_for(t: torch.Tensor, cache: torch.Tensor | None = None):
     if not t.is_cuda:
         return None
     if cache is not None and cache.dtype == torch.float8_e4m3fn:
-        if torch.cuda.get_device_capability(t.device) < (8, 9):
+        if torch.cuda.get_device_capability(t.device) < FP8_MIN_CAPABILITY:
             return None
     if _triton_decode is None:
         try:

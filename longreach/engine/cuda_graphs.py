@@ -16,8 +16,8 @@ CUDA graphs so one launch replays them all; this is the same scheme:
 - Only the model's forward is captured; sampling stays eager (it is per-request Python).
 
 Graphs run only where they can be exact and capturable: a CUDA device, the paged layout (not int4's or an
-eviction policy's per-sequence gathers), K/V pages the decode kernel reads as stored (model dtype or int8),
-a RoPE that does not depend on each request's length, no tensor parallelism. Anywhere else, or with
+eviction policy's per-sequence gathers), K/V pages the decode kernel reads as stored (model dtype, int8, or
+fp8 on compute capability 8.9+), a RoPE that does not depend on each request's length, no tensor parallelism. Anywhere else, or with
 `enforce_eager=True` (vLLM's flag), the engine runs eager and logs why once. A capture that fails
 (an operation that syncs with the host, say) turns graphs off with a warning, and the step runs eager.
 
@@ -32,9 +32,10 @@ import logging
 import torch
 
 from longreach.attention import AttentionMetadata
+from longreach.attention.paged import FP8_MIN_CAPABILITY
 from longreach.engine.layouts import PagedLayout, StepInputs
 from longreach.kvcache.paged_cache import PagedBatch, PagedKVCache
-from longreach.kvcache.quant import Int8KV
+from longreach.kvcache.quant import ScaledCodesKV
 
 logger = logging.getLogger(__name__)
 MIN_WIDTH = 64  # blocks: the narrowest context bucket (1,024 tokens at block size 16)
@@ -76,8 +77,12 @@ def graph_support(model, layout, cache: PagedKVCache, device: torch.device, para
     if type(layout) is not PagedLayout:
         return f"the {type(layout).__name__} gathers keys per sequence on the host"
     dtype = next(model.parameters()).dtype
-    if not (isinstance(cache.quantizer, Int8KV) or (cache.is_plain and cache.k_caches[0].dtype == dtype)):
+    if not (
+        isinstance(cache.quantizer, ScaledCodesKV) or (cache.is_plain and cache.k_caches[0].dtype == dtype)
+    ):
         return f"{cache.quantizer.name} KV pages are converted on the host before the decode kernel"
+    if cache.quantizer.name == "fp8" and torch.cuda.get_device_capability(device) < FP8_MIN_CAPABILITY:
+        return "fp8 KV pages are decoded in PyTorch (host-synchronising) on GPUs below compute capability 8.9"
     if model.config.rope.is_length_dependent:
         return f"rope_type {model.config.rope.rope_type!r} picks its frequencies per request length"
     if parallel is not None:

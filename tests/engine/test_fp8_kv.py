@@ -6,6 +6,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from longreach import LLM, SamplingParams
+from longreach.engine.cuda_graphs import graph_support
 from longreach.serve.cli import kv_cache_dtype_kwargs
 from tests.engine.test_engine_property import _drive, _make_prompts, scenarios
 from tests.engine.test_kv_storage import _compare, _prompts, _run
@@ -109,6 +110,17 @@ def test_fp8_kv_under_eviction_policies(tiny_llama):
     ref = _run(tiny_llama[0], max_tokens=8, **common)
     identical, worst = _compare(ref, _run(tiny_llama[0], max_tokens=8, kv_cache_dtype="fp8", **common))
     assert worst < FP8_LOGIT_TOLERANCE and identical >= 0.5, (identical, worst)
+
+
+def test_cuda_graphs_take_fp8_pages_where_the_kernel_reads_them(tiny_llama, monkeypatch):
+    """Decode steps over fp8 pages are captured like int8's (the Triton kernel reads the codes as stored), except
+    below compute capability 8.9, where the PyTorch decode (host-synchronising) reads them."""
+    engine = LLM(tiny_llama[0], dtype="fp32", num_kv_blocks=16, kv_cache_dtype="fp8").engine
+    args = (engine.model, engine.runner.layout, engine.cache, torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert graph_support(*args) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert "compute capability 8.9" in graph_support(*args)
 
 
 def test_serve_flag_passes_fp8_to_the_engine():
