@@ -1,9 +1,10 @@
 """One rule for a model argument: a checkpoint directory, a `.gguf` file, or a Hub id -> a checkpoint directory.
 
 - a directory: itself (a Hugging Face checkpoint);
-- a GGUF file: a small directory in the cache (`$LONGREACH_CACHE`, else `~/.cache/longreach`, under `gguf/`) keyed
-  by the file's absolute path, size and mtime, holding config.json, tokenizer.json, tokenizer_config.json and
-  generation_config.json converted once from its metadata, and `gguf_source.json` naming the file. `load_model`
+- a GGUF file: a small directory in the cache (`$LONGREACH_CACHE`, else `~/.cache/longreach`, at
+  `gguf/<key>/<file stem>`, the key hashing the file's absolute path, size and mtime), holding config.json,
+  tokenizer.json, tokenizer_config.json and generation_config.json converted once from its metadata, and
+  `gguf_source.json` naming the file. `load_model`
   reads the weights from the GGUF itself, dequantized to the dtype asked for, so the cache never holds a multi-GB
   dequantized copy and every other consumer (tokenizer, server, trainer) sees an ordinary checkpoint directory;
 - `org/name` (optionally `org/name/file.gguf`): the snapshot in the local Hugging Face cache, found offline
@@ -25,7 +26,7 @@ from longreach.model.gguf import GGUFFile, generation_config, hf_config, is_gguf
 
 GGUF_SOURCE = "gguf_source.json"
 # bump when the files written for a GGUF change, so older cache entries are rebuilt
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[^/]+\.gguf)?$")
 
 
@@ -114,7 +115,7 @@ def gguf_checkpoint_dir(gguf_path: str | os.PathLike) -> Path:
     stat = gguf_path.stat()
     key = f"{gguf_path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{CACHE_FORMAT}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    out = cache_dir() / "gguf" / digest / gguf_path.stem  # named as the file, for logs and eval summaries
     if (out / GGUF_SOURCE).is_file():
         return out
     write_gguf_checkpoint_dir(gguf_path, out)
