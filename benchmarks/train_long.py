@@ -274,7 +274,7 @@ def report_cp(rows, args) -> str:
         lines.append(f"| {r['loss']} | {r['cp']} | {r['seq_len']:,} | {figures} |")
     lines += ["", "| loss | CP | longest sequence within the budget |", "|---|---|---|"]
     for loss in dict.fromkeys(r["loss"] for r in rows):
-        for context in args.cp:
+        for context in dict.fromkeys(r["cp"] for r in rows if r["loss"] == loss):
             fitting = [r["seq_len"] for r in rows if r["loss"] == loss and r["cp"] == context and r["fits"]]
             lines.append(
                 f"| {loss} | {context} | {max(fitting):,} |" if fitting else f"| {loss} | {context} | none |"
