@@ -6,7 +6,7 @@ same with the batch sharded over rings of 2 ({0,1}, {2,3}) and of 4, gradients s
 rank 0 writes the largest relative differences to workdir/model.json.
 2. The CLI on the same process group: `--context-parallel 2` (2 data x 2 context ranks, FSDP2 over all
 four), 4 steps with a sharded checkpoint at step 2; a resume of that checkpoint; `--context-parallel 4`
-with activation checkpointing.
+with activation checkpointing; 2 bf16 steps at CP = 2 with an eval.
 argv: config.toml workdir
 """
 
@@ -82,4 +82,7 @@ assert main([*common, "--output", f"{work}/cp2_resumed", *resume]) == 0
 # activation checkpointing recomputes each block, ring exchange included, in backward: same losses
 cp4 = ["--context-parallel", "4", "--activation-checkpointing"]
 assert main([*common, "--output", f"{work}/cp4", *cp4]) == 0
+# bf16 (FSDP2 mixed precision) with the periodic eval loss, also sharded over the ring
+bf16 = ["--context-parallel", "2", "--dtype", "bf16", "--max-steps", "2", "--eval-every", "2"]
+assert main(["train", "--config", config, "--output", f"{work}/bf16", *bf16]) == 0
 dist.destroy_process_group()

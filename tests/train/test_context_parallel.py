@@ -95,13 +95,18 @@ def test_bad_layouts_are_named():
         ParallelConfig(context=0)
 
 
+def _records(directory: Path) -> list[dict]:
+    return [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines()]
+
+
 def _curve(directory: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (directory / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in _records(directory) if "loss" in r]
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_context_parallel_ranks_reproduce_one_process(corpus, tmp_path):
     d = tiny_config_dict(corpus, tmp_path / "unused", training={"loss_chunk_size": 16})
+    d["data"]["eval_paths"] = [str(corpus)]  # read only by the bf16 run, the one with an eval_every
     (tmp_path / "c.toml").write_text(to_toml(d))
     result = subprocess.run(
         [
@@ -131,6 +136,16 @@ def test_context_parallel_ranks_reproduce_one_process(corpus, tmp_path):
     assert _curve(tmp_path / "cp2") == pytest.approx(single, rel=1e-5)
     assert _curve(tmp_path / "cp4") == pytest.approx(single, rel=1e-5)
     assert _curve(tmp_path / "cp2_resumed") == pytest.approx(single[2:], rel=1e-5)
+    bf16 = _records(tmp_path / "bf16")
+    one_bf16 = cfg.replace(
+        schedule={"max_steps": 2},
+        training={"dtype": "bf16", "eval_every": 2},
+        checkpoint={"output_dir": str(tmp_path / "single_bf16")},
+    )
+    expected = Trainer(one_bf16).train()  # autocast in one process vs FSDP2's bf16 parameters: bf16 rounding
+    assert [r["loss"] for r in bf16 if "loss" in r] == pytest.approx([r["loss"] for r in expected], rel=1e-2)
+    eval_losses = [r["eval_loss"] for r in bf16 if "eval_loss" in r]
+    assert eval_losses == pytest.approx([expected[-1]["eval_loss"]], rel=1e-2)
     reference = load_model(single_dir / "final").state_dict()
     for run in ("cp2", "cp2_resumed", "cp4"):
         exported = load_model(tmp_path / run / "final").state_dict()
