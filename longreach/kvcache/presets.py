@@ -132,11 +132,18 @@ def _read_checkpoint_config(path: Path) -> NamedModelConfig:
 
 
 def resolve_model(name_or_dir: str | Path) -> NamedModelConfig:
-    """A checkpoint directory (or its config.json) or a preset name such as 'Llama-3.1-70B'."""
+    """A checkpoint directory (or its config.json) or a preset name such as 'Llama-3.1-70B'; a .gguf file, a Hub id
+    in the local cache or SmolLM2-135M-Instruct as everywhere else (`longreach.model.bundled.resolve_model_path`)."""
     path = Path(name_or_dir).expanduser()
     if path.is_dir() or path.name == "config.json":
         return _read_checkpoint_config(path)
     preset = _PRESET_KEYS.get(_lookup_key(str(name_or_dir)))
+    if preset is None and (
+        path.suffix == ".gguf" or "/" in str(name_or_dir) or str(name_or_dir) == "SmolLM2-135M-Instruct"
+    ):
+        from longreach.model.bundled import resolve_model_path  # lazy: the GGUF/Hub resolver only when asked
+
+        return _read_checkpoint_config(resolve_model_path(str(name_or_dir)))
     if preset is None:
         raise ValueError(
             f"unknown model {str(name_or_dir)!r}: not a directory with a config.json and not a "

@@ -171,3 +171,13 @@ def test_llm_generate_cli_and_extend_take_a_gguf(cache, tiny_gguf, tmp_path, cap
     extended = load_model(run / "final")
     assert extended.config.rope.rope_type == "yarn"
     assert (run / "final" / "tokenizer.json").is_file()
+
+
+def test_kv_size_takes_a_gguf(cache, tiny_gguf):
+    from longreach.kvcache.presets import resolve_model
+
+    path, source = tiny_gguf
+    named = resolve_model(str(path))
+    assert (
+        named.name.endswith("tiny.Q8_0") and named.config.num_hidden_layers == source.config.num_hidden_layers
+    )
