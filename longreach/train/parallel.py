@@ -115,6 +115,7 @@ def apply_fsdp(
     """Shard `model` with FSDP2 over `mesh`: each block is one all-gather unit, the root holds the rest.
 
     param_dtype: the dtype compute runs in (None keeps fp32); sharded master weights stay in their dtype.
+    reshard_after_forward: for the blocks; the root always stays gathered from forward to backward.
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
