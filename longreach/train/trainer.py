@@ -3,8 +3,8 @@
 One optimizer step takes `batch_size` sequences from the data stream; every rank reads the same
 stream and keeps every data-parallel-size-th sequence, so the data cursor is identical everywhere and needs
 no coordination; with context parallelism (`parallel.context`, context_parallel.py) the ranks of a ring
-share their sequences, each holding a shard of every micro-batch. Each rank runs its share as `micro_batch_size`-sequence forward/backward passes
-(gradient accumulation). The loss is the token-level mean cross-entropy over the *whole* step (summed
+share their sequences, each holding a shard of every micro-batch. Each rank runs its share as
+`micro_batch_size`-sequence forward/backward passes (gradient accumulation). The loss is the token-level mean cross-entropy over the *whole* step (summed
 in fp32, divided by the step's target count across ranks), so any split into micro-batches or ranks
 gives the same gradient: 2 FSDP ranks reproduce one process.
 
