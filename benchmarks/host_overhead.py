@@ -8,6 +8,7 @@ table is long, as in long-context serving, while the prefill stays cheap.
 
     python benchmarks/host_overhead.py                       # this tree
     python benchmarks/host_overhead.py --baseline 5522bf4    # and a git ref side by side, alternating
+    python benchmarks/host_overhead.py --compare-legacy      # and this tree with the old step inputs
 
 `--baseline REF` checks REF out into a git worktree under /tmp (once) and runs this script against that tree's
 package in a subprocess, alternating with this tree round by round, so both see the same machine load. Each figure is
@@ -95,10 +96,14 @@ def _engine(num_seqs: int, num_steps: int, device: str, context: int = 0):
     return engine
 
 
-def measure(num_seqs: int, num_steps: int, device: str, context: int = 0) -> dict:
+def measure(num_seqs: int, num_steps: int, device: str, context: int = 0, legacy: bool = False) -> dict:
     """Per-step medians (ms) of `num_steps` decode steps with `num_seqs` sequences running, each holding a
     shared `context`-token prefix (a prefix-cache hit: long block tables, cheap prefill) and its own prompt."""
     engine = _engine(num_seqs, num_steps, device, context)
+    if legacy:
+        from host_overhead_legacy import use_legacy_path  # the old path, from this script's folder
+
+        use_legacy_path(engine)
     while not all(s.num_output_tokens for s in engine.requests.values()):
         engine.step()  # prefill (in chunks of the token budget) until every request decodes
     for _ in range(3):  # warm-up decode steps
@@ -140,7 +145,7 @@ def _worker(args) -> None:
     import longreach
 
     torch.set_num_threads(args.threads)
-    rows = [measure(n, args.steps, args.device, args.context) for n in args.seqs]
+    rows = [measure(n, args.steps, args.device, args.context, args.legacy) for n in args.seqs]
     print(json.dumps(dict(package=longreach.__file__, rows=rows)))
 
 
@@ -158,8 +163,9 @@ def _baseline_tree(ref: str) -> Path:
     return tree
 
 
-def _run_tree(tree: Path, args) -> list[dict]:
+def _run_tree(tree: Path, args, legacy: bool = False) -> list[dict]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker"]  # this script, the tree's package
+    cmd += ["--legacy"] if legacy else []
     cmd += ["--seqs", *map(str, args.seqs), "--steps", str(args.steps), "--threads", str(args.threads)]
     cmd += ["--device", args.device, "--context", str(args.context)]
     env = dict(os.environ, PYTHONPATH=str(tree))
@@ -192,6 +198,12 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--baseline", help="a git ref measured side by side in a worktree")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument(
+        "--compare-legacy",
+        action="store_true",
+        help="also this tree with the old list-built step inputs (host_overhead_legacy.py), alternating",
+    )
+    parser.add_argument("--legacy", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -201,13 +213,15 @@ def main(argv=None) -> int:
         raise SystemExit(
             f"--seqs {args.seqs} and --steps {args.steps} must all be >= 1, --context {args.context} >= 0"
         )
-    trees = {"this tree": ROOT}
+    trees = {"this tree": (ROOT, False)}
+    if args.compare_legacy:
+        trees = {"this tree, old step inputs": (ROOT, True), **trees}
     if args.baseline:
-        trees = {f"baseline {args.baseline}": _baseline_tree(args.baseline), **trees}
+        trees = {f"baseline {args.baseline}": (_baseline_tree(args.baseline), False), **trees}
     rounds: dict[str, list] = {name: [] for name in trees}
-    for _ in range(args.rounds if args.baseline else 1):
-        for name, tree in trees.items():
-            rounds[name].append(_run_tree(tree, args))
+    for _ in range(args.rounds if len(trees) > 1 else 1):
+        for name, (tree, legacy) in trees.items():
+            rounds[name].append(_run_tree(tree, args, legacy))
     results = {name: _median_rows(r) for name, r in rounds.items()}
     print("| tree | running sequences | step ms | forward ms | host ms | host CPU ms | prepare ms |")
     print("|---|---:|---:|---:|---:|---:|---:|")

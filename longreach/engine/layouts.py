@@ -139,15 +139,27 @@ class PagedLayout(KVLayout):
             else None,
             continued_kv_slots=torch.cat(kv_slots).to(dev) if kv_slots else None,
         )
-        meta = AttentionMetadata.from_seqlens(
-            [1] * num_decodes + fresh_lens + cont_lens_q,
-            (host["positions"][:num_decodes] + 1).tolist() + fresh_lens + cont_lens_k,
-            device=dev,
-        )
+        meta = self._meta(host["positions"][:num_decodes], fresh_lens + cont_lens_q, fresh_lens + cont_lens_k)
         ids, pos = st.tensor("ids", (total,)), st.tensor("positions", (total,))
         step = self._inputs(seqs, counts, paged, meta, ids, pos, staging=st)
         st.end()
         return step
+
+    def _meta(self, decode_positions: np.ndarray, lens_q: list[int], lens_k: list[int]) -> AttentionMetadata:
+        """The step's varlen metadata (decodes: one query, position + 1 keys; then the prefills' lengths),
+        its cu_seqlens written into one staged (2, B + 1) int32 buffer."""
+        num_decodes, num_seqs = len(decode_positions), len(decode_positions) + len(lens_q)
+        cu = self.staging.array("cu_seqlens", 2 * (num_seqs + 1), torch.int32).reshape(2, num_seqs + 1)
+        cu[:, 0] = 0
+        cu[0, 1 : num_decodes + 1] = np.arange(1, num_decodes + 1)
+        cu[0, num_decodes + 1 :] = num_decodes + np.cumsum(lens_q, dtype=np.int64)
+        np.cumsum(decode_positions + 1, out=cu[1, 1 : num_decodes + 1], dtype=np.int32)
+        done = int(cu[1, num_decodes])
+        cu[1, num_decodes + 1 :] = done + np.cumsum(lens_k, dtype=np.int64)
+        max_k = max(int(decode_positions.max()) + 1 if num_decodes else 0, max(lens_k, default=0))
+        max_q = max(1 if num_decodes else 0, max(lens_q, default=0))
+        both = self.staging.tensor("cu_seqlens", (2, num_seqs + 1))
+        return AttentionMetadata(both[0], both[1], max_q, max_k)
 
     def _fill_decodes(self, seqs: list[Sequence], host: dict[str, np.ndarray]):
         """Write the decodes' rows [0, B) of ids, positions and slots; their (B, width) int32 block table and

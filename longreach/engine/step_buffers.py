@@ -33,6 +33,7 @@ class Staging:
         self.host: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
         self.dev: dict[str, torch.Tensor] = {}
         self._copied = None  # a CUDA event after the last step's copies
+        self._views: dict[str, tuple] = {}  # name -> (buffer, shape, its host view), reused while unchanged
 
     def begin(self) -> None:
         """Called before a step writes host views: the previous step's copies have read them by then."""
@@ -61,10 +62,15 @@ class Staging:
         """The front of host buffer `name` (already filled through `array`) as a tensor of `shape`, on the
         device: the host memory itself on CPU, else copied into the reused device buffer `name`."""
         buf = self.host[name][0]
-        n = math.prod(shape)
-        host = buf[:n].view(shape)
+        cached = self._views.get(name)
+        if cached is not None and cached[0] is buf and cached[1] == shape:
+            host = cached[2]  # the same view as last step: slicing a tensor costs more than this lookup
+        else:
+            host = buf[: math.prod(shape)].view(shape)
+            self._views[name] = (buf, shape, host)
         if not self.copies:
             return host
+        n = host.numel()
         dev = self.dev.get(name)
         if dev is None or dev.numel() < n or dev.dtype != buf.dtype:
             with torch.inference_mode(False):

@@ -70,3 +70,32 @@ def test_preempting_engine_matches_an_unconstrained_one(tiny_llama):
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == expected
     assert not tight.engine.runner.layout.rows.row_of  # every row released
+
+
+def test_the_staged_step_metadata_equals_the_one_built_from_lengths(tiny_llama):
+    """Decodes, a fresh prefill and a continued chunk in one step: the model-level metadata written into the
+    staged buffer is what `AttentionMetadata.from_seqlens` builds from the step's lengths."""
+    from longreach.attention import AttentionMetadata
+
+    llm = LLM(tiny_llama[0], dtype="fp32", block_size=4, num_kv_blocks=64, max_num_batched_tokens=14)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    for i, n in enumerate((5, 9)):
+        engine.add_request(list(range(1 + i, 1 + i + n)), params)
+    engine.step()  # both prefilled: they decode from now on
+    engine.add_request(list(range(40, 70)), params)  # 30 tokens: chunks of 12, the second continued
+    seen = set()
+    while engine.has_unfinished_requests():
+        batch = engine.scheduler.schedule()
+        step = engine.runner.prepare(batch)
+        paged = step.kwargs["kv_cache"].batch
+        computed = [s.num_computed_tokens for s in step.seqs]
+        engine.scheduler.requeue(batch)
+        expected = AttentionMetadata.from_seqlens(step.counts, [c + n for c, n in zip(computed, step.counts)])
+        meta = step.kwargs["meta"]
+        assert meta.cu_seqlens_q.tolist() == expected.cu_seqlens_q.tolist()
+        assert meta.cu_seqlens_k.tolist() == expected.cu_seqlens_k.tolist()
+        assert (meta.max_seqlen_q, meta.max_seqlen_k) == (expected.max_seqlen_q, expected.max_seqlen_k)
+        seen.add((paged.num_decodes > 0, paged.fresh_meta is not None, paged.continued_meta is not None))
+        engine.step()
+    assert (True, True, False) in seen and (True, False, True) in seen  # both mixes were checked
