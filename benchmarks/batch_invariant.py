@@ -5,7 +5,8 @@ the CPU (or --device), alternating off / on round by round so both see the same 
   - throughput: N requests (random token prompts of mixed lengths, greedy, fixed output length) submitted at
     once; output tokens / wall second, and total (prompt + output) tokens / wall second;
   - one-sequence decode: one request, tokens after the first per second of decoding;
-  - exactness: how many of the N batched requests got bitwise their solo run's tokens and logprobs.
+  - exactness: how many of the N batched requests got bitwise their solo run's tokens and logprobs;
+  - with --long-prompt L: one L-token prompt alone, its time to first token and then its decode rate.
 Each figure is the median over rounds. Also printed: whether this machine's plain fp32 `F.linear` gives a row
 different bits at M = 1 than at M = 16 (the M-dependence the fixed row tiles remove).
 
@@ -63,12 +64,19 @@ def measure(model, mode: bool, prompts, args) -> dict:
     num_in = sum(len(p) for p in prompts)
     single = SamplingParams(max_tokens=args.decode_tokens, temperature=0, ignore_eos=True)
     one = llm.generate([prompts[0][:32]], single, use_tqdm=False)[0]
-    return dict(
+    row = dict(
         out_tok_s=num_out / wall,
         total_tok_s=(num_in + num_out) / wall,
         decode_tok_s=one.metrics.decode_tokens_per_s,
         outputs=[(o.token_ids, o.logprobs) for o in outs],
     )
+    if args.long_prompt:
+        g = torch.Generator().manual_seed(1)
+        long_prompt = torch.randint(3, model.config.vocab_size, (args.long_prompt,), generator=g).tolist()
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+        out = llm.generate([long_prompt], params, use_tqdm=False)[0]
+        row.update(long_ttft_s=out.metrics.ttft, long_decode_tok_s=out.metrics.decode_tokens_per_s)
+    return row
 
 
 def exactness(model, mode: bool, prompts, batched, args) -> int:
@@ -90,8 +98,9 @@ def bench_model(name: str, model, args) -> dict:
             )
     row = dict(model=name, num_params=sum(p.numel() for p in model.parameters()))
     for mode, label in ((False, "off"), (True, "on")):
-        for key in ("out_tok_s", "total_tok_s", "decode_tok_s"):
-            row[f"{key}_{label}"] = statistics.median(r[key] for r in rounds[mode])
+        for key in ("out_tok_s", "total_tok_s", "decode_tok_s", "long_ttft_s", "long_decode_tok_s"):
+            if key in rounds[mode][0]:
+                row[f"{key}_{label}"] = statistics.median(r[key] for r in rounds[mode])
         row[f"exact_{label}"] = exactness(model, mode, prompts, rounds[mode][0]["outputs"], args)
     return row
 
@@ -127,6 +136,17 @@ def table(rows: list[dict], args) -> str:
             f"{r['total_tok_s_on']:.0f} | {r['decode_tok_s_off']:.1f} / {r['decode_tok_s_on']:.1f} "
             f"({r['decode_tok_s_on'] / r['decode_tok_s_off']:.2f}x) | {r['exact_off']} / {r['exact_on']} |"
         )
+    if args.long_prompt:
+        lines += [
+            "",
+            f"| model (bf16) | {args.long_prompt}-token prompt: TTFT off / on (s) | its decode off / on (tok/s) |",
+        ]
+        lines.append("|---|---|---|")
+        for r in rows:
+            lines.append(
+                f"| {r['model']} | {r['long_ttft_s_off']:.1f} / {r['long_ttft_s_on']:.1f} | "
+                f"{r['long_decode_tok_s_off']:.2f} / {r['long_decode_tok_s_on']:.2f} |"
+            )
     return "\n".join(lines)
 
 
@@ -141,6 +161,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--kv-blocks", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--long-prompt", type=int, default=0, help="also time one prompt of this many tokens")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-QUERY_TILE = 8  # query positions per tile (aligned to absolute positions)
-KV_SPLIT = 64  # keys per split (aligned to absolute positions): the fixed reduction split of the softmax
+QUERY_TILE = 16  # query positions per tile (aligned to absolute positions)
+KV_SPLIT = 128  # keys per split (aligned to absolute positions): the fixed reduction split of the softmax
 
 ReadKV = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # slots (S,) -> keys, values (S, Hkv, D)
 
