@@ -109,6 +109,8 @@ class TilePlan:
         out = []
         for c in range(int(last.max()) + 1):
             tiles = torch.nonzero((first <= c) & (last >= c)).flatten()
+            if not tiles.numel():
+                continue  # every tile's window starts past this split
             k_pos = c * KV_SPLIT + torch.arange(KV_SPLIT)  # (S,)
             hidden = k_pos[None, None, :] > q_pos[tiles][:, :, None]  # (A, QT, S)
             hidden |= k_pos[None, None, :] >= self.key_limit[tiles][:, None, None]
