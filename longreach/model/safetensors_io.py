@@ -111,6 +111,29 @@ def assign_checked(model: LlamaForCausalLM, state: dict[str, torch.Tensor], wher
     model.tie_weights()
 
 
+def _plain_modes(directory: Path) -> None:
+    """Give a finished scratch directory and its files the modes a plain mkdir / open would (the umask's):
+    mkdtemp makes the directory 0700 and safetensors writes its files 0600, which would leave a saved
+    checkpoint readable by its writer alone (not by a server account or a colleague)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for f in directory.iterdir():
+        f.chmod(0o666 & ~umask)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """The finished scratch directory takes `path`'s place (a previous checkpoint there is replaced)."""
+    _plain_modes(tmp)
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
 def save_model(
     model: LlamaForCausalLM,
     path: str | os.PathLike,
@@ -160,13 +183,7 @@ def save_model(
             )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        _publish(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
