@@ -106,14 +106,14 @@ def kv_bytes_per_request_without_gqa(model: ModelConfig, context_len: int, dtype
 
 def num_params(model: ModelConfig, include_embeddings: bool = True) -> int:
     """Parameter count: q/k/v/o projections (no biases), SwiGLU MLP, two RMSNorms per layer, final norm,
-    plus untied input embedding and lm head when `include_embeddings`."""
+    plus the input embedding and (when untied) the lm head when `include_embeddings`."""
     hidden = model.hidden_size
     attention = hidden * model.head_dim * (2 * model.num_attention_heads + 2 * model.num_key_value_heads)
     mlp = 3 * hidden * model.intermediate_size
     per_layer = attention + mlp + 2 * hidden
     total = model.num_hidden_layers * per_layer + hidden
     if include_embeddings:
-        total += 2 * model.vocab_size * hidden
+        total += (1 if model.tie_word_embeddings else 2) * model.vocab_size * hidden
     return total
 
 

@@ -295,3 +295,19 @@ def test_cli_policy_rows_are_bounded(capsys):
     assert policies[0]["tokens_kept"] == 1004 and policies[0]["tokens_held"] == 16 * (1 + 63 + 1)
     assert cli_main(["kv-size", "Llama-3.1-70B", "--policy", "window:lots"]) == 2
     assert "'lots' is not a token budget" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_num_params_counts_what_the_model_holds(tied):
+    """Equal to the built model's parameter count; a tied lm head shares the embedding (SmolLM2 showed
+    0.16B for 0.135B when the tied head was counted twice)."""
+    import torch
+
+    from longreach.model.llama import LlamaForCausalLM
+
+    arch = _config(tie_word_embeddings=tied)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch)
+    model.tie_weights()
+    held = sum(p.numel() for p in model.parameters())  # tied parameters are yielded once
+    assert num_params(arch) == held
