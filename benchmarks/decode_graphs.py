@@ -15,6 +15,7 @@ identical. The model is SmolLM2-135M-shaped (30 layers: many small kernels per s
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -77,6 +78,10 @@ def run_engine(model, batch: int, context: int, steps: int, eager: bool, rehears
         if decoding:
             times.append(time.perf_counter() - start)
         tokens.update({o.request_id: o.token_ids for o in outs if o.finished})
+    del llm, engine
+    gc.collect()  # the next engine takes its own share of the free memory: free this one's cache first
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return times, [tokens[i] for i in ids]
 
 

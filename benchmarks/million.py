@@ -20,6 +20,7 @@ the finished ones) and million.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -123,6 +124,7 @@ def run_case(model, kv_dtype: str, num_tokens: int, args) -> dict:
     if device.type == "cuda":
         result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     del llm
+    gc.collect()  # the next case sizes its cache from the free memory: free this one's first
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
