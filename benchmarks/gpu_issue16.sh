@@ -3,7 +3,7 @@
 # each step has its own time limit, so a slow step still leaves the others' results:
 #   1. versions and nvidia-smi                                                            -> $OUT/gpu_env.log
 #   2. CUDA-graph decode token-identical to eager (tests/engine/test_cuda_graphs_gpu.py,
-#      batch 1/8/64, fp32 and bf16)                                                       -> $OUT/graph_tests.log
+#      batch 1/8/64, fp32 and bf16), and the int4 in-kernel decode tests compiled for the GPU -> $OUT/graph_tests.log
 #   3. decode step time, eager vs CUDA graphs, batch 1/8/64 at 4K and 32K context, with the roofline
 #      and a token-identity check (benchmarks/decode_graphs.py)                -> $OUT/decode_graphs.{log,json}
 #   4. the 1,048,576-token request with int4 KV (benchmarks/million.py)      -> $OUT/million_1m/million.{md,json}
@@ -11,8 +11,8 @@
 #   6. int4 in-kernel decode bandwidth vs bf16 / int8 (benchmarks/int4_decode.py)    -> $OUT/int4_decode.{log,json}
 #   7. attention forward / forward+backward vs SDPA cuDNN and flash, head dims 128 and 64
 #      (benchmarks/attention.py, time-boxed)                                        -> $OUT/attention*/
-#   8. the owed GPU tests (gpu_owed.sh's list: engine, block-sparse, int8 decode) and the int4 kernel
-#      test compiled                                                                    -> $OUT/owed_tests.log
+#   8. the owed GPU tests (gpu_owed.sh's list: engine, block-sparse, int8 decode), with what time is left
+#                                                                                       -> $OUT/owed_tests.log
 # Usage: OUT=/some/dir bash benchmarks/gpu_issue16.sh
 # CPU rehearsal of the same command lines at toy sizes (GPU tests skip; Triton under the interpreter):
 #   REHEARSE=1 OUT=/tmp/o bash benchmarks/gpu_issue16.sh
@@ -56,7 +56,8 @@ begin=$SECONDS
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } > "$OUT/gpu_env.log" 2>&1
 
-step graph_tests 90 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs_gpu.py tests/engine/test_cuda_graphs.py
+step graph_tests 110 "$PY" -m pytest -q -p no:cacheprovider tests/engine/test_cuda_graphs_gpu.py tests/engine/test_cuda_graphs.py \
+  tests/attention/test_triton_decode_int4.py
 step decode_graphs 80 "$PY" benchmarks/decode_graphs.py "${GRAPHS[@]}" --out "$OUT"
 step million_1m 200 "$PY" benchmarks/million.py "${MILLION_1M[@]}" --out "$OUT/million_1m"
 step million_256k 45 "$PY" benchmarks/million.py "${MILLION_256K[@]}" --out "$OUT/million_256k"
@@ -69,8 +70,7 @@ if [ "$left" -gt 20 ]; then
   "$PY" -c "import xdist" 2>/dev/null && workers="-n 8"
   # shellcheck disable=SC2086
   step owed_tests "$left" "$PY" -m pytest -q -m gpu -k "not every_autotune_config" $workers -p no:cacheprovider \
-    tests/attention/test_triton_decode_int4.py tests/engine/test_gpu.py tests/attention/test_triton_sparse.py \
-    tests/attention/test_triton_decode.py
+    tests/engine/test_gpu.py tests/attention/test_triton_sparse.py tests/attention/test_triton_decode.py
 else
   echo "owed_tests: skipped, ${left} s left" | tee -a "$OUT/summary.log"
 fi
