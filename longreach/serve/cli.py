@@ -374,7 +374,7 @@ def example_request(engine, name: str) -> tuple[str, dict]:
     if getattr(tokenizer, "chat_templates", None):
         messages = [{"role": "user", "content": EXAMPLE_QUESTION}]
         return "chat/completions", {"model": name, "messages": messages, "max_tokens": 32, "temperature": 0}
-    return "completions", {"model": name, "prompt": EXAMPLE_PROMPT, "max_tokens": 8}
+    return "completions", {"model": name, "prompt": EXAMPLE_PROMPT, "max_tokens": 8, "temperature": 0}
 
 
 def _serve(app, names, args) -> int:
